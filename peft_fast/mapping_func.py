@@ -1,0 +1,46 @@
+"""get_peft_model (PEFT's `peft.mapping_func`)."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .config import PeftConfig
+from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from .peft_model import PeftModel
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap `model` with a new adapter described by `peft_config`.
+
+    Returns the PeftModel subclass matching `peft_config.task_type` (PeftModel when it is None). The model is
+    modified in place (its targeted modules become adapter layers); on error it is left as it was.
+    """
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
+    if mixed:
+        raise ValueError("PeftMixedModel (mixed=True) is not available in this peft_fast version.")
+    model_config = getattr(model, "config", {"model_type": "custom"})
+    if hasattr(model_config, "to_dict"):
+        model_config = model_config.to_dict()
+    peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None)
+    if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting with revision {revision}")
+        peft_config.revision = revision
+    if peft_config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING and not peft_config.is_prompt_learning:
+        raise ValueError(f"peft_type {peft_config.peft_type} is not supported by peft_fast.")
+    peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+    return peft_cls(
+        model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )

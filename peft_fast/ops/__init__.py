@@ -1,0 +1,47 @@
+"""The ops layer: every LoRA forward goes through these functions; `dispatch` picks the backend per call.
+
+Tuner layers build `LoraTerm`s / `EmbeddingTerm`s from their state and call one function here; they never call a
+kernel directly. The torch implementations (torch_ref) are always registered; kernel backends register themselves
+when importable.
+"""
+
+from . import torch_ref  # noqa: F401  (registers the torch backend)
+from .dispatch import available_backends, choose, forced_backend, register
+from .terms import EmbeddingTerm, LoraTerm
+from .dispatch import call as _call
+
+
+def lora_linear(x, result, terms):
+    """result + Σ s·B(A(drop(x))) over `terms` (one per active adapter); returns a tensor of result's dtype."""
+    if not terms:
+        return result
+    return _call("lora_linear", x, result, terms)
+
+
+def lora_linear_mixed_batch(x, result, groups):
+    """Mixed-batch inference: `groups` is [(row indices, LoraTerm)]; adds each row's own adapter term."""
+    return _call("lora_linear_mixed_batch", x, result, groups)
+
+
+def lora_embedding(x, result, terms, base_layer):
+    if not terms:
+        return result
+    return _call("lora_embedding", x, result, terms, base_layer)
+
+
+def lora_embedding_mixed_batch(x, result, groups, base_layer):
+    return _call("lora_embedding_mixed_batch", x, result, groups, base_layer)
+
+
+__all__ = [
+    "LoraTerm",
+    "EmbeddingTerm",
+    "lora_linear",
+    "lora_linear_mixed_batch",
+    "lora_embedding",
+    "lora_embedding_mixed_batch",
+    "available_backends",
+    "choose",
+    "forced_backend",
+    "register",
+]

@@ -1,0 +1,77 @@
+"""Plain-torch implementations of the LoRA ops: the reference every kernel is tested against, and the CPU path.
+
+The arithmetic and its order are PEFT's (result + lora_B(lora_A(dropout(x))) * scaling, accumulated in the
+adapter's dtype and cast back to the base output's dtype), so outputs match HF PEFT bit for bit on the same inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import register
+from .terms import EmbeddingTerm, LoraTerm
+
+
+def _dropout(x: torch.Tensor, term: LoraTerm) -> torch.Tensor:
+    return term.dropout(x)
+
+
+@register("lora_linear", "torch")
+def lora_linear(x: torch.Tensor, result: torch.Tensor, terms: list[LoraTerm]) -> torch.Tensor:
+    """result + Σ_i s_i · B_i(A_i(drop_i(x))) for Linear / Conv1D / ConvNd adapters (A, B are modules)."""
+    out_dtype = result.dtype
+    for term in terms:
+        if x.dtype != term.dtype:
+            x = x.to(term.dtype)
+        result = result + term.lora_B(term.lora_A(_dropout(x, term))) * term.scaling
+    return result.to(out_dtype)
+
+
+@register("lora_linear_mixed_batch", "torch")
+def lora_linear_mixed_batch(
+    x: torch.Tensor, result: torch.Tensor, groups: list[tuple[list[int], LoraTerm]]
+) -> torch.Tensor:
+    """Per-row adapters: rows `idx` of `result` get the term of their adapter (rows of "__base__" get none)."""
+    out_dtype = result.dtype
+    for rows, term in groups:
+        sub_batch = x[rows].to(term.dtype)
+        delta = term.lora_B(term.lora_A(_dropout(sub_batch, term))) * term.scaling
+        result[rows] += delta.to(out_dtype)
+    return result
+
+
+def _embed(x: torch.Tensor, weight: torch.Tensor, base_layer) -> torch.Tensor:
+    return F.embedding(
+        x,
+        weight,
+        padding_idx=base_layer.padding_idx,
+        max_norm=base_layer.max_norm,
+        norm_type=base_layer.norm_type,
+        scale_grad_by_freq=base_layer.scale_grad_by_freq,
+        sparse=base_layer.sparse,
+    )
+
+
+@register("lora_embedding", "torch")
+def lora_embedding(x: torch.Tensor, result: torch.Tensor, terms: list[EmbeddingTerm], base_layer) -> torch.Tensor:
+    """result + Σ_i s_i · embed(x, A_iᵀ) B_iᵀ (· embed_scale) for nn.Embedding adapters."""
+    out_dtype = result.dtype
+    for term in terms:
+        delta = (_embed(x, term.lora_A.T, base_layer) @ term.lora_B.T) * term.scaling
+        if term.embed_scale is not None:
+            delta = delta * term.embed_scale.to(delta.dtype)
+        result = result + delta
+    return result.to(out_dtype)
+
+
+@register("lora_embedding_mixed_batch", "torch")
+def lora_embedding_mixed_batch(
+    x: torch.Tensor, result: torch.Tensor, groups: list[tuple[list[int], EmbeddingTerm]], base_layer
+) -> torch.Tensor:
+    for rows, term in groups:
+        delta = (_embed(x[rows], term.lora_A.T, base_layer) @ term.lora_B.T) * term.scaling
+        if term.embed_scale is not None:
+            delta = delta * term.embed_scale.to(delta.dtype)
+        result[rows] += delta
+    return result

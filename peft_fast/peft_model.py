@@ -1,0 +1,482 @@
+"""PeftModel and its task subclasses (PEFT's `peft.peft_model`)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .utils.other import infer_device
+from .utils.peft_types import PeftType
+from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+# peft_type -> tuner class (BaseTuner subclass); filled in mapping.py
+PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type] = {}
+PEFT_TYPE_TO_PREFIX_MAPPING: dict[PeftType, str] = {}
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+class PeftModel(nn.Module):
+    """Base model wrapped with adapters. Attribute access falls through to the base model.
+
+    Args:
+        model: the base transformers (or torch) model.
+        peft_config: the configuration of the first adapter.
+        adapter_name: its name (default "default").
+        autocast_adapter_dtype: keep adapter weights of fp16/bf16 models in fp32 (default True).
+        low_cpu_mem_usage: accepted for PEFT compatibility; adapters are created on the base weights' device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
+        self.active_adapter = adapter_name
+        self.peft_type = peft_config.peft_type
+        self.special_peft_forward_args = {"adapter_names"}
+        self._is_prompt_learning = peft_config.is_prompt_learning
+        if self._is_prompt_learning:
+            raise NotImplementedError(
+                f"{self.peft_type.value} adapters (prompt learning) are not available in this peft_fast version."
+            )
+        if self.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+            raise ValueError(f"peft_type {self.peft_type} is not supported by peft_fast.")
+        self._peft_config = None
+        tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[self.peft_type]
+        self.base_model = tuner_cls(
+            model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+        if getattr(model, "is_gradient_checkpointing", True):
+            self._prepare_model_for_gradient_checkpointing(model)
+        if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
+            self.base_model.config.pretraining_tp = 1
+
+    # ------------------------------------------------------------------ config / adapters
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        if self._is_prompt_learning:
+            return self._peft_config
+        return self.base_model.peft_config
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, PeftConfig]) -> None:
+        if self._is_prompt_learning:
+            self._peft_config = value
+        else:
+            self.base_model.peft_config = value
+
+    @property
+    def active_adapters(self) -> list[str]:
+        try:
+            adapters = self.base_model.active_adapters
+            if not isinstance(adapters, list):
+                adapters = [adapters]
+        except AttributeError:
+            adapters = self.active_adapter
+            if isinstance(adapters, str):
+                adapters = [adapters]
+        return adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def base_model_torch_dtype(self):
+        return getattr(self.base_model, "dtype", None)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with adapter layers injected, as in PEFT)."""
+        return self.base_model if self._is_prompt_learning else self.base_model.model
+
+    def _prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        if not (
+            getattr(model, "is_loaded_in_8bit", False)
+            or getattr(model, "is_loaded_in_4bit", False)
+            or getattr(model, "is_quantized", False)
+        ):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+
+                def make_inputs_require_grad(module, input, output):
+                    output.requires_grad_(True)
+
+                model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+        return model
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new (inactive) adapter; on any error the model is left as it was."""
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(
+                f"Cannot combine adapters with different peft types. Found {self.peft_type} and "
+                f"{peft_config.peft_type}."
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        try:
+            self.peft_config[adapter_name] = peft_config
+            self.base_model.inject_adapter(self.base_model.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        except Exception:
+            self.peft_config.pop(adapter_name, None)
+            raise
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the (only) active adapter."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} not found.")
+        self.active_adapter = adapter_name
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        self.base_model.delete_adapter(adapter_name)
+        new_active = self.base_model.active_adapters
+        self.active_adapter = new_active[0] if len(new_active) == 1 else new_active
+
+    @contextmanager
+    def disable_adapter(self):
+        """Context manager under which the model behaves as the base model."""
+        if self.peft_config[self.active_adapter].is_prompt_learning:
+            raise NotImplementedError("disable_adapter for prompt learning is not available in this version.")
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters); 4-bit parameters count as their unpacked size."""
+        trainable, total = 0, 0
+        for _, param in self.named_parameters():
+            num = param.numel()
+            if num == 0 and hasattr(param, "ds_numel"):
+                num = param.ds_numel
+            if param.__class__.__name__ == "Params4bit":
+                num_bytes = param.quant_storage.itemsize if hasattr(param, "quant_storage") else 1
+                num = num * 2 * num_bytes
+            total += num
+            if param.requires_grad:
+                trainable += num
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ forward
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        hooks = getattr(self.base_model, "_enable_peft_forward_hooks", None)
+        if hooks is None:
+            if kwargs.get("adapter_names") is not None:
+                raise ValueError(f"adapter_names is not supported for {self.peft_type.value} adapters.")
+            yield
+            return
+        with hooks(*args, **kwargs):
+            yield
+
+    def forward(self, *args: Any, **kwargs: Any):
+        with self._enable_peft_forward_hooks(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self._enable_peft_forward_hooks(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model().generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ files
+    def save_pretrained(
+        self,
+        save_directory: str,
+        safe_serialization: bool = True,
+        selected_adapters: Optional[list[str]] = None,
+        save_embedding_layers: Union[str, bool] = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each selected adapter (default: all) as adapter_config.json + adapter_model.safetensors.
+
+        The "default" adapter goes to `save_directory`, any other adapter to `save_directory/<name>`.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if selected_adapters is None:
+            selected_adapters = list(self.peft_config.keys())
+        elif any(name not in self.peft_config for name in selected_adapters):
+            raise ValueError(
+                "You passed an invalid `selected_adapters` arguments, current supported adapter names are "
+                f"{list(self.peft_config.keys())} - got {selected_adapters}."
+            )
+        if is_main_process:
+            os.makedirs(save_directory, exist_ok=True)
+            self.create_or_update_model_card(save_directory)
+        for adapter_name in selected_adapters:
+            peft_config = self.peft_config[adapter_name]
+            state = get_peft_model_state_dict(
+                self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
+                save_embedding_layers=save_embedding_layers,
+            )
+            output_dir = os.path.join(save_directory, adapter_name) if adapter_name != "default" else save_directory
+            if not is_main_process:
+                continue
+            os.makedirs(output_dir, exist_ok=True)
+            if safe_serialization:
+                from safetensors.torch import save_file
+
+                save_file(_unshare(state), os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+            else:
+                torch.save(state, os.path.join(output_dir, WEIGHTS_NAME))
+            if peft_config.base_model_name_or_path is None:
+                peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None)
+            inference_mode = peft_config.inference_mode
+            peft_config.inference_mode = True
+            auto_mapping = None
+            if peft_config.task_type is None:
+                base_cls = self.get_base_model().__class__
+                auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+            try:
+                peft_config.save_pretrained(output_dir, auto_mapping_dict=auto_mapping)
+            finally:
+                peft_config.inference_mode = inference_mode
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Optional[PeftConfig] = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ) -> "PeftModel":
+        """Load an adapter saved by peft_fast or HF PEFT (a local directory, or a Hub id when online) onto `model`.
+
+        On any error (missing/corrupt files, wrong shapes, unsupported config) the base model is left unchanged.
+        """
+        from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+        model_id = str(model_id)
+        hub_kwargs = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token") if k in kwargs}
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
+        elif not isinstance(config, PeftConfig):
+            raise ValueError(f"The input config must be a PeftConfig, got {config.__class__}")
+        config.inference_mode = not is_trainable
+        if config.is_prompt_learning and is_trainable:
+            raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
+
+        before = _snapshot(model)
+        peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls) if cls is PeftModel else cls
+        if config.task_type is not None and cls is not PeftModel and cls is not peft_cls:
+            warnings.warn(f"Loading a {config.task_type} adapter with {cls.__name__}.")
+        peft_model = peft_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                              low_cpu_mem_usage=low_cpu_mem_usage)
+        try:
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
+                                    autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
+        except Exception:
+            peft_model.base_model._remove_adapter_layers(adapter_name)
+            for param, flag in before:
+                param.requires_grad = flag
+            if "peft_config" in model.__dict__:
+                del model.__dict__["peft_config"]
+            raise
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: Union[str, os.PathLike],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: Optional[str] = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        **kwargs: Any,
+    ):
+        """Load the adapter at `model_id` as `adapter_name` (added if new, else its weights are replaced).
+
+        Returns torch's load result; missing adapter keys are warned about. On error the model is left unchanged.
+        """
+        model_id = str(model_id)
+        hub_kwargs = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token") if k in kwargs}
+        if torch_device is None:
+            torch_device = infer_device()
+        added = False
+        if adapter_name not in self.peft_config:
+            peft_config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
+            if peft_config.peft_type != self.peft_type:
+                raise ValueError(
+                    f"The adapter at {model_id} is a {PeftType(peft_config.peft_type).value} adapter; this model holds "
+                    f"{PeftType(self.peft_type).value} adapters. Cannot combine adapters with different peft types."
+                )
+            peft_config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+            added = True
+        try:
+            weights = load_peft_weights(model_id, device=torch_device, **hub_kwargs)
+            _check_adapter_keys(weights, model_id)
+            load_result = set_peft_model_state_dict(
+                self, weights, adapter_name=adapter_name,
+                ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
+        except Exception:
+            if added:
+                self.delete_adapter(adapter_name)
+            raise
+        prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(PeftType(self.peft_config[adapter_name].peft_type), "")
+        missing = [k for k in load_result.missing_keys if prefix in k and f".{adapter_name}" in k]
+        load_result.missing_keys.clear()
+        load_result.missing_keys.extend(missing)
+        if missing:
+            warnings.warn(f"Found missing adapter keys while loading the checkpoint: {missing}.")
+        if not is_trainable:
+            self.eval()
+        return load_result
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write (or extend) README.md with the library name and the adapter method, as PEFT does."""
+        filename = os.path.join(output_dir, "README.md")
+        if os.path.exists(filename):
+            with open(filename) as f:
+                text = f.read()
+        else:
+            text = ""
+        tags = sorted({str(PeftType(c.peft_type).value).lower() for c in self.peft_config.values()})
+        header = "---\nlibrary_name: peft\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "- peft_fast\n---\n"
+        if not text.startswith("---"):
+            text = header + "\n# Model Card\n\nAdapter trained with peft_fast (file format of HF PEFT).\n" + text
+        base = self.peft_config[self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]]
+        line = f"\n- PEFT-compatible adapter: {PeftType(base.peft_type).value}, base model: {base.base_model_name_or_path}\n"
+        if line not in text:
+            text += line
+        with open(filename, "w") as f:
+            f.write(text)
+
+
+def _unshare(state: dict) -> dict:
+    """safetensors refuses tensors sharing storage; give each its own contiguous copy where needed."""
+    seen = set()
+    out = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach()
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.device) if tensor.numel() else None
+        if ptr is not None and ptr in seen:
+            tensor = tensor.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[key] = tensor.contiguous()
+    return out
+
+
+def _check_adapter_keys(weights: dict, model_id: str) -> None:
+    if not weights:
+        raise ValueError(f"The adapter weights file at {model_id} holds no tensors.")
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """PeftModel for sequence classification; the classifier head is trained (modules_to_save) by default."""
+
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        _add_head_to_modules_to_save(peft_config, model, ["classifier", "score"])
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        _add_head_to_modules_to_save(peft_config, self.get_base_model(), ["classifier", "score"])
+        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """PeftModel for token classification; the classifier head is trained (modules_to_save) by default."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """PeftModel for extractive QA; the qa_outputs head is trained (modules_to_save) by default."""
+
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        _add_head_to_modules_to_save(peft_config, model, ["qa_outputs"])
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        _add_head_to_modules_to_save(peft_config, self.get_base_model(), ["qa_outputs"])
+        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """PeftModel for causal language modeling (forward and generate pass through to the base model)."""
+
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        self.base_model_prepare_inputs_for_generation = getattr(model, "prepare_inputs_for_generation", None)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """PeftModel for encoder-decoder language modeling."""
+
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        self.base_model_prepare_inputs_for_generation = getattr(model, "prepare_inputs_for_generation", None)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """PeftModel for models that return hidden states / embeddings."""
+
+
+def _add_head_to_modules_to_save(peft_config: PeftConfig, model: nn.Module, head_names: list[str]) -> None:
+    """Like PEFT: the task head joins modules_to_save (for the names the model actually has)."""
+    if peft_config.is_prompt_learning:
+        return
+    names = [n for n in head_names if any(k == n or k.endswith(f".{n}") for k, _ in model.named_modules())]
+    if not names:
+        names = head_names[:1]
+    if peft_config.modules_to_save is None:
+        peft_config.modules_to_save = list(names)
+    else:
+        existing = list(peft_config.modules_to_save)
+        peft_config.modules_to_save = existing + [n for n in names if n not in existing]
+
+
+__all__ = [
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
+]

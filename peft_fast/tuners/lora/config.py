@@ -1,0 +1,135 @@
+"""LoraConfig: PEFT's field names, defaults and validation."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from ...config import PeftConfig
+from ...utils.peft_types import PeftType
+
+# Fields HF PEFT's LoraConfig carries for methods peft_fast does not implement. They are kept so that config
+# files round-trip byte for byte; a non-default value is refused with a clear error instead of being ignored.
+_UNSUPPORTED_FIELDS = {
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+
+SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (see PEFT's LoraConfig documentation; the fields and defaults are the same)."""
+
+    r: int = field(default=8, metadata={"help": "Lora attention dimension"})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex (full match) to replace with LoRA, or 'all-linear'."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
+    )
+    lora_alpha: int = field(default=8, metadata={"help": "Lora alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Lora dropout"})
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "True if the layer stores (fan_in, fan_out)."})
+    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Bias type for Lora."})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by lora_alpha/sqrt(r) (rank-stabilized)."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides LoRA layers to train fully and save."}
+    )
+    init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] | str = field(
+        default=True, metadata={"help": "How to initialize the LoRA weights."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list that layers_to_transform indexes (e.g. 'layers')."}
+    )
+    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module rank overrides."})
+    alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module alpha overrides."})
+    megatron_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    megatron_core: Optional[str] = field(default="megatron.core", metadata={"help": "Not used by peft_fast."})
+    trainable_token_indices: Optional[Union[list[int], dict]] = field(default=None, metadata={"help": "Unsupported."})
+    loftq_config: Union[dict, object] = field(default_factory=dict, metadata={"help": "Not supported by peft_fast."})
+    eva_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    corda_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    use_dora: bool = field(default=False, metadata={"help": "Weight-Decomposed Low-Rank Adaptation (DoRA)."})
+    velora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": "Not supported."})
+    use_qalora: bool = field(default=False, metadata={"help": "Not supported by peft_fast."})
+    qalora_group_size: int = field(default=16, metadata={"help": "Not used by peft_fast."})
+    monteclora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    layer_replication: Optional[list[tuple[int, int]]] = field(default=None, metadata={"help": "Not supported."})
+    lora_bias: bool = field(default=False, metadata={"help": "Train a bias on lora_B."})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    use_bdlora: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    arrow_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    kasa_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    ensure_weight_tying: bool = field(default=False, metadata={"help": "Not supported by peft_fast."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.LORA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name, default in _UNSUPPORTED_FIELDS.items():
+            value = getattr(self, name)
+            if value != default and value not in (None, {}, []):
+                raise ValueError(f"LoraConfig.{name}={value!r} is not supported by peft_fast.")
+        if self.loftq_config:
+            raise ValueError("LoraConfig.loftq_config (LoftQ initialization) is not supported by peft_fast.")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"`bias` must be one of 'none', 'all', 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        is_pissa_niter = isinstance(init, str) and init.startswith("pissa_niter_")
+        if init not in SUPPORTED_INIT_LORA_WEIGHTS and not is_pissa_niter:
+            raise ValueError(
+                f"init_lora_weights={init!r} is not supported by peft_fast; use one of "
+                f"{list(SUPPORTED_INIT_LORA_WEIGHTS)} or 'pissa_niter_<n>'."
+            )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        if self.use_rslora and isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
+                "base weights (PiSSA, OLoRA) means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of the "
+                "base weights; if you intend to do this, please ensure not to use rslora or rank_pattern/alpha_pattern."
+            )
+        for pattern_name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, pattern_name)
+            if value is None:
+                setattr(self, pattern_name, {})
+            elif not isinstance(value, dict):
+                raise ValueError(f"`{pattern_name}` must be a dict of module-name pattern to value, got {value!r}")

@@ -1,0 +1,649 @@
+"""LoRA layers: per-adapter state around one base layer. The arithmetic is delegated to `peft_fast.ops`.
+
+Linear (also transformers' Conv1D through fan_in_fan_out), Embedding and Conv1d/2d/3d, each with rsLoRA, DoRA,
+lora_bias, merge/unmerge, and mixed-batch inference (`adapter_names=` one per row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import ops
+from ...utils.constants import BASE_ADAPTER_NAME
+from ...utils.other import transpose
+from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from .config import LoraConfig
+from .dora import DoraConvLayer, DoraEmbeddingLayer, DoraLinearLayer
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+
+
+class LoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.use_dora: dict[str, bool] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._caches: dict[str, Any] = {}
+        self.cast_input_dtype_enabled = True
+        self.kwargs = kwargs
+        self.in_features, self.out_features = self._get_in_out_features(self.get_base_layer())
+
+    @staticmethod
+    def _get_in_out_features(base: nn.Module) -> tuple[int, int]:
+        if isinstance(base, nn.Linear):
+            return base.in_features, base.out_features
+        if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return base.in_channels, base.out_channels
+        if isinstance(base, nn.Embedding):
+            return base.num_embeddings, base.embedding_dim
+        conv1d = _conv1d_class()
+        if conv1d is not None and isinstance(base, conv1d):
+            shape = base.weight.ds_shape if hasattr(base.weight, "ds_shape") else base.weight.shape
+            return shape[0], shape[1]
+        if hasattr(base, "in_features") and hasattr(base, "out_features"):
+            return base.in_features, base.out_features
+        raise ValueError(f"Unsupported layer type {type(base).__name__} for LoRA.")
+
+    # ---------------------------------------------------------------- creating an adapter
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        raise NotImplementedError  # each concrete layer creates its own A/B
+
+    def _make_dora_layer(self) -> nn.Module:
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
+        """Add (or replace) adapter `adapter_name` of rank r in this layer."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        lora_bias = config.lora_bias
+        if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {type(self.get_base_layer()).__name__} "
+                "has no bias. This means that merging LoRA weights won't be possible."
+            )
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self._create_adapter_weights(adapter_name, r, lora_bias)
+        self.lora_bias[adapter_name] = lora_bias
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = config.use_rslora
+        self.use_dora[adapter_name] = config.use_dora
+
+        init = config.init_lora_weights
+        if isinstance(init, str) and init.startswith("pissa"):
+            self.pissa_init(adapter_name, init)
+        elif isinstance(init, str) and init.lower() == "olora":
+            self.olora_init(adapter_name)
+        elif init:
+            self.reset_lora_parameters(adapter_name, init)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+        if config.use_dora:
+            self._init_dora(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
+        if init_lora_weights is False:
+            return
+        if adapter_name in self.lora_A:
+            if init_lora_weights is True:
+                # A as nn.Linear's default init, B zero: the adapter starts as the identity
+                nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            elif init_lora_weights.lower() == "gaussian":
+                nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+            else:
+                raise ValueError(f"Unknown initialization {init_lora_weights=}")
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if self.lora_bias.get(adapter_name):
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
+        if adapter_name in self.lora_embedding_A:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _float_base_weight(self) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(
+                f"PiSSA/OLoRA initialization needs a float32/float16/bfloat16 base weight, got {weight.dtype}."
+            )
+        return weight
+
+    def pissa_init(self, adapter_name: str, init_lora_weights: str) -> None:
+        """PiSSA: A, B from the top-r singular triplets of W; W keeps the residual W − s·BA."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is only supported for Linear layers.")
+        weight = self._float_base_weight()
+        dtype = weight.dtype
+        w = transpose(weight.to(torch.float32), self.fan_in_fan_out)
+        r, s = self.r[adapter_name], self.scaling[adapter_name]
+        if init_lora_weights == "pissa":
+            V, S, Uh = torch.linalg.svd(w.data, full_matrices=False)
+            Vr, Sr, Uhr = V[:, :r], S[:r] / s, Uh[:r]
+        elif len(init_lora_weights.split("_niter_")) == 2:
+            Vr, Sr, Ur = torch.svd_lowrank(w.data, r, niter=int(init_lora_weights.split("_niter_")[-1]))
+            Sr, Uhr = Sr / s, Ur.t()
+        else:
+            raise ValueError(
+                f"init_lora_weights should be 'pissa' or 'pissa_niter_[number of iters]', got {init_lora_weights}."
+            )
+        lora_A = torch.diag(torch.sqrt(Sr)) @ Uhr
+        lora_B = Vr @ torch.diag(torch.sqrt(Sr))
+        self.lora_A[adapter_name].weight.data = lora_A
+        self.lora_B[adapter_name].weight.data = lora_B
+        residual = w.data - s * lora_B @ lora_A
+        self.get_base_layer().weight.data = transpose(residual.to(dtype), self.fan_in_fan_out)
+
+    def olora_init(self, adapter_name: str) -> None:
+        """OLoRA: A, B from the QR decomposition of W; W keeps W − s·BA."""
+        if adapter_name not in self.lora_A:
+            raise ValueError("init_lora_weights='olora' is only supported for Linear layers.")
+        weight = self._float_base_weight()
+        dtype = weight.dtype
+        w = weight.to(torch.float32)
+        Q, R = torch.linalg.qr(w.data)
+        r = self.r[adapter_name]
+        self.lora_A[adapter_name].weight.data = R[:r].contiguous()
+        self.lora_B[adapter_name].weight.data = Q[:, :r].contiguous()
+        w = w.data - self.scaling[adapter_name] * self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+        self.get_base_layer().weight.data = w.to(dtype)
+
+    def _init_dora(self, adapter_name: str) -> None:
+        dora_layer = self._make_dora_layer()
+        if adapter_name in self.lora_A:
+            lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        else:
+            lora_A, lora_B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        dora_layer.update_layer(
+            base_layer=self.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[adapter_name]
+        )
+        self.lora_magnitude_vector[adapter_name] = dora_layer
+
+    # ---------------------------------------------------------------- scale
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter not in self.scaling:
+            return
+        base = self.lora_alpha[adapter] / (math.sqrt(self.r[adapter]) if self.use_rslora[adapter] else self.r[adapter])
+        self.scaling[adapter] = scale * base
+
+    def scale_layer(self, scale: float) -> None:
+        if scale == 1:
+            return
+        for adapter in self.active_adapters:
+            if adapter in self.scaling:
+                self.scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        for adapter in self.active_adapters:
+            if adapter not in self.scaling:
+                continue
+            if scale is None:
+                self.set_scale(adapter, 1.0)
+            else:
+                self.scaling[adapter] /= scale
+
+    # ---------------------------------------------------------------- merge / unmerge
+    def _has_adapter(self, adapter: str) -> bool:
+        return adapter in self.lora_A or adapter in self.lora_embedding_A
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dora_factor(self, adapter: str, delta: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
+        """m / ‖W + ΔW‖, shaped to broadcast against the base weight."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _unmerged_base_weight(self):
+        """The base weight without any merged adapter in it (DoRA norms are taken against it)."""
+        merged = self.merged_adapters[:]
+        if merged:
+            self.unmerge()
+        try:
+            yield self.get_base_layer().weight.detach().clone()
+        finally:
+            if merged:
+                self.merge(adapter_names=merged)
+
+    def _merged_weight(self, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.get_delta_weight(adapter)
+        if not self.use_dora.get(adapter, False):
+            return weight + delta.to(weight.dtype)
+        with self._unmerged_base_weight() as base_weight:
+            factor, weight_norm = self._dora_factor(adapter, delta, base_weight)
+        self._caches[f"{adapter}-weight_norm"] = weight_norm
+        return (factor * (self.get_base_layer().weight.data + delta)).to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the given (default: active) adapters into the base weight; safe_merge checks for NaN/inf first."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_layer = self.get_base_layer()
+        for adapter in adapter_names:
+            if not self._has_adapter(adapter):
+                continue
+            if base_layer.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                raise TypeError(f"Cannot merge into a base weight of dtype {base_layer.weight.dtype}.")
+            if getattr(base_layer, "groups", 1) > 1 and isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                raise ValueError("Merging is not supported for conv layers with groups > 1.")
+            new_weight = self._merged_weight(adapter, base_layer.weight.data.clone() if safe_merge else base_layer.weight.data)
+            new_bias = None
+            if self.lora_bias.get(adapter):
+                if getattr(base_layer, "bias", None) is None:
+                    raise RuntimeError(
+                        "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias."
+                    )
+                new_bias = base_layer.bias.data + self.lora_B[adapter].bias * self.scaling[adapter]
+            if safe_merge and (
+                not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all())
+            ):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            base_layer.weight.data = new_weight
+            if new_bias is not None:
+                base_layer.bias.data = new_bias.to(base_layer.bias.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if not self._has_adapter(adapter):
+                continue
+            weight = base_layer.weight
+            delta = self.get_delta_weight(adapter)
+            if self.use_dora.get(adapter, False):
+                weight_norm = self._caches.pop(f"{adapter}-weight_norm")
+                factor = self._dora_factor_from_norm(adapter, weight_norm)
+                weight.data = (weight.data / factor - delta).to(weight.dtype)
+            else:
+                weight.data -= delta.to(weight.dtype)
+            if self.lora_bias.get(adapter):
+                base_layer.bias.data -= self.lora_B[adapter].bias * self.scaling[adapter]
+
+    def _dora_factor_from_norm(self, adapter: str, weight_norm: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- forward helpers
+    def _check_forward_args(self, x, *args, **kwargs) -> None:
+        adapter_names = kwargs.get("adapter_names", None)
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        for name in set(adapter_names) - {BASE_ADAPTER_NAME}:
+            if self.use_dora.get(name, False):
+                raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+
+    def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not self.cast_input_dtype_enabled or x.dtype == dtype:
+            return x
+        return x.to(dtype)
+
+    def _adapter_term(self, adapter: str):
+        """The ops record of one adapter (Embedding overrides it)."""
+        return ops.LoraTerm(
+            self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter], self.lora_dropout[adapter]
+        )
+
+    def _mixed_batch_groups(self, adapter_names: list[str]) -> list[tuple[list[int], Any]]:
+        groups = []
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE_ADAPTER_NAME or not self._has_adapter(name):
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            groups.append((rows, self._adapter_term(name)))
+        return groups
+
+    def _lora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Add the active adapters' terms to `result`, in order (runs of plain LoRA go to ops in one call)."""
+        out_dtype = result.dtype
+        pending: list[ops.LoraTerm] = []
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue
+            x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
+            if self.use_dora.get(adapter, False):
+                result = ops.lora_linear(x, result, pending) if pending else result
+                pending = []
+                result = self._dora_forward(adapter, x, result)
+            else:
+                pending.append(self._adapter_term(adapter))
+        if pending:
+            result = ops.lora_linear(x, result, pending)
+        return result.to(out_dtype)
+
+    def _dora_forward(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        dropout = self.lora_dropout[adapter]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base_result = result
+        else:
+            x = dropout(x)
+            base_result = None
+        return result + self.lora_magnitude_vector[adapter](
+            x,
+            lora_A=self.lora_A[adapter],
+            lora_B=self.lora_B[adapter],
+            scaling=self.scaling[adapter],
+            base_layer=self.get_base_layer(),
+            base_result=base_result,
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            result = self.base_layer(x, *args, **kwargs)
+            return self._mixed_batch_forward(x, result, adapter_names)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return self._lora_forward(x, result)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        return ops.lora_linear_mixed_batch(x, result, self._mixed_batch_groups(adapter_names))
+
+
+class _LoraModule(nn.Module, LoraLayer):
+    """nn.Module first in the MRO (for __init__/__setattr__), LoraLayer's forward."""
+
+    forward = LoraLayer.forward
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Linear(_LoraModule):
+    """LoRA around nn.Linear, or transformers' Conv1D (weight stored in×out: fan_in_fan_out=True)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        is_target_conv_1d_layer: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def _make_dora_layer(self) -> nn.Module:
+        return DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """s · B A (transposed for fan_in_fan_out); fp16/bf16 on CPU is computed in fp32."""
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        dtype = weight_B.dtype
+        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = transpose(weight_B @ weight_A, self.fan_in_fan_out) * self.scaling[adapter]
+        return delta.to(dtype) if cast else delta
+
+    def _dora_factor(self, adapter, delta, base_weight):
+        weight_norm = self.lora_magnitude_vector[adapter].get_weight_norm(
+            base_weight, transpose(delta, self.fan_in_fan_out), scaling=1
+        ).detach()
+        return self._dora_factor_from_norm(adapter, weight_norm), weight_norm
+
+    def _dora_factor_from_norm(self, adapter, weight_norm):
+        factor = self.lora_magnitude_vector[adapter].weight / weight_norm
+        return transpose(factor.view(-1, 1), self.fan_in_fan_out)
+
+
+class Embedding(_LoraModule):
+    """LoRA around nn.Embedding: A is (r × vocab), B is (dim × r), looked up rather than multiplied."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        if config.lora_bias:
+            raise ValueError(f"lora_bias={config.lora_bias} is not supported for {type(self).__name__}.")
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
+        if config.lora_bias:
+            raise ValueError(f"lora_bias={config.lora_bias} is not supported for {type(self).__name__}.")
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported for Embedding layers.")
+        super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn((r, self.in_features)))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn((self.out_features, r)))
+
+    def _make_dora_layer(self) -> nn.Module:
+        return DoraEmbeddingLayer(fan_in_fan_out=True)
+
+    def _get_embed_scale(self) -> Optional[torch.Tensor]:
+        scale = getattr(self.get_base_layer(), "embed_scale", None)
+        if scale is None:
+            return None
+        return scale if isinstance(scale, torch.Tensor) else torch.tensor(scale)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        weight_A, weight_B = self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
+        dtype = weight_A.dtype
+        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        delta = transpose(weight_B @ weight_A, True) * self.scaling[adapter]
+        return delta.to(dtype) if cast else delta
+
+    def _dora_factor(self, adapter, delta, base_weight):
+        weight_norm = self.lora_magnitude_vector[adapter].get_weight_norm(base_weight, delta.T, scaling=1).detach()
+        return self._dora_factor_from_norm(adapter, weight_norm), weight_norm
+
+    def _dora_factor_from_norm(self, adapter, weight_norm):
+        return (self.lora_magnitude_vector[adapter].weight / weight_norm).view(1, -1)
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(
+            x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )
+
+    def _adapter_term(self, adapter: str) -> ops.EmbeddingTerm:
+        return ops.EmbeddingTerm(
+            self.lora_embedding_A[adapter], self.lora_embedding_B[adapter], self.scaling[adapter], self._get_embed_scale()
+        )
+
+    def _lora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        out_dtype = result.dtype
+        pending: list[ops.EmbeddingTerm] = []
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_embedding_A:
+                continue
+            if self.use_dora.get(adapter, False):
+                result = ops.lora_embedding(x, result, pending, self.get_base_layer()) if pending else result
+                pending = []
+                mag_norm_scale, dora_result = self.lora_magnitude_vector[adapter](
+                    x,
+                    lora_A=self.lora_embedding_A[adapter].T,
+                    lora_B=self.lora_embedding_B[adapter].T,
+                    scaling=self.scaling[adapter],
+                    base_layer=self.get_base_layer(),
+                    embed_fn=self._embed,
+                )
+                embed_scale = self._get_embed_scale()
+                if embed_scale is not None:
+                    dora_result = dora_result * embed_scale.to(dora_result.dtype)
+                result = mag_norm_scale * result + dora_result
+            else:
+                pending.append(self._adapter_term(adapter))
+        if pending:
+            result = ops.lora_embedding(x, result, pending, self.get_base_layer())
+        return result.to(out_dtype)
+
+    def _mixed_batch_forward(self, x, result, adapter_names):
+        return ops.lora_embedding_mixed_batch(x, result, self._mixed_batch_groups(adapter_names), self.get_base_layer())
+
+
+class _ConvNd(_LoraModule):
+    """LoRA around nn.Conv1d/2d/3d: A is a conv with the base kernel, B a 1×…×1 conv."""
+
+    _conv_fn = None
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        if base_layer.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
+        if r % base_layer.groups != 0:
+            raise ValueError(
+                f"Targeting a {type(base_layer).__name__} with groups={base_layer.groups} and rank {r}. Currently, "
+                "support is limited to conv layers where the rank is divisible by groups. Either choose a different "
+                "rank or do not target this specific layer."
+            )
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported for conv layers.")
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self._kernel_dim = base_layer.weight.dim()
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        base = self.get_base_layer()
+        conv = type(base)
+        ones = (1,) * (self._kernel_dim - 2)
+        self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
+
+    def _make_dora_layer(self) -> nn.Module:
+        return DoraConvLayer(type(self)._conv_fn)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        dtype = weight_A.dtype
+        cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            weight_A, weight_B = weight_A.float(), weight_B.float()
+        base = self.get_base_layer()
+        if base.weight.size()[2:4] == (1, 1):
+            r = weight_A.shape[0]
+            delta = (weight_B.reshape(-1, r) @ weight_A.reshape(r, -1)).reshape(base.weight.shape) * self.scaling[adapter]
+        else:
+            delta = type(self)._conv_fn(weight_A.transpose(0, 1), weight_B)
+            delta = delta * self.scaling[adapter] if base.groups > 1 else delta.transpose(0, 1) * self.scaling[adapter]
+        return delta.to(dtype) if cast else delta
+
+    def _dora_factor(self, adapter, delta, base_weight):
+        weight_norm = self.lora_magnitude_vector[adapter].get_weight_norm(base_weight, delta, scaling=1).detach()
+        return self._dora_factor_from_norm(adapter, weight_norm), weight_norm
+
+    def _dora_factor_from_norm(self, adapter, weight_norm):
+        factor = self.lora_magnitude_vector[adapter].weight / weight_norm
+        return factor.view((-1,) + (1,) * (self._kernel_dim - 1))
+
+
+class Conv1d(_ConvNd):
+    _conv_fn = staticmethod(F.conv1d)
+
+
+class Conv2d(_ConvNd):
+    _conv_fn = staticmethod(F.conv2d)
+
+
+class Conv3d(_ConvNd):
+    _conv_fn = staticmethod(F.conv3d)
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConfig, **kwargs) -> Optional[nn.Module]:
+    """The LoRA layer class for a plain torch / transformers target, or None when it is not supported."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Embedding):
+        return Embedding(target, adapter_name, lora_config, **kwargs)
+    if isinstance(base, nn.Conv2d):
+        return Conv2d(target, adapter_name, lora_config, **kwargs)
+    if isinstance(base, nn.Conv3d):
+        return Conv3d(target, adapter_name, lora_config, **kwargs)
+    if isinstance(base, nn.Conv1d):
+        return Conv1d(target, adapter_name, lora_config, **kwargs)
+    if isinstance(base, nn.Linear):
+        if lora_config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                "Setting fan_in_fan_out to False."
+            )
+            lora_config.fan_in_fan_out = False
+        return Linear(target, adapter_name, lora_config, **kwargs)
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(base, conv1d):
+        if not lora_config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+            )
+            lora_config.fan_in_fan_out = True
+        return Linear(target, adapter_name, lora_config, is_target_conv_1d_layer=True, **kwargs)
+    return None

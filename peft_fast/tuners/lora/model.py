@@ -1,0 +1,140 @@
+"""LoraModel: injects LoRA layers into a model (PEFT's `peft.tuners.lora.LoraModel`)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from functools import partial
+
+from torch import nn
+
+from ...utils.constants import BASE_ADAPTER_NAME, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from ...utils.other import ModulesToSaveWrapper, get_pattern_key
+from ..tuners_utils import BaseTuner
+from .config import LoraConfig
+from .layer import LoraLayer, dispatch_default
+
+
+def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class LoraModel(BaseTuner):
+    """Creates a LoRA model from a pretrained transformers (or any torch) model.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> from peft_fast import LoraConfig, get_peft_model
+        >>> model = AutoModelForCausalLM.from_pretrained(...)
+        >>> model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    """
+
+    prefix: str = "lora_"
+    tuner_layer_cls = LoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"LoraModel needs a LoraConfig, got {type(config).__name__}.")
+        if len(self.peft_config) > 1 and sum(c.bias != "none" for c in self.peft_config.values()) > 1:
+            raise ValueError(
+                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias to "
+                "'none' for all adapters."
+            )
+
+    @staticmethod
+    def _prepare_adapter_config(peft_config: LoraConfig, model_config: dict) -> LoraConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+                raise ValueError("Please specify `target_modules` in `peft_config`")
+            peft_config.target_modules = set(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+        return peft_config
+
+    def _create_and_replace(self, lora_config, adapter_name, target, target_name, parent, current_key, **kw):
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        r_key = get_pattern_key(lora_config.rank_pattern.keys(), current_key)
+        alpha_key = get_pattern_key(lora_config.alpha_pattern.keys(), current_key)
+        r = lora_config.rank_pattern.get(r_key, lora_config.r)
+        alpha = lora_config.alpha_pattern.get(alpha_key, lora_config.lora_alpha)
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, r, lora_alpha=alpha, config=lora_config)
+            return
+        new_module = self._create_new_module(lora_config, adapter_name, target, r=r, lora_alpha=alpha)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
+        new_module = dispatch_default(target, adapter_name, lora_config=lora_config, **kwargs)
+        if new_module is None:
+            raise ValueError(
+                f"Target module {target} is not supported. Currently, only the following modules are supported: "
+                "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `torch.nn.Conv3d`, "
+                "`transformers.pytorch_utils.Conv1D`."
+            )
+        return new_module
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if self.prefix not in n:
+                p.requires_grad = False
+        for active_adapter in self.active_adapters:
+            bias = self.peft_config[active_adapter].bias
+            if bias == "none":
+                continue
+            if bias == "all":
+                for n, p in model.named_parameters():
+                    if "bias" in n:
+                        p.requires_grad = True
+            elif bias == "lora_only":
+                for m in model.modules():
+                    if isinstance(m, LoraLayer) and getattr(m.get_base_layer(), "bias", None) is not None:
+                        m.get_base_layer().bias.requires_grad = True
+
+    def disable_adapter_layers(self) -> None:
+        for name in self.active_adapters:
+            bias = self.peft_config[name].bias
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the same "
+                    "output as the base model would without adaption."
+                )
+        super().disable_adapter_layers()
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale(adapter, scale)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """While active, every LoRA layer gets `adapter_names` (mixed-batch inference)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        expected = set(self.peft_config) | {BASE_ADAPTER_NAME}
+        unknown = sorted(set(adapter_names) - expected)
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; available: {sorted(expected)}"
+            )
+        num_beams = kwargs.get("num_beams")
+        if num_beams and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = []
+        try:
+            for module in self.modules():
+                if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                    hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

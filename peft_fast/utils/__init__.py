@@ -1,0 +1,40 @@
+from .constants import (
+    CONFIG_NAME,
+    INCLUDE_LINEAR_LAYERS_SHORTHAND,
+    SAFETENSORS_WEIGHTS_NAME,
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    WEIGHTS_NAME,
+)
+from .error import NoMatchingPeftModuleError
+from .other import (
+    ModulesToSaveWrapper,
+    _get_submodules,
+    _set_trainable,
+    cast_mixed_precision_params,
+    infer_device,
+    prepare_model_for_kbit_training,
+    transpose,
+)
+from .peft_types import PeftType, TaskType
+from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+__all__ = [
+    "CONFIG_NAME",
+    "INCLUDE_LINEAR_LAYERS_SHORTHAND",
+    "SAFETENSORS_WEIGHTS_NAME",
+    "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+    "WEIGHTS_NAME",
+    "NoMatchingPeftModuleError",
+    "ModulesToSaveWrapper",
+    "_get_submodules",
+    "_set_trainable",
+    "cast_mixed_precision_params",
+    "infer_device",
+    "prepare_model_for_kbit_training",
+    "transpose",
+    "PeftType",
+    "TaskType",
+    "get_peft_model_state_dict",
+    "load_peft_weights",
+    "set_peft_model_state_dict",
+]

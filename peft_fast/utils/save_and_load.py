@@ -1,0 +1,243 @@
+"""Adapter state dicts and weight files in HF PEFT's format (keys carry no adapter name on disk)."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Optional
+
+import torch
+
+from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .other import ModulesToSaveWrapper, infer_device
+
+_MODEL_PREFIX = "base_model.model."
+# In-memory adapter containers whose next key segment is the adapter name.
+_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_DORA_IN_MEMORY = "lora_magnitude_vector.weight"
+_DORA_ON_DISK = "lora_magnitude_vector"
+
+
+def _adapter_key_pattern(adapter_name: str) -> re.Pattern:
+    containers = "|".join(_ADAPTER_CONTAINERS)
+    return re.compile(rf"(^|\.)({containers})\.{re.escape(adapter_name)}(\.|$)")
+
+
+def _remove_adapter_name(key: str, adapter_name: str) -> str:
+    key = _adapter_key_pattern(adapter_name).sub(r"\1\2\3", key)
+    if key.endswith(_DORA_IN_MEMORY):
+        key = key[: -len(_DORA_IN_MEMORY)] + _DORA_ON_DISK
+    return key
+
+
+def _insert_adapter_name(key: str, adapter_name: str) -> str:
+    if key.endswith(_DORA_ON_DISK):
+        return f"{key}.{adapter_name}.weight"
+    containers = "|".join(_ADAPTER_CONTAINERS)
+    match = re.search(rf"(^|\.)({containers})(\.|$)", key)
+    if match is None:
+        return key
+    head, tail = key[: match.end(2)], key[match.end(2) :]
+    return f"{head}.{adapter_name}{tail}"
+
+
+def _belongs_to_adapter(key: str, adapter_name: str) -> bool:
+    return _adapter_key_pattern(adapter_name).search(key) is not None
+
+
+def _embedding_is_targeted(model, config) -> bool:
+    target_modules = getattr(config, "target_modules", None)
+    if isinstance(target_modules, str) and target_modules != INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return any(
+            re.fullmatch(target_modules, name)
+            for name, _ in base.named_modules()
+            if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
+        )
+    if target_modules:
+        return any(name in target_modules for name in EMBEDDING_LAYER_NAMES)
+    return False
+
+
+def _embedding_state(model, state_dict: dict, embedding_targeted: bool) -> dict:
+    if not hasattr(model, "get_input_embeddings"):
+        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.")
+        return {}
+    out = {}
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if layer is None:
+            continue
+        wrapped_base = getattr(layer, "base_layer", None)
+        if embedding_targeted and not isinstance(wrapped_base, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        for name, module in model.named_modules():
+            if (not embedding_targeted and module is layer) or (wrapped_base is not None and module is wrapped_base):
+                out.update({k: v for k, v in state_dict.items() if k.startswith(f"{name}.")})
+                break
+    return out
+
+
+def get_peft_model_state_dict(
+    model, state_dict: Optional[dict] = None, adapter_name: str = "default", unwrap_compiled: bool = False,
+    save_embedding_layers="auto",
+) -> dict:
+    """The state dict of adapter `adapter_name` with the adapter name removed from its keys (PEFT's on-disk form)."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"Adapter {adapter_name} not found; available: {list(model.peft_config)}")
+    config = model.peft_config[adapter_name]
+    if state_dict is None:
+        state_dict = model.state_dict()
+
+    if config.is_prompt_learning:
+        to_return = _prompt_learning_state(model, config, adapter_name, state_dict)
+    else:
+        to_return = _lora_state(config, adapter_name, state_dict)
+
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            prefix = f"{name}."
+            sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            to_return.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, sub).items()})
+
+    embedding_targeted = _embedding_is_targeted(model, config)
+    if save_embedding_layers == "auto":
+        if embedding_targeted:
+            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
+        save_embedding_layers = embedding_targeted
+    if save_embedding_layers:
+        to_return.update(_embedding_state(model, state_dict, embedding_targeted))
+
+    return {_remove_adapter_name(k, adapter_name): v for k, v in to_return.items()}
+
+
+def _lora_state(config, adapter_name: str, state_dict: dict) -> dict:
+    bias = getattr(config, "bias", "none")
+    lora_keys = [k for k in state_dict if "lora_" in k and _belongs_to_adapter(k, adapter_name)]
+    to_return = {k: state_dict[k] for k in lora_keys}
+    if bias == "all":
+        to_return.update({k: v for k, v in state_dict.items() if "bias" in k and "lora_" not in k})
+    elif bias == "lora_only":
+        for k in lora_keys:
+            bias_name = k.split("lora_")[0] + "bias"
+            if bias_name in state_dict:
+                to_return[bias_name] = state_dict[bias_name]
+    return to_return
+
+
+def _prompt_learning_state(model, config, adapter_name: str, state_dict: dict) -> dict:
+    if getattr(config, "inference_mode", False) and hasattr(model, "prompt_encoder"):
+        prompt_embeddings = model.prompt_encoder[adapter_name].embedding.weight
+    else:
+        prompt_embeddings = model.get_prompt_embedding_to_save(adapter_name=adapter_name)
+    return {"prompt_embeddings": prompt_embeddings}
+
+
+def set_peft_model_state_dict(
+    model, peft_model_state_dict: dict, adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+):
+    """Load an adapter state dict (PEFT's on-disk keys) into adapter `adapter_name` of `model`.
+
+    Shapes are checked before anything is copied, so a mismatch raises ValueError with the model unchanged (or,
+    with ignore_mismatched_sizes=True, the mismatching tensors are skipped with a warning).
+    """
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"Adapter {adapter_name} not found; available: {list(model.peft_config)}")
+    config = model.peft_config[adapter_name]
+    if config.is_prompt_learning:
+        return _set_prompt_learning_state(model, peft_model_state_dict, adapter_name)
+
+    wrappers = {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    remapped = {}
+    for key, value in peft_model_state_dict.items():
+        new_key = _modules_to_save_key(key, adapter_name, wrappers)
+        if new_key is None:
+            new_key = _insert_adapter_name(key, adapter_name)
+        remapped[new_key] = value
+
+    model_state = model.state_dict()
+    if not any(n.startswith(_MODEL_PREFIX) for n in model_state):
+        remapped = {k.removeprefix(_MODEL_PREFIX): v for k, v in remapped.items()}
+
+    mismatched = [
+        (k, tuple(v.shape), tuple(model_state[k].shape))
+        for k, v in remapped.items()
+        if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
+    ]
+    if mismatched:
+        listing = "\n".join(f"- {k}: found shape {a} in the checkpoint and {b} in the model" for k, a, b in mismatched)
+        if not ignore_mismatched_sizes:
+            raise ValueError(
+                f"Error(s) in loading the adapter '{adapter_name}': size mismatch for\n{listing}\n"
+                "Pass ignore_mismatched_sizes=True to skip these tensors."
+            )
+        warnings.warn(f"Some adapter weights were not loaded because of mismatched shapes:\n{listing}")
+        for k, _, _ in mismatched:
+            del remapped[k]
+    return model.load_state_dict(remapped, strict=False, assign=low_cpu_mem_usage)
+
+
+def _modules_to_save_key(key: str, adapter_name: str, wrappers: dict) -> Optional[str]:
+    """`<wrapper>.weight` (PEFT ≥ 0.15) or `<wrapper>.modules_to_save.weight` (older) → in-memory key."""
+    for name in wrappers:
+        for prefix in (f"{_MODEL_PREFIX}{name}.", f"{name}."):
+            if key.startswith(prefix):
+                rest = key[len(prefix) :]
+                rest = rest.removeprefix("modules_to_save.")
+                if rest.startswith("original_module."):
+                    return key
+                return f"{prefix}modules_to_save.{adapter_name}.{rest}"
+    return None
+
+
+def _set_prompt_learning_state(model, state_dict: dict, adapter_name: str):
+    if "prompt_embeddings" not in state_dict:
+        raise ValueError("The prompt-learning adapter file has no 'prompt_embeddings' tensor.")
+    embedding = model.prompt_encoder[adapter_name].embedding
+    value = state_dict["prompt_embeddings"]
+    if tuple(value.shape) != tuple(embedding.weight.shape):
+        raise ValueError(
+            f"prompt_embeddings of shape {tuple(value.shape)} do not fit adapter '{adapter_name}' "
+            f"({tuple(embedding.weight.shape)})."
+        )
+    return embedding.load_state_dict({"weight": value}, strict=True)
+
+
+def load_peft_weights(model_id: str, device: Optional[str] = None, **hf_hub_download_kwargs) -> dict:
+    """Read adapter_model.safetensors (or .bin) from a local directory, or from the Hub when online."""
+    subfolder = hf_hub_download_kwargs.get("subfolder")
+    path = os.path.join(model_id, subfolder) if subfolder else model_id
+    if device is None:
+        device = infer_device()
+    if os.path.exists(os.path.join(path, SAFETENSORS_WEIGHTS_NAME)):
+        filename, use_safetensors = os.path.join(path, SAFETENSORS_WEIGHTS_NAME), True
+    elif os.path.exists(os.path.join(path, WEIGHTS_NAME)):
+        filename, use_safetensors = os.path.join(path, WEIGHTS_NAME), False
+    elif os.path.isdir(path):
+        raise ValueError(f"Can't find weights in {path}: neither {SAFETENSORS_WEIGHTS_NAME} nor {WEIGHTS_NAME} exists.")
+    else:
+        filename, use_safetensors = _download_weights(model_id, hf_hub_download_kwargs)
+    try:
+        if use_safetensors:
+            from safetensors.torch import load_file
+
+            return load_file(filename, device=str(device))
+        return torch.load(filename, map_location=torch.device(device), weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"Could not read the adapter weights file {filename}: {exc}") from exc
+
+
+def _download_weights(model_id: str, kwargs: dict) -> tuple[str, bool]:
+    from huggingface_hub import hf_hub_download
+
+    kwargs = {k: v for k, v in kwargs.items() if k in {"subfolder", "revision", "cache_dir", "token", "local_files_only"}}
+    errors = []
+    for name, safe in ((SAFETENSORS_WEIGHTS_NAME, True), (WEIGHTS_NAME, False)):
+        try:
+            return hf_hub_download(model_id, name, **kwargs), safe
+        except Exception as exc:  # try the next file name, then report both
+            errors.append(f"{name}: {exc}")
+    raise ValueError(f"Can't find adapter weights for '{model_id}' locally or on the Hub ({'; '.join(errors)}).")
