@@ -9,6 +9,7 @@ from torch import nn
 from .config import PeftConfig
 from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from .peft_model import PeftModel
+from .tuners.tuners_utils import BaseTunerLayer
 
 
 def get_peft_model(
@@ -32,7 +33,20 @@ def get_peft_model(
     model_config = getattr(model, "config", {"model_type": "custom"})
     if hasattr(model_config, "to_dict"):
         model_config = model_config.to_dict()
-    peft_config.base_model_name_or_path = model.__dict__.get("name_or_path", None)
+    old_name = peft_config.base_model_name_or_path
+    # models built from a config have name_or_path == "", which is no Hub id
+    new_name = model.__dict__.get("name_or_path", None) or None
+    peft_config.base_model_name_or_path = new_name
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time. If you want to reload the model with a "
+            "different config, make sure to call `.unload()` before."
+        )
+    if old_name is not None and old_name != new_name:
+        warnings.warn(
+            f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+            "Please ensure that the correct base model is loaded when loading this checkpoint."
+        )
     if revision is not None:
         if peft_config.revision is not None and peft_config.revision != revision:
             warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting with revision {revision}")

@@ -258,7 +258,7 @@ class PeftModel(nn.Module):
             else:
                 torch.save(state, os.path.join(output_dir, WEIGHTS_NAME))
             if peft_config.base_model_name_or_path is None:
-                peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None)
+                peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
             inference_mode = peft_config.inference_mode
             peft_config.inference_mode = True
             auto_mapping = None
@@ -458,17 +458,15 @@ class PeftModelForFeatureExtraction(PeftModel):
 
 
 def _add_head_to_modules_to_save(peft_config: PeftConfig, model: nn.Module, head_names: list[str]) -> None:
-    """Like PEFT: the task head joins modules_to_save (for the names the model actually has)."""
+    """Like PEFT: the task head names join modules_to_save (names the model lacks simply match nothing)."""
     if peft_config.is_prompt_learning:
         return
-    names = [n for n in head_names if any(k == n or k.endswith(f".{n}") for k, _ in model.named_modules())]
-    if not names:
-        names = head_names[:1]
+    names = head_names
     if peft_config.modules_to_save is None:
         peft_config.modules_to_save = list(names)
     else:
-        existing = list(peft_config.modules_to_save)
-        peft_config.modules_to_save = existing + [n for n in names if n not in existing]
+        # PEFT extends the user's list as it is (a name may then appear twice); keep the files identical
+        peft_config.modules_to_save = list(peft_config.modules_to_save) + list(names)
 
 
 __all__ = [
