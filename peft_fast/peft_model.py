@@ -337,6 +337,7 @@ class PeftModel(nn.Module):
         if torch_device is None:
             torch_device = infer_device()
         added = False
+        before = _snapshot(self)
         if adapter_name not in self.peft_config:
             peft_config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
             if peft_config.peft_type != self.peft_type:
@@ -356,8 +357,10 @@ class PeftModel(nn.Module):
                 low_cpu_mem_usage=low_cpu_mem_usage,
             )
         except Exception:
-            if added:
-                self.delete_adapter(adapter_name)
+            if added:  # leave the model as it was before the call
+                self.base_model._remove_adapter_layers(adapter_name)
+                for param, flag in before:
+                    param.requires_grad = flag
             raise
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(PeftType(self.peft_config[adapter_name].peft_type), "")
         missing = [k for k in load_result.missing_keys if prefix in k and f".{adapter_name}" in k]
@@ -409,8 +412,19 @@ def _check_adapter_keys(weights: dict, model_id: str) -> None:
         raise ValueError(f"The adapter weights file at {model_id} holds no tensors.")
 
 
+def _given(**kwargs) -> dict:
+    """Only the arguments the caller set: models that lack e.g. output_attentions still work."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 class PeftModelForSequenceClassification(PeftModel):
     """PeftModel for sequence classification; the classifier head is trained (modules_to_save) by default."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return super().forward(**_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        labels=labels, output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
 
     def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
         _add_head_to_modules_to_save(peft_config, model, ["classifier", "score"])
@@ -428,6 +442,15 @@ class PeftModelForTokenClassification(PeftModelForSequenceClassification):
 class PeftModelForQuestionAnswering(PeftModel):
     """PeftModel for extractive QA; the qa_outputs head is trained (modules_to_save) by default."""
 
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, task_ids=None, **kwargs):
+        return super().forward(**_given(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
+            end_positions=end_positions, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+
     def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
         _add_head_to_modules_to_save(peft_config, model, ["qa_outputs"])
         super().__init__(model, peft_config, adapter_name, **kwargs)
@@ -440,6 +463,12 @@ class PeftModelForQuestionAnswering(PeftModel):
 class PeftModelForCausalLM(PeftModel):
     """PeftModel for causal language modeling (forward and generate pass through to the base model)."""
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return super().forward(**_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        labels=labels, output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+
     def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self.base_model_prepare_inputs_for_generation = getattr(model, "prepare_inputs_for_generation", None)
@@ -448,6 +477,15 @@ class PeftModelForCausalLM(PeftModel):
 class PeftModelForSeq2SeqLM(PeftModel):
     """PeftModel for encoder-decoder language modeling."""
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return super().forward(**_given(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+
     def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self.base_model_prepare_inputs_for_generation = getattr(model, "prepare_inputs_for_generation", None)
@@ -455,6 +493,12 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
 class PeftModelForFeatureExtraction(PeftModel):
     """PeftModel for models that return hidden states / embeddings."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return super().forward(**_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
 
 
 def _add_head_to_modules_to_save(peft_config: PeftConfig, model: nn.Module, head_names: list[str]) -> None:

@@ -30,7 +30,7 @@ def tiny_bert(task="seq_cls"):
 
     cfg = BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=64, num_labels=3,
+        max_position_embeddings=64, num_labels=2 if task == "qa" else 3,
     )
     return {
         "seq_cls": BertForSequenceClassification,

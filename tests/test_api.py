@@ -1,0 +1,330 @@
+"""PEFT API behaviour of peft_fast on its own: adapters, merging, unloading, mixed batches, training, errors."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import peft_fast as pf
+from models import MLP, EmbConv, inputs_for, output_tensor, randomize_adapters, rel_err, tiny_bert, tiny_llama, tiny_t5
+from peft_fast.tuners.lora import Linear as LoraLinear
+from peft_fast.tuners.tuners_utils import BaseTunerLayer
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_model(model, state, structure, grads):
+    assert [type(m).__name__ for m in model.modules()] == structure
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for key, value in state.items():
+        assert torch.equal(now[key], value), key
+    assert [p.requires_grad for p in model.parameters()] == grads
+
+
+def _snapshot(model):
+    return _state(model), [type(m).__name__ for m in model.modules()], [p.requires_grad for p in model.parameters()]
+
+
+def test_public_names_and_module_paths():
+    import peft_fast.tuners.lora.layer as layer_mod
+    import peft_fast.utils.other as other_mod
+    from peft_fast.tuners.tuners_utils import BaseTuner
+
+    assert isinstance(pf.__version__, str)
+    for name in ("PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+                 "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
+                 "get_peft_model", "get_peft_config", "inject_adapter_in_model", "get_peft_model_state_dict",
+                 "set_peft_model_state_dict", "prepare_model_for_kbit_training", "cast_mixed_precision_params",
+                 "LoraConfig", "PeftConfig", "PeftType", "TaskType", "LoraModel"):
+        assert hasattr(pf, name), name
+    assert issubclass(pf.LoraModel, BaseTuner)
+    assert issubclass(layer_mod.LoraLayer, BaseTunerLayer)
+    assert other_mod.ModulesToSaveWrapper is pf.utils.ModulesToSaveWrapper
+    for method in ("inject_adapter", "merge_adapter", "unmerge_adapter", "_prepare_adapter_config",
+                   "_create_and_replace", "_check_target_module_exists", "delete_adapter", "set_adapter",
+                   "merge_and_unload", "unload", "enable_adapter_layers", "disable_adapter_layers"):
+        assert callable(getattr(BaseTuner, method)), method
+    for method in ("get_base_layer", "set_adapter", "enable_adapters", "delete_adapter", "merge", "unmerge"):
+        assert callable(getattr(BaseTunerLayer, method)), method
+
+
+def test_task_subclasses_chosen_by_task_type():
+    expected = {
+        "CAUSAL_LM": (tiny_llama, pf.PeftModelForCausalLM),
+        "SEQ_CLS": (lambda: tiny_bert("seq_cls"), pf.PeftModelForSequenceClassification),
+        "TOKEN_CLS": (lambda: tiny_bert("token_cls"), pf.PeftModelForTokenClassification),
+        "QUESTION_ANS": (lambda: tiny_bert("qa"), pf.PeftModelForQuestionAnswering),
+        "FEATURE_EXTRACTION": (lambda: tiny_bert("feature"), pf.PeftModelForFeatureExtraction),
+        "SEQ_2_SEQ_LM": (tiny_t5, pf.PeftModelForSeq2SeqLM),
+    }
+    for task, (builder, cls) in expected.items():
+        model = pf.get_peft_model(builder(), pf.LoraConfig(task_type=task))
+        assert type(model) is cls, task
+        name = "t5" if task == "SEQ_2_SEQ_LM" else "bert"
+        out = model(**inputs_for(name))
+        assert torch.isfinite(output_tensor(out)).all()
+    head = pf.get_peft_model(tiny_bert("qa"), pf.LoraConfig(task_type="QUESTION_ANS"))
+    assert any("qa_outputs.modules_to_save.default" in n for n, p in head.named_parameters() if p.requires_grad)
+
+
+def test_default_targets_all_linear_and_regex():
+    model = pf.get_peft_model(tiny_llama(), pf.LoraConfig())
+    assert sorted({k.split(".")[-1] for k in model.targeted_module_names}) == ["q_proj", "v_proj"]
+    model = pf.get_peft_model(tiny_llama(), pf.LoraConfig(target_modules="all-linear"))
+    names = {k.split(".")[-1] for k in model.targeted_module_names}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    model = pf.get_peft_model(tiny_llama(), pf.LoraConfig(target_modules=r".*layers\.1\.self_attn\.k_proj"))
+    assert model.targeted_module_names == ["model.layers.1.self_attn.k_proj"]
+    with pytest.raises(ValueError, match="target_modules"):
+        pf.get_peft_model(MLP(), pf.LoraConfig())
+
+
+def test_merge_and_unload_unload_and_safe_merge():
+    torch.manual_seed(0)
+    base = MLP()
+    x = inputs_for("mlp")["x"]
+    model = pf.get_peft_model(copy.deepcopy(base), pf.LoraConfig(r=4, target_modules=["lin0", "lin1"], lora_dropout=0.1))
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        merged = copy.deepcopy(model).merge_and_unload(progressbar=True, safe_merge=True)
+        assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+        assert rel_err(merged(x), y) < 1e-6
+        unloaded = copy.deepcopy(model).unload()
+        assert rel_err(unloaded(x), base(x)) < 1e-7
+        # a broken adapter: safe_merge refuses and leaves the weight as it was
+        layer = model.base_model.model.lin0
+        w = layer.get_base_layer().weight.clone()
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="NaNs detected"):
+            layer.merge(safe_merge=True)
+        assert torch.equal(layer.get_base_layer().weight, w) and not layer.merged
+
+
+def test_merge_unmerge_roundtrip_dora_and_lora_bias():
+    torch.manual_seed(0)
+    for cfg in (dict(use_dora=True), dict(lora_bias=True)):
+        model = pf.get_peft_model(MLP(), pf.LoraConfig(r=4, target_modules=["lin0"], **cfg))
+        randomize_adapters(model)
+        model.eval()
+        x = inputs_for("mlp")["x"]
+        with torch.no_grad():
+            y = model(x)
+            w = model.base_model.model.lin0.get_base_layer().weight.clone()
+            model.base_model.merge_adapter()
+            assert rel_err(model(x), y) < 1e-5
+            model.base_model.unmerge_adapter()
+            assert rel_err(model.base_model.model.lin0.get_base_layer().weight, w) < 1e-6
+            assert rel_err(model(x), y) < 1e-6
+
+
+def test_delete_and_switch_adapters():
+    model = pf.get_peft_model(MLP(), pf.LoraConfig(r=4, target_modules=["lin0"]))
+    model.add_adapter("b", pf.LoraConfig(r=2, target_modules=["lin0", "lin1"]))
+    model.set_adapter("b")
+    assert model.active_adapter == "b" and model.active_adapters == ["b"]
+    assert all("b" in n.split(".") for n, p in model.named_parameters() if p.requires_grad)
+    model.delete_adapter("b")
+    assert list(model.peft_config) == ["default"]
+    assert model.active_adapters == ["default"]
+    assert not any(".b." in n for n in model.state_dict())
+    assert isinstance(model.base_model.model.lin1, LoraLinear) and not model.base_model.model.lin1.lora_A
+
+
+def test_inject_adapter_in_model_and_state_dict_helpers():
+    torch.manual_seed(0)
+    model = MLP()
+    cfg = pf.LoraConfig(r=4, target_modules=["lin0"])
+    injected = pf.inject_adapter_in_model(cfg, model)
+    assert injected is model and isinstance(model.lin0, LoraLinear)
+    randomize_adapters(model)
+    sd = pf.get_peft_model_state_dict(model)
+    assert sorted(sd) == ["lin0.lora_A.weight", "lin0.lora_B.weight"]
+    other = pf.inject_adapter_in_model(pf.LoraConfig(r=4, target_modules=["lin0"]), MLP())
+    pf.set_peft_model_state_dict(other, sd)
+    assert torch.equal(other.lin0.lora_B["default"].weight, model.lin0.lora_B["default"].weight)
+
+
+def test_prepare_model_for_kbit_training_enables_checkpointing():
+    model = tiny_llama().to(torch.bfloat16)
+    model.is_loaded_in_4bit = True
+    pf.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+
+
+def test_trainer_few_steps_loss_down_and_reload(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    model = pf.get_peft_model(copy.deepcopy(base), pf.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                                 task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 64, (16,), generator=g)} for _ in range(8)]
+    for row in data:
+        row["labels"] = row["input_ids"].clone()
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=6, learning_rate=5e-3,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.05, (before, after)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    reloaded = pf.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter"))
+    trainer2 = Trainer(model=reloaded, args=args, eval_dataset=data)
+    assert abs(trainer2.evaluate()["eval_loss"] - after) < 1e-5
+
+
+def test_mixed_batch_errors():
+    model = pf.get_peft_model(tiny_llama(), pf.LoraConfig(r=4, target_modules=["q_proj"]))
+    x = inputs_for("llama")
+    with pytest.raises(ValueError, match="training mode"):
+        model.train()(**x, adapter_names=["default"] * 3)
+    model.eval()
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(**x, adapter_names=["default", "nope", "default"])
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        model(**x, adapter_names=["default"])
+
+
+# ---------------------------------------------------------------- bad input leaves the model unchanged
+
+
+def test_no_matching_target_leaves_model_unchanged():
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="not found in the base model"):
+        pf.get_peft_model(model, pf.LoraConfig(target_modules=["does_not_exist"]))
+    _same_model(model, *before)
+    assert "peft_config" not in model.__dict__
+
+
+def test_unsupported_layer_midway_rolls_back():
+    model = EmbConv()
+    model.bad = nn.LayerNorm(4)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="is not supported"):
+        pf.get_peft_model(model, pf.LoraConfig(target_modules=["emb", "conv1d", "bad"]))
+    _same_model(model, *before)
+
+
+def test_unknown_and_duplicate_adapter_names():
+    model = pf.get_peft_model(MLP(), pf.LoraConfig(r=4, target_modules=["lin0"]))
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("default", pf.LoraConfig(target_modules=["lin1"]))
+    with pytest.raises(ValueError, match="not found"):
+        model.set_adapter("nope")
+    with pytest.raises(ValueError, match="does not exist"):
+        model.delete_adapter("nope")
+    with pytest.raises(ValueError, match="not found in the base model"):
+        model.add_adapter("new", pf.LoraConfig(target_modules=["nothing"]))
+    assert list(model.peft_config) == ["default"]
+    _same_model(model, *before)
+
+
+def test_adding_to_existing_layers_rolls_back_on_error():
+    model = pf.get_peft_model(MLP(), pf.LoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    before = _snapshot(model)
+    # lin0 gets the adapter first, then the rank-0 pattern on lin1 fails: lin0 must lose it again
+    with pytest.raises(ValueError, match="positive integer"):
+        model.add_adapter("b", pf.LoraConfig(r=4, target_modules=["lin0", "lin1"], rank_pattern={"lin1": 0}))
+    _same_model(model, *before)
+    assert list(model.peft_config) == ["default"]
+
+
+def _saved_adapter(tmp_path, **cfg):
+    torch.manual_seed(0)
+    model = pf.get_peft_model(MLP(), pf.LoraConfig(**cfg))
+    randomize_adapters(model)
+    model.save_pretrained(str(tmp_path))
+    return model
+
+
+def test_wrong_shapes_in_loaded_adapter(tmp_path):
+    _saved_adapter(tmp_path, r=4, target_modules=["lin0"])
+    # the file says r=4 but holds rank-5 tensors
+    from safetensors.torch import load_file, save_file
+
+    path = str(tmp_path / "adapter_model.safetensors")
+    sd = load_file(path)
+    sd = {k: torch.randn(5, v.shape[1]) if "lora_A" in k else torch.randn(v.shape[0], 5) for k, v in sd.items()}
+    save_file(sd, path)
+    model = MLP()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="size mismatch"):
+        pf.PeftModel.from_pretrained(model, str(tmp_path))
+    _same_model(model, *before)
+    assert "peft_config" not in model.__dict__
+    # into an existing PeftModel as a new adapter: the adapter is removed again
+    peft_model = pf.get_peft_model(MLP(), pf.LoraConfig(r=2, target_modules=["lin1"]))
+    before = _snapshot(peft_model)
+    with pytest.raises(ValueError, match="size mismatch"):
+        peft_model.load_adapter(str(tmp_path), adapter_name="other")
+    _same_model(peft_model, *before)
+    assert list(peft_model.peft_config) == ["default"]
+
+
+def test_corrupt_safetensors_file(tmp_path):
+    _saved_adapter(tmp_path, r=4, target_modules=["lin0"])
+    with open(tmp_path / "adapter_model.safetensors", "wb") as f:
+        f.write(b"\x00\x01garbage")
+    model = MLP()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="Could not read the adapter weights"):
+        pf.PeftModel.from_pretrained(model, str(tmp_path))
+    _same_model(model, *before)
+
+
+def test_config_of_another_peft_type(tmp_path):
+    _saved_adapter(tmp_path, r=4, target_modules=["lin0"])
+    import json
+
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["peft_type"] = "PREFIX_TUNING"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="PREFIX_TUNING"):
+        pf.LoraConfig.from_pretrained(str(tmp_path))
+    peft_model = pf.get_peft_model(MLP(), pf.LoraConfig(r=2, target_modules=["lin1"]))
+    before = _snapshot(peft_model)
+    with pytest.raises(ValueError, match="PREFIX_TUNING"):
+        peft_model.load_adapter(str(tmp_path), adapter_name="other")
+    _same_model(peft_model, *before)
+    data["peft_type"] = "NOT_A_METHOD"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="Unknown peft_type"):
+        pf.PeftConfig.from_pretrained(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        pf.PeftConfig.from_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="Can't find"):
+        pf.PeftConfig.from_pretrained(str(tmp_path / "missing_dir_that_is_local") if os.path.isdir(tmp_path) else "")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="positive integer"):
+        pf.LoraConfig(r=0)
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        pf.LoraConfig(target_modules=".*q", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="DoRA"):
+        pf.LoraConfig(use_dora=True, lora_bias=True)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        pf.LoraConfig(init_lora_weights="corda")
+    with pytest.raises(ValueError, match="not supported by peft_fast"):
+        pf.LoraConfig(use_qalora=True)
+    cfg = pf.get_peft_config({"peft_type": "LORA", "r": 5, "target_modules": ["a"], "task_type": "CAUSAL_LM"})
+    assert isinstance(cfg, pf.LoraConfig) and cfg.r == 5 and cfg.target_modules == {"a"}
+    with pytest.raises(ValueError, match="Invalid task type"):
+        pf.LoraConfig(task_type="NOPE")
