@@ -63,7 +63,7 @@ class PeftModel(nn.Module):
             model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
             autocast_adapter_dtype=autocast_adapter_dtype,
         )
-        if getattr(model, "is_gradient_checkpointing", True):
+        if _uses_checkpointing(model):
             self._prepare_model_for_gradient_checkpointing(model)
         if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
             self.base_model.config.pretraining_tp = 1
@@ -390,6 +390,14 @@ class PeftModel(nn.Module):
             text += line
         with open(filename, "w") as f:
             f.write(text)
+
+
+def _uses_checkpointing(model: nn.Module) -> bool:
+    """transformers ≥ 5 calls it is_activation_checkpointing (the old name warns); models without either: True."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return True
 
 
 def _unshare(state: dict) -> dict:
