@@ -430,7 +430,7 @@ class PeftModelForSequenceClassification(PeftModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return super().forward(**_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+        return PeftModel.forward(self, **_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                         labels=labels, output_attentions=output_attentions,
                                         output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
 
@@ -453,7 +453,7 @@ class PeftModelForQuestionAnswering(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, task_ids=None, **kwargs):
-        return super().forward(**_given(
+        return PeftModel.forward(self, **_given(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
             end_positions=end_positions, output_attentions=output_attentions,
@@ -471,15 +471,7 @@ class PeftModelForQuestionAnswering(PeftModel):
 class PeftModelForCausalLM(PeftModel):
     """PeftModel for causal language modeling (forward and generate pass through to the base model)."""
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return super().forward(**_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        labels=labels, output_attentions=output_attentions,
-                                        output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
-
-    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-        self.base_model_prepare_inputs_for_generation = getattr(model, "prepare_inputs_for_generation", None)
+    forward = PeftModelForSequenceClassification.forward
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -488,15 +480,11 @@ class PeftModelForSeq2SeqLM(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return super().forward(**_given(
+        return PeftModel.forward(self, **_given(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
             decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
-
-    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-        self.base_model_prepare_inputs_for_generation = getattr(model, "prepare_inputs_for_generation", None)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
@@ -504,7 +492,7 @@ class PeftModelForFeatureExtraction(PeftModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return super().forward(**_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+        return PeftModel.forward(self, **_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                         output_attentions=output_attentions,
                                         output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
 

@@ -387,16 +387,9 @@ class LoraLayer(BaseTunerLayer):
 
 
 class _LoraModule(nn.Module, LoraLayer):
-    """nn.Module first in the MRO (for __init__/__setattr__), LoraLayer's forward."""
+    """nn.Module first in the MRO (for __init__/__setattr__), LoraLayer's forward; builds the first adapter."""
 
     forward = LoraLayer.forward
-
-    def __repr__(self) -> str:
-        return "lora." + super().__repr__()
-
-
-class Linear(_LoraModule):
-    """LoRA around nn.Linear, or transformers' Conv1D (weight stored in×out: fan_in_fan_out=True)."""
 
     def __init__(
         self,
@@ -405,14 +398,28 @@ class Linear(_LoraModule):
         config: LoraConfig,
         r: int = 0,
         lora_alpha: int = 1,
-        is_target_conv_1d_layer: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
+        self._check_base_layer(base_layer, r, config)
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _check_base_layer(self, base_layer: nn.Module, r: int, config: LoraConfig) -> None:
+        """Refuse (or adjust for) base layers this layer class cannot adapt; runs before the adapter is built."""
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Linear(_LoraModule):
+    """LoRA around nn.Linear, or transformers' Conv1D (weight stored in×out: fan_in_fan_out=True)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, is_target_conv_1d_layer: bool = False, **kwargs) -> None:
+        super().__init__(base_layer, adapter_name, config, r, lora_alpha, **kwargs)
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
 
     def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -445,23 +452,6 @@ class Linear(_LoraModule):
 
 class Embedding(_LoraModule):
     """LoRA around nn.Embedding: A is (r × vocab), B is (dim × r), looked up rather than multiplied."""
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        config: LoraConfig,
-        r: int = 0,
-        lora_alpha: int = 1,
-        **kwargs,
-    ) -> None:
-        super().__init__()
-        LoraLayer.__init__(self, base_layer)
-        self.fan_in_fan_out = config.fan_in_fan_out
-        self._active_adapter = adapter_name
-        if config.lora_bias:
-            raise ValueError(f"lora_bias={config.lora_bias} is not supported for {type(self).__name__}.")
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
         if config.lora_bias:
@@ -547,17 +537,7 @@ class _ConvNd(_LoraModule):
 
     _conv_fn = None
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        config: LoraConfig,
-        r: int = 0,
-        lora_alpha: int = 1,
-        **kwargs,
-    ) -> None:
-        super().__init__()
-        LoraLayer.__init__(self, base_layer)
+    def _check_base_layer(self, base_layer: nn.Module, r: int, config: LoraConfig) -> None:
         if base_layer.groups > 1:
             warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.")
         if r % base_layer.groups != 0:
@@ -569,9 +549,7 @@ class _ConvNd(_LoraModule):
         if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported for conv layers.")
         self.fan_in_fan_out = False
-        self._active_adapter = adapter_name
         self._kernel_dim = base_layer.weight.dim()
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         base = self.get_base_layer()
