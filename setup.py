@@ -8,7 +8,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _cuda_extension():
@@ -36,4 +36,11 @@ ext_modules, cmdclass, why_not = _cuda_extension()
 if why_not:
     print(f"peft_fast: skipping the CUDA extension peft_fast._C: {why_not}", file=sys.stderr)
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# kernels/ lives at the top level (one place for all Triton code) and installs as peft_fast.kernels
+kernel_packages = ["peft_fast.kernels"] + [f"peft_fast.kernels.{p}" for p in find_packages("kernels")]
+setup(
+    packages=find_packages(include=["peft_fast", "peft_fast.*"]) + kernel_packages,
+    package_dir={"peft_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

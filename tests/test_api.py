@@ -35,7 +35,10 @@ def test_public_names_and_module_paths():
     import peft_fast.utils.other as other_mod
     from peft_fast.tuners.tuners_utils import BaseTuner
 
+    import peft_fast.kernels
+
     assert isinstance(pf.__version__, str)
+    assert callable(peft_fast.kernels.available)
     for name in ("PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
                  "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
                  "get_peft_model", "get_peft_config", "inject_adapter_in_model", "get_peft_model_state_dict",
