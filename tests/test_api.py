@@ -331,3 +331,25 @@ def test_config_validation():
     assert isinstance(cfg, pf.LoraConfig) and cfg.r == 5 and cfg.target_modules == {"a"}
     with pytest.raises(ValueError, match="Invalid task type"):
         pf.LoraConfig(task_type="NOPE")
+
+
+def test_grouped_conv_forward_works_but_merge_refuses_like_peft():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, groups=2, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.warns(UserWarning, match="groups > 1"):
+        model = pf.get_peft_model(Grouped(), pf.LoraConfig(r=4, target_modules=["conv"]))
+    randomize_adapters(model)
+    y = model(torch.randn(2, 4, 5, 5))
+    assert y.shape == (2, 8, 5, 5)
+    weight = model.base_model.model.conv.get_base_layer().weight.clone()
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        model.base_model.merge_adapter()
+    assert torch.equal(model.base_model.model.conv.get_base_layer().weight, weight)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        pf.get_peft_model(Grouped(), pf.LoraConfig(r=3, target_modules=["conv"]))

@@ -200,8 +200,7 @@ def _set_trainable(model: nn.Module, adapter_name: str, module_names, inference_
             continue
         parent, target, target_name = _get_submodules(model, key)
         if isinstance(target, ModulesToSaveWrapper):
-            target.update(adapter_name)
-            target.set_adapter(target.active_adapter if target.active_adapters else adapter_name, inference_mode)
+            target.update(adapter_name)  # which copy is active is settled by the tuner's set_adapter afterwards
         elif any(isinstance(m, ModulesToSaveWrapper) for m in _parents(model, key)):
             continue
         else:

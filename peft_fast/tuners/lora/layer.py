@@ -252,8 +252,9 @@ class LoraLayer(BaseTunerLayer):
                 continue
             if base_layer.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 raise TypeError(f"Cannot merge into a base weight of dtype {base_layer.weight.dtype}.")
-            if getattr(base_layer, "groups", 1) > 1 and isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                raise ValueError("Merging is not supported for conv layers with groups > 1.")
+            if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and base_layer.groups > 1:
+                # as PEFT: the grouped delta is defined for the forward, not as a mergeable weight
+                raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
             new_weight = self._merged_weight(adapter, base_layer.weight.data.clone() if safe_merge else base_layer.weight.data)
             new_bias = None
             if self.lora_bias.get(adapter):
