@@ -13,10 +13,6 @@ from .dispatch import register
 from .terms import EmbeddingTerm, LoraTerm
 
 
-def _dropout(x: torch.Tensor, term: LoraTerm) -> torch.Tensor:
-    return term.dropout(x)
-
-
 @register("lora_linear", "torch")
 def lora_linear(x: torch.Tensor, result: torch.Tensor, terms: list[LoraTerm]) -> torch.Tensor:
     """result + Σ_i s_i · B_i(A_i(drop_i(x))) for Linear / Conv1D / ConvNd adapters (A, B are modules)."""
@@ -24,7 +20,7 @@ def lora_linear(x: torch.Tensor, result: torch.Tensor, terms: list[LoraTerm]) ->
     for term in terms:
         if x.dtype != term.dtype:
             x = x.to(term.dtype)
-        result = result + term.lora_B(term.lora_A(_dropout(x, term))) * term.scaling
+        result = result + term.lora_B(term.lora_A(term.dropout(x))) * term.scaling
     return result.to(out_dtype)
 
 
@@ -36,7 +32,7 @@ def lora_linear_mixed_batch(
     out_dtype = result.dtype
     for rows, term in groups:
         sub_batch = x[rows].to(term.dtype)
-        delta = term.lora_B(term.lora_A(_dropout(sub_batch, term))) * term.scaling
+        delta = term.lora_B(term.lora_A(term.dropout(sub_batch))) * term.scaling
         result[rows] += delta.to(out_dtype)
     return result
 
