@@ -30,9 +30,6 @@ def get_peft_model(
         raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
     if mixed:
         raise ValueError("PeftMixedModel (mixed=True) is not available in this peft_fast version.")
-    model_config = getattr(model, "config", {"model_type": "custom"})
-    if hasattr(model_config, "to_dict"):
-        model_config = model_config.to_dict()
     old_name = peft_config.base_model_name_or_path
     # models built from a config have name_or_path == "", which is no Hub id
     new_name = model.__dict__.get("name_or_path", None) or None

@@ -435,11 +435,11 @@ class PeftModelForSequenceClassification(PeftModel):
                                         output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
 
     def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
-        _add_head_to_modules_to_save(peft_config, model, ["classifier", "score"])
+        _add_head_to_modules_to_save(peft_config, ["classifier", "score"])
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        _add_head_to_modules_to_save(peft_config, self.get_base_model(), ["classifier", "score"])
+        _add_head_to_modules_to_save(peft_config, ["classifier", "score"])
         super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
 
 
@@ -460,11 +460,11 @@ class PeftModelForQuestionAnswering(PeftModel):
             output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
 
     def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
-        _add_head_to_modules_to_save(peft_config, model, ["qa_outputs"])
+        _add_head_to_modules_to_save(peft_config, ["qa_outputs"])
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        _add_head_to_modules_to_save(peft_config, self.get_base_model(), ["qa_outputs"])
+        _add_head_to_modules_to_save(peft_config, ["qa_outputs"])
         super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
 
 
@@ -497,16 +497,12 @@ class PeftModelForFeatureExtraction(PeftModel):
                                         output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
 
 
-def _add_head_to_modules_to_save(peft_config: PeftConfig, model: nn.Module, head_names: list[str]) -> None:
+def _add_head_to_modules_to_save(peft_config: PeftConfig, head_names: list[str]) -> None:
     """Like PEFT: the task head names join modules_to_save (names the model lacks simply match nothing)."""
     if peft_config.is_prompt_learning:
         return
-    names = head_names
-    if peft_config.modules_to_save is None:
-        peft_config.modules_to_save = list(names)
-    else:
-        # PEFT extends the user's list as it is (a name may then appear twice); keep the files identical
-        peft_config.modules_to_save = list(peft_config.modules_to_save) + list(names)
+    # PEFT extends the user's list as it is (a name may then appear twice); keep the files identical
+    peft_config.modules_to_save = list(peft_config.modules_to_save or []) + list(head_names)
 
 
 __all__ = [
