@@ -6,7 +6,7 @@ when importable.
 """
 
 from . import torch_ref  # noqa: F401  (registers the torch backend)
-from .dispatch import available_backends, choose, forced_backend, register
+from .dispatch import Skip, available_backends, choose, forced_backend, register
 from .terms import EmbeddingTerm, LoraTerm
 from .dispatch import call as _call
 
@@ -16,6 +16,13 @@ def lora_linear(x, result, terms):
     if not terms:
         return result
     return _call("lora_linear", x, result, terms)
+
+
+def linear_with_lora(x, base_layer, terms):
+    """The whole forward of a LoRA Linear / Conv1D layer: base_layer(x) + Σ s·B(A(drop(x))) over `terms`.
+
+    The Triton backend fuses it (one shrink kernel, one GEMM with the low-rank epilogue, a fused backward)."""
+    return _call("linear_with_lora", x, base_layer, terms)
 
 
 def lora_linear_mixed_batch(x, result, groups):
@@ -33,7 +40,14 @@ def lora_embedding_mixed_batch(x, result, groups, base_layer):
     return _call("lora_embedding_mixed_batch", x, result, groups, base_layer)
 
 
+try:  # the Triton backend registers itself when Triton is importable
+    from . import triton_lora  # noqa: F401
+except ImportError:  # pragma: no cover - Triton missing
+    triton_lora = None
+
 __all__ = [
+    "Skip",
+    "linear_with_lora",
     "LoraTerm",
     "EmbeddingTerm",
     "lora_linear",

@@ -4,6 +4,10 @@ Each op is a name ("lora_linear", "lora_embedding", …). Backends register an i
 a `supports(*args)` predicate; `call(op, *args)` picks one per call. PEFT_FAST_BACKEND=torch|triton|cuda forces a
 backend for every op it implements (ops it does not implement at all still run on torch); "auto" (the default)
 takes the first registered backend, in preference order, whose predicate accepts the call.
+
+A predicate's reason is either a plain string (the backend would normally run this call but cannot: auto mode
+warns once, naming it) or a `Skip` (the call is simply not for this backend, e.g. a CPU tensor for a GPU
+kernel: auto mode moves on silently).
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from typing import Callable, Optional
 
 BACKENDS = ("cuda", "triton", "torch")  # preference order for "auto"
 ENV_VAR = "PEFT_FAST_BACKEND"
+
+
+class Skip(str):
+    """A refusal that is normal for the call (no warning in auto mode)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,13 @@ def choose(op: str, *args, **kwargs) -> str:
         return "torch"
     for backend in BACKENDS:
         impl = impls.get(backend)
-        if impl is not None and impl.supports(*args, **kwargs) is None:
+        if impl is None:
+            continue
+        reason = impl.supports(*args, **kwargs)
+        if reason is None:
             return backend
+        if not isinstance(reason, Skip):
+            _warn_once(op, backend, reason)
     return "torch"
 
 

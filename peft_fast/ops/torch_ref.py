@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .dispatch import register
 from .terms import EmbeddingTerm, LoraTerm
@@ -22,6 +23,12 @@ def lora_linear(x: torch.Tensor, result: torch.Tensor, terms: list[LoraTerm]) ->
             x = x.to(term.dtype)
         result = result + term.lora_B(term.lora_A(term.dropout(x))) * term.scaling
     return result.to(out_dtype)
+
+
+@register("linear_with_lora", "torch")
+def linear_with_lora(x: torch.Tensor, base_layer: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
+    """base_layer(x) + Σ_i s_i · B_i(A_i(drop_i(x))): the whole LoRA Linear / Conv1D forward."""
+    return lora_linear(x, base_layer(x), terms)
 
 
 @register("lora_linear_mixed_batch", "torch")

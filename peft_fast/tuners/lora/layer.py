@@ -380,8 +380,10 @@ class LoraLayer(BaseTunerLayer):
             return self._mixed_batch_forward(x, result, adapter_names)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        return self._lora_forward(x, result)
+        return self._unmerged_forward(x, *args, **kwargs)
+
+    def _unmerged_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._lora_forward(x, self.base_layer(x, *args, **kwargs))
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         return ops.lora_linear_mixed_batch(x, result, self._mixed_batch_groups(adapter_names))
@@ -449,6 +451,16 @@ class Linear(_LoraModule):
     def _dora_factor_from_norm(self, adapter, weight_norm):
         factor = self.lora_magnitude_vector[adapter].weight / weight_norm
         return transpose(factor.view(-1, 1), self.fan_in_fan_out)
+
+    def _unmerged_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Plain LoRA adapters go to ops as one call covering the base layer too (fused on the Triton backend);
+        DoRA, extra base-layer arguments and disabled input casting keep the step-by-step path."""
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if args or kwargs or not active or not self.cast_input_dtype_enabled:
+            return super()._unmerged_forward(x, *args, **kwargs)
+        if any(self.use_dora.get(a, False) for a in active):
+            return super()._unmerged_forward(x, *args, **kwargs)
+        return ops.linear_with_lora(x, self.get_base_layer(), [self._adapter_term(a) for a in active])
 
 
 class Embedding(_LoraModule):

@@ -1,0 +1,201 @@
+"""Triton backend of `linear_with_lora`: the base GEMM and the LoRA term in one fused forward and backward.
+
+Two `torch.library` custom ops (`peft_fast::lora_linear_fwd` / `lora_linear_bwd`) wrap the kernels of
+`peft_fast.kernels.lora_linear`, with fake implementations and an autograd formula, so eager autograd and
+`torch.compile` both see one opaque op per direction (no graph break). What torch does well stays outside the ops
+as ordinary differentiable torch code: autocast casts, folding several adapters into one larger-rank term (each
+adapter's scale folded into its B), folding lora_B biases into the base bias. Saved for backward: x (the layer's
+input, kept alive anyway), hs = s·drop(x)Aᵀ (M×r) and the dropout seed — never a mask or a dropped copy of x.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .dispatch import Skip, forced_backend, register
+from .terms import LoraTerm
+
+from peft_fast.kernels import lora_linear as K  # noqa: E402  (imports triton)
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+
+
+_CONV1D = _conv1d_class()
+
+
+# ------------------------------------------------------------------------------------------------ kernel calls
+def _forward(x, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn):
+    hs = K.shrink(x, lora_a, scale, p, seed)
+    w_kn = weight if weight_kn else weight.t()  # K×N view of the base weight
+    out = K.gemm_lora(x, w_kn, bias, hs, lora_b.t(), 1.0, 0.0, 0, x.dtype)
+    return out, hs
+
+
+def _backward(dy, x, weight, lora_a, lora_b, hs, scale, p, seed, weight_kn, need_dx):
+    dhs = dy @ lora_b.to(dy.dtype)  # (M×r): dh = s·dhs
+    grad_b = (dy.t() @ hs.to(dy.dtype)).to(lora_b.dtype)  # s·dyᵀh, with s already inside hs
+    grad_a = (K.grad_a(dhs, x, p, seed) * (scale / (1.0 - p))).to(lora_a.dtype)
+    if need_dx:
+        w_nk = weight.t() if weight_kn else weight  # N×K view: dx = dy W
+        grad_x = K.gemm_lora(dy, w_nk, None, dhs, lora_a, scale / (1.0 - p), p, seed, x.dtype)
+    else:
+        grad_x = x.new_empty(0)
+    return grad_x, grad_a, grad_b
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("peft_fast::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+    lora_b: torch.Tensor, scale: float, p: float, seed: torch.Tensor, weight_kn: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x Wᵀ + bias + s·drop(x)AᵀBᵀ, s·drop(x)Aᵀ) for 2-D x; W is N×K, or K×N when weight_kn."""
+    return _forward(x, weight, bias, lora_a, lora_b, scale, p, int(seed.item()) if p > 0 else 0, weight_kn)
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn):
+    n = weight.shape[1] if weight_kn else weight.shape[0]
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], lora_a.shape[0]))
+
+
+@torch.library.custom_op("peft_fast::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    hs: torch.Tensor, scale: float, p: float, seed: torch.Tensor, weight_kn: bool, need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx or an empty tensor, dA, dB) of lora_linear_fwd."""
+    seed_value = int(seed.item()) if p > 0 else 0
+    return _backward(dy, x, weight, lora_a, lora_b, hs, scale, p, seed_value, weight_kn, need_dx)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, hs, scale, p, seed, weight_kn, need_dx):
+    grad_x = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return grad_x, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    ctx.scale, ctx.p, ctx.weight_kn = scale, p, weight_kn
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _autograd_backward(ctx, grad_out, _grad_hs):
+    x, weight, lora_a, lora_b, hs, seed = ctx.saved_tensors
+    need_x, need_w, need_bias = ctx.needs_input_grad[:3]
+    grad_out = grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+    grad_x, grad_a, grad_b = torch.ops.peft_fast.lora_linear_bwd(
+        grad_out, x, weight, lora_a, lora_b, hs, ctx.scale, ctx.p, seed, ctx.weight_kn, need_x
+    )
+    grad_w = grad_bias = None
+    if need_w:  # only when the user trains the base weight too
+        grad_w = (x.t() @ grad_out) if ctx.weight_kn else (grad_out.t() @ x)
+        grad_w = grad_w.to(weight.dtype)
+    if need_bias:
+        grad_bias = grad_out.sum(0).to(ctx.bias_dtype)
+    return (grad_x if need_x else None), grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+lora_linear_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch entry
+def _weight_kn(base: nn.Module) -> bool:
+    return _CONV1D is not None and type(base) is _CONV1D
+
+
+def _interpreting() -> bool:
+    """CPU tensors run the kernels in Triton's interpreter only when asked for (tests: PEFT_FAST_BACKEND=triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and forced_backend() == "triton"
+
+
+def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
+    """None when the fused Triton path can run this call, else why not (a `Skip` when that is simply normal)."""
+    if not x.is_cuda and not (_interpreting() and x.device.type == "cpu"):
+        return Skip(f"input on {x.device.type}, Triton kernels run on CUDA")
+    if type(base) is not nn.Linear and not _weight_kn(base):
+        return f"base layer is {type(base).__name__}, the fused kernel takes nn.Linear or transformers Conv1D"
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "the base layer has forward hooks, which the fused kernel would bypass"
+    dtype = _compute_dtype(x)
+    if dtype not in _FLOAT_DTYPES or base.weight.dtype not in _FLOAT_DTYPES:
+        return f"dtype {dtype} / base weight {base.weight.dtype} is not fp16, bf16 or fp32"
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != base.weight.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {base.weight.dtype}"
+    if x.shape[-1] != base.weight.shape[0 if _weight_kn(base) else 1]:
+        return f"input width {x.shape[-1]} does not match the base layer"
+    for term in terms:
+        if type(term.lora_A) is not nn.Linear or type(term.lora_B) is not nn.Linear:
+            return "adapter weights are not nn.Linear"
+        if not isinstance(term.dropout, (nn.Dropout, nn.Identity)):
+            return f"dropout module {type(term.dropout).__name__} is not nn.Dropout"
+        if term.lora_A.weight.dtype not in _FLOAT_DTYPES or term.lora_B.weight.dtype not in _FLOAT_DTYPES:
+            return f"adapter dtype {term.lora_A.weight.dtype} is not fp16, bf16 or fp32"
+    if len(terms) > 1 and any(t.dropout_p > 0 for t in terms):
+        return "several active adapters with dropout in training: each needs its own mask"
+    if sum(t.lora_A.weight.shape[0] for t in terms) > K.MAX_RANK:
+        return f"total rank of the active adapters exceeds {K.MAX_RANK}"
+    return None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _fold(terms: list[LoraTerm], dtype: torch.dtype):
+    """(A, B, scale, lora-bias) of one term; several adapters become one term of their summed rank."""
+    if len(terms) == 1:
+        t = terms[0]
+        bias = None if t.lora_B.bias is None else t.lora_B.bias.to(dtype) * t.scaling
+        return t.lora_A.weight, t.lora_B.weight, t.scaling, bias
+    a = torch.cat([t.lora_A.weight.to(dtype) for t in terms], 0)
+    b = torch.cat([t.lora_B.weight.to(dtype) * t.scaling for t in terms], 1)
+    biases = [t.lora_B.bias.to(dtype) * t.scaling for t in terms if t.lora_B.bias is not None]
+    return a, b, 1.0, (sum(biases) if biases else None)
+
+
+def _no_grad_needed(x, weight, bias, lora_a, lora_b) -> bool:
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
+
+
+@register("linear_with_lora", "triton", supports=supports)
+def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
+    dtype = _compute_dtype(x)
+    weight, bias = base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)
+    lora_a, lora_b, scale, lora_bias = _fold(terms, dtype)
+    if lora_bias is not None:
+        bias = lora_bias if bias is None else bias + lora_bias
+    p = terms[0].dropout_p
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.to(dtype).reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    weight_kn = _weight_kn(base)
+    if _no_grad_needed(x2, weight, bias, lora_a, lora_b) and not torch.compiler.is_compiling():
+        # inference: straight to the kernels, no autograd or op-dispatch overhead (matters at decode sizes)
+        seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+        out, _ = _forward(x2, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn)
+    else:
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else _NO_SEED
+        out, _ = torch.ops.peft_fast.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn)
+    return out.reshape(*lead, out.shape[-1])
