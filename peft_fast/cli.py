@@ -1,7 +1,8 @@
-"""`peft-fast` command line: `peft-fast finetune` runs a short LoRA fine-tune of a tiny Llama built from a config.
+"""`peft-fast` command line: `peft-fast bench` times peft_fast against HF PEFT and the bare base model;
+`peft-fast finetune` runs a short LoRA fine-tune of a tiny Llama built from a config.
 
-It needs no downloads: the model has random weights and the data is a fixed synthetic sequence task (each
-sequence counts up modulo the vocabulary), which a LoRA adapter learns within a few dozen steps.
+Neither needs downloads: models are built from configs with random weights; the fine-tune's data is a fixed
+synthetic sequence task (each sequence counts up modulo the vocabulary), which LoRA learns in a few dozen steps.
 """
 
 from __future__ import annotations
@@ -52,6 +53,70 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import datetime
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from .benchmark import environment, run_case, suites, to_json
+    from .benchmark import report
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    available = suites(device, args.quick)
+    if args.suite not in available:
+        print(f"unknown suite {args.suite!r}; choose from {sorted(available)}", file=sys.stderr)
+        return 2
+    cases = available[args.suite]
+    previous = None
+    if args.compare_to:  # read it first: a bad file fails before minutes of benchmarking
+        with open(args.compare_to) as f:
+            previous = json.load(f)["cases"]
+    os.makedirs(args.out, exist_ok=True)
+    repeats = 5 if args.quick and device.type == "cpu" else (50 if device.type == "cuda" else 20)
+    results = []
+    total = sum(len(getattr(c, "impl_names", ("base", "peft", "peft_fast"))) for c in cases)
+    with tqdm(total=total, desc="bench", unit="impl", file=sys.stderr, disable=args.no_progress) as bar:
+        for case in cases:
+            def on_impl(name, case=case):
+                bar.set_postfix_str(f"{case.id} · {name}")
+                bar.update(1)
+
+            results.append(run_case(case, device, dtype, repeats=repeats, on_impl=on_impl))
+    payload = {
+        "suite": args.suite,
+        "quick": args.quick,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "environment": environment(device, dtype),
+        "cases": to_json(results),
+    }
+    json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
+    report.write_json(json_path, payload)
+    env = payload["environment"]
+    report.plot(png_path, payload["cases"], f"{env['device_name']} · {env['dtype']} · suite {args.suite}")
+    print(report.table(payload["cases"]))
+    for line in report.throughput_lines(payload["cases"]):
+        print(line)
+    print(f"\nwrote {json_path} and {png_path}")
+    status = 0
+    wrong = [f"{r.id} [{', '.join(r.wrong)}]" for r in results if r.wrong]
+    if wrong:
+        print("WRONG RESULTS (not timed): " + "; ".join(wrong), file=sys.stderr)
+        status = 1
+    if previous is not None:
+        text, regressed = report.compare(payload["cases"], previous, args.threshold)
+        print(f"\ncompared with {args.compare_to}:\n{text}")
+        if regressed:
+            print(f"REGRESSION in {len(regressed)} case(s): {', '.join(regressed)}", file=sys.stderr)
+            status = status or 3
+    if args.write_results:
+        path = report.write_results(args.results_dir, payload, png_path)
+        print(f"wrote {path}")
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peft-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -64,7 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ft.add_argument("--out", default="peft_fast_out/adapter")
+    bench = sub.add_parser("bench", help="time peft_fast against HF PEFT and the bare base (table, JSON, plot)")
+    bench.add_argument("--suite", default="all", help="all | layer | model | decode (default: all)")
+    bench.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    bench.add_argument("--out", default="peft_fast_bench", help="directory for bench.json and bench.png")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                       help="default: bfloat16 on CUDA, float32 on CPU")
+    bench.add_argument("--compare-to", default=None, metavar="FILE.json", help="an earlier bench.json to compare with")
+    bench.add_argument("--threshold", type=float, default=0.10, help="slow-down that counts as a regression")
+    bench.add_argument("--write-results", action="store_true", help="also regenerate bench/RESULTS.md")
+    bench.add_argument("--results-dir", default="bench", help=argparse.SUPPRESS)
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     if args.command in (None, "finetune"):
         if args.command is None:
             args = ft.parse_args([])

@@ -1,0 +1,12 @@
+"""pytest-benchmark: the `model` suite of `peft-fast bench`, one test per (case, implementation)."""
+
+import pytest
+
+from _common import case_params, cases, run
+
+QUICK_IDS = {c.id for c in cases("model", quick=True)}
+
+
+@pytest.mark.parametrize("case,impl", case_params("model"))
+def test_model(benchmark, case, impl, device, dtype, request):
+    run(benchmark, case, impl, device, dtype, request.config.getoption("--quick-bench"), QUICK_IDS)

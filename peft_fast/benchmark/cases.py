@@ -1,0 +1,430 @@
+"""Benchmark cases: what is timed, built the same way for the bare base, HF PEFT and peft_fast.
+
+A case builds one implementation at a time (`build(name)` → `Impl`), so a model-level case never holds three
+models at once and its peak memory is that implementation's alone. Every implementation but the bare base is
+checked once against a reference before it is timed; a wrong result is reported as wrong, never as a speed-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .timing import saved_activation_bytes
+
+IMPLS = ("base", "peft", "peft_fast")
+
+
+def hf_peft():
+    """The reference `peft` package when installed (benchmarks compare against it), else None."""
+    try:
+        import peft
+
+        return peft
+    except ImportError:
+        return None
+
+
+@dataclass
+class Impl:
+    """One implementation of a case: `step(i)` is the timed call on input set i."""
+
+    step: Callable[[int], Any]
+    check: Optional[Callable[[], float]] = None  # relative error against the case's reference
+    saved_bytes: Optional[Callable[[], int]] = None  # activation bytes kept for backward by one forward
+    units: Optional[float] = None  # work per step for a throughput column (tokens), if any
+    extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def backend(name: Optional[str]):
+    """Temporarily force PEFT_FAST_BACKEND (None: leave it as it is)."""
+    old = os.environ.get("PEFT_FAST_BACKEND")
+    if name is not None:
+        os.environ["PEFT_FAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if name is not None:
+            if old is None:
+                os.environ.pop("PEFT_FAST_BACKEND", None)
+            else:
+                os.environ["PEFT_FAST_BACKEND"] = old
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+
+
+def _library(name: str):
+    if name == "peft":
+        return hf_peft()
+    import peft_fast
+
+    return peft_fast
+
+
+# ------------------------------------------------------------------------------------------------ layer level
+@dataclass
+class LayerCase:
+    """A LoRA linear layer W (N×K) + r, input M×K: forward, or forward+backward (dx, dA, dB)."""
+
+    m: int
+    k: int
+    n: int
+    r: int
+    dropout: float = 0.0
+    backward: bool = False
+    group: str = "layer"
+    builders: dict = field(default_factory=dict)  # name → callable(case, device, dtype) → Impl, overrides
+
+    @property
+    def id(self) -> str:
+        mode = "fwd+bwd" if self.backward else "fwd"
+        return f"{self.group} {mode} M{self.m} K{self.k} N{self.n} r{self.r} p{self.dropout:g}"
+
+    @property
+    def params(self) -> dict:
+        return dict(m=self.m, k=self.k, n=self.n, r=self.r, dropout=self.dropout, backward=self.backward)
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.base = nn.Linear(self.k, self.n, bias=False)
+        with torch.no_grad():
+            self.base.weight.copy_(torch.randn(self.n, self.k, generator=g) / self.k**0.5)
+        self.base.requires_grad_(False)
+        self.lora_a = torch.randn(self.r, self.k, generator=g) / self.k**0.5
+        self.lora_b = torch.randn(self.n, self.r, generator=g) / self.r**0.5
+        self.scale = 2.0  # lora_alpha = 2r
+        x_bytes = self.m * self.k * dtype.itemsize
+        # rotate input sets so that together they exceed the L2 cache (50 MB on an H100)
+        self.n_inputs = 1 if device.type == "cpu" else max(2, min(8, -(-120_000_000 // max(x_bytes, 1))))
+        self.xs = [torch.randn(self.m, self.k, generator=g).to(device, dtype) for _ in range(self.n_inputs)]
+        self.dys = [torch.randn(self.m, self.n, generator=g).to(device, dtype) for _ in range(self.n_inputs)]
+        if self.backward:
+            for x in self.xs:
+                x.requires_grad_(True)
+        self.device, self.dtype = device, dtype
+        self.reference = self._reference()
+
+    def _reference(self) -> dict[str, torch.Tensor]:
+        """fp32 result of the LoRA formula (no dropout) on input set 0."""
+        x = self.xs[0].detach().float().requires_grad_(True)
+        w = self.base.weight.to(x.device)
+        a = self.lora_a.to(x.device).requires_grad_(True)
+        b = self.lora_b.to(x.device).requires_grad_(True)
+        a_q, b_q = a.to(self.dtype).float(), b.to(self.dtype).float()
+        y = x @ w.to(self.dtype).float().T + self.scale * (x @ a_q.T) @ b_q.T
+        out = {"y": y.detach()}
+        if self.backward:
+            y.backward(self.dys[0].float())
+            out.update(dx=x.grad, dA=a.grad, dB=b.grad)
+        return out
+
+    def release(self) -> None:
+        for name in ("base", "xs", "dys", "reference"):
+            self.__dict__.pop(name, None)
+
+    def build(self, name: str) -> Optional[Impl]:
+        if name in self.builders:
+            return self.builders[name](self, self.device, self.dtype)
+        if name == "base":
+            layer = self.base.to(self.device, self.dtype)
+            return self._impl(layer, lora=None)
+        lib = _library(name)
+        if lib is None:
+            return None
+        model = nn.Sequential(copy.deepcopy(self.base))
+        config = lib.LoraConfig(r=self.r, lora_alpha=2 * self.r, target_modules=["0"], lora_dropout=self.dropout)
+        model = lib.get_peft_model(model, config).to(self.device, self.dtype)
+        layer = model.base_model.model[0]
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(self.lora_a)
+            layer.lora_B["default"].weight.copy_(self.lora_b)
+        return self._impl(layer, lora=layer)
+
+    def _impl(self, layer: nn.Module, lora: Optional[nn.Module]) -> Impl:
+        layer.train()
+        xs, dys = self.xs, self.dys
+
+        if self.backward:
+            def step(i):
+                layer(xs[i]).backward(dys[i])
+        else:  # forward alone is timed as inference runs it: no autograd graph (dropout still on: train mode)
+            def step(i):
+                with torch.no_grad():
+                    return layer(xs[i])
+
+        def check() -> float:
+            layer.eval()
+            try:
+                x = xs[0].detach().clone().requires_grad_(self.backward)
+                y = layer(x)
+                errs = [_rel_err(y, self.reference["y"])]
+                if self.backward:
+                    layer.zero_grad(set_to_none=True)
+                    y.backward(dys[0])
+                    errs.append(_rel_err(x.grad, self.reference["dx"]))
+                    errs.append(_rel_err(lora.lora_A["default"].weight.grad, self.reference["dA"]))
+                    errs.append(_rel_err(lora.lora_B["default"].weight.grad, self.reference["dB"]))
+                    layer.zero_grad(set_to_none=True)
+                return max(errs)
+            finally:
+                layer.train()
+
+        def saved() -> int:
+            x = xs[0].detach().requires_grad_(True)
+            exclude = [x] + list(layer.parameters()) + list(layer.buffers())
+            return saved_activation_bytes(lambda: layer(x), exclude)
+
+        out_bytes = self.m * self.n * self.dtype.itemsize
+        return Impl(step=step, check=None if lora is None else check,
+                    saved_bytes=saved if self.backward else None, extra={"out_bytes": out_bytes})
+
+
+# ------------------------------------------------------------------------------------------------ model level
+@dataclass
+class LlamaShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    def config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+            max_position_embeddings=4096, attn_implementation="sdpa",
+        )
+
+
+LLAMA_1B = LlamaShape(2048, 5632, 16, 16, 4, 32000)
+LLAMA_TINY = LlamaShape(128, 352, 2, 4, 2, 512)
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _ModelCase:
+    """Shared set-up of the model-level cases: one base model on the CPU, copied to the device per impl."""
+
+    shape: LlamaShape
+    r: int
+    builders: dict
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        self.device, self.dtype = device, dtype
+        self.cpu_model = LlamaForCausalLM(self.shape.config()).to(dtype).eval()
+        self.cpu_model.requires_grad_(False)
+        self.lora_init = None
+        self.reference = None
+        self.ids = None
+
+    def release(self) -> None:
+        for name in ("cpu_model", "reference", "lora_init", "ids"):
+            self.__dict__.pop(name, None)
+
+    def _peft_model(self, name: str):
+        lib = _library(name)
+        if lib is None:
+            return None
+        model = copy.deepcopy(self.cpu_model).to(self.device)
+        config = lib.LoraConfig(r=self.r, lora_alpha=2 * self.r, lora_dropout=self.dropout,
+                                target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
+        model = lib.get_peft_model(model, config)
+        if self.lora_init is None:  # the same non-zero adapter weights for every library
+            g = torch.Generator().manual_seed(2)
+            self.lora_init = {
+                k: torch.randn(v.shape, generator=g) * (0.02 if "lora_B" in k else 1 / v.shape[-1] ** 0.5)
+                for k, v in model.state_dict().items() if "lora_" in k
+            }
+        model.load_state_dict({k: v.to(self.device) for k, v in self.lora_init.items()}, strict=False)
+        return model
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _eval_loss(self, model) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self._autocast():
+            loss = model(input_ids=self.ids[0], labels=self.ids[0]).loss.float()
+        model.train(was_training)
+        return loss
+
+    def _reference_loss(self) -> torch.Tensor:
+        """Loss of the LoRA model on the torch path: the reference the other implementations are checked against."""
+        if self.reference is None:
+            with backend("torch"):
+                model = self._peft_model("peft_fast")
+                self.reference = self._eval_loss(model)
+            del model
+        return self.reference
+
+
+@dataclass
+class ModelTrainCase(_ModelCase):
+    """A training step (forward, backward, AdamW) of a Llama-shaped model with LoRA on all seven projections."""
+
+    shape: LlamaShape
+    batch: int
+    seq: int
+    r: int = 16
+    dropout: float = 0.05
+    group: str = "model"
+    builders: dict = field(default_factory=dict)
+    max_repeats = 10  # a step of the 1.1B model takes about a second
+
+    @property
+    def id(self) -> str:
+        s = self.shape
+        return f"train h{s.hidden} L{s.layers} {self.batch}x{self.seq} r{self.r}"
+
+    @property
+    def params(self) -> dict:
+        return dict(hidden=self.shape.hidden, layers=self.shape.layers, batch=self.batch, seq=self.seq, r=self.r)
+
+    def prepare(self, device, dtype) -> None:
+        super().prepare(device, dtype)
+        g = torch.Generator().manual_seed(3)
+        self.ids = [torch.randint(0, self.shape.vocab, (self.batch, self.seq), generator=g).to(device)
+                    for _ in range(2)]
+        self.n_inputs = 2
+
+    def build(self, name: str) -> Optional[Impl]:
+        if name in self.builders:
+            return self.builders[name](self, self.device, self.dtype)
+        tokens = self.batch * self.seq
+        if name == "base":  # forward + backward to the inputs of a frozen model: the floor a LoRA step sits on
+            model = copy.deepcopy(self.cpu_model).to(self.device)
+            model.enable_input_require_grads()
+            model.train()
+
+            def base_step(i):
+                with self._autocast():
+                    loss = model(input_ids=self.ids[i], labels=self.ids[i]).loss
+                loss.backward()
+
+            return Impl(step=base_step, units=tokens, extra={"model": model})
+        reference = self._reference_loss()
+        model = self._peft_model(name)
+        if model is None:
+            return None
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(i):
+            with self._autocast():
+                loss = model(input_ids=self.ids[i], labels=self.ids[i]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def check() -> float:
+            return _rel_err(self._eval_loss(model), reference)
+
+        return Impl(step=step, check=check, units=tokens, extra={"model": model, "optimizer": optimizer})
+
+
+@dataclass
+class DecodeCase(_ModelCase):
+    """Greedy decoding, time per generated token, with the adapter unmerged or merged into the weights."""
+
+    shape: LlamaShape
+    batch: int = 1
+    prompt: int = 32
+    new_tokens: int = 32
+    r: int = 16
+    dropout: float = 0.0
+    group: str = "decode"
+    builders: dict = field(default_factory=dict)
+    max_repeats = 5
+
+    @property
+    def id(self) -> str:
+        return f"decode h{self.shape.hidden} L{self.shape.layers} b{self.batch} r{self.r}"
+
+    @property
+    def params(self) -> dict:
+        return dict(hidden=self.shape.hidden, layers=self.shape.layers, batch=self.batch, new_tokens=self.new_tokens)
+
+    impl_names = ("base", "peft", "peft_fast", "peft merged", "peft_fast merged")
+
+    def prepare(self, device, dtype) -> None:
+        super().prepare(device, dtype)
+        g = torch.Generator().manual_seed(4)
+        self.ids = [torch.randint(0, self.shape.vocab, (self.batch, self.prompt), generator=g).to(device)]
+        self.n_inputs = 1
+
+    def _generate(self, model):
+        def step(i):
+            with torch.no_grad(), self._autocast():
+                model.generate(input_ids=self.ids[0], attention_mask=torch.ones_like(self.ids[0]),
+                               max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False,
+                               pad_token_id=0)
+        return step
+
+    def build(self, name: str) -> Optional[Impl]:
+        if name in self.builders:
+            return self.builders[name](self, self.device, self.dtype)
+        if name == "base":
+            model = copy.deepcopy(self.cpu_model).to(self.device)
+            return Impl(step=self._generate(model), units=self.batch * self.new_tokens, extra={"model": model})
+        lib_name, merged = name.split(" ")[0], name.endswith("merged")
+        reference = self._reference_loss()
+        model = self._peft_model(lib_name)
+        if model is None:
+            return None
+        model.eval()
+        if merged:
+            model = model.merge_and_unload()
+
+        def check() -> float:
+            return _rel_err(self._eval_loss(model), reference)
+
+        return Impl(step=self._generate(model), check=check, units=self.batch * self.new_tokens,
+                    extra={"model": model})
+
+
+# ------------------------------------------------------------------------------------------------ suites
+def suites(device: torch.device, quick: bool) -> dict[str, list]:
+    """The embedded suites, sized for the device: GPU shapes on CUDA, small shapes (minutes on 2 cores) on CPU."""
+    if device.type == "cuda":
+        layer = []
+        big = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 4096, 4096, 64)]
+        for m, k, n, r in big[:1] if quick else big:
+            for p in (0.0, 0.1):
+                for bwd in (False, True):
+                    layer.append(LayerCase(m, k, n, r, p, bwd))
+        layer += [LayerCase(16, 4096, 4096, 16, group="layer decode"), LayerCase(1, 4096, 4096, 16, group="layer decode")]
+        shape, batch, seq = (LLAMA_1B, 4, 2048) if not quick else (LLAMA_1B, 2, 1024)
+        model = [ModelTrainCase(shape, batch, seq)]
+        decode = [DecodeCase(LLAMA_1B, new_tokens=16 if quick else 64)]
+    else:
+        layer = [LayerCase(256, 256, 256, 16, p, bwd) for p in (0.0, 0.1) for bwd in (False, True)]
+        layer += [LayerCase(1, 256, 256, 16, group="layer decode")]
+        if quick:
+            layer = [layer[0], layer[3], layer[4]]
+        model = [ModelTrainCase(LLAMA_TINY, 2, 32 if quick else 64)]
+        decode = [DecodeCase(LLAMA_TINY, prompt=8, new_tokens=4 if quick else 8)]
+    return {"layer": layer, "model": model, "decode": decode, "all": layer + model + decode}

@@ -1,0 +1,120 @@
+"""Run benchmark cases: build each implementation in turn, check it, time it, measure its memory, free it."""
+
+from __future__ import annotations
+
+import gc
+import platform
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .cases import IMPLS, hf_peft, tolerance
+from .timing import peak_memory, time_fn
+
+
+@dataclass
+class ImplResult:
+    name: str
+    median_ms: Optional[float] = None
+    samples_ms: list[float] = field(default_factory=list)
+    peak_bytes: Optional[int] = None
+    saved_bytes: Optional[int] = None
+    rel_err: Optional[float] = None
+    ok: Optional[bool] = None  # None: not checked (the bare base)
+    units_per_s: Optional[float] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class CaseResult:
+    id: str
+    group: str
+    params: dict
+    tolerance: float
+    impls: dict[str, ImplResult] = field(default_factory=dict)
+    out_bytes: Optional[int] = None
+
+    @property
+    def wrong(self) -> list[str]:
+        return [n for n, r in self.impls.items() if r.ok is False or r.error]
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, min_time_s: float = 0.0,
+             on_impl: Optional[Callable[[str], None]] = None) -> CaseResult:
+    """Check, time and measure every implementation of `case`; the bare base first, as the ratios' denominator."""
+    result = CaseResult(case.id, case.group, case.params, tolerance(dtype))
+    case.prepare(device, dtype)
+    try:
+        for name in getattr(case, "impl_names", IMPLS):
+            if on_impl is not None:
+                on_impl(name)
+            res = ImplResult(name)
+            try:
+                impl = case.build(name)
+                if impl is None:  # HF PEFT not installed
+                    continue
+                if impl.check is not None:  # before any timing: a wrong result never gets a time
+                    res.rel_err = impl.check()
+                    res.ok = bool(res.rel_err < result.tolerance)
+                if res.ok is not False:
+                    timing = time_fn(impl.step, device, case.n_inputs, repeats=min(repeats, getattr(case, "max_repeats", repeats)),
+                                     min_time_s=min_time_s)
+                    res.samples_ms = [round(t, 5) for t in timing.samples_ms]
+                    res.median_ms = timing.median_ms
+                    res.peak_bytes = peak_memory(lambda: impl.step(0), device)
+                    if impl.saved_bytes is not None:
+                        res.saved_bytes = impl.saved_bytes()
+                    if impl.units:
+                        res.units_per_s = impl.units / (res.median_ms / 1e3)
+                result.out_bytes = impl.extra.get("out_bytes", result.out_bytes)
+                del impl
+            except Exception as exc:  # one broken implementation must not hide the others' numbers
+                res.error = f"{type(exc).__name__}: {exc}"
+                res.ok = False
+                traceback.print_exc()
+            result.impls[name] = res
+            _free(device)
+    finally:
+        case.release()
+        _free(device)
+    return result
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    import peft_fast
+
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft_fast": peft_fast.__version__,
+        "peft": getattr(hf_peft(), "__version__", None),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def to_json(results: list[CaseResult]) -> list[dict]:
+    return [asdict(r) for r in results]

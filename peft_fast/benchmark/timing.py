@@ -1,0 +1,87 @@
+"""Timing and memory measurement: CUDA events on a GPU, perf_counter on the CPU; medians after warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Timing:
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+
+def time_fn(fn: Callable[[int], None], device: torch.device, n_inputs: int, warmup: int = 3, repeats: int = 20,
+            min_time_s: float = 0.0) -> Timing:
+    """Median time of `fn(i)`, rotating i over n_inputs input sets (so a GPU's L2 cannot serve repeats).
+
+    GPU: one CUDA-event pair per call, after `warmup` calls (and at least 25 ms of warm-up). CPU: perf_counter per
+    call; on both, at least `repeats` samples and at least `min_time_s` of measuring.
+    """
+    cuda = device.type == "cuda"
+    i = 0
+    t_end = time.perf_counter() + (0.025 if cuda else 0.0)
+    for _ in range(warmup):
+        fn(i % n_inputs)
+        i += 1
+    while cuda and time.perf_counter() < t_end:
+        fn(i % n_inputs)
+        i += 1
+        torch.cuda.synchronize(device)
+    timing = Timing()
+    deadline = time.perf_counter() + min_time_s
+    while len(timing.samples_ms) < repeats or time.perf_counter() < deadline:
+        if cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i % n_inputs)
+            stop.record()
+            stop.synchronize()
+            timing.samples_ms.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn(i % n_inputs)
+            timing.samples_ms.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+        if len(timing.samples_ms) >= 10 * repeats:
+            break
+    return timing
+
+
+def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated on a CUDA device while `fn` runs, above what was allocated before (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def saved_activation_bytes(forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward during `forward()`, not counting the storages of
+    the tensors in `exclude` (parameters, and the layer's input, which its caller keeps anyway)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(seen.values())
+

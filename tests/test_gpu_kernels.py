@@ -1,0 +1,125 @@
+"""Triton LoRA kernels on a CUDA GPU at real sizes (`pytest -m gpu` on the device machine; skipped elsewhere).
+
+Same checks as test_kernels_lora.py, with bf16 dots on the tensor cores, poisoned outputs, a seeded random-shape
+sweep, and torch.compile of a model whose layers use the fused op (fullgraph: no graph break).
+"""
+
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import peft_fast as pf
+from peft_fast.kernels import lora_linear as K
+from peft_fast.ops import dispatch
+from models import rel_err, tiny_llama
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+
+
+def _check_gemm(m, k, n, r, dtype, p=0.0, bias=True):
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+    h = torch.randn(m, r, device="cuda", dtype=dtype)
+    b = torch.randn(n, r, device="cuda", dtype=dtype)
+    bias_t = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    out = K.gemm_lora(x, w.t(), bias_t, h, b.t(), 0.5, 0.0, 0, dtype, out=_poisoned((m, n), dtype))
+    ref = x.double() @ w.double().T + 0.5 * h.double() @ b.double().T
+    if bias:
+        ref = ref + bias_t.double()
+    assert not out.isnan().any(), (m, k, n, r)
+    assert rel_err(out, ref) < TOL[dtype], (m, k, n, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n,r", [(8192, 4096, 4096, 16), (16, 4096, 4096, 16), (1000, 4096, 14336, 64),
+                                     (333, 2048, 5632, 8)])
+def test_kernels_at_real_sizes(dtype, m, k, n, r):
+    if dtype == torch.float32 and m * n * k > 2**36:
+        pytest.skip("IEEE fp32 at this size is slow and adds nothing over the smaller fp32 cases")
+    _check_gemm(m, k, n, r, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    a = torch.randn(r, k, device="cuda", dtype=torch.float32)
+    h = K.shrink(x, a, 2.0, 0.0, 0, out=_poisoned((m, r), dtype))
+    assert rel_err(h, 2.0 * x.double() @ a.to(dtype).double().T) < TOL[dtype]
+    dh = torch.randn(m, r, device="cuda", dtype=dtype)
+    assert rel_err(K.grad_a(dh, x, 0.0, 0), dh.double().T @ x.double()) < TOL[dtype]
+
+
+def test_random_shape_sweep_never_wrong():
+    rng = random.Random(0)
+    for _ in range(40):
+        m, k, n = rng.randint(1, 700), rng.randint(1, 600), rng.randint(1, 600)
+        r = rng.choice([1, 2, 7, 16, 33, 64, 128])
+        dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+        _check_gemm(m, k, n, r, dtype, bias=rng.random() < 0.5)
+
+
+def _layer(k, n, r, dropout, dtype):
+    model = nn.Sequential(nn.Linear(k, n))
+    model = pf.get_peft_model(model, pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=dropout))
+    layer = model.base_model.model[0].cuda().to(dtype)
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n,r", [(4096, 4096, 4096, 16), (777, 1024, 3000, 64)])
+def test_layer_fwd_bwd_matches_torch_backend(dtype, m, k, n, r, monkeypatch):
+    layer = _layer(k, n, r, 0.0, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    dy = torch.randn(m, n, device="cuda", dtype=dtype)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv(dispatch.ENV_VAR, backend)
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(dy)
+        results[backend] = (y.detach(), xi.grad, layer.lora_A["default"].weight.grad.clone(),
+                            layer.lora_B["default"].weight.grad.clone())
+        layer.zero_grad(set_to_none=True)
+    for got, ref in zip(results["triton"], results["torch"]):
+        assert rel_err(got, ref) < 3 * TOL[dtype]
+
+
+def test_dropout_keep_rate_and_mask_consistency_on_gpu():
+    m, k, p = 2048, 4096, 0.1
+    ones = torch.ones(m, k, device="cuda")
+    eye = torch.eye(k, device="cuda")[:64]  # first 64 columns of the mask
+    mask = K.shrink(ones, eye, 1.0, p, 99) != 0
+    keep = mask.float().mean().item()
+    assert abs(keep - 0.9) < 5 * (0.09 / mask.numel()) ** 0.5
+    dx = K.gemm_lora(torch.zeros(m, 8, device="cuda"), torch.zeros(8, k, device="cuda"), None,
+                     torch.ones(m, 64, device="cuda"), eye[:, :k], 1.0, p, 99, torch.float32)
+    assert torch.equal((dx[:, :64] != 0), mask)
+
+
+def test_torch_compile_of_a_lora_model_has_no_graph_break(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    base = tiny_llama().cuda().to(torch.bfloat16)
+    model = pf.get_peft_model(base, pf.LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.1))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    compiled_layer = torch.compile(copy.deepcopy(layer).eval(), fullgraph=True)  # raises on a graph break
+    x = torch.randn(2, 9, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(compiled_layer(x), layer.eval()(x)) < 1e-2
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    model.train()
+    compiled = torch.compile(model)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(input_ids=ids).logits, model(input_ids=ids).logits) < 2e-2
