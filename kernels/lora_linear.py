@@ -133,6 +133,7 @@ def _shrink_kernel(
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "HAS_MASK"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _gemm_lora_kernel(
     x_ptr, y_ptr, bias_ptr, h_ptr, l_ptr, out_ptr,
@@ -142,7 +143,7 @@ def _gemm_lora_kernel(
     lora_scale, p, seed,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # grouped tile order: GROUP_M row-tiles share each column tile while it sits in L2
     pid = tl.program_id(0)
@@ -156,18 +157,26 @@ def _gemm_lora_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk0 = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
+    # rows/columns past the edge wrap around (their results are never stored), so the K loop's loads need no
+    # M/N mask and, when BLOCK_K divides K, no mask at all: full-width vector loads the pipeliner can overlap
+    rm_in = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    rn_in = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
+    b_ptrs = y_ptr + rk[:, None] * stride_yk + rn_in[None, :] * stride_yn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + rk0
-        k_ok = rk < K
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(y_ptr + rk[:, None] * stride_yk + rn[None, :] * stride_yn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0.0)
         acc = _dot(a, b, acc, PRECISION)
+        a_ptrs += BLOCK_K * stride_xk
+        b_ptrs += BLOCK_K * stride_yk
 
     if HAS_LORA:
         rr = tl.arange(0, BLOCK_R)
@@ -248,7 +257,7 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, bias, h, low, lora_scale: float,
     m, k = x.shape
     n = y.shape[1]
     out = torch.empty((m, n), device=x.device, dtype=out_dtype) if out is None else out
-    if m == 0:
+    if m == 0 or n == 0:
         return out
     has_lora = h is not None
     r = h.shape[1] if has_lora else 0

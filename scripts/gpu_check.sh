@@ -2,6 +2,7 @@
 # The one command a kernel session sends to the GPU (device) machine: install peft_fast over the machine's own CUDA
 # torch (building the CUDA extension when csrc/ has sources), then run what the arguments name, in order:
 #   tests   the GPU tests (pytest -m gpu)          suite   the whole test suite
+#   profile scripts/profile_lora.py (per-kernel times, Python overhead, autotuner picks)
 #   layer | model | decode | all   that `peft-fast bench` suite (JSON + PNG + table)
 # Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset).
 set -uo pipefail
@@ -26,6 +27,7 @@ for step in "${steps[@]}"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
     tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
+    profile) python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
     suite) python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
     layer|model|decode|all)
       peft-fast bench --suite "$step" --out "$OUT/bench_$step" --no-progress ${BENCH_ARGS:-} 2>&1 \

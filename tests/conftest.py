@@ -1,12 +1,15 @@
 import os
 
-# Must be set before any @triton.jit runs: Triton kernels execute in the interpreter on CPU tensors.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels execute in the interpreter on CPU tensors. Must be set before any @triton.jit runs
+# (importing torch runs none); on a GPU machine the kernels compile for the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -108,9 +108,9 @@ def randomize_adapters(model: nn.Module, seed: int = 123, scale: float = 0.2) ->
         for name, p in model.named_parameters():
             if "lora_" in name or "modules_to_save" in name:
                 if "lora_magnitude_vector" in name:
-                    p.copy_(p * (1 + 0.1 * torch.randn(p.shape, generator=g)))
+                    p.copy_(p * (1 + 0.1 * torch.randn(p.shape, generator=g)).to(p.device))
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) * scale)
+                    p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.device))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ the same checks live in test_gpu_kernels.py.
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from peft_fast.kernels import lora_linear as K
 from peft_fast.ops import dispatch
 from models import rel_err
 
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="interpreter tests (CPU tensors); test_gpu_kernels.py covers the GPU")
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
