@@ -5,6 +5,8 @@ With W (N×K), A (R×K), B (N×R), scale s, dropout p and a Philox mask keyed by
     shrink      hs = s · (mask ⊙ x / (1−p)) Aᵀ                     (M×R; scale folded in)
     gemm        out = X Y (+ bias) + c · mask? ⊙ (H L)               forward: X=x, Y=Wᵀ, H=hs, L=Bᵀ, c=1, no mask
                                                                     dx:      X=dy, Y=W, H=dhs, L=A, c=s/(1−p), mask
+                (FUSE_SHRINK: H = s·X Aᵀ accumulated in the same K loop, one launch, p = 0 only;
+                 K = 0: the low-rank term alone, onto which a cuBLAS GEMM accumulates with beta = 1)
     dA          dA = s/(1−p) · dhsᵀ (mask ⊙ x)                      (R×K; partial sums over M splits)
 
 The mask is never stored: `tl.rand(seed, m·K + k)` regenerates the same bits in the shrink, the dx epilogue and
@@ -131,17 +133,19 @@ def _shrink_kernel(
              mask=m_ok[:, None] & (rr[None, :] < R))
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "HAS_MASK"],
+@triton.autotune(configs=_gemm_configs(),
+                 key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "HAS_MASK", "FUSE_SHRINK"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _gemm_lora_kernel(
-    x_ptr, y_ptr, bias_ptr, h_ptr, l_ptr, out_ptr,
+    x_ptr, y_ptr, bias_ptr, h_ptr, l_ptr, a_ptr, out_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_yk, stride_yn, stride_hm, stride_hr, stride_lr, stride_ln,
-    stride_om, stride_on,
-    lora_scale, p, seed,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    stride_ar, stride_ak, stride_om, stride_on,
+    lora_scale, shrink_scale, p, seed,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -164,9 +168,13 @@ def _gemm_lora_kernel(
     rm_in = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
     rn_in = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
     a_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
     b_ptrs = y_ptr + rk[:, None] * stride_yk + rn_in[None, :] * stride_yn
+    s_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar  # Aᵀ tile, for the fused shrink
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    h_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -175,14 +183,19 @@ def _gemm_lora_kernel(
             a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
             b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0.0)
         acc = _dot(a, b, acc, PRECISION)
+        if FUSE_SHRINK:  # h = x Aᵀ from the x tile already in registers (no dropout on this path)
+            at = tl.load(s_ptrs, mask=(rk[:, None] < K - k0) & r_ok[None, :], other=0.0)
+            h_acc = _dot(a, at, h_acc, PRECISION)
+            s_ptrs += BLOCK_K * stride_ak
         a_ptrs += BLOCK_K * stride_xk
         b_ptrs += BLOCK_K * stride_yk
 
     if HAS_LORA:
-        rr = tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if FUSE_SHRINK:  # rounded to the input dtype, as the separate shrink stores it
+            h = (h_acc * shrink_scale).to(x_ptr.dtype.element_ty)
+        else:
+            h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         lw = tl.load(l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         low_rank = _dot(h, lw, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION)
@@ -252,32 +265,53 @@ def shrink(x: torch.Tensor, a: torch.Tensor, scale: float, p: float, seed: int, 
 
 
 def gemm_lora(x: torch.Tensor, y: torch.Tensor, bias, h, low, lora_scale: float, p: float, seed: int,
-              out_dtype: torch.dtype, out=None) -> torch.Tensor:
-    """out = x y (+ bias) + lora_scale · mask? ⊙ (h low), for x (M×K), y (K×N) views, h (M×R), low (R×N) views."""
+              out_dtype: torch.dtype, out=None, shrink_a=None, shrink_scale: float = 1.0) -> torch.Tensor:
+    """out = x y (+ bias) + lora_scale · mask? ⊙ (h low), for x (M×K), y (K×N) views, h (M×R), low (R×N) views.
+
+    With `shrink_a` (R×K) instead of h, h = shrink_scale · x shrink_aᵀ is computed inside the K loop from the x
+    tiles the GEMM loads anyway (one launch, x read once; no dropout). x may have K = 0 columns: then out is the
+    low-rank term alone (see `lowrank`)."""
     m, k = x.shape
     n = y.shape[1]
     out = torch.empty((m, n), device=x.device, dtype=out_dtype) if out is None else out
     if m == 0 or n == 0:
         return out
-    has_lora = h is not None
-    r = h.shape[1] if has_lora else 0
+    fuse = shrink_a is not None
+    has_lora = h is not None or fuse
+    r = (shrink_a.shape[0] if fuse else h.shape[1]) if has_lora else 0
     if r > MAX_RANK:
         raise ValueError(f"gemm_lora: rank {r} exceeds the fused epilogue's limit {MAX_RANK}")
-    h_args = (h, low) if has_lora else (x, x)
-    h_strides = (h.stride(0), h.stride(1), low.stride(0), low.stride(1)) if has_lora else (0, 0, 0, 0)
+    if fuse and p > 0.0:
+        raise ValueError("gemm_lora: the fused shrink takes no dropout; run shrink() for p > 0")
+    h_t = h if h is not None else x
+    low_t = low if has_lora else x
+    a_t = shrink_a if fuse else x
+    strides = (
+        h.stride(0) if h is not None else 0, h.stride(1) if h is not None else 0,
+        low.stride(0) if has_lora else 0, low.stride(1) if has_lora else 0,
+        a_t.stride(0) if fuse else 0, a_t.stride(1) if fuse else 0,
+    )
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _gemm_lora_kernel[grid](
-        x, y, bias if bias is not None else x, *h_args, out,
+        x, y, bias if bias is not None else x, h_t, low_t, a_t, out,
         m, n, k, r, _m_bucket(m),
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), *h_strides, out.stride(0), out.stride(1),
-        float(lora_scale), float(p), int(seed),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=has_lora and p > 0.0,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), *strides, out.stride(0), out.stride(1),
+        float(lora_scale), float(shrink_scale), float(p), int(seed),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=has_lora and p > 0.0, FUSE_SHRINK=fuse,
         PRECISION=_precision(x.dtype), BLOCK_R=_block_r(r),
     )
     return out
+
+
+def lowrank(h: torch.Tensor, low: torch.Tensor, bias, lora_scale: float, p: float, seed: int,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """lora_scale · mask? ⊙ (h low) (+ bias) alone, M×N: the term a cuBLAS GEMM then accumulates onto (beta = 1)."""
+    m, n = h.shape[0], low.shape[1]
+    empty = h.new_empty((m, 0))
+    return gemm_lora(empty, empty.new_empty((0, n)), bias, h, low, lora_scale, p, seed, out_dtype)
 
 
 def grad_a(dh: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

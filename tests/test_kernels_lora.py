@@ -64,6 +64,29 @@ def test_gemm_with_low_rank_epilogue(dtype, r, with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 16, 64])
+def test_gemm_with_shrink_fused_in_the_k_loop(dtype, r):
+    m, k, n = 21, 70, 37
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    a, b = torch.randn(r, k, dtype=torch.float32), torch.randn(n, r, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype)
+    out = K.gemm_lora(x, w.t(), bias, None, b.t(), 1.0, 0.0, 0, dtype, shrink_a=a, shrink_scale=0.25)
+    h = (0.25 * x.float() @ a.to(dtype).float().T).to(dtype).float()  # h is rounded to the input dtype
+    assert rel_err(out, x.float() @ w.float().T + h @ b.float().T + bias.float()) < TOL[dtype]
+    with pytest.raises(ValueError, match="dropout"):
+        K.gemm_lora(x, w.t(), None, None, b.t(), 1.0, 0.1, 0, dtype, shrink_a=a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowrank_term_alone(dtype):
+    m, n, r = 29, 43, 16
+    h, low, bias = torch.randn(m, r, dtype=dtype), torch.randn(r, n, dtype=dtype), torch.randn(n, dtype=dtype)
+    out = K.lowrank(h, low, bias, 0.5, 0.0, 0, dtype)
+    assert out.shape == (m, n)
+    assert rel_err(out, 0.5 * h.float() @ low.float() + bias.float()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("r", [8, 64])
 def test_grad_a_matches_reference(dtype, r):
     m, k = 300, 37  # several M splits of 128 rows
@@ -120,9 +143,18 @@ def _forward_backward(layer, x, backend, monkeypatch):
     return y.detach(), x.grad, grads
 
 
+@pytest.fixture(params=["cublas", "triton"])
+def gemm_mode(request, monkeypatch):
+    """Both ways of running the big GEMM: torch's matmul accumulating onto the low-rank term, or all in Triton."""
+    from peft_fast.ops import triton_lora
+
+    monkeypatch.setenv(triton_lora.GEMM_ENV, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "linear-lora-bias", "two-adapters"])
-def test_layer_forward_and_grads_match_torch_backend(dtype, kind, monkeypatch):
+def test_layer_forward_and_grads_match_torch_backend(dtype, kind, gemm_mode, monkeypatch):
     k, n = 29, 23
     base = Conv1D(n, k) if kind == "conv1d" else nn.Linear(k, n)
     base.weight.requires_grad_(False)
@@ -140,7 +172,7 @@ def test_layer_forward_and_grads_match_torch_backend(dtype, kind, monkeypatch):
         assert rel_err(g_k[name], g_t[name]) < 3 * TOL[dtype], name
 
 
-def test_dropout_forward_and_grads_follow_one_regenerated_mask(triton_backend):
+def test_dropout_forward_and_grads_follow_one_regenerated_mask(triton_backend, gemm_mode):
     """y, dx, dA, dB with p=0.2 equal the formula evaluated with the mask read back from the kernels."""
     torch.manual_seed(3)
     m, k, n, r, p = 19, 33, 21, 4, 0.2
@@ -182,10 +214,11 @@ def test_base_bias_and_weight_grads_when_trainable(triton_backend):
             assert rel_err(p1.grad, p2.grad) < 1e-5, name
 
 
-def test_inference_path_and_autocast(triton_backend):
+@pytest.mark.parametrize("rows", [5, 70])  # the one-launch fused path (≤ FUSED_SMALL_M rows) and the other
+def test_inference_path_and_autocast(triton_backend, gemm_mode, rows):
     layer = _layer_pair(nn.Linear(24, 12), 8, 0.1)
     layer.eval()
-    x = torch.randn(2, 5, 24)
+    x = torch.randn(2, rows, 24)
     with torch.no_grad():
         y = layer(x)
         with pytest.MonkeyPatch.context() as mp:

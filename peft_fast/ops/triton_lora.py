@@ -38,22 +38,46 @@ _CONV1D = _conv1d_class()
 
 
 # ------------------------------------------------------------------------------------------------ kernel calls
-def _forward(x, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn):
-    hs = K.shrink(x, lora_a, scale, p, seed)
+GEMM_ENV = "PEFT_FAST_GEMM"
+# At or below this many rows an inference forward without dropout is one launch (shrink fused into the GEMM's K
+# loop): decode is launch-bound. Not yet tuned by measurement.
+FUSED_SMALL_M = 64
+
+
+def gemm_mode() -> str:
+    """Who runs the big GEMMs (x Wᵀ, dy W): "cublas" (default) accumulates them with beta = 1 onto the low-rank
+    term a Triton kernel wrote (one extra pass over the output); "triton" runs them in Triton with the low-rank term
+    in the epilogue (no extra pass, but only as fast as Triton's GEMM is here). The first H100 run (2026-11-23)
+    had the all-Triton forward at 3.1× the cuBLAS base layer, hence the default."""
+    mode = os.environ.get(GEMM_ENV, "cublas").strip().lower()
+    if mode not in ("cublas", "triton"):
+        raise ValueError(f"{GEMM_ENV}={mode!r} is not 'cublas' or 'triton'")
+    return mode
+
+
+def _forward(x, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn, need_hs=True):
     w_kn = weight if weight_kn else weight.t()  # K×N view of the base weight
-    out = K.gemm_lora(x, w_kn, bias, hs, lora_b.t(), 1.0, 0.0, 0, x.dtype)
-    return out, hs
+    if not need_hs and p == 0.0 and (x.shape[0] <= FUSED_SMALL_M or gemm_mode() == "triton"):
+        out = K.gemm_lora(x, w_kn, bias, None, lora_b.t(), 1.0, 0.0, 0, x.dtype, shrink_a=lora_a, shrink_scale=scale)
+        return out, None
+    hs = K.shrink(x, lora_a, scale, p, seed)
+    if gemm_mode() == "triton":
+        return K.gemm_lora(x, w_kn, bias, hs, lora_b.t(), 1.0, 0.0, 0, x.dtype), hs
+    out = K.lowrank(hs, lora_b.t(), bias, 1.0, 0.0, 0, x.dtype)
+    return out.addmm_(x, w_kn), hs
 
 
 def _backward(dy, x, weight, lora_a, lora_b, hs, scale, p, seed, weight_kn, need_dx):
     dhs = dy @ lora_b.to(dy.dtype)  # (M×r): dh = s·dhs
     grad_b = (dy.t() @ hs.to(dy.dtype)).to(lora_b.dtype)  # s·dyᵀh, with s already inside hs
     grad_a = (K.grad_a(dhs, x, p, seed) * (scale / (1.0 - p))).to(lora_a.dtype)
-    if need_dx:
-        w_nk = weight.t() if weight_kn else weight  # N×K view: dx = dy W
+    if not need_dx:
+        return x.new_empty(0), grad_a, grad_b
+    w_nk = weight.t() if weight_kn else weight  # N×K view: dx = dy W + drop(dh A)
+    if gemm_mode() == "triton":
         grad_x = K.gemm_lora(dy, w_nk, None, dhs, lora_a, scale / (1.0 - p), p, seed, x.dtype)
     else:
-        grad_x = x.new_empty(0)
+        grad_x = K.lowrank(dhs, lora_a, None, scale / (1.0 - p), p, seed, x.dtype).addmm_(dy, w_nk)
     return grad_x, grad_a, grad_b
 
 
@@ -125,10 +149,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and forced_backend() == "triton"
 
 
+# Auto mode sends calls with fewer rows than this to torch: small calls are launch-bound, and the one H100 run so far
+# (2026-11-23) measured our decode-sized calls slower than PEFT's. PEFT_FAST_BACKEND=triton takes every size.
+AUTO_MIN_ROWS = 1024
+
+
 def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
     """None when the fused Triton path can run this call, else why not (a `Skip` when that is simply normal)."""
     if not x.is_cuda and not (_interpreting() and x.device.type == "cpu"):
         return Skip(f"input on {x.device.type}, Triton kernels run on CUDA")
+    if forced_backend() != "triton" and x.numel() < AUTO_MIN_ROWS * x.shape[-1]:
+        return Skip(f"fewer than {AUTO_MIN_ROWS} rows: launch-bound, torch's path is as fast")
     if type(base) is not nn.Linear and not _weight_kn(base):
         return f"base layer is {type(base).__name__}, the fused kernel takes nn.Linear or transformers Conv1D"
     if base._forward_hooks or base._forward_pre_hooks:
@@ -194,7 +225,7 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
     if _no_grad_needed(x2, weight, bias, lora_a, lora_b) and not torch.compiler.is_compiling():
         # inference: straight to the kernels, no autograd or op-dispatch overhead (matters at decode sizes)
         seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
-        out, _ = _forward(x2, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn)
+        out, _ = _forward(x2, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn, need_hs=False)
     else:
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else _NO_SEED
         out, _ = torch.ops.peft_fast.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn)
