@@ -53,28 +53,22 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _run_bench(args: argparse.Namespace):
+    """Run the chosen suite; the JSON payload (None for an unknown suite)."""
     import datetime
-    import json
 
     import torch
     from tqdm import tqdm
 
     from .benchmark import environment, run_case, suites, to_json
-    from .benchmark import report
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     available = suites(device, args.quick)
     if args.suite not in available:
         print(f"unknown suite {args.suite!r}; choose from {sorted(available)}", file=sys.stderr)
-        return 2
+        return None
     cases = available[args.suite]
-    previous = None
-    if args.compare_to:  # read it first: a bad file fails before minutes of benchmarking
-        with open(args.compare_to) as f:
-            previous = json.load(f)["cases"]
-    os.makedirs(args.out, exist_ok=True)
     repeats = 5 if args.quick and device.type == "cpu" else (50 if device.type == "cuda" else 20)
     results = []
     total = sum(len(getattr(c, "impl_names", ("base", "peft", "peft_fast"))) for c in cases)
@@ -89,19 +83,52 @@ def _bench(args: argparse.Namespace) -> int:
         "suite": args.suite,
         "quick": args.quick,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _git_commit(),
         "environment": environment(device, dtype),
         "cases": to_json(results),
     }
+    return payload
+
+
+def _git_commit():
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .benchmark import report
+
+    previous = None
+    if args.compare_to:  # read it first: a bad file fails before minutes of benchmarking
+        with open(args.compare_to) as f:
+            previous = json.load(f)["cases"]
+    os.makedirs(args.out, exist_ok=True)
+    if args.from_json:  # re-render an earlier run (e.g. one from a GPU machine) without running anything
+        with open(args.from_json) as f:
+            payload = json.load(f)
+    else:
+        payload = _run_bench(args)
+        if payload is None:
+            return 2
     json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
     report.write_json(json_path, payload)
     env = payload["environment"]
-    report.plot(png_path, payload["cases"], f"{env['device_name']} · {env['dtype']} · suite {args.suite}")
+    report.plot(png_path, payload["cases"], f"{env['device_name']} · {env['dtype']} · suite {payload['suite']}")
     print(report.table(payload["cases"]))
     for line in report.throughput_lines(payload["cases"]):
         print(line)
     print(f"\nwrote {json_path} and {png_path}")
     status = 0
-    wrong = [f"{r.id} [{', '.join(r.wrong)}]" for r in results if r.wrong]
+    wrong = [f"{c['id']} [{', '.join(n for n, i in c['impls'].items() if i.get('ok') is False)}]"
+             for c in payload["cases"] if any(i.get("ok") is False for i in c["impls"].values())]
     if wrong:
         print("WRONG RESULTS (not timed): " + "; ".join(wrong), file=sys.stderr)
         status = 1
@@ -141,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--write-results", action="store_true", help="also regenerate bench/RESULTS.md")
     bench.add_argument("--results-dir", default="bench", help=argparse.SUPPRESS)
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--from-json", default=None, metavar="FILE.json",
+                       help="re-render the table, plot (and --write-results) of an earlier run instead of running")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)

@@ -1,0 +1,81 @@
+"""The benchmark suite (`peft-fast bench`) on the CPU: end to end at --quick, the correctness gate, regressions."""
+
+import json
+import os
+
+import torch
+
+from peft_fast import cli
+from peft_fast.benchmark import LayerCase, run_case
+from peft_fast.benchmark.cases import Impl
+from peft_fast.benchmark.report import compare, table
+
+
+def test_bench_quick_end_to_end_writes_json_png_and_results(tmp_path, capsys):
+    out, results_dir = tmp_path / "run", tmp_path / "site"
+    status = cli.main(["bench", "--quick", "--out", str(out), "--no-progress", "--write-results",
+                       "--results-dir", str(results_dir)])
+    assert status == 0
+    payload = json.loads((out / "bench.json").read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    groups = {c["group"] for c in payload["cases"]}
+    assert {"layer", "layer decode", "model", "decode"} <= groups
+    for case in payload["cases"]:
+        for name in ("base", "peft", "peft_fast"):
+            impl = case["impls"][name]
+            assert impl["median_ms"] > 0 and len(impl["samples_ms"]) >= 5, (case["id"], name)
+        assert case["impls"]["peft_fast"]["ok"] is True
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| case | base ms | PEFT ms | peft_fast ms" in printed
+    md = (results_dir / "RESULTS.md").read_text()
+    assert "results.png" in md and payload["cases"][0]["id"] in md
+    assert sorted(os.listdir(results_dir)) == ["RESULTS.md", "results.json", "results.png"]
+    # re-rendering the saved run needs no benchmarking and gives the same table
+    assert cli.main(["bench", "--from-json", str(out / "bench.json"), "--out", str(tmp_path / "again")]) == 0
+    assert table(payload["cases"]) in capsys.readouterr().out
+
+
+def _wrong_peft_fast(case, device, dtype):
+    """A 'fast' implementation that skips the LoRA term: quick, and wrong."""
+    layer = case.base.to(device, dtype)
+    return Impl(step=lambda i: layer(case.xs[i]), check=lambda: _err(layer(case.xs[0]), case.reference["y"]))
+
+
+def _err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_a_wrong_implementation_is_caught_and_never_timed():
+    case = LayerCase(48, 40, 40, 8, builders={"peft_fast": _wrong_peft_fast})
+    result = run_case(case, torch.device("cpu"), torch.float32, repeats=3)
+    fast = result.impls["peft_fast"]
+    assert fast.ok is False and fast.rel_err > result.tolerance
+    assert fast.median_ms is None and fast.samples_ms == []
+    assert result.impls["peft"].ok is True and result.impls["peft"].median_ms > 0
+    assert result.wrong == ["peft_fast"]
+    from dataclasses import asdict
+
+    row = next(line for line in table([asdict(result)]).splitlines() if line.startswith(f"| {case.id}"))
+    assert "WRONG" in row
+
+
+def test_compare_to_flags_a_regression(tmp_path, capsys):
+    out = tmp_path / "now"
+    assert cli.main(["bench", "--quick", "--suite", "layer", "--out", str(out), "--no-progress"]) == 0
+    now = json.loads((out / "bench.json").read_text())
+    before = json.loads(json.dumps(now))
+    slowed = before["cases"][0]
+    for impl in before["cases"][0]["impls"].values():  # the earlier run was 3× faster on the first case
+        impl["median_ms"] = impl["median_ms"] / 3
+    text, regressed = compare(now["cases"], before["cases"])
+    assert regressed == [slowed["id"]]
+    assert "REGRESSION" in text and "+200" in text
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(before))
+    status = cli.main(["bench", "--from-json", str(out / "bench.json"), "--compare-to", str(earlier),
+                       "--out", str(tmp_path / "cmp")])
+    assert status == 3
+    assert "REGRESSION" in capsys.readouterr().out
+    _, none = compare(now["cases"], now["cases"])
+    assert none == []
