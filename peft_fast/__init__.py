@@ -45,7 +45,20 @@ from .peft_model import (  # noqa: E402
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from .tuners import BaseTuner, BaseTunerLayer, LoraConfig, LoraModel  # noqa: E402
+from .tuners import (  # noqa: E402
+    BaseTuner,
+    BaseTunerLayer,
+    LoraConfig,
+    LoraModel,
+    PrefixEncoder,
+    PrefixTuningConfig,
+    PromptEmbedding,
+    PromptEncoder,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from .utils import (  # noqa: E402
     PeftType,
     TaskType,
@@ -62,6 +75,14 @@ __all__ = [
     "PromptLearningConfig",
     "LoraConfig",
     "LoraModel",
+    "PrefixTuningConfig",
+    "PrefixEncoder",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "PromptEmbedding",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptEncoder",
     "BaseTuner",
     "BaseTunerLayer",
     "PeftModel",

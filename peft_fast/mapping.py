@@ -20,11 +20,22 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .tuners.lora import LoraConfig, LoraModel
+from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig
+from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .utils.peft_types import PeftType, TaskType
 
 register_peft_config(PeftType.LORA, LoraConfig)
 PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LORA] = LoraModel
 PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.LORA] = LoraModel.prefix
+# prompt learning: the "tuner" is the prompt encoder module built beside the frozen model
+for _type, _config, _encoder in (
+    (PeftType.PREFIX_TUNING, PrefixTuningConfig, PrefixEncoder),
+    (PeftType.PROMPT_TUNING, PromptTuningConfig, PromptEmbedding),
+    (PeftType.P_TUNING, PromptEncoderConfig, PromptEncoder),
+):
+    register_peft_config(_type, _config)
+    PEFT_TYPE_TO_TUNER_MAPPING[_type] = _encoder
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
     TaskType.SEQ_CLS: PeftModelForSequenceClassification,

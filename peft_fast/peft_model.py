@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
+from .prompt_learning import PromptLearningMixin
 from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .utils.other import infer_device
+from .utils.other import _unwrap_modules_to_save, infer_device
 from .utils.peft_types import PeftType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
@@ -25,7 +26,7 @@ def _snapshot(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     return [(p, p.requires_grad) for p in model.parameters()]
 
 
-class PeftModel(nn.Module):
+class PeftModel(PromptLearningMixin, nn.Module):
     """Base model wrapped with adapters. Attribute access falls through to the base model.
 
     Args:
@@ -51,18 +52,19 @@ class PeftModel(nn.Module):
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
         self._is_prompt_learning = peft_config.is_prompt_learning
-        if self._is_prompt_learning:
-            raise NotImplementedError(
-                f"{self.peft_type.value} adapters (prompt learning) are not available in this peft_fast version."
-            )
         if self.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
             raise ValueError(f"peft_type {self.peft_type} is not supported by peft_fast.")
-        self._peft_config = None
-        tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[self.peft_type]
-        self.base_model = tuner_cls(
-            model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-        )
+        if self._is_prompt_learning:  # no tuner: the prompt encoder sits beside the frozen model
+            self._peft_config = {}
+            self.base_model = model
+            self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        else:
+            self._peft_config = None
+            tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[self.peft_type]
+            self.base_model = tuner_cls(
+                model, {adapter_name: peft_config}, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
         if _uses_checkpointing(model):
             self._prepare_model_for_gradient_checkpointing(model)
         if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
@@ -86,8 +88,10 @@ class PeftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         try:
             adapters = self.base_model.active_adapters
-            if not isinstance(adapters, list):
-                adapters = [adapters]
+            if not isinstance(adapters, list):  # e.g. transformers' own active_adapters method
+                adapters = self.active_adapter
+                if isinstance(adapters, str):
+                    adapters = [adapters]
         except AttributeError:
             adapters = self.active_adapter
             if isinstance(adapters, str):
@@ -133,19 +137,44 @@ class PeftModel(nn.Module):
             )
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name '{adapter_name}' already exists.")
+        before = _snapshot(self)
         try:
-            self.peft_config[adapter_name] = peft_config
-            self.base_model.inject_adapter(self.base_model.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            if peft_config.is_prompt_learning:
+                self._add_prompt_learning_adapter(adapter_name, peft_config)
+            else:
+                self.peft_config[adapter_name] = peft_config
+                self.base_model.inject_adapter(self.base_model.model, adapter_name,
+                                               low_cpu_mem_usage=low_cpu_mem_usage)
         except Exception:
+            if peft_config.is_prompt_learning:
+                self._remove_adapter(adapter_name, before)
             self.peft_config.pop(adapter_name, None)
             raise
+
+    def _remove_adapter(self, adapter_name: str, requires_grad: list[tuple[nn.Parameter, bool]]) -> None:
+        """Undo a partly added adapter (failed add or load): its layers or prompt encoder go, flags come back."""
+        if self._is_prompt_learning:
+            if hasattr(self, "prompt_encoder") and adapter_name in self.prompt_encoder:
+                del self.prompt_encoder[adapter_name]
+                self.prompt_tokens.pop(adapter_name, None)
+            _unwrap_modules_to_save(self.base_model, adapter_name)
+        else:
+            self.base_model._remove_adapter_layers(adapter_name)
+        self.peft_config.pop(adapter_name, None)
+        for param, flag in requires_grad:
+            param.requires_grad = flag
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the (only) active adapter."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} not found.")
         self.active_adapter = adapter_name
-        self.base_model.set_adapter(adapter_name)
+        if self.peft_config[adapter_name].is_prompt_learning:
+            from .utils.other import _set_adapter
+
+            _set_adapter(self.base_model, adapter_name)  # modules_to_save follow the active adapter
+        else:
+            self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -158,7 +187,20 @@ class PeftModel(nn.Module):
     def disable_adapter(self):
         """Context manager under which the model behaves as the base model."""
         if self.peft_config[self.active_adapter].is_prompt_learning:
-            raise NotImplementedError("disable_adapter for prompt learning is not available in this version.")
+            # as PEFT: forward and generation go straight to the base model (modules_to_save copies stay active)
+            old_forward = self.__dict__.get("forward")
+            self.forward = self.base_model.forward
+            old_prepare = self.__dict__.get("_prompt_generation_disabled")
+            self._prompt_generation_disabled = True
+            try:
+                yield
+            finally:
+                if old_forward is None:
+                    del self.forward
+                else:
+                    self.forward = old_forward
+                self._prompt_generation_disabled = bool(old_prepare)
+            return
         self.base_model.disable_adapter_layers()
         try:
             yield
@@ -214,6 +256,22 @@ class PeftModel(nn.Module):
         with self._enable_peft_forward_hooks(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model().generate(*args, **kwargs)
+
+    @contextmanager
+    def _prepare_inputs_swapped(self, replacement):
+        """While generating, the base model's prepare_inputs_for_generation is `replacement` (which calls the
+        original through self._base_prepare_inputs), as PEFT patches it."""
+        base = self.base_model
+        had_own = "prepare_inputs_for_generation" in base.__dict__
+        self._base_prepare_inputs = base.prepare_inputs_for_generation
+        base.prepare_inputs_for_generation = replacement
+        try:
+            yield
+        finally:
+            if had_own:
+                base.prepare_inputs_for_generation = self._base_prepare_inputs
+            else:
+                del base.prepare_inputs_for_generation
 
     # ------------------------------------------------------------------ files
     def save_pretrained(
@@ -309,9 +367,7 @@ class PeftModel(nn.Module):
             peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
                                     autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
         except Exception:
-            peft_model.base_model._remove_adapter_layers(adapter_name)
-            for param, flag in before:
-                param.requires_grad = flag
+            peft_model._remove_adapter(adapter_name, before)
             if "peft_config" in model.__dict__:
                 del model.__dict__["peft_config"]
             raise
@@ -358,9 +414,7 @@ class PeftModel(nn.Module):
             )
         except Exception:
             if added:  # leave the model as it was before the call
-                self.base_model._remove_adapter_layers(adapter_name)
-                for param, flag in before:
-                    param.requires_grad = flag
+                self._remove_adapter(adapter_name, before)
             raise
         prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(PeftType(self.peft_config[adapter_name].peft_type), "")
         missing = [k for k in load_result.missing_keys if prefix in k and f".{adapter_name}" in k]
@@ -425,53 +479,98 @@ def _given(**kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-class PeftModelForSequenceClassification(PeftModel):
+class _TaskHeadMixin:
+    """Task heads (classifier / score / qa_outputs) join modules_to_save, as in PEFT, for every adapter method."""
+
+    _head_names: list[str] = []
+
+    def _init_with_head(self, model, peft_config, adapter_name, kwargs) -> None:
+        _add_head_to_modules_to_save(peft_config, self._head_names)
+        PeftModel.__init__(self, model, peft_config, adapter_name, **kwargs)
+        names = peft_config.modules_to_save or []
+        for name, _ in self.get_base_model().named_children():
+            if any(head in name for head in names):
+                self.cls_layer_name = name
+                break
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        _add_head_to_modules_to_save(peft_config, self._head_names)
+        PeftModel.add_adapter(self, adapter_name, peft_config, low_cpu_mem_usage)
+
+
+class PeftModelForSequenceClassification(_TaskHeadMixin, PeftModel):
     """PeftModel for sequence classification; the classifier head is trained (modules_to_save) by default."""
+
+    _head_names = ["classifier", "score"]
+    _prompt_head = "seq_cls"
+
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        self._init_with_head(model, peft_config, adapter_name, kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return PeftModel.forward(self, **_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        labels=labels, output_attentions=output_attentions,
-                                        output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
-
-    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
-        _add_head_to_modules_to_save(peft_config, ["classifier", "score"])
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        _add_head_to_modules_to_save(peft_config, ["classifier", "score"])
-        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
+        if self.active_peft_config.is_prompt_learning:
+            return self._prompt_forward_encoder(
+                self._prompt_head, input_ids, attention_mask, inputs_embeds, {"labels": labels}, output_attentions,
+                output_hidden_states, return_dict, task_ids, kwargs)
+        return PeftModel.forward(self, **_given(input_ids=input_ids, attention_mask=attention_mask,
+                                                inputs_embeds=inputs_embeds, labels=labels,
+                                                output_attentions=output_attentions,
+                                                output_hidden_states=output_hidden_states,
+                                                return_dict=return_dict), **kwargs)
 
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
     """PeftModel for token classification; the classifier head is trained (modules_to_save) by default."""
 
+    _prompt_head = "token_cls"
 
-class PeftModelForQuestionAnswering(PeftModel):
+
+class PeftModelForQuestionAnswering(_TaskHeadMixin, PeftModel):
     """PeftModel for extractive QA; the qa_outputs head is trained (modules_to_save) by default."""
+
+    _head_names = ["qa_outputs"]
+
+    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        self._init_with_head(model, peft_config, adapter_name, kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, task_ids=None, **kwargs):
+        if self.active_peft_config.is_prompt_learning:
+            # PEFT's prompt-learning QA path passes neither token_type_ids nor position_ids on
+            return self._prompt_forward_encoder(
+                "qa", input_ids, attention_mask, inputs_embeds,
+                {"start_positions": start_positions, "end_positions": end_positions}, output_attentions,
+                output_hidden_states, return_dict, task_ids, kwargs)
         return PeftModel.forward(self, **_given(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
             end_positions=end_positions, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
 
-    def __init__(self, model, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
-        _add_head_to_modules_to_save(peft_config, ["qa_outputs"])
-        super().__init__(model, peft_config, adapter_name, **kwargs)
-
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        _add_head_to_modules_to_save(peft_config, ["qa_outputs"])
-        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
-
 
 class PeftModelForCausalLM(PeftModel):
-    """PeftModel for causal language modeling (forward and generate pass through to the base model)."""
+    """PeftModel for causal language modeling."""
 
-    forward = PeftModelForSequenceClassification.forward
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self.active_peft_config.is_prompt_learning:
+            return self._prompt_forward_causal_lm(input_ids, attention_mask, inputs_embeds, labels, output_attentions,
+                                                  output_hidden_states, return_dict, task_ids, kwargs)
+        return PeftModel.forward(self, **_given(input_ids=input_ids, attention_mask=attention_mask,
+                                                inputs_embeds=inputs_embeds, labels=labels,
+                                                output_attentions=output_attentions,
+                                                output_hidden_states=output_hidden_states,
+                                                return_dict=return_dict), **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if not self.active_peft_config.is_prompt_learning:
+            return PeftModel.generate(self, *args, **kwargs)
+        if getattr(self, "_prompt_generation_disabled", False):
+            return self.base_model.generate(*args, **kwargs)
+        with self._prepare_inputs_swapped(self._prompt_prepare_inputs_for_generation_causal):
+            return self.base_model.generate(*args, **kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -480,11 +579,25 @@ class PeftModelForSeq2SeqLM(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        if self.active_peft_config.is_prompt_learning:
+            return self._prompt_forward_seq2seq(
+                input_ids, attention_mask, inputs_embeds, decoder_input_ids, decoder_attention_mask,
+                decoder_inputs_embeds, labels, output_attentions, output_hidden_states, return_dict, task_ids, kwargs)
         return PeftModel.forward(self, **_given(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
             decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if not self.active_peft_config.is_prompt_learning:
+            return PeftModel.generate(self, *args, **kwargs)
+        if getattr(self, "_prompt_generation_disabled", False):
+            return self.base_model.generate(*args, **kwargs)
+        if args:
+            raise TypeError("generate of a prompt-learning Seq2SeqLM takes keyword arguments only (input_ids=...)")
+        with self._prepare_inputs_swapped(self._prompt_prepare_inputs_for_generation_seq2seq):
+            return self._prompt_generate_seq2seq(kwargs)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
@@ -492,15 +605,18 @@ class PeftModelForFeatureExtraction(PeftModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return PeftModel.forward(self, **_given(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        output_attentions=output_attentions,
-                                        output_hidden_states=output_hidden_states, return_dict=return_dict), **kwargs)
+        if self.active_peft_config.is_prompt_learning:
+            return self._prompt_forward_feature_extraction(input_ids, attention_mask, inputs_embeds,
+                                                           output_attentions, output_hidden_states, return_dict,
+                                                           kwargs)
+        return PeftModel.forward(self, **_given(input_ids=input_ids, attention_mask=attention_mask,
+                                                inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+                                                output_hidden_states=output_hidden_states,
+                                                return_dict=return_dict), **kwargs)
 
 
 def _add_head_to_modules_to_save(peft_config: PeftConfig, head_names: list[str]) -> None:
     """Like PEFT: the task head names join modules_to_save (names the model lacks simply match nothing)."""
-    if peft_config.is_prompt_learning:
-        return
     # PEFT extends the user's list as it is (a name may then appear twice); keep the files identical
     peft_config.modules_to_save = list(peft_config.modules_to_save or []) + list(head_names)
 

@@ -100,6 +100,20 @@ def onload_layer(layer: nn.Module):
     yield
 
 
+class BasePromptEncoder(nn.Module):
+    """Base of the prompt-learning encoders: `embedding` holds (or, encoded, replaces) the virtual tokens."""
+
+    def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
+        """Load the flattened `prompt_embeddings` tensor of a saved adapter into `embedding`."""
+        if prompt_embeddings.shape != self.embedding.weight.shape:
+            raise ValueError(
+                f"Invalid `prompt_embeddings` shape. Expected {tuple(self.embedding.weight.shape)}, got "
+                f"{tuple(prompt_embeddings.shape)}."
+            )
+        with torch.no_grad():
+            self.embedding.weight.copy_(prompt_embeddings.to(self.embedding.weight.device))
+
+
 class BaseTunerLayer(ABC):
     """Mixin of every adapter layer: holds names of adapter sub-modules and the active/merged/disabled state."""
 

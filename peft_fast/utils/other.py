@@ -211,6 +211,19 @@ def _set_trainable(model: nn.Module, adapter_name: str, module_names, inference_
     return wrapped
 
 
+def _unwrap_modules_to_save(model: nn.Module, adapter_name: str) -> None:
+    """Drop `adapter_name`'s copy from every ModulesToSaveWrapper; a wrapper left without copies is replaced by its
+    original module (undoing _set_trainable of a failed add)."""
+    for key, module in list(model.named_modules()):
+        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
+            continue
+        del module.modules_to_save[adapter_name]
+        module._active_adapter = [a for a in module._active_adapter if a != adapter_name]
+        if len(module.modules_to_save) == 0:
+            parent, _, target_name = _get_submodules(model, key)
+            setattr(parent, target_name, module.original_module)
+
+
 def _parents(model: nn.Module, key: str):
     parts = key.split(".")
     for i in range(1, len(parts)):

@@ -147,15 +147,18 @@ def set_peft_model_state_dict(
     if adapter_name not in model.peft_config:
         raise ValueError(f"Adapter {adapter_name} not found; available: {list(model.peft_config)}")
     config = model.peft_config[adapter_name]
-    if config.is_prompt_learning:
-        return _set_prompt_learning_state(model, peft_model_state_dict, adapter_name)
+    prompt_embeddings = None
+    if config.is_prompt_learning:  # the prompt lives on the prompt encoder; the rest are modules_to_save
+        peft_model_state_dict = dict(peft_model_state_dict)
+        prompt_embeddings = _check_prompt_embeddings(model, peft_model_state_dict.pop("prompt_embeddings", None),
+                                                     adapter_name)
 
     wrappers = {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     remapped = {}
     for key, value in peft_model_state_dict.items():
         new_key = _modules_to_save_key(key, adapter_name, wrappers)
         if new_key is None:
-            new_key = _insert_adapter_name(key, adapter_name)
+            new_key = key if config.is_prompt_learning else _insert_adapter_name(key, adapter_name)
         remapped[new_key] = value
 
     model_state = model.state_dict()
@@ -177,7 +180,10 @@ def set_peft_model_state_dict(
         warnings.warn(f"Some adapter weights were not loaded because of mismatched shapes:\n{listing}")
         for k, _, _ in mismatched:
             del remapped[k]
-    return model.load_state_dict(remapped, strict=False, assign=low_cpu_mem_usage)
+    result = model.load_state_dict(remapped, strict=False, assign=low_cpu_mem_usage)
+    if prompt_embeddings is not None:
+        model.prompt_encoder[adapter_name].embedding.load_state_dict({"weight": prompt_embeddings}, strict=True)
+    return result
 
 
 def _modules_to_save_key(key: str, adapter_name: str, wrappers: dict) -> Optional[str]:
@@ -193,17 +199,17 @@ def _modules_to_save_key(key: str, adapter_name: str, wrappers: dict) -> Optiona
     return None
 
 
-def _set_prompt_learning_state(model, state_dict: dict, adapter_name: str):
-    if "prompt_embeddings" not in state_dict:
+def _check_prompt_embeddings(model, value, adapter_name: str):
+    if value is None:
         raise ValueError("The prompt-learning adapter file has no 'prompt_embeddings' tensor.")
     embedding = model.prompt_encoder[adapter_name].embedding
-    value = state_dict["prompt_embeddings"]
     if tuple(value.shape) != tuple(embedding.weight.shape):
         raise ValueError(
             f"prompt_embeddings of shape {tuple(value.shape)} do not fit adapter '{adapter_name}' "
-            f"({tuple(embedding.weight.shape)})."
+            f"({tuple(embedding.weight.shape)}); a prefix saved with prefix_projection loads only for inference "
+            "(is_trainable=False)."
         )
-    return embedding.load_state_dict({"weight": value}, strict=True)
+    return value
 
 
 def load_peft_weights(model_id: str, device: Optional[str] = None, **hf_hub_download_kwargs) -> dict:

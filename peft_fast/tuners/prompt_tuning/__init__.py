@@ -1,0 +1,4 @@
+from .config import PromptTuningConfig, PromptTuningInit
+from .model import PromptEmbedding
+
+__all__ = ["PromptTuningConfig", "PromptTuningInit", "PromptEmbedding"]
