@@ -36,6 +36,7 @@ from .mapping import (  # noqa: E402
     inject_adapter_in_model,
 )
 from .mapping_func import get_peft_model  # noqa: E402
+from .mixed_model import PeftMixedModel  # noqa: E402
 from .peft_model import (  # noqa: E402
     PeftModel,
     PeftModelForCausalLM,
@@ -48,6 +49,10 @@ from .peft_model import (  # noqa: E402
 from .tuners import (  # noqa: E402
     BaseTuner,
     BaseTunerLayer,
+    LoHaConfig,
+    LoHaModel,
+    LoKrConfig,
+    LoKrModel,
     LoraConfig,
     LoraModel,
     PrefixEncoder,
@@ -75,6 +80,10 @@ __all__ = [
     "PromptLearningConfig",
     "LoraConfig",
     "LoraModel",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "PrefixTuningConfig",
     "PrefixEncoder",
     "PromptTuningConfig",
@@ -86,6 +95,7 @@ __all__ = [
     "BaseTuner",
     "BaseTunerLayer",
     "PeftModel",
+    "PeftMixedModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering",

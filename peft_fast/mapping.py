@@ -19,15 +19,22 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .tuners.loha import LoHaConfig, LoHaModel
+from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
 from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .utils.peft_types import PeftType, TaskType
 
-register_peft_config(PeftType.LORA, LoraConfig)
-PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LORA] = LoraModel
-PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.LORA] = LoraModel.prefix
+for _type, _config, _tuner in (
+    (PeftType.LORA, LoraConfig, LoraModel),
+    (PeftType.LOHA, LoHaConfig, LoHaModel),
+    (PeftType.LOKR, LoKrConfig, LoKrModel),
+):
+    register_peft_config(_type, _config)
+    PEFT_TYPE_TO_TUNER_MAPPING[_type] = _tuner
+    PEFT_TYPE_TO_PREFIX_MAPPING[_type] = _tuner.prefix
 # prompt learning: the "tuner" is the prompt encoder module built beside the frozen model
 for _type, _config, _encoder in (
     (PeftType.PREFIX_TUNING, PrefixTuningConfig, PrefixEncoder),

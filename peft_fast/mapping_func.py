@@ -21,15 +21,13 @@ def get_peft_model(
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config`.
+    """Wrap `model` with a new adapter described by `peft_config` (mixed=True: a PeftMixedModel).
 
     Returns the PeftModel subclass matching `peft_config.task_type` (PeftModel when it is None). The model is
     modified in place (its targeted modules become adapter layers); on error it is left as it was.
     """
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
-    if mixed:
-        raise ValueError("PeftMixedModel (mixed=True) is not available in this peft_fast version.")
     old_name = peft_config.base_model_name_or_path
     # models built from a config have name_or_path == "", which is no Hub id
     new_name = model.__dict__.get("name_or_path", None) or None
@@ -48,6 +46,10 @@ def get_peft_model(
         if peft_config.revision is not None and peft_config.revision != revision:
             warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting with revision {revision}")
         peft_config.revision = revision
+    if mixed:
+        from .mixed_model import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name=adapter_name)
     if peft_config.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING and not peft_config.is_prompt_learning:
         raise ValueError(f"peft_type {peft_config.peft_type} is not supported by peft_fast.")
     peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)

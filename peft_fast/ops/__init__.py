@@ -25,6 +25,16 @@ def linear_with_lora(x, base_layer, terms):
     return _call("linear_with_lora", x, base_layer, terms)
 
 
+def loha_delta_weight(w1a, w1b, w2a, w2b, scale, t1=None, t2=None):
+    """LoHa's weight delta (Hadamard product of two low-rank products, times scale)."""
+    return _call("loha_delta_weight", w1a, w1b, w2a, w2b, scale, t1, t2)
+
+
+def lokr_delta_weight(w1, w2, scale):
+    """LoKr's weight delta (Kronecker product of two factors, times scale)."""
+    return _call("lokr_delta_weight", w1, w2, scale)
+
+
 def lora_linear_mixed_batch(x, result, groups):
     """Mixed-batch inference: `groups` is [(row indices, LoraTerm)]; adds each row's own adapter term."""
     return _call("lora_linear_mixed_batch", x, result, groups)
@@ -48,6 +58,8 @@ except ImportError:  # pragma: no cover - Triton missing
 __all__ = [
     "Skip",
     "linear_with_lora",
+    "loha_delta_weight",
+    "lokr_delta_weight",
     "LoraTerm",
     "EmbeddingTerm",
     "lora_linear",

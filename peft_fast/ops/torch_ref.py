@@ -78,3 +78,39 @@ def lora_embedding_mixed_batch(
             delta = delta * term.embed_scale.to(delta.dtype)
         result[rows] += delta
     return result
+
+
+@register("loha_delta_weight", "torch")
+def loha_delta_weight(w1a, w1b, w2a, w2b, scale: float, t1=None, t2=None) -> torch.Tensor:
+    """LoHa's ΔW = (W1a W1b) ⊙ (W2a W2b) · scale; with Tucker cores t1/t2 (effective conv) each factor is rebuilt
+    from its core first. Flat (out × in·k) or conv-shaped; the caller reshapes to the base weight's shape."""
+    if t1 is not None:
+        rebuild1 = torch.einsum("i j k l, j r, i p -> p r k l", t1, w1b, w1a)
+        rebuild2 = torch.einsum("i j k l, j r, i p -> p r k l", t2, w2b, w2a)
+        return rebuild1 * rebuild2 * scale
+    return ((w1a @ w1b) * (w2a @ w2b)) * scale
+
+
+@register("lokr_delta_weight", "torch")
+def lokr_delta_weight(w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tensor:
+    """LoKr's ΔW = (W1 ⊗ W2) · scale (Kronecker product; W1 broadcast over a conv kernel)."""
+    if w2.dim() == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    return _kron(w1, w2) * scale
+
+
+def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.kron's values (each a single product a[i]·b[j]) by broadcasting; torch.kron itself fails on some
+    trailing size-1 layouts (HF PEFT crashes on rank-1 effective-conv LoKr Conv1d because of it)."""
+    if a.dim() < b.dim():  # as torch.kron: the smaller operand gets leading 1-dims
+        a = a.reshape((1,) * (b.dim() - a.dim()) + tuple(a.shape))
+    elif b.dim() < a.dim():
+        b = b.reshape((1,) * (a.dim() - b.dim()) + tuple(b.shape))
+    a_view = [s for d in a.shape for s in (d, 1)]
+    b_view = [s for d in b.shape for s in (1, d)]
+    return (a.reshape(a_view) * b.reshape(b_view)).reshape([x * y for x, y in zip(a.shape, b.shape)])
+
+
+def lokr_tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """W2 of an effective-conv LoKr layer rebuilt from its Tucker core."""
+    return torch.einsum("i j k l, i p, j r -> p r k l", t, wa, wb)

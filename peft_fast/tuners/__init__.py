@@ -1,3 +1,5 @@
+from .loha import LoHaConfig, LoHaModel
+from .lokr import LoKrConfig, LoKrModel
 from .lora import LoraConfig, LoraModel
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
@@ -5,7 +7,7 @@ from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .tuners_utils import BasePromptEncoder, BaseTuner, BaseTunerLayer
 
 __all__ = [
-    "LoraConfig", "LoraModel", "BaseTuner", "BaseTunerLayer", "BasePromptEncoder",
+    "LoraConfig", "LoraModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "BaseTuner", "BaseTunerLayer", "BasePromptEncoder",
     "PrefixTuningConfig", "PrefixEncoder", "PromptTuningConfig", "PromptTuningInit", "PromptEmbedding",
     "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptEncoder",
 ]

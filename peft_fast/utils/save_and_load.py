@@ -14,7 +14,11 @@ from .other import ModulesToSaveWrapper, infer_device
 
 _MODEL_PREFIX = "base_model.model."
 # In-memory adapter containers whose next key segment is the adapter name.
-_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_ADAPTER_CONTAINERS = (
+    "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+)
 _DORA_IN_MEMORY = "lora_magnitude_vector.weight"
 _DORA_ON_DISK = "lora_magnitude_vector"
 
@@ -94,7 +98,7 @@ def get_peft_model_state_dict(
     if config.is_prompt_learning:
         to_return = _prompt_learning_state(model, config, adapter_name, state_dict)
     else:
-        to_return = _lora_state(config, adapter_name, state_dict)
+        to_return = _adapter_state(config, adapter_name, state_dict)
 
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -113,9 +117,13 @@ def get_peft_model_state_dict(
     return {_remove_adapter_name(k, adapter_name): v for k, v in to_return.items()}
 
 
-def _lora_state(config, adapter_name: str, state_dict: dict) -> dict:
+def _adapter_state(config, adapter_name: str, state_dict: dict) -> dict:
+    """The adapter's own tensors (LoRA, LoHa, LoKr …: keys under its method's prefix), plus biases per `bias`."""
+    from ..peft_model import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    prefix = PEFT_TYPE_TO_PREFIX_MAPPING.get(config.peft_type, "lora_")
     bias = getattr(config, "bias", "none")
-    lora_keys = [k for k in state_dict if "lora_" in k and _belongs_to_adapter(k, adapter_name)]
+    lora_keys = [k for k in state_dict if prefix in k and _belongs_to_adapter(k, adapter_name)]
     to_return = {k: state_dict[k] for k in lora_keys}
     if bias == "all":
         to_return.update({k: v for k, v in state_dict.items() if "bias" in k and "lora_" not in k})

@@ -458,9 +458,11 @@ class Linear(_LoraModule):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if args or kwargs or not active or not self.cast_input_dtype_enabled:
             return super()._unmerged_forward(x, *args, **kwargs)
+        if isinstance(self.base_layer, BaseTunerLayer):  # stacked adapters (mixed model): the inner one must run
+            return super()._unmerged_forward(x, *args, **kwargs)
         if any(self.use_dora.get(a, False) for a in active):
             return super()._unmerged_forward(x, *args, **kwargs)
-        return ops.linear_with_lora(x, self.get_base_layer(), [self._adapter_term(a) for a in active])
+        return ops.linear_with_lora(x, self.base_layer, [self._adapter_term(a) for a in active])
 
 
 class Embedding(_LoraModule):
