@@ -314,3 +314,21 @@ def test_feature_extraction_matches_peft(cfg):
             outs.append(model(input_ids=ids, attention_mask=mask).last_hidden_state)
     assert outs[0].shape == outs[1].shape
     assert rel_err(outs[1], outs[0]) < 1e-6
+
+
+def test_prompt_tuning_text_init_from_a_local_tokenizer(tmp_path):
+    """TEXT init: the virtual tokens start as the word embeddings of the init text (repeated to length)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "classify", "the", "sentiment", "of", "this", "review"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    cfg = dict(peft_type="PROMPT_TUNING", num_virtual_tokens=7, prompt_tuning_init="TEXT",
+               prompt_tuning_init_text="classify the sentiment of this review", tokenizer_name_or_path=str(tmp_path / "tok"))
+    ref_model, pf_model = _pair(tiny_llama, "CAUSAL_LM", cfg)
+    _same_state(ref_model, pf_model)
+    ids = torch.tensor([1, 2, 3, 4, 5, 6, 1])  # the six words, repeated and cut to 7
+    words = pf_model.word_embeddings.weight[ids]
+    assert torch.equal(pf_model.prompt_encoder["default"].embedding.weight, words)
