@@ -25,6 +25,11 @@ def linear_with_lora(x, base_layer, terms):
     return _call("linear_with_lora", x, base_layer, terms)
 
 
+def quantized_linear_with_lora(x, base_layer, terms):
+    """The whole forward of a LoRA layer over a bitsandbytes 4-bit / 8-bit linear (QLoRA)."""
+    return _call("quantized_linear_with_lora", x, base_layer, terms)
+
+
 def loha_delta_weight(w1a, w1b, w2a, w2b, scale, t1=None, t2=None):
     """LoHa's weight delta (Hadamard product of two low-rank products, times scale)."""
     return _call("loha_delta_weight", w1a, w1b, w2a, w2b, scale, t1, t2)
@@ -58,6 +63,7 @@ except ImportError:  # pragma: no cover - Triton missing
 __all__ = [
     "Skip",
     "linear_with_lora",
+    "quantized_linear_with_lora",
     "loha_delta_weight",
     "lokr_delta_weight",
     "LoraTerm",

@@ -31,6 +31,21 @@ def linear_with_lora(x: torch.Tensor, base_layer: nn.Module, terms: list[LoraTer
     return lora_linear(x, base_layer(x), terms)
 
 
+@register("quantized_linear_with_lora", "torch")
+def quantized_linear_with_lora(x: torch.Tensor, base_layer: nn.Module, terms: list[LoraTerm], *args, **kwargs):
+    """A bitsandbytes 4/8-bit base layer plus LoRA terms, in PEFT's order for these layers: the base output is
+    cloned (4-bit), and each term is cast to its dtype before being added unless autocast is on."""
+    result = base_layer(x, *args, **kwargs)
+    if hasattr(getattr(base_layer, "weight", None), "quant_state"):
+        result = result.clone()  # as PEFT: backprop through the 4-bit matmul's output view can fail otherwise
+    convert = not torch.is_autocast_enabled(x.device.type)
+    for term in terms:
+        xa = x.to(term.dtype) if convert and x.dtype != term.dtype else x
+        output = term.lora_B(term.lora_A(term.dropout(xa))) * term.scaling
+        result = result + (output.to(result.dtype) if convert else output)
+    return result
+
+
 @register("lora_linear_mixed_batch", "torch")
 def lora_linear_mixed_batch(
     x: torch.Tensor, result: torch.Tensor, groups: list[tuple[list[int], LoraTerm]]

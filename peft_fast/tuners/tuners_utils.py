@@ -231,6 +231,8 @@ class BaseTunerLayer(ABC):
                     break
             else:
                 return
+            if hasattr(base_layer, "compute_dtype"):  # bnb Linear4bit: adapters start in its compute dtype
+                dtype = base_layer.compute_dtype
         meta = torch.device("meta")
         for layer_name in self.adapter_layer_names + self.other_param_names:
             adapter_layer = getattr(self, layer_name, None)

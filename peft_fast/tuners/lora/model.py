@@ -12,6 +12,7 @@ from ...utils.constants import BASE_ADAPTER_NAME, TRANSFORMERS_MODELS_TO_LORA_TA
 from ...utils.other import ModulesToSaveWrapper, get_pattern_key
 from ..tuners_utils import BaseTuner
 from .config import LoraConfig
+from .bnb import dispatch_bnb
 from .layer import LoraLayer, dispatch_default
 
 
@@ -69,11 +70,14 @@ class LoraModel(BaseTuner):
 
     @staticmethod
     def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
-        new_module = dispatch_default(target, adapter_name, lora_config=lora_config, **kwargs)
+        # bitsandbytes layers subclass nn.Linear: they must be recognised first
+        new_module = dispatch_bnb(target, adapter_name, lora_config=lora_config, **kwargs)
+        if new_module is None:
+            new_module = dispatch_default(target, adapter_name, lora_config=lora_config, **kwargs)
         if new_module is None:
             raise ValueError(
                 f"Target module {target} is not supported. Currently, only the following modules are supported: "
-                "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `torch.nn.Conv3d`, "
+                "`torch.nn.Linear`, `torch.nn.Embedding`, bitsandbytes `Linear4bit` / `Linear8bitLt`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `torch.nn.Conv3d`, "
                 "`transformers.pytorch_utils.Conv1D`."
             )
         return new_module

@@ -1,0 +1,175 @@
+"""LoRA on bitsandbytes 4-bit / 8-bit layers (QLoRA) on the CPU, against HF PEFT on the same quantized base.
+
+Merging is checked against its definition rather than against PEFT: bitsandbytes 0.50.2's C++ CPU 4-bit
+dequantizer reads the wrong block's absmax in several cases (fp32 with double quantization, blocksize ≥ 256, some
+small tensors such as 32×32: its own quantize → dequantize error reaches 0.37 instead of 0.09), and both PEFT's
+merge and bitsandbytes' CPU forward go through it; peft_fast dequantizes with its own code. The forward tests are
+unaffected: both libraries call the same bitsandbytes base layer.
+"""
+
+import copy
+
+import peft as ref
+import pytest
+import torch
+
+import peft_fast as pf
+from peft_fast import quantization as Q
+from peft_fast.tuners.lora import bnb as pf_bnb
+from models import quantize_linears, rel_err, tiny_llama
+
+QUANT_CASES = [
+    dict(bits=4, quant_type="nf4"),
+    dict(bits=4, quant_type="fp4", compress_statistics=True),
+    dict(bits=4, quant_type="nf4", compute_dtype=torch.bfloat16, compress_statistics=True),
+    dict(bits=8),
+]
+IDS = ["nf4", "fp4-double", "nf4-bf16-double", "int8"]
+
+
+def _base(seed=0, **quant):
+    torch.manual_seed(seed)
+    return quantize_linears(tiny_llama(), **quant)
+
+
+def _pair(base, **cfg):
+    models = []
+    for lib in (ref, pf):
+        torch.manual_seed(1)
+        config = lib.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", **cfg)
+        models.append(lib.get_peft_model(copy.deepcopy(base), config))
+    for model in models:  # the same small non-zero B, so the adapters do something realistic
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    param.copy_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    return models
+
+
+def _ids(seed=2):
+    return torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("quant", QUANT_CASES, ids=IDS)
+def test_same_outputs_and_grads_as_peft(quant):
+    ref_model, pf_model = _pair(_base(**quant))
+    layer = pf_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer) is (pf_bnb.Linear4bit if quant["bits"] == 4 else pf_bnb.Linear8bitLt)
+    ref_state, pf_state = ref_model.state_dict(), pf_model.state_dict()
+    assert list(ref_state) == list(pf_state)
+    ids = _ids()
+    results = []
+    for model in (ref_model, pf_model):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (logits_r, grads_r), (logits_p, grads_p) = results
+    assert rel_err(logits_p, logits_r) < 1e-6
+    assert grads_r.keys() == grads_p.keys() and grads_r
+    for key in grads_r:
+        assert rel_err(grads_p[key], grads_r[key]) < 1e-5, key
+    assert pf_model.get_nb_trainable_parameters() == ref_model.get_nb_trainable_parameters()
+
+
+def test_bnb_layers_are_chosen_without_the_loaded_in_flag():
+    base = _base(bits=4)
+    del base.is_loaded_in_4bit  # built from bnb modules by hand
+    model = pf.get_peft_model(base, pf.LoraConfig(target_modules=["q_proj"]))
+    assert type(model.base_model.model.model.layers[1].self_attn.q_proj) is pf_bnb.Linear4bit
+
+
+@pytest.mark.parametrize("quant", QUANT_CASES[:3], ids=IDS[:3])
+def test_4bit_merge_requantizes_the_exact_sum(quant):
+    _, model = _pair(_base(**quant))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    weight = layer.get_base_layer().weight
+    before = Q.dequantize_4bit(weight.data, weight.quant_state)
+    delta = layer.get_delta_weight("default")
+    expected, _ = Q.quantize_4bit(before + delta, blocksize=weight.quant_state.blocksize,
+                                  quant_type=weight.quant_state.quant_type,
+                                  compress_statistics=weight.quant_state.nested)
+    with pytest.warns(UserWarning, match="rounding errors"):
+        layer.merge()
+    merged = layer.get_base_layer().weight
+    assert type(merged).__name__ == "Params4bit" and merged.dtype == torch.uint8
+    assert torch.equal(merged.data, expected)
+    with pytest.warns(UserWarning, match="rounding errors"):
+        layer.unmerge()
+    after = layer.get_base_layer().weight
+    back = Q.dequantize_4bit(after.data, after.quant_state)
+    assert rel_err(back, before) < 0.2  # two more rounds of 4-bit rounding, nothing worse
+
+
+def test_merge_and_unload_keeps_quantized_layers_within_4bit_rounding():
+    _, model = _pair(_base(bits=4, quant_type="nf4"))
+    layers = {n: m for n, m in model.base_model.model.named_modules() if type(m) is pf_bnb.Linear4bit}
+    expected = {}
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        expected[name] = Q.dequantize_4bit(weight.data, weight.quant_state) + layer.get_delta_weight("default")
+    with pytest.warns(UserWarning, match="rounding errors"):
+        merged_model = model.merge_and_unload(progressbar=False, safe_merge=True)
+    assert len(expected) == 14
+    for name, target in expected.items():
+        merged = merged_model.get_submodule(name)
+        assert type(merged).__name__ == "Linear4bit"
+        got = Q.dequantize_4bit(merged.weight.data, merged.weight.quant_state)
+        assert rel_err(got, target) < 0.12, name  # one NF4 rounding of the sum
+
+
+def test_8bit_merge_matches_peft():
+    ref_model, pf_model = _pair(_base(bits=8))
+    ids = _ids()
+    with torch.no_grad():
+        a = ref_model.merge_and_unload()(input_ids=ids).logits
+        b = pf_model.merge_and_unload()(input_ids=ids).logits
+    assert rel_err(b, a) < 1e-6
+
+
+@pytest.mark.parametrize("quant", [QUANT_CASES[0], QUANT_CASES[3]], ids=["nf4", "int8"])
+def test_adapter_files_move_both_ways_on_the_quantized_base(quant, tmp_path):
+    base = _base(**quant)
+    ref_model, pf_model = _pair(base)
+    ref_model.save_pretrained(tmp_path / "ref")
+    pf_model.save_pretrained(tmp_path / "pf")
+    ids = _ids()
+    loaded_pf = pf.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ref")
+    loaded_ref = ref.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "pf")
+    ref_model.eval()  # bitsandbytes' 8-bit layers compute differently in training mode
+    with torch.no_grad():
+        expected = ref_model(input_ids=ids).logits
+        assert rel_err(loaded_pf(input_ids=ids).logits, expected) < 1e-6
+        assert rel_err(loaded_ref(input_ids=ids).logits, expected) < 1e-6
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_short_qlora_finetune_tracks_peft(checkpointing):
+    base = _base(bits=4, quant_type="nf4", compress_statistics=True)
+    losses = []
+    for lib in (ref, pf):
+        model = lib.prepare_model_for_kbit_training(copy.deepcopy(base), use_gradient_checkpointing=checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(1)
+        model = lib.get_peft_model(model, lib.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                         init_lora_weights=False, task_type="CAUSAL_LM"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        run = []
+        for step in range(6):
+            ids = _ids(seed=10)  # one batch: the adapters can only fit it
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[1][-1] < losses[1][0]
+    for a, b in zip(*losses):
+        assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_dora_on_a_quantized_layer_is_refused_and_the_model_unchanged():
+    base = _base(bits=4)
+    before = [(n, type(m)) for n, m in base.named_modules()]
+    with pytest.raises(ValueError, match="DoRA on bitsandbytes 4-bit"):
+        pf.get_peft_model(base, pf.LoraConfig(target_modules=["q_proj"], use_dora=True))
+    assert [(n, type(m)) for n, m in base.named_modules()] == before
