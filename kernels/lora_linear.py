@@ -17,6 +17,7 @@ accumulates in fp32; fp32 inputs use IEEE fp32 dots unless torch allows TF32 mat
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -99,6 +100,23 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
     return tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _dequant_4bit_tile(q_ptr, code_ptr, absmax_ptr, rows, cols, K, stride_r, stride_c, blocksize,
+                       EVEN_K: tl.constexpr):
+    """fp32 tile [rows × cols] of a bitsandbytes 4-bit weight whose element (r, c) has flat index
+    r·stride_r + c·stride_c: byte idx // 2 (high nibble for even idx), code value × absmax[idx // blocksize]."""
+    idx = rows[:, None] * stride_r + cols[None, :] * stride_c
+    if EVEN_K:
+        byte = tl.load(q_ptr + (idx >> 1)).to(tl.int32)
+    else:
+        byte = tl.load(q_ptr + (idx >> 1), mask=rows[:, None] < K, other=0).to(tl.int32)
+    nibble = (byte >> (((idx & 1) ^ 1) * 4)) & 0xF
+    value = tl.load(code_ptr + nibble) * tl.load(absmax_ptr + idx // blocksize)
+    if not EVEN_K:
+        value = tl.where(rows[:, None] < K, value, 0.0)
+    return value
+
+
 @triton.autotune(configs=_stream_configs(128), key=["M_BUCKET", "K", "BLOCK_R", "HAS_MASK"])
 @triton.jit
 def _shrink_kernel(
@@ -134,18 +152,18 @@ def _shrink_kernel(
 
 
 @triton.autotune(configs=_gemm_configs(),
-                 key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "HAS_MASK", "FUSE_SHRINK"],
+                 key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "HAS_MASK", "FUSE_SHRINK", "Y_4BIT"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _gemm_lora_kernel(
-    x_ptr, y_ptr, bias_ptr, h_ptr, l_ptr, a_ptr, out_ptr,
-    M, N, K, R, M_BUCKET,
+    x_ptr, y_ptr, bias_ptr, h_ptr, l_ptr, a_ptr, out_ptr, code_ptr, absmax_ptr,
+    M, N, K, R, M_BUCKET, quant_blocksize,
     stride_xm, stride_xk, stride_yk, stride_yn, stride_hm, stride_hr, stride_lr, stride_ln,
     stride_ar, stride_ak, stride_om, stride_on,
     lora_scale, shrink_scale, p, seed,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, FUSE_SHRINK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Y_4BIT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -178,9 +196,14 @@ def _gemm_lora_kernel(
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
         else:
             a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0.0)
+        if Y_4BIT:  # Y is a 4-bit (NF4/FP4) weight: dequantize the tile in registers, never in memory
+            b = _dequant_4bit_tile(y_ptr, code_ptr, absmax_ptr, k0 + rk, rn_in, K, stride_yk, stride_yn,
+                                   quant_blocksize, EVEN_K)
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
             b = tl.load(b_ptrs, mask=rk[:, None] < K - k0, other=0.0)
         acc = _dot(a, b, acc, PRECISION)
         if FUSE_SHRINK:  # h = x Aᵀ from the x tile already in registers (no dropout on this path)
@@ -276,6 +299,9 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, bias, h, low, lora_scale: float,
     out = torch.empty((m, n), device=x.device, dtype=out_dtype) if out is None else out
     if m == 0 or n == 0:
         return out
+    quant = y if isinstance(y, Packed4bit) else None
+    if quant is not None and y.shape[0] != k:
+        raise ValueError(f"gemm_lora: x has {k} columns, the 4-bit weight view {y.shape[0]} rows")
     fuse = shrink_a is not None
     has_lora = h is not None or fuse
     r = (shrink_a.shape[0] if fuse else h.shape[1]) if has_lora else 0
@@ -295,15 +321,44 @@ def gemm_lora(x: torch.Tensor, y: torch.Tensor, bias, h, low, lora_scale: float,
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    if quant is not None:
+        y_args, y_strides, blocksize = (quant.data, quant.code, quant.absmax), quant.strides, quant.blocksize
+    else:
+        y_args, y_strides, blocksize = (y, x, x), (y.stride(0), y.stride(1)), 1
     _gemm_lora_kernel[grid](
-        x, y, bias if bias is not None else x, h_t, low_t, a_t, out,
-        m, n, k, r, _m_bucket(m),
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), *strides, out.stride(0), out.stride(1),
+        x, y_args[0], bias if bias is not None else x, h_t, low_t, a_t, out, y_args[1], y_args[2],
+        m, n, k, r, _m_bucket(m), blocksize,
+        x.stride(0), x.stride(1), *y_strides, *strides, out.stride(0), out.stride(1),
         float(lora_scale), float(shrink_scale), float(p), int(seed),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_MASK=has_lora and p > 0.0, FUSE_SHRINK=fuse,
-        PRECISION=_precision(x.dtype), BLOCK_R=_block_r(r),
+        Y_4BIT=quant is not None, PRECISION=_precision(x.dtype), BLOCK_R=_block_r(r),
     )
     return out
+
+
+class Packed4bit(NamedTuple):
+    """A bitsandbytes 4-bit weight W (N×K, packed row-major) seen as the GEMM's right operand: `transposed=False`
+    is Wᵀ (K×N, the forward x Wᵀ), `transposed=True` is W (N×K, the input gradient dy W)."""
+
+    data: torch.Tensor  # uint8, (N·K + 1) // 2 bytes
+    code: torch.Tensor  # fp32 [16]
+    absmax: torch.Tensor  # fp32, one per block (double quantization already undone)
+    blocksize: int
+    n: int
+    k: int
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k) if self.transposed else (self.k, self.n)
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        """Flat-index strides of the logical view's (row, column)."""
+        return (self.k, 1) if self.transposed else (1, self.k)
+
+    def t(self) -> "Packed4bit":
+        return self._replace(transposed=not self.transposed)
 
 
 def lowrank(h: torch.Tensor, low: torch.Tensor, bias, lora_scale: float, p: float, seed: int,

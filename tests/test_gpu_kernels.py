@@ -123,3 +123,24 @@ def test_torch_compile_of_a_lora_model_has_no_graph_break(monkeypatch):
     model.eval()
     with torch.no_grad():
         assert rel_err(compiled(input_ids=ids).logits, model(input_ids=ids).logits) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(8192, 4096, 4096), (16, 4096, 4096), (333, 2048, 5632)])
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False)])
+def test_4bit_dequant_gemm_at_real_sizes(dtype, m, k, n, quant_type, nested):
+    from peft_fast import quantization as Q
+
+    w = torch.randn(n, k, device="cuda") / k**0.5
+    data, state = Q.quantize_4bit(w.to(dtype), blocksize=64, quant_type=quant_type, compress_statistics=nested)
+    weight = K.Packed4bit(data.reshape(-1), state.code, Q.block_absmax(state), 64, n, k)
+    w_deq = Q.dequantize_4bit(data, state).double()
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    h = torch.randn(m, 16, device="cuda", dtype=dtype)
+    b = torch.randn(n, 16, device="cuda", dtype=dtype)
+    out = K.gemm_lora(x, weight, None, h, b.t(), 0.5, 0.0, 0, dtype, out=_poisoned((m, n), dtype))
+    assert not out.isnan().any()
+    assert rel_err(out, x.double() @ w_deq.T + 0.5 * h.double() @ b.double().T) < TOL[dtype]
+    dy = torch.randn(m, n, device="cuda", dtype=dtype)
+    dx = K.gemm_lora(dy, weight.t(), None, None, None, 0.0, 0.0, 0, dtype, out=_poisoned((m, k), dtype))
+    assert rel_err(dx, dy.double() @ w_deq) < TOL[dtype]

@@ -124,8 +124,8 @@ class LayerCase:
         """fp32 result of the LoRA formula (no dropout) on input set 0."""
         x = self.xs[0].detach().float().requires_grad_(True)
         w = self.base.weight.to(x.device)
-        a = self.lora_a.to(x.device).requires_grad_(True)
-        b = self.lora_b.to(x.device).requires_grad_(True)
+        a = self.lora_a.to(x.device).clone().requires_grad_(True)  # a copy: the case's tensors stay untouched
+        b = self.lora_b.to(x.device).clone().requires_grad_(True)
         a_q, b_q = a.to(self.dtype).float(), b.to(self.dtype).float()
         y = x @ w.to(self.dtype).float().T + self.scale * (x @ a_q.T) @ b_q.T
         out = {"y": y.detach()}
@@ -193,6 +193,92 @@ class LayerCase:
         out_bytes = self.m * self.n * self.dtype.itemsize
         return Impl(step=step, check=None if lora is None else check,
                     saved_bytes=saved if self.backward else None, extra={"out_bytes": out_bytes})
+
+
+@dataclass
+class QLoraLayerCase(LayerCase):
+    """A QLoRA layer: the LoRA layer over a bitsandbytes NF4 (double-quantized) Linear4bit computing in `dtype`.
+
+    The bare base is the unquantized layer in `dtype` (what QLoRA is compared with); "peft_fast triton" forces
+    the fused dequant-GEMM backend, which auto mode does not pick yet. Needs bitsandbytes.
+    """
+
+    group: str = "qlora layer"
+    double_quant: bool = True
+    impl_names = ("base", "peft", "peft_fast", "peft_fast triton")
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().prepare(device, dtype)
+        from ..tuners.lora.bnb import is_bnb_available
+
+        self.bnb = is_bnb_available()
+        if self.bnb:
+            self.quantized = self._quantized_linear()
+            self.reference = self._reference()
+
+    def _quantized_linear(self) -> nn.Module:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(self.k, self.n, bias=False, compute_dtype=self.dtype, quant_type="nf4",
+                                  compress_statistics=self.double_quant)
+        layer.weight = bnb.nn.Params4bit(self.base.weight.data.to("cpu", self.dtype).clone(), requires_grad=False,
+                                         quant_type="nf4", compress_statistics=self.double_quant)
+        layer.support_avx512bf16_for_cpu = False  # keep bnb's standard weight layout on CPUs too
+        return layer.to(self.device)
+
+    def _reference(self) -> dict[str, torch.Tensor]:
+        quantized = getattr(self, "quantized", None)
+        if quantized is None:
+            return super()._reference()
+        from ..quantization import dequantize_4bit
+
+        weight = dequantize_4bit(quantized.weight.data, quantized.weight.quant_state, torch.float32)
+        x = self.xs[0].detach().float().requires_grad_(True)
+        a = self.lora_a.to(x.device).clone().requires_grad_(True)  # a copy: the case's tensors stay untouched
+        b = self.lora_b.to(x.device).clone().requires_grad_(True)
+        y = x @ weight.T + self.scale * (x @ a.to(self.dtype).float().T) @ b.to(self.dtype).float().T
+        out = {"y": y.detach()}
+        if self.backward:
+            y.backward(self.dys[0].float())
+            out.update(dx=x.grad, dA=a.grad, dB=b.grad)
+        return out
+
+    def release(self) -> None:
+        super().release()
+        self.__dict__.pop("quantized", None)
+
+    def build(self, name: str) -> Optional[Impl]:
+        if name in self.builders or name == "base":
+            return super().build(name)
+        if not self.bnb:
+            return None
+        lib_name, forced = name.split(" ")[0], name.endswith("triton")
+        lib = _library(lib_name)
+        if lib is None:
+            return None
+        model = nn.Sequential(copy.deepcopy(self.quantized))
+        config = lib.LoraConfig(r=self.r, lora_alpha=2 * self.r, target_modules=["0"], lora_dropout=self.dropout)
+        model = lib.get_peft_model(model, config)
+        layer = model.base_model.model[0]
+        with torch.no_grad():
+            for key, value in (("lora_A", self.lora_a), ("lora_B", self.lora_b)):
+                module = getattr(layer, key)["default"]
+                module.to(self.device, self.dtype)
+                module.weight.copy_(value)
+        impl = self._impl(layer, lora=layer)
+        if forced:
+            step, check = impl.step, impl.check
+
+            def forced_step(i):
+                with backend("triton"):
+                    return step(i)
+
+            def forced_check():
+                with backend("triton"):
+                    return check()
+
+            impl.step, impl.check = forced_step, forced_check
+        return impl
 
 
 # ------------------------------------------------------------------------------------------------ model level
@@ -417,6 +503,7 @@ def suites(device: torch.device, quick: bool) -> dict[str, list]:
                 for bwd in (False, True):
                     layer.append(LayerCase(m, k, n, r, p, bwd))
         layer += [LayerCase(16, 4096, 4096, 16, group="layer decode"), LayerCase(1, 4096, 4096, 16, group="layer decode")]
+        qlora = [QLoraLayerCase(8192, 4096, 4096, 16, 0.0, True), QLoraLayerCase(16, 4096, 4096, 16)]
         shape, batch, seq = (LLAMA_1B, 4, 2048) if not quick else (LLAMA_1B, 2, 1024)
         model = [ModelTrainCase(shape, batch, seq)]
         decode = [DecodeCase(LLAMA_1B, new_tokens=16 if quick else 64)]
@@ -425,6 +512,9 @@ def suites(device: torch.device, quick: bool) -> dict[str, list]:
         layer += [LayerCase(1, 256, 256, 16, group="layer decode")]
         if quick:
             layer = [layer[0], layer[3], layer[4]]
+        # bitsandbytes 0.50's CPU kernels dequantize double-quantized fp32 weights wrongly: single quantization here
+        qlora = [QLoraLayerCase(256, 256, 256, 16, 0.0, True, double_quant=False)]
         model = [ModelTrainCase(LLAMA_TINY, 2, 32 if quick else 64)]
         decode = [DecodeCase(LLAMA_TINY, prompt=8, new_tokens=4 if quick else 8)]
-    return {"layer": layer, "model": model, "decode": decode, "all": layer + model + decode}
+    return {"layer": layer, "qlora": qlora, "model": model, "decode": decode,
+            "all": layer + qlora + model + decode}

@@ -56,9 +56,9 @@ def lora_embedding_mixed_batch(x, result, groups, base_layer):
 
 
 try:  # the Triton backend registers itself when Triton is importable
-    from . import triton_lora  # noqa: F401
+    from . import triton_lora, triton_qlora  # noqa: F401
 except ImportError:  # pragma: no cover - Triton missing
-    triton_lora = None
+    triton_lora = triton_qlora = None
 
 __all__ = [
     "Skip",

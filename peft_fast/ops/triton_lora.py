@@ -67,10 +67,17 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn, need_hs
     return out.addmm_(x, w_kn), hs
 
 
-def _backward(dy, x, weight, lora_a, lora_b, hs, scale, p, seed, weight_kn, need_dx):
-    dhs = dy @ lora_b.to(dy.dtype)  # (M×r): dh = s·dhs
-    grad_b = (dy.t() @ hs.to(dy.dtype)).to(lora_b.dtype)  # s·dyᵀh, with s already inside hs
+def lora_weight_grads(dy, x, lora_a, lora_b, hs, scale, p, seed):
+    """(dhs, dA, dB) of the low-rank term: dhs = dy B (dh = s·dhs), dB = dyᵀ hs (s is inside hs), and
+    dA = s/(1−p) · dhsᵀ (mask ⊙ x) with the mask regenerated from the seed."""
+    dhs = dy @ lora_b.to(dy.dtype)
+    grad_b = (dy.t() @ hs.to(dy.dtype)).to(lora_b.dtype)
     grad_a = (K.grad_a(dhs, x, p, seed) * (scale / (1.0 - p))).to(lora_a.dtype)
+    return dhs, grad_a, grad_b
+
+
+def _backward(dy, x, weight, lora_a, lora_b, hs, scale, p, seed, weight_kn, need_dx):
+    dhs, grad_a, grad_b = lora_weight_grads(dy, x, lora_a, lora_b, hs, scale, p, seed)
     if not need_dx:
         return x.new_empty(0), grad_a, grad_b
     w_nk = weight.t() if weight_kn else weight  # N×K view: dx = dy W + drop(dh A)
@@ -144,7 +151,17 @@ def _weight_kn(base: nn.Module) -> bool:
     return _CONV1D is not None and type(base) is _CONV1D
 
 
-def _interpreting() -> bool:
+def new_seed(p: float) -> int:
+    """A dropout seed from torch's generator (so torch.manual_seed makes masks reproducible); 0 without dropout."""
+    return int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+
+
+def new_seed_tensor(p: float) -> torch.Tensor:
+    """The same as a CPU tensor, for the custom ops (a Python int would be specialised by torch.compile)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else _NO_SEED
+
+
+def interpreting() -> bool:
     """CPU tensors run the kernels in Triton's interpreter only when asked for (tests: PEFT_FAST_BACKEND=triton)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and forced_backend() == "triton"
 
@@ -156,7 +173,7 @@ AUTO_MIN_ROWS = 1024
 
 def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
     """None when the fused Triton path can run this call, else why not (a `Skip` when that is simply normal)."""
-    if not x.is_cuda and not (_interpreting() and x.device.type == "cpu"):
+    if not x.is_cuda and not (interpreting() and x.device.type == "cpu"):
         return Skip(f"input on {x.device.type}, Triton kernels run on CUDA")
     if forced_backend() != "triton" and x.numel() < AUTO_MIN_ROWS * x.shape[-1]:
         return Skip(f"fewer than {AUTO_MIN_ROWS} rows: launch-bound, torch's path is as fast")
@@ -171,6 +188,11 @@ def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optiona
         return f"input dtype {x.dtype} differs from the base weight's {base.weight.dtype}"
     if x.shape[-1] != base.weight.shape[0 if _weight_kn(base) else 1]:
         return f"input width {x.shape[-1]} does not match the base layer"
+    return terms_reason(terms)
+
+
+def terms_reason(terms: list[LoraTerm]) -> Optional[str]:
+    """Why the fused kernels cannot take these adapter terms, or None."""
     for term in terms:
         if type(term.lora_A) is not nn.Linear or type(term.lora_B) is not nn.Linear:
             return "adapter weights are not nn.Linear"
@@ -191,7 +213,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _fold(terms: list[LoraTerm], dtype: torch.dtype):
+def fold_terms(terms: list[LoraTerm], dtype: torch.dtype):
     """(A, B, scale, lora-bias) of one term; several adapters become one term of their summed rank."""
     if len(terms) == 1:
         t = terms[0]
@@ -203,7 +225,7 @@ def _fold(terms: list[LoraTerm], dtype: torch.dtype):
     return a, b, 1.0, (sum(biases) if biases else None)
 
 
-def _no_grad_needed(x, weight, bias, lora_a, lora_b) -> bool:
+def no_grad_needed(x, weight, bias, lora_a, lora_b) -> bool:
     if not torch.is_grad_enabled():
         return True
     return not any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
@@ -213,7 +235,7 @@ def _no_grad_needed(x, weight, bias, lora_a, lora_b) -> bool:
 def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
     dtype = _compute_dtype(x)
     weight, bias = base.weight.to(dtype), None if base.bias is None else base.bias.to(dtype)
-    lora_a, lora_b, scale, lora_bias = _fold(terms, dtype)
+    lora_a, lora_b, scale, lora_bias = fold_terms(terms, dtype)
     if lora_bias is not None:
         bias = lora_bias if bias is None else bias + lora_bias
     p = terms[0].dropout_p
@@ -222,11 +244,11 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     weight_kn = _weight_kn(base)
-    if _no_grad_needed(x2, weight, bias, lora_a, lora_b) and not torch.compiler.is_compiling():
+    if no_grad_needed(x2, weight, bias, lora_a, lora_b) and not torch.compiler.is_compiling():
         # inference: straight to the kernels, no autograd or op-dispatch overhead (matters at decode sizes)
-        seed = int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
+        seed = new_seed(p)
         out, _ = _forward(x2, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn, need_hs=False)
     else:
-        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else _NO_SEED
+        seed = new_seed_tensor(p)
         out, _ = torch.ops.peft_fast.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn)
     return out.reshape(*lead, out.shape[-1])
