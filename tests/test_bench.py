@@ -11,7 +11,9 @@ from peft_fast.benchmark.cases import Impl
 from peft_fast.benchmark.report import compare, table
 
 
-def test_bench_quick_end_to_end_writes_json_png_and_results(tmp_path, capsys):
+def test_bench_quick_end_to_end_writes_json_png_and_results(tmp_path, capsys, monkeypatch):
+    # as on a user's CPU: no Triton interpreter, so the forced-Triton QLoRA row runs on torch (not in slow motion)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     out, results_dir = tmp_path / "run", tmp_path / "site"
     status = cli.main(["bench", "--quick", "--out", str(out), "--no-progress", "--write-results",
                        "--results-dir", str(results_dir)])
@@ -19,7 +21,7 @@ def test_bench_quick_end_to_end_writes_json_png_and_results(tmp_path, capsys):
     payload = json.loads((out / "bench.json").read_text())
     assert payload["environment"]["torch"] == torch.__version__
     groups = {c["group"] for c in payload["cases"]}
-    assert {"layer", "layer decode", "model", "decode"} <= groups
+    assert {"layer", "layer decode", "qlora layer", "model", "decode"} <= groups
     for case in payload["cases"]:
         for name in ("base", "peft", "peft_fast"):
             impl = case["impls"][name]
