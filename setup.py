@@ -27,7 +27,8 @@ def _cuda_extension():
     ext = CUDAExtension(
         "peft_fast._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        # the C++ standard is left to torch's BuildExtension (it matches the one its headers need)
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
 

@@ -144,3 +144,27 @@ def test_4bit_dequant_gemm_at_real_sizes(dtype, m, k, n, quant_type, nested):
     dy = torch.randn(m, n, device="cuda", dtype=dtype)
     dx = K.gemm_lora(dy, weight.t(), None, None, None, 0.0, 0.0, 0, dtype, out=_poisoned((m, k), dtype))
     assert rel_err(dx, dy.double() @ w_deq) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nested", [False, True])
+def test_cuda_qgemv_matches_reference(m, dtype, nested):
+    _c = pytest.importorskip("peft_fast._C", reason="the CUDA extension is not built")
+    from peft_fast import quantization as Q
+
+    n, k, r = 4096, 4096 + 64, 16
+    w = torch.randn(n, k, device="cuda") / k**0.5
+    data, state = Q.quantize_4bit(w.to(dtype), blocksize=64, compress_statistics=nested)
+    absmax = Q.block_absmax(state).contiguous()
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    hs = torch.randn(m, r, device="cuda", dtype=dtype)
+    lora_b = torch.randn(n, r, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    y = _c.qgemv_lora(x, data.reshape(-1), state.code, absmax, 64, n, k, bias, hs, lora_b)
+    w_deq = Q.dequantize_4bit(data, state, torch.float32).double()
+    ref = x.double() @ w_deq.T + bias.double() + hs.double() @ lora_b.double().T
+    assert not y.isnan().any()
+    assert rel_err(y, ref) < TOL[dtype]
+    with pytest.raises(RuntimeError, match="rows"):
+        _c.qgemv_lora(torch.randn(17, k, device="cuda", dtype=dtype), data.reshape(-1), state.code, absmax, 64, n, k)

@@ -59,6 +59,7 @@ try:  # the Triton backend registers itself when Triton is importable
     from . import triton_lora, triton_qlora  # noqa: F401
 except ImportError:  # pragma: no cover - Triton missing
     triton_lora = triton_qlora = None
+from . import cuda_qlora  # noqa: E402,F401  (registers only a Skip-ing backend when peft_fast._C is not built)
 
 __all__ = [
     "Skip",
