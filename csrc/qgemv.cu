@@ -59,7 +59,7 @@ qgemv_lora_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w, const 
 #pragma unroll
         for (int i = 0; i < kRowsPerWarp; ++i) {
             const int n = row0 + i;
-            if (n >= N) break;
+            if (n >= N) continue;  // uniform across the warp
             const int64_t flat0 = (int64_t)n * K + k0;  // flat index of the tile's first weight in row n
             const uint4* wrow = reinterpret_cast<const uint4*>(w + flat0 / 2);
             for (int c = lane; c < kt / 32; c += 32) {
