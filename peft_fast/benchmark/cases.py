@@ -217,14 +217,10 @@ class QLoraLayerCase(LayerCase):
             self.reference = self._reference()
 
     def _quantized_linear(self) -> nn.Module:
-        import bitsandbytes as bnb
+        from .quantized import quantize_linears
 
-        layer = bnb.nn.Linear4bit(self.k, self.n, bias=False, compute_dtype=self.dtype, quant_type="nf4",
-                                  compress_statistics=self.double_quant)
-        layer.weight = bnb.nn.Params4bit(self.base.weight.data.to("cpu", self.dtype).clone(), requires_grad=False,
-                                         quant_type="nf4", compress_statistics=self.double_quant)
-        layer.support_avx512bf16_for_cpu = False  # keep bnb's standard weight layout on CPUs too
-        return layer.to(self.device)
+        base = nn.Sequential(copy.deepcopy(self.base).to("cpu", self.dtype))
+        return quantize_linears(base, compute_dtype=self.dtype, compress_statistics=self.double_quant)[0].to(self.device)
 
     def _reference(self) -> dict[str, torch.Tensor]:
         quantized = getattr(self, "quantized", None)
@@ -433,6 +429,44 @@ class ModelTrainCase(_ModelCase):
 
 
 @dataclass
+class QLoraTrainCase(ModelTrainCase):
+    """The training step of ModelTrainCase with the base model's linears in NF4 (double quantization, computing in
+    `dtype`), as QLoRA trains. The bare base stays the unquantized model. Needs bitsandbytes."""
+
+    group: str = "qlora model"
+
+    @property
+    def id(self) -> str:
+        return "qlora " + super().id
+
+    def prepare(self, device, dtype) -> None:
+        super().prepare(device, dtype)
+        from ..tuners.lora.bnb import is_bnb_available
+        from .quantized import quantize_linears
+
+        self.bnb = is_bnb_available()
+        self.unquantized = self.cpu_model
+        if self.bnb:
+            self.cpu_model = quantize_linears(copy.deepcopy(self.unquantized), compute_dtype=dtype,
+                                              compress_statistics=True)
+
+    def release(self) -> None:
+        super().release()
+        self.__dict__.pop("unquantized", None)
+
+    def build(self, name: str) -> Optional[Impl]:
+        if name == "base" and name not in self.builders:
+            quantized, self.cpu_model = self.cpu_model, self.unquantized
+            try:
+                return super().build(name)
+            finally:
+                self.cpu_model = quantized
+        if not self.bnb and name not in self.builders:
+            return None
+        return super().build(name)
+
+
+@dataclass
 class DecodeCase(_ModelCase):
     """Greedy decoding, time per generated token, with the adapter unmerged or merged into the weights."""
 
@@ -506,6 +540,7 @@ def suites(device: torch.device, quick: bool) -> dict[str, list]:
         qlora = [QLoraLayerCase(8192, 4096, 4096, 16, 0.0, True), QLoraLayerCase(16, 4096, 4096, 16)]
         shape, batch, seq = (LLAMA_1B, 4, 2048) if not quick else (LLAMA_1B, 2, 1024)
         model = [ModelTrainCase(shape, batch, seq)]
+        qlora.append(QLoraTrainCase(shape, batch, seq))
         decode = [DecodeCase(LLAMA_1B, new_tokens=16 if quick else 64)]
     else:
         layer = [LayerCase(256, 256, 256, 16, p, bwd) for p in (0.0, 0.1) for bwd in (False, True)]
@@ -515,6 +550,7 @@ def suites(device: torch.device, quick: bool) -> dict[str, list]:
         # bitsandbytes 0.50's CPU kernels dequantize double-quantized fp32 weights wrongly: single quantization here
         qlora = [QLoraLayerCase(256, 256, 256, 16, 0.0, True, double_quant=False)]
         model = [ModelTrainCase(LLAMA_TINY, 2, 32 if quick else 64)]
+        qlora.append(QLoraTrainCase(LLAMA_TINY, 2, 32))
         decode = [DecodeCase(LLAMA_TINY, prompt=8, new_tokens=4 if quick else 8)]
     return {"layer": layer, "qlora": qlora, "model": model, "decode": decode,
             "all": layer + qlora + model + decode}
