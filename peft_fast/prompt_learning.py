@@ -70,9 +70,12 @@ def _get_batch_size(input_ids: Optional[torch.Tensor], inputs_embeds: Optional[t
     return (input_ids if input_ids is not None else inputs_embeds).shape[0]
 
 
-def _prefix_mask(batch_size: int, num_virtual_tokens: int, like: torch.Tensor) -> torch.Tensor:
-    # float ones, concatenated with the user's mask as PEFT does (torch.cat promotes an integer mask to float)
-    return torch.ones(batch_size, num_virtual_tokens).to(like.device)
+def _with_prefix(mask: Optional[torch.Tensor], num_virtual_tokens: int) -> Optional[torch.Tensor]:
+    """The attention mask extended by num_virtual_tokens ones in front (float ones, as PEFT: torch.cat then
+    promotes an integer mask to float)."""
+    if mask is None:
+        return None
+    return torch.cat((torch.ones(mask.shape[0], num_virtual_tokens).to(mask.device), mask), dim=1)
 
 
 def _return_dict_default(config) -> bool:
@@ -203,9 +206,7 @@ class PromptLearningMixin:
                                   output_hidden_states, return_dict, task_ids, kwargs):
         config = self.active_peft_config
         batch_size = _get_batch_size(input_ids, inputs_embeds)
-        if attention_mask is not None:
-            attention_mask = torch.cat((_prefix_mask(batch_size, config.num_virtual_tokens, attention_mask),
-                                        attention_mask), dim=1)
+        attention_mask = _with_prefix(attention_mask, config.num_virtual_tokens)
         self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
         kwargs.update(attention_mask=attention_mask, labels=labels, output_attentions=output_attentions,
                       output_hidden_states=output_hidden_states, return_dict=return_dict)
@@ -224,9 +225,7 @@ class PromptLearningMixin:
         config = self.active_peft_config
         return_dict = return_dict if return_dict is not None else _return_dict_default(self.base_model.config)
         batch_size = _get_batch_size(input_ids, inputs_embeds)
-        if attention_mask is not None:
-            attention_mask = torch.cat((_prefix_mask(batch_size, config.num_virtual_tokens, attention_mask),
-                                        attention_mask), dim=1)
+        attention_mask = _with_prefix(attention_mask, config.num_virtual_tokens)
         self._adjust_prompt_learning_kwargs(config, kwargs=kwargs, remove_token_type_ids=False)
         kwargs.update(attention_mask=attention_mask, output_attentions=output_attentions,
                       output_hidden_states=output_hidden_states, return_dict=return_dict, **head_kwargs)
@@ -260,9 +259,7 @@ class PromptLearningMixin:
                                            output_hidden_states, return_dict, kwargs):
         config = self.active_peft_config
         batch_size = _get_batch_size(input_ids, inputs_embeds)
-        if attention_mask is not None:
-            attention_mask = torch.cat((_prefix_mask(batch_size, config.num_virtual_tokens, attention_mask),
-                                        attention_mask), dim=1)
+        attention_mask = _with_prefix(attention_mask, config.num_virtual_tokens)
         self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
         kwargs.update(attention_mask=attention_mask, output_attentions=output_attentions,
                       output_hidden_states=output_hidden_states, return_dict=return_dict)
@@ -277,11 +274,8 @@ class PromptLearningMixin:
                                 output_hidden_states, return_dict, task_ids, kwargs):
         config = self.active_peft_config
         batch_size = _get_batch_size(input_ids, inputs_embeds)
-        if decoder_attention_mask is not None and config.peft_type not in EMBEDDING_TYPES:
-            decoder_attention_mask = torch.cat(
-                (_prefix_mask(batch_size, config.num_virtual_tokens, decoder_attention_mask), decoder_attention_mask),
-                dim=1,
-            )
+        if config.peft_type not in EMBEDDING_TYPES:
+            decoder_attention_mask = _with_prefix(decoder_attention_mask, config.num_virtual_tokens)
         self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)
         kwargs.update(attention_mask=attention_mask, decoder_attention_mask=decoder_attention_mask, labels=labels,
                       output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -293,10 +287,7 @@ class PromptLearningMixin:
                                    **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        if attention_mask is not None:
-            kwargs["attention_mask"] = torch.cat(
-                (_prefix_mask(batch_size, config.num_virtual_tokens, attention_mask), attention_mask), dim=1
-            )
+        kwargs["attention_mask"] = _with_prefix(attention_mask, config.num_virtual_tokens)
         prompts = self.get_prompt(batch_size=batch_size).to(inputs_embeds.dtype)
         inputs_embeds = torch.cat((prompts[:, : config.num_virtual_tokens], inputs_embeds), dim=1)
         return self.base_model(inputs_embeds=inputs_embeds, decoder_input_ids=decoder_input_ids,
@@ -324,9 +315,7 @@ class PromptLearningMixin:
                 attention_mask = next(iter(attention_mask.values()))
             if attention_mask.dim() == 4:
                 raise ValueError("prompt learning generation needs a 2-D attention mask; got a 4-D one.")
-            prefix = torch.ones(model_kwargs["input_ids"].shape[0], config.num_virtual_tokens)
-            model_kwargs["attention_mask"] = torch.cat((prefix.to(model_kwargs["input_ids"].device), attention_mask),
-                                                       dim=1)
+            model_kwargs["attention_mask"] = _with_prefix(attention_mask, config.num_virtual_tokens)
         self._adjust_prompt_learning_kwargs(config, kwargs=model_kwargs)
         needs_prompt = cache is None or (isinstance(cache, Cache) and not cache.get_seq_length())
         if needs_prompt and config.peft_type in PREFIX_TYPES:
@@ -378,10 +367,7 @@ class PromptLearningMixin:
             (prompts[:, : config.num_virtual_tokens].to(inputs_embeds.dtype), inputs_embeds), dim=1
         )
         if "attention_mask" in kwargs:
-            kwargs["attention_mask"] = torch.cat(
-                (_prefix_mask(batch_size, config.num_virtual_tokens, kwargs["attention_mask"]),
-                 kwargs["attention_mask"]), dim=1
-            )
+            kwargs["attention_mask"] = _with_prefix(kwargs["attention_mask"], config.num_virtual_tokens)
         return self.base_model.generate(**kwargs)
 
 

@@ -120,14 +120,18 @@ class LayerCase:
         self.device, self.dtype = device, dtype
         self.reference = self._reference()
 
+    def _reference_weight(self) -> torch.Tensor:
+        """The base weight the implementations compute with, in fp32."""
+        return self.base.weight.to(self.device, self.dtype).float()
+
     def _reference(self) -> dict[str, torch.Tensor]:
         """fp32 result of the LoRA formula (no dropout) on input set 0."""
         x = self.xs[0].detach().float().requires_grad_(True)
-        w = self.base.weight.to(x.device)
+        w = self._reference_weight()
         a = self.lora_a.to(x.device).clone().requires_grad_(True)  # a copy: the case's tensors stay untouched
         b = self.lora_b.to(x.device).clone().requires_grad_(True)
         a_q, b_q = a.to(self.dtype).float(), b.to(self.dtype).float()
-        y = x @ w.to(self.dtype).float().T + self.scale * (x @ a_q.T) @ b_q.T
+        y = x @ w.T + self.scale * (x @ a_q.T) @ b_q.T
         out = {"y": y.detach()}
         if self.backward:
             y.backward(self.dys[0].float())
@@ -222,22 +226,13 @@ class QLoraLayerCase(LayerCase):
         base = nn.Sequential(copy.deepcopy(self.base).to("cpu", self.dtype))
         return quantize_linears(base, compute_dtype=self.dtype, compress_statistics=self.double_quant)[0].to(self.device)
 
-    def _reference(self) -> dict[str, torch.Tensor]:
+    def _reference_weight(self) -> torch.Tensor:
         quantized = getattr(self, "quantized", None)
         if quantized is None:
-            return super()._reference()
+            return super()._reference_weight()
         from ..quantization import dequantize_4bit
 
-        weight = dequantize_4bit(quantized.weight.data, quantized.weight.quant_state, torch.float32)
-        x = self.xs[0].detach().float().requires_grad_(True)
-        a = self.lora_a.to(x.device).clone().requires_grad_(True)  # a copy: the case's tensors stay untouched
-        b = self.lora_b.to(x.device).clone().requires_grad_(True)
-        y = x @ weight.T + self.scale * (x @ a.to(self.dtype).float().T) @ b.to(self.dtype).float().T
-        out = {"y": y.detach()}
-        if self.backward:
-            y.backward(self.dys[0].float())
-            out.update(dx=x.grad, dA=a.grad, dB=b.grad)
-        return out
+        return dequantize_4bit(quantized.weight.data, quantized.weight.quant_state, torch.float32)
 
     def release(self) -> None:
         super().release()
