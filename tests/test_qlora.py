@@ -173,3 +173,28 @@ def test_dora_on_a_quantized_layer_is_refused_and_the_model_unchanged():
     with pytest.raises(ValueError, match="DoRA on bitsandbytes 4-bit"):
         pf.get_peft_model(base, pf.LoraConfig(target_modules=["q_proj"], use_dora=True))
     assert [(n, type(m)) for n, m in base.named_modules()] == before
+
+
+@pytest.mark.parametrize("gc_kwargs", [None, {"use_reentrant": False}])
+def test_prepare_model_for_kbit_training_matches_peft_on_a_4bit_model(gc_kwargs):
+    torch.manual_seed(0)
+    base = quantize_linears(tiny_llama().to(torch.bfloat16), bits=4, compute_dtype=torch.bfloat16)
+    prepared = [lib.prepare_model_for_kbit_training(copy.deepcopy(base), gradient_checkpointing_kwargs=gc_kwargs)
+                for lib in (ref, pf)]
+    (ref_model, pf_model) = prepared
+    ref_params, pf_params = dict(ref_model.named_parameters()), dict(pf_model.named_parameters())
+    assert ref_params.keys() == pf_params.keys()
+    for name, param in ref_params.items():
+        assert (pf_params[name].dtype, pf_params[name].requires_grad) == (param.dtype, param.requires_grad), name
+    assert pf_params["model.norm.weight"].dtype == torch.float32  # norms upcast, 4-bit weights untouched
+    assert pf_params["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    assert pf_model.is_gradient_checkpointing and ref_model.is_gradient_checkpointing
+    ids = _ids()
+    captured = []
+    for model in prepared:  # whether the input embeddings require grad (reentrant checkpointing needs it)
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: captured.append(o.requires_grad))
+        model(input_ids=ids)
+        handle.remove()
+    assert captured[0] == captured[1]
+    if gc_kwargs is None:
+        assert captured[1]
