@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
-class LoraTerm:
-    """s · lora_B(lora_A(dropout(x))). lora_A / lora_B are nn.Linear or nn.ConvNd; dropout is nn.Dropout/Identity."""
+class LoraTerm(NamedTuple):
+    """s · lora_B(lora_A(dropout(x))). lora_A / lora_B are nn.Linear or nn.ConvNd; dropout is nn.Dropout/Identity.
+
+    (A NamedTuple: one is built per adapter per forward call, so construction must cost next to nothing.)"""
 
     lora_A: nn.Module
     lora_B: nn.Module
@@ -27,8 +27,7 @@ class LoraTerm:
         return self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
 
 
-@dataclass(frozen=True)
-class EmbeddingTerm:
+class EmbeddingTerm(NamedTuple):
     """s · embed(x, lora_Aᵀ) · lora_Bᵀ (· embed_scale); lora_A is (r × vocab), lora_B is (dim × r)."""
 
     lora_A: torch.Tensor

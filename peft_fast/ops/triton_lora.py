@@ -163,20 +163,22 @@ def new_seed_tensor(p: float) -> torch.Tensor:
 
 def interpreting() -> bool:
     """CPU tensors run the kernels in Triton's interpreter only when asked for (tests: PEFT_FAST_BACKEND=triton)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" and forced_backend() == "triton"
+    return os.environ.get("TRITON_INTERPRET") == "1" and forced_backend() == "triton"
 
 
 # Auto mode sends calls with fewer rows than this to torch: small calls are launch-bound, and the one H100 run so far
 # (2026-11-23) measured our decode-sized calls slower than PEFT's. PEFT_FAST_BACKEND=triton takes every size.
 AUTO_MIN_ROWS = 1024
+_NOT_CUDA = Skip("input not on CUDA, Triton kernels run on CUDA")
+_FEW_ROWS = Skip(f"fewer than {AUTO_MIN_ROWS} rows: launch-bound, torch's path is as fast")
 
 
 def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
     """None when the fused Triton path can run this call, else why not (a `Skip` when that is simply normal)."""
-    if not x.is_cuda and not (interpreting() and x.device.type == "cpu"):
-        return Skip(f"input on {x.device.type}, Triton kernels run on CUDA")
-    if forced_backend() != "triton" and x.numel() < AUTO_MIN_ROWS * x.shape[-1]:
-        return Skip(f"fewer than {AUTO_MIN_ROWS} rows: launch-bound, torch's path is as fast")
+    if not x.is_cuda and not (x.device.type == "cpu" and interpreting()):
+        return _NOT_CUDA
+    if x.numel() < AUTO_MIN_ROWS * x.shape[-1] and forced_backend() != "triton":
+        return _FEW_ROWS
     if type(base) is not nn.Linear and not _weight_kn(base):
         return f"base layer is {type(base).__name__}, the fused kernel takes nn.Linear or transformers Conv1D"
     if base._forward_hooks or base._forward_pre_hooks:

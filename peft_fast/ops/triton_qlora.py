@@ -127,10 +127,10 @@ def _is_bnb_4bit(base: nn.Module) -> bool:
 
 
 def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
-    if not x.is_cuda and not (interpreting() and x.device.type == "cpu"):
-        return Skip(f"input on {x.device.type}, Triton kernels run on CUDA")
+    if not x.is_cuda and not (x.device.type == "cpu" and interpreting()):
+        return Skip("input not on CUDA, Triton kernels run on CUDA")
     if not _is_bnb_4bit(base):
-        return Skip(f"base layer is {type(base).__name__}, the fused dequant kernel takes bitsandbytes Linear4bit")
+        return Skip("the fused dequant kernel takes bitsandbytes Linear4bit base layers only")
     if forced_backend() != "triton":
         return Skip("not yet measured against bitsandbytes on a GPU; PEFT_FAST_BACKEND=triton selects it")
     state = base.weight.quant_state
