@@ -5,6 +5,7 @@ import torch
 
 from peft_fast.benchmark import suites
 from peft_fast.benchmark.cases import tolerance
+from peft_fast.benchmark.runner import impl_names
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -17,7 +18,7 @@ def case_params(group: str):
     """(case, impl) pairs for parametrize; ids read like the CLI's table rows."""
     out = []
     for case in cases(group):
-        for impl in getattr(case, "impl_names", ("base", "peft", "peft_fast")):
+        for impl in impl_names(case, _DEVICE):
             out.append(pytest.param(case, impl, id=f"{case.id} · {impl}"))
     return out
 

@@ -61,6 +61,7 @@ def _run_bench(args: argparse.Namespace):
     from tqdm import tqdm
 
     from .benchmark import environment, run_case, suites, to_json
+    from .benchmark.runner import impl_names
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -71,7 +72,7 @@ def _run_bench(args: argparse.Namespace):
     cases = available[args.suite]
     repeats = 5 if args.quick and device.type == "cpu" else (50 if device.type == "cuda" else 20)
     results = []
-    total = sum(len(getattr(c, "impl_names", ("base", "peft", "peft_fast"))) for c in cases)
+    total = sum(len(impl_names(c, device)) for c in cases)
     with tqdm(total=total, desc="bench", unit="impl", file=sys.stderr, disable=args.no_progress) as bar:
         for case in cases:
             def on_impl(name, case=case):

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.gpu
     (tiny_gpt2, "gpt2", dict(r=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_forward_backward_match_peft(builder, name, cfg, dtype):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_cuda_forward_backward_match_peft(builder, name, cfg, dtype, backend, monkeypatch):
+    monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
     torch.manual_seed(0)
     base = builder().to("cuda", dtype)
     ref_model = ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(**cfg))

@@ -58,6 +58,23 @@ def backend(name: Optional[str]):
                 os.environ["PEFT_FAST_BACKEND"] = old
 
 
+def with_backend(impl: Impl, name: str) -> Impl:
+    """The same implementation with PEFT_FAST_BACKEND=name around every timed step and the check."""
+    step, check = impl.step, impl.check
+
+    def forced_step(i):
+        with backend(name):
+            return step(i)
+
+    def forced_check():
+        with backend(name):
+            return check()
+
+    impl.step = forced_step
+    impl.check = None if check is None else forced_check
+    return impl
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     if not torch.isfinite(a).all():
@@ -90,6 +107,7 @@ class LayerCase:
     backward: bool = False
     group: str = "layer"
     builders: dict = field(default_factory=dict)  # name → callable(case, device, dtype) → Impl, overrides
+    impl_names = ("base", "peft", "peft_fast", "peft_fast triton")
 
     @property
     def id(self) -> str:
@@ -148,6 +166,8 @@ class LayerCase:
         if name == "base":
             layer = self.base.to(self.device, self.dtype)
             return self._impl(layer, lora=None)
+        if name == "peft_fast triton":
+            return with_backend(self.build("peft_fast"), "triton")
         lib = _library(name)
         if lib is None:
             return None
@@ -209,7 +229,6 @@ class QLoraLayerCase(LayerCase):
 
     group: str = "qlora layer"
     double_quant: bool = True
-    impl_names = ("base", "peft", "peft_fast", "peft_fast triton")
 
     def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
         super().prepare(device, dtype)
@@ -257,19 +276,7 @@ class QLoraLayerCase(LayerCase):
                 module.to(self.device, self.dtype)
                 module.weight.copy_(value)
         impl = self._impl(layer, lora=layer)
-        if forced:
-            step, check = impl.step, impl.check
-
-            def forced_step(i):
-                with backend("triton"):
-                    return step(i)
-
-            def forced_check():
-                with backend("triton"):
-                    return check()
-
-            impl.step, impl.check = forced_step, forced_check
-        return impl
+        return with_backend(impl, "triton") if forced else impl
 
 
 # ------------------------------------------------------------------------------------------------ model level
@@ -371,6 +378,7 @@ class ModelTrainCase(_ModelCase):
     group: str = "model"
     builders: dict = field(default_factory=dict)
     max_repeats = 10  # a step of the 1.1B model takes about a second
+    impl_names = ("base", "peft", "peft_fast", "peft_fast triton")
 
     @property
     def id(self) -> str:
@@ -403,6 +411,8 @@ class ModelTrainCase(_ModelCase):
                 loss.backward()
 
             return Impl(step=base_step, units=tokens, extra={"model": model})
+        if name == "peft_fast triton":
+            return with_backend(self.build("peft_fast"), "triton")
         reference = self._reference_loss()
         model = self._peft_model(name)
         if model is None:

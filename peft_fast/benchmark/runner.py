@@ -48,13 +48,20 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def impl_names(case, device: torch.device) -> tuple[str, ...]:
+    """The implementations a case times here: the forced-backend rows ("peft_fast triton") only on CUDA, where
+    they differ from plain peft_fast."""
+    names = getattr(case, "impl_names", IMPLS)
+    return tuple(n for n in names if device.type == "cuda" or not n.endswith(" triton"))
+
+
 def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, min_time_s: float = 0.0,
              on_impl: Optional[Callable[[str], None]] = None) -> CaseResult:
     """Check, time and measure every implementation of `case`; the bare base first, as the ratios' denominator."""
     result = CaseResult(case.id, case.group, case.params, tolerance(dtype))
     case.prepare(device, dtype)
     try:
-        for name in getattr(case, "impl_names", IMPLS):
+        for name in impl_names(case, device):
             if on_impl is not None:
                 on_impl(name)
             res = ImplResult(name)

@@ -166,10 +166,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and forced_backend() == "triton"
 
 
-# Auto mode sends calls with fewer rows than this to torch: small calls are launch-bound, and the one H100 run so far
-# (2026-11-23) measured our decode-sized calls slower than PEFT's. PEFT_FAST_BACKEND=triton takes every size.
+# Auto mode: the one H100 run so far (2026-11-23) measured the first kernel version slower than HF PEFT, and the
+# current one (cuBLAS GEMM + Triton low-rank kernels) has not run on a GPU. Until the benchmark's "peft_fast triton"
+# rows show it winning, auto mode keeps torch; PEFT_FAST_BACKEND=triton selects the kernels. The intended rule once
+# measured: AUTO_ON_CUDA = True, for calls of at least AUTO_MIN_ROWS rows (small calls are launch-bound).
+AUTO_ON_CUDA = False
 AUTO_MIN_ROWS = 1024
 _NOT_CUDA = Skip("input not on CUDA, Triton kernels run on CUDA")
+_AUTO_OFF = Skip("auto mode keeps torch until the Triton path is measured on a GPU; PEFT_FAST_BACKEND=triton selects it")
 _FEW_ROWS = Skip(f"fewer than {AUTO_MIN_ROWS} rows: launch-bound, torch's path is as fast")
 
 
@@ -177,8 +181,11 @@ def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optiona
     """None when the fused Triton path can run this call, else why not (a `Skip` when that is simply normal)."""
     if not x.is_cuda and not (x.device.type == "cpu" and interpreting()):
         return _NOT_CUDA
-    if x.numel() < AUTO_MIN_ROWS * x.shape[-1] and forced_backend() != "triton":
-        return _FEW_ROWS
+    if forced_backend() != "triton":
+        if not AUTO_ON_CUDA:
+            return _AUTO_OFF
+        if x.numel() < AUTO_MIN_ROWS * x.shape[-1]:
+            return _FEW_ROWS
     if type(base) is not nn.Linear and not _weight_kn(base):
         return f"base layer is {type(base).__name__}, the fused kernel takes nn.Linear or transformers Conv1D"
     if base._forward_hooks or base._forward_pre_hooks:
