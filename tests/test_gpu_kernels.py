@@ -168,3 +168,14 @@ def test_cuda_qgemv_matches_reference(m, dtype, nested):
     assert rel_err(y, ref) < TOL[dtype]
     with pytest.raises(RuntimeError, match="rows"):
         _c.qgemv_lora(torch.randn(17, k, device="cuda", dtype=dtype), data.reshape(-1), state.code, absmax, 64, n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_dequantize_4bit_bit_identical_on_gpu(dtype, monkeypatch):
+    from peft_fast import ops
+    from peft_fast import quantization as Q
+
+    w = torch.randn(4096, 4099, device="cuda").to(dtype)  # odd element count
+    data, state = Q.quantize_4bit(w, blocksize=64, compress_statistics=True)
+    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    assert torch.equal(ops.dequantize_4bit(data, state), Q.dequantize_4bit(data, state))

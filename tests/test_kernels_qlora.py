@@ -122,3 +122,19 @@ def test_auto_mode_keeps_bitsandbytes_and_8bit_stays_on_torch(monkeypatch):
     model8 = pf.get_peft_model(model8, pf.LoraConfig(r=4, target_modules=["0"]))
     layer8 = model8.base_model.model[0]
     assert dispatch.choose("quantized_linear_with_lora", x, layer8.base_layer, terms) == "torch"
+
+
+@pytest.mark.parametrize("quant_type,blocksize,nested", [("nf4", 64, False), ("fp4", 128, True), ("nf4", 256, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(29, 70), (5, 7)])  # odd element count: the last byte is half padding
+def test_triton_dequantize_is_bit_identical_to_the_reference(quant_type, blocksize, nested, dtype, shape, monkeypatch):
+    from peft_fast import ops
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    data, state = Q.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    assert dispatch.choose("dequantize_4bit", data, state) == "triton"
+    out = ops.dequantize_4bit(data, state)
+    assert out.dtype == dtype and out.shape == w.shape
+    assert torch.equal(out, Q.dequantize_4bit(data, state))
+    assert torch.equal(ops.dequantize_4bit(data, state, torch.float32), Q.dequantize_4bit(data, state, torch.float32))

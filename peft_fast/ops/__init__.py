@@ -30,6 +30,11 @@ def quantized_linear_with_lora(x, base_layer, terms):
     return _call("quantized_linear_with_lora", x, base_layer, terms)
 
 
+def dequantize_4bit(packed, state, dtype=None):
+    """A whole bitsandbytes 4-bit weight in `dtype` (default: the dtype it was quantized from)."""
+    return _call("dequantize_4bit", packed, state, dtype)
+
+
 def loha_delta_weight(w1a, w1b, w2a, w2b, scale, t1=None, t2=None):
     """LoHa's weight delta (Hadamard product of two low-rank products, times scale)."""
     return _call("loha_delta_weight", w1a, w1b, w2a, w2b, scale, t1, t2)
@@ -65,6 +70,7 @@ __all__ = [
     "Skip",
     "linear_with_lora",
     "quantized_linear_with_lora",
+    "dequantize_4bit",
     "loha_delta_weight",
     "lokr_delta_weight",
     "LoraTerm",

@@ -129,3 +129,11 @@ def _kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def lokr_tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """W2 of an effective-conv LoKr layer rebuilt from its Tucker core."""
     return torch.einsum("i j k l, i p, j r -> p r k l", t, wa, wb)
+
+
+@register("dequantize_4bit", "torch")
+def dequantize_4bit(packed: torch.Tensor, state, dtype=None) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight, dequantized (peft_fast.quantization's reference arithmetic)."""
+    from ..quantization import dequantize_4bit as reference
+
+    return reference(packed, state, dtype)

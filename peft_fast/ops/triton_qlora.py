@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from peft_fast.kernels import lora_linear as K
+from peft_fast.kernels import quant4
 
 from ..quantization import block_absmax
 from .dispatch import Skip, forced_backend, register
@@ -179,3 +180,18 @@ def quantized_linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[Lor
         out, _ = torch.ops.peft_fast.qlora_linear_fwd(x2, qdata, code, absmax, n, k, state.blocksize, bias, lora_a,
                                                       lora_b, scale, p, new_seed_tensor(p))
     return out.reshape(*lead, n).to(x.dtype)
+
+
+def _dequant_supports(packed: torch.Tensor, state, dtype=None) -> Optional[str]:
+    if not packed.is_cuda and not (packed.device.type == "cpu" and interpreting()):
+        return Skip("weight not on CUDA")
+    if getattr(state, "packing_format_for_cpu", False):
+        return "the 4-bit weight is in bitsandbytes' CPU-repacked layout"
+    return None
+
+
+@register("dequantize_4bit", "triton", supports=_dequant_supports)
+def dequantize_4bit(packed: torch.Tensor, state, dtype=None) -> torch.Tensor:
+    """One pass over the packed bytes (bit-identical to the torch reference)."""
+    return quant4.dequantize_4bit(packed, state.code, _absmax_fp32(state), state.blocksize, state.shape,
+                                  dtype or state.dtype)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...quantization import dequantize_4bit
 from ..tuners_utils import check_adapters_to_merge
 from .config import LoraConfig
 from .layer import Linear
@@ -106,7 +105,7 @@ class Linear4bit(_BnbLinear):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        return dequantize_4bit(weight.data, weight.quant_state)
+        return ops.dequantize_4bit(weight.data, weight.quant_state)
 
     def _set_weight(self, weight: torch.Tensor) -> None:
         bnb = _bnb()
