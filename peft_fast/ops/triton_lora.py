@@ -1,6 +1,9 @@
-"""Triton backend of `linear_with_lora`: the base GEMM and the LoRA term in one fused forward and backward.
+"""Triton backend of `linear_with_lora`: a LoRA linear's forward and backward as two custom ops.
 
-Two `torch.library` custom ops (`peft_fast::lora_linear_fwd` / `lora_linear_bwd`) wrap the kernels of
+Forward: the shrink hs = s·drop(x)Aᵀ (dropout mask generated in-kernel), then the base GEMM with the low-rank term —
+cuBLAS accumulating (beta = 1) onto the Triton-written term by default, or all in Triton with the term in the GEMM's
+epilogue (PEFT_FAST_GEMM=triton); small no-dropout inference calls are one launch. Backward: dB and dh from dy,
+dA with the mask regenerated, dx = dy·W + drop(dh·A). Two `torch.library` custom ops (`peft_fast::lora_linear_fwd` / `lora_linear_bwd`) wrap the kernels of
 `peft_fast.kernels.lora_linear`, with fake implementations and an autograd formula, so eager autograd and
 `torch.compile` both see one opaque op per direction (no graph break). What torch does well stays outside the ops
 as ordinary differentiable torch code: autocast casts, folding several adapters into one larger-rank term (each
