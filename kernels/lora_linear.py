@@ -182,9 +182,10 @@ def _gemm_lora_kernel(
     m_ok = rm < M
     n_ok = rn < N
     # rows/columns past the edge wrap around (their results are never stored), so the K loop's loads need no
-    # M/N mask and, when BLOCK_K divides K, no mask at all: full-width vector loads the pipeliner can overlap
-    rm_in = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    rn_in = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    # M/N mask and, when BLOCK_K divides K, no mask at all. (No max_contiguous hint: a wrapped edge tile is not
+    # contiguous, and a vectorised load on that promise could read past the end of the tensor.)
+    rm_in = rm % M
+    rn_in = rn % N
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
