@@ -1,9 +1,11 @@
-"""Triton dequantization of a bitsandbytes 4-bit (NF4 / FP4) weight: the whole matrix, in one pass.
+"""Triton quantization and dequantization of bitsandbytes 4-bit (NF4 / FP4) weights, whole matrices in one pass.
 
-Used where a full dequantized weight is what is wanted (merging an adapter into a 4-bit layer on a GPU); the GEMMs
-never need it, they dequantize tiles in registers (`lora_linear._dequant_4bit_tile`). The arithmetic is the torch
-reference's (`peft_fast.quantization.dequantize_4bit`): code value × block absmax in fp32, then one rounding to the
-output dtype, so results are bit-identical.
+Used where a full weight is what is wanted (merging an adapter into a 4-bit layer on a GPU: dequantize, add,
+quantize); the GEMMs never need it, they dequantize tiles in registers (`lora_linear._dequant_4bit_tile`). The
+arithmetic is the torch reference's (`peft_fast.quantization`), operation for operation, so results are
+bit-identical: dequantization is code value × block absmax in fp32 then one rounding; quantization scales each
+block by its absmax (x · (1/absmax); the short tail block x / absmax) and takes the nearest code (ties down), the
+8-bit blockwise quantizer of double quantization likewise with the 256-value dynamic code.
 """
 
 from __future__ import annotations
@@ -48,3 +50,50 @@ def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tens
         q, code.to(torch.float32).contiguous(), absmax.to(torch.float32).contiguous(), out, n, blocksize, BLOCK=block,
     )
     return out.to(dtype)
+
+
+@triton.jit
+def _quantize_blockwise_kernel(x_ptr, bounds_ptr, order_ptr, q_ptr, absmax_ptr, n,
+                               BLOCK: tl.constexpr, NBOUNDS: tl.constexpr, PACK4: tl.constexpr):
+    """One quantization block per program: absmax, scale, nearest code index (original code order), store."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    tail = (pid + 1) * BLOCK > n
+    safe = tl.maximum(amax, 1e-38)
+    scaled = tl.where(tail, x / safe, x * (1.0 / safe))
+    scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+    b = tl.arange(0, NBOUNDS)
+    bounds = tl.load(bounds_ptr + b)
+    rank = tl.sum((bounds[None, :] < scaled[:, None]).to(tl.int32), axis=1)  # torch.bucketize(right=False)
+    q = tl.load(order_ptr + rank)
+    tl.store(absmax_ptr + pid, tl.where(tail, safe, amax))
+    if PACK4:  # two codes a byte, element 2j in the high nibble
+        hi, lo = tl.split(tl.reshape(q, (BLOCK // 2, 2)))
+        byte_offs = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+        tl.store(q_ptr + byte_offs, ((hi << 4) | lo).to(tl.uint8), mask=byte_offs < (n + 1) // 2)
+    else:
+        tl.store(q_ptr + offs, q.to(tl.uint8), mask=offs < n)
+
+
+def _bounds_and_order(code: torch.Tensor, pad_to: int):
+    """Midpoints of the sorted code (padded with +inf to a power of two) and sorted → original index."""
+    order = torch.argsort(code)
+    sorted_code = code[order]
+    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
+    pad = torch.full((pad_to - bounds.numel(),), float("inf"), device=code.device)
+    return torch.cat([bounds, pad]).contiguous(), order.to(torch.int32).contiguous()
+
+
+def quantize_blockwise(flat: torch.Tensor, code: torch.Tensor, blocksize: int, pack4: bool):
+    """(codes — packed nibbles if pack4 — , fp32 absmax per block) of a flat tensor."""
+    n = flat.numel()
+    blocks = triton.cdiv(n, blocksize)
+    bounds, order = _bounds_and_order(code.to(flat.device, torch.float32), triton.next_power_of_2(code.numel()))
+    q = torch.empty(((n + 1) // 2,) if pack4 else (n,), device=flat.device, dtype=torch.uint8)
+    absmax = torch.empty(blocks, device=flat.device, dtype=torch.float32)
+    if n:
+        _quantize_blockwise_kernel[(blocks,)](flat.contiguous(), bounds, order, q, absmax, n, BLOCK=blocksize,
+                                              NBOUNDS=bounds.numel(), PACK4=pack4)
+    return q, absmax

@@ -179,3 +179,15 @@ def test_triton_dequantize_4bit_bit_identical_on_gpu(dtype, monkeypatch):
     data, state = Q.quantize_4bit(w, blocksize=64, compress_statistics=True)
     monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
     assert torch.equal(ops.dequantize_4bit(data, state), Q.dequantize_4bit(data, state))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_triton_quantize_4bit_bit_identical_on_gpu(nested, monkeypatch):
+    from peft_fast import ops
+    from peft_fast import quantization as Q
+
+    w = torch.randn(4096, 4099, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("PEFT_FAST_BACKEND", "triton")
+    packed, state = ops.quantize_4bit(w, 64, "nf4", nested)
+    ref_packed, ref_state = Q.quantize_4bit(w, blocksize=64, compress_statistics=nested)
+    assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)

@@ -138,3 +138,23 @@ def test_triton_dequantize_is_bit_identical_to_the_reference(quant_type, blocksi
     assert out.dtype == dtype and out.shape == w.shape
     assert torch.equal(out, Q.dequantize_4bit(data, state))
     assert torch.equal(ops.dequantize_4bit(data, state, torch.float32), Q.dequantize_4bit(data, state, torch.float32))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape,dtype", [((29, 70), torch.float32), ((5, 7), torch.bfloat16), ((300, 33), torch.float16)])
+def test_triton_quantize_is_bit_identical_to_the_reference(quant_type, blocksize, nested, shape, dtype, monkeypatch):
+    from peft_fast import ops
+
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 0.2).to(dtype)
+    w.view(-1)[:2] = 0.0
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    assert dispatch.choose("quantize_4bit", w, blocksize, quant_type, nested) == "triton"
+    packed, state = ops.quantize_4bit(w, blocksize, quant_type, nested)
+    ref_packed, ref_state = Q.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    assert packed.shape == ref_packed.shape and torch.equal(packed, ref_packed)
+    assert torch.equal(state.absmax, ref_state.absmax)
+    if nested:
+        assert torch.equal(state.offset, ref_state.offset) and torch.equal(state.state2.absmax, ref_state.state2.absmax)
+    assert torch.equal(Q.dequantize_4bit(packed, state), Q.dequantize_4bit(ref_packed, ref_state))

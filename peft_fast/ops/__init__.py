@@ -30,6 +30,11 @@ def quantized_linear_with_lora(x, base_layer, terms):
     return _call("quantized_linear_with_lora", x, base_layer, terms)
 
 
+def quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False):
+    """(packed uint8 bytes shaped (n/2, 1), QuantState4bit) of `weight`, byte-compatible with bitsandbytes."""
+    return _call("quantize_4bit", weight, blocksize, quant_type, compress_statistics)
+
+
 def dequantize_4bit(packed, state, dtype=None):
     """A whole bitsandbytes 4-bit weight in `dtype` (default: the dtype it was quantized from)."""
     return _call("dequantize_4bit", packed, state, dtype)
@@ -70,6 +75,7 @@ __all__ = [
     "Skip",
     "linear_with_lora",
     "quantized_linear_with_lora",
+    "quantize_4bit",
     "dequantize_4bit",
     "loha_delta_weight",
     "lokr_delta_weight",

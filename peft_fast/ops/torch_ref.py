@@ -137,3 +137,11 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype=None) -> torch.Tensor:
     from ..quantization import dequantize_4bit as reference
 
     return reference(packed, state, dtype)
+
+
+@register("quantize_4bit", "torch")
+def quantize_4bit(weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", compress_statistics: bool = False):
+    """(packed bytes, QuantState4bit) of a weight in bitsandbytes' layout (peft_fast.quantization's reference)."""
+    from ..quantization import quantize_4bit as reference
+
+    return reference(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=compress_statistics)

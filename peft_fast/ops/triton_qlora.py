@@ -19,7 +19,8 @@ from torch import nn
 from peft_fast.kernels import lora_linear as K
 from peft_fast.kernels import quant4
 
-from ..quantization import block_absmax
+from ..quantization import NESTED_BLOCKSIZE, NestedState, QuantState4bit, block_absmax, code_4bit, dynamic_code
+from ..quantization import _check_blocksize
 from .dispatch import Skip, forced_backend, register
 from .terms import LoraTerm
 from .triton_lora import (
@@ -195,3 +196,26 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype=None) -> torch.Tensor:
     """One pass over the packed bytes (bit-identical to the torch reference)."""
     return quant4.dequantize_4bit(packed, state.code, _absmax_fp32(state), state.blocksize, state.shape,
                                   dtype or state.dtype)
+
+
+def _quant_supports(weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
+                    compress_statistics: bool = False) -> Optional[str]:
+    if not weight.is_cuda and not (weight.device.type == "cpu" and interpreting()):
+        return Skip("weight not on CUDA")
+    return None
+
+
+@register("quantize_4bit", "triton", supports=_quant_supports)
+def quantize_4bit(weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
+                  compress_statistics: bool = False):
+    """One program per quantization block (bit-identical to the torch reference), double quantization included."""
+    _check_blocksize(blocksize)
+    code = code_4bit(quant_type, weight.device)
+    packed, absmax = quant4.quantize_blockwise(weight.reshape(-1), code, blocksize, pack4=True)
+    state = QuantState4bit(absmax, weight.shape, code, blocksize, quant_type, weight.dtype)
+    if compress_statistics:
+        offset = absmax.mean()
+        code2 = dynamic_code().to(weight.device)
+        qabsmax, absmax2 = quant4.quantize_blockwise(absmax - offset, code2, NESTED_BLOCKSIZE, pack4=False)
+        state.absmax, state.offset, state.state2 = qabsmax, offset, NestedState(absmax2, code2)
+    return packed.unsqueeze(1), state
