@@ -253,3 +253,21 @@ def test_empty_batch(triton_backend):
     layer = _layer_pair(nn.Linear(8, 6), 2, 0.0)
     y = layer(torch.randn(0, 8))
     assert y.shape == (0, 6)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_custom_ops_pass_torch_library_opcheck(p):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch: what torch.compile relies on to
+    trace the fused LoRA linear as one op without a graph break (the compiled run itself needs a GPU)."""
+    from peft_fast.ops import triton_lora  # noqa: F401  (registers the ops)
+
+    x = torch.randn(7, 16, requires_grad=True)
+    w, bias = torch.randn(12, 16), torch.randn(12, requires_grad=True)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    seed = torch.tensor(123, dtype=torch.int64)
+    result = torch.library.opcheck(torch.ops.peft_fast.lora_linear_fwd.default, (x, w, bias, a, b, 0.5, p, seed, False))
+    assert set(result.values()) == {"SUCCESS"}, result
+    result = torch.library.opcheck(torch.ops.peft_fast.lora_linear_bwd.default,
+                                   (torch.randn(7, 12), x.detach(), w, a.detach(), b.detach(), torch.randn(7, 4), 0.5,
+                                    p, seed, False, True))
+    assert set(result.values()) == {"SUCCESS"}, result

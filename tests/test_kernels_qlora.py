@@ -158,3 +158,14 @@ def test_triton_quantize_is_bit_identical_to_the_reference(quant_type, blocksize
     if nested:
         assert torch.equal(state.offset, ref_state.offset) and torch.equal(state.state2.absmax, ref_state.state2.absmax)
     assert torch.equal(Q.dequantize_4bit(packed, state), Q.dequantize_4bit(ref_packed, ref_state))
+
+
+def test_qlora_custom_op_passes_torch_library_opcheck():
+    w = torch.randn(12, 64) * 0.1
+    data, state = Q.quantize_4bit(w, blocksize=64, compress_statistics=True)
+    x = torch.randn(5, 64, requires_grad=True)
+    a, b = torch.randn(4, 64, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    args = (x, data.reshape(-1), state.code, Q.block_absmax(state), 12, 64, 64, None, a, b, 0.5, 0.0,
+            torch.tensor(0, dtype=torch.int64))
+    result = torch.library.opcheck(torch.ops.peft_fast.qlora_linear_fwd.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
