@@ -7,13 +7,12 @@ were added. Each method's own injection code is reused; only module creation and
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Union
 
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from ...utils.other import ModulesToSaveWrapper, _get_submodules, _set_adapter
+from ...utils.other import ModulesToSaveWrapper, _get_submodules
 from ...utils.peft_types import PeftType
 from ..loha import LoHaConfig, LoHaModel
 from ..lokr import LoKrConfig, LoKrModel
@@ -75,17 +74,6 @@ class MixedModel(BaseTuner):
                 for module in model.modules():
                     if isinstance(module, BaseTunerLayer) and getattr(module.get_base_layer(), "bias", None) is not None:
                         module.get_base_layer().bias.requires_grad = True
-
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        _set_adapter(self.model, names, inference_mode=inference_mode)
-        for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
-                if module.merged:
-                    warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
-                    module.unmerge()
-                module.set_adapter(names, inference_mode=inference_mode)
-        self.active_adapter = adapter_name
 
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
                                      adapter_names: Optional[list[str]] = None) -> nn.Module:
