@@ -9,6 +9,7 @@ masks and labels by num_virtual_tokens.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import warnings
 from typing import Optional
@@ -22,6 +23,31 @@ from .utils.peft_types import PeftType, TaskType
 PREFIX_TYPES = (PeftType.PREFIX_TUNING,)
 EMBEDDING_TYPES = (PeftType.PROMPT_TUNING, PeftType.P_TUNING)
 _HYBRID_CACHE_MODELS = ("gemma2", "gemma3_text", "gemma4")
+
+
+# The keyword under which a transformers model takes its KV cache: `cache` from transformers 5.24 on (where
+# `past_key_values` is a deprecated alias, removed in 5.40), `past_key_values` before.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(forward) -> Optional[str]:
+    params = inspect.signature(forward).parameters
+    return next((name for name in CACHE_KWARGS if name in params), None)
+
+
+def cache_kwarg(module: nn.Module, default: Optional[str] = "past_key_values") -> Optional[str]:
+    """"cache" or "past_key_values": the name `module.forward` takes its KV cache under; `default` when its
+    signature names neither (a **kwargs forward passes it on)."""
+    return _cache_kwarg_of(type(module).forward) or default
+
+
+def _cache_from(model_kwargs: dict):
+    """(key, cache) of the KV cache in generation model kwargs, under whichever name transformers used."""
+    for name in CACHE_KWARGS:
+        if model_kwargs.get(name) is not None:
+            return name, model_kwargs[name]
+    return None, None
 
 
 def _prepare_prompt_learning_config(peft_config, model_config):
@@ -211,7 +237,7 @@ class PromptLearningMixin:
         kwargs.update(attention_mask=attention_mask, labels=labels, output_attentions=output_attentions,
                       output_hidden_states=output_hidden_states, return_dict=return_dict)
         if config.peft_type in PREFIX_TYPES:
-            kwargs["past_key_values"] = self.get_prompt(batch_size)
+            kwargs[cache_kwarg(self.base_model)] = self.get_prompt(batch_size)
             return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if labels is not None:
             prefix_labels = torch.full((batch_size, config.num_virtual_tokens), -100).to(labels.device)
@@ -240,19 +266,21 @@ class PromptLearningMixin:
 
     def _prefix_tuning_forward(self, head: str, input_ids=None, attention_mask=None, inputs_embeds=None,
                                output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
-        """The prefix as past_key_values; models whose task head takes no past_key_values get the backbone called
-        directly and the head (dropout + classifier / qa_outputs) and loss applied here, as PEFT does."""
+        """The prefix as the KV cache; models whose task head takes no cache get the backbone called directly and
+        the head (dropout + classifier / qa_outputs) and loss applied here, as PEFT does."""
         head_args = {k: kwargs.pop(k) for k in ("labels", "start_positions", "end_positions") if k in kwargs}
         batch_size = _get_batch_size(input_ids, inputs_embeds)
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                       output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                      return_dict=return_dict, past_key_values=self.get_prompt(batch_size))
-        if "past_key_values" in inspect.signature(self.base_model.forward).parameters:
-            return self.base_model(**head_args, **kwargs)
+                      return_dict=return_dict)
+        name = cache_kwarg(self.base_model, default=None)
+        if name is not None:
+            return self.base_model(**head_args, **kwargs, **{name: self.get_prompt(batch_size)})
         backbone = self.base_model.get_submodule(self.transformer_backbone_name)
-        if "past_key_values" not in inspect.signature(backbone.forward).parameters:
+        name = cache_kwarg(backbone, default=None)
+        if name is None:
             raise ValueError("Model does not support past key values which are required for prefix tuning.")
-        outputs = backbone(**kwargs)
+        outputs = backbone(**kwargs, **{name: self.get_prompt(batch_size)})
         return _apply_head(self, head, outputs, head_args, return_dict)
 
     def _prompt_forward_feature_extraction(self, input_ids, attention_mask, inputs_embeds, output_attentions,
@@ -264,7 +292,7 @@ class PromptLearningMixin:
         kwargs.update(attention_mask=attention_mask, output_attentions=output_attentions,
                       output_hidden_states=output_hidden_states, return_dict=return_dict)
         if config.peft_type in PREFIX_TYPES:
-            kwargs["past_key_values"] = self.get_prompt(batch_size)
+            kwargs[cache_kwarg(self.base_model)] = self.get_prompt(batch_size)
             return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         inputs_embeds = self._prepend_prompts(input_ids, inputs_embeds, batch_size)
         return self.base_model(inputs_embeds=inputs_embeds, **kwargs)
@@ -281,7 +309,7 @@ class PromptLearningMixin:
                       output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                       return_dict=return_dict)
         if config.peft_type in PREFIX_TYPES:
-            kwargs["past_key_values"] = self.get_prompt(batch_size)
+            kwargs[cache_kwarg(self.base_model)] = self.get_prompt(batch_size)
             return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
                                    decoder_input_ids=decoder_input_ids, decoder_inputs_embeds=decoder_inputs_embeds,
                                    **kwargs)
@@ -302,7 +330,8 @@ class PromptLearningMixin:
         is_prefill = model_kwargs.get("cache_position") is not None and model_kwargs["cache_position"][0] == 0
         from transformers import Cache, DynamicCache
 
-        cache = model_kwargs.get("past_key_values")
+        cache_key, cache = _cache_from(model_kwargs)
+        cache_key = cache_key or cache_kwarg(self.base_model)
         if cache is not None:
             seq_len = cache[0][0].shape[-2] if isinstance(cache, (tuple, list)) else cache.get_seq_length()
             if seq_len >= model_kwargs["input_ids"].shape[1]:
@@ -320,7 +349,7 @@ class PromptLearningMixin:
         needs_prompt = cache is None or (isinstance(cache, Cache) and not cache.get_seq_length())
         if needs_prompt and config.peft_type in PREFIX_TYPES:
             is_dynamic = not isinstance(cache, Cache) or isinstance(cache, DynamicCache)
-            model_kwargs["past_key_values"] = self.get_prompt(
+            model_kwargs[cache_key] = self.get_prompt(
                 batch_size=model_kwargs["input_ids"].shape[0], max_cache_len=-1 if is_dynamic else cache.max_cache_len
             )
         elif needs_prompt:
@@ -340,12 +369,13 @@ class PromptLearningMixin:
         if config.peft_type in PREFIX_TYPES:
             from transformers import Cache
 
-            cache = model_kwargs.get("past_key_values")
+            cache_key, cache = _cache_from(model_kwargs)
             first = kwargs.get("is_first_iteration")
             if first is None:
                 first = cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0)
             if first:
-                model_kwargs["past_key_values"] = self.get_prompt(model_kwargs["decoder_input_ids"].shape[0])
+                key = cache_key or cache_kwarg(self.base_model)
+                model_kwargs[key] = self.get_prompt(model_kwargs["decoder_input_ids"].shape[0])
         return model_kwargs
 
     def _prompt_generate_seq2seq(self, kwargs: dict):
@@ -414,7 +444,7 @@ def _is_pretrained_model(module: nn.Module) -> bool:
 
 
 def _apply_head(model, head: str, outputs, head_args: dict, return_dict: bool):
-    """Task head and loss on top of the backbone's outputs (for models whose head takes no past_key_values)."""
+    """Task head and loss on top of the backbone's outputs (for models whose head takes no KV cache)."""
     from transformers.modeling_outputs import (
         QuestionAnsweringModelOutput,
         SequenceClassifierOutput,
