@@ -118,7 +118,7 @@ def _dequant_4bit_tile(q_ptr, code_ptr, absmax_ptr, rows, cols, K, stride_r, str
 
 
 @triton.autotune(configs=_stream_configs(128), key=["M_BUCKET", "K", "BLOCK_R", "HAS_MASK"])
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed per call must not compile a new kernel
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr, M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
@@ -155,7 +155,7 @@ def _shrink_kernel(
                  key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LORA", "HAS_MASK", "FUSE_SHRINK", "Y_4BIT"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _gemm_lora_kernel(
     x_ptr, y_ptr, bias_ptr, h_ptr, l_ptr, a_ptr, out_ptr, code_ptr, absmax_ptr,
     M, N, K, R, M_BUCKET, quant_blocksize,
@@ -234,7 +234,7 @@ def _gemm_lora_kernel(
 
 
 @triton.autotune(configs=_stream_configs(64), key=["M_BUCKET", "K", "BLOCK_R", "HAS_MASK"])
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _grad_a_kernel(
     dh_ptr, x_ptr, out_ptr, M, K, R, M_BUCKET, rows_per_split,
     stride_dm, stride_dr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,

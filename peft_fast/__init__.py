@@ -5,39 +5,17 @@
 
 __version__ = "0.1.0"
 
-import importlib.abc as _abc
-import importlib.util as _util
-import os as _os
-import sys as _sys
-
-
-class _SourceKernelsFinder(_abc.MetaPathFinder):
-    """In a source checkout, `peft_fast.kernels` is the top-level kernels/ folder (installs map it in setup.py)."""
-
-    _dir = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname != "peft_fast.kernels" or not _os.path.isfile(_os.path.join(self._dir, "__init__.py")):
-            return None
-        return _util.spec_from_file_location(
-            fullname, _os.path.join(self._dir, "__init__.py"), submodule_search_locations=[self._dir]
-        )
-
-
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")):
-    _sys.meta_path.append(_SourceKernelsFinder())
-
-from .config import PeftConfig, PromptLearningConfig  # noqa: E402
-from .mapping import (  # noqa: E402
+from .config import PeftConfig, PromptLearningConfig
+from .mapping import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
     inject_adapter_in_model,
 )
-from .mapping_func import get_peft_model  # noqa: E402
-from .mixed_model import PeftMixedModel  # noqa: E402
-from .peft_model import (  # noqa: E402
+from .mapping_func import get_peft_model
+from .mixed_model import PeftMixedModel
+from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -46,7 +24,7 @@ from .peft_model import (  # noqa: E402
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from .tuners import (  # noqa: E402
+from .tuners import (
     BaseTuner,
     BaseTunerLayer,
     LoHaConfig,
@@ -64,7 +42,7 @@ from .tuners import (  # noqa: E402
     PromptTuningConfig,
     PromptTuningInit,
 )
-from .utils import (  # noqa: E402
+from .utils import (
     PeftType,
     TaskType,
     cast_mixed_precision_params,

@@ -9,6 +9,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -27,3 +29,12 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def force_backend():
+    """force_backend("triton") forces that backend (peft_fast.ops.use_backend) until the test ends; later calls nest."""
+    from peft_fast import ops
+
+    with contextlib.ExitStack() as stack:
+        yield lambda name: stack.enter_context(ops.use_backend(name))

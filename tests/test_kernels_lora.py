@@ -25,8 +25,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+def triton_backend(force_backend):
+    force_backend("triton")
 
 
 def _mask(m, k, p, seed):
@@ -130,8 +130,8 @@ def _layer_pair(base, r, dropout, lora_bias=False, dtype=torch.float32, n_adapte
     return layer.to(dtype)
 
 
-def _forward_backward(layer, x, backend, monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, backend)
+def _forward_backward(layer, x, backend, force_backend):
+    force_backend(backend)
     terms = [layer._adapter_term(a) for a in layer.active_adapters]
     assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == backend
     x = x.clone().requires_grad_(True)
@@ -148,21 +148,21 @@ def gemm_mode(request, monkeypatch):
     """Both ways of running the big GEMM: torch's matmul accumulating onto the low-rank term, or all in Triton."""
     from peft_fast.ops import triton_lora
 
-    monkeypatch.setenv(triton_lora.GEMM_ENV, request.param)
+    monkeypatch.setattr(triton_lora, "GEMM_MODE", request.param)
     return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "linear-lora-bias", "two-adapters"])
-def test_layer_forward_and_grads_match_torch_backend(dtype, kind, gemm_mode, monkeypatch):
+def test_layer_forward_and_grads_match_torch_backend(dtype, kind, gemm_mode, force_backend):
     k, n = 29, 23
     base = Conv1D(n, k) if kind == "conv1d" else nn.Linear(k, n)
     base.weight.requires_grad_(False)
     layer = _layer_pair(base, 8, 0.0, lora_bias=kind == "linear-lora-bias", dtype=dtype,
                         n_adapters=2 if kind == "two-adapters" else 1)
     x = torch.randn(3, 7, k, dtype=dtype)
-    y_t, dx_t, g_t = _forward_backward(layer, x, "torch", monkeypatch)
-    y_k, dx_k, g_k = _forward_backward(layer, x, "triton", monkeypatch)
+    y_t, dx_t, g_t = _forward_backward(layer, x, "torch", force_backend)
+    y_k, dx_k, g_k = _forward_backward(layer, x, "triton", force_backend)
     assert y_k.dtype == y_t.dtype == dtype
     assert rel_err(y_k, y_t) < TOL[dtype]
     assert rel_err(dx_k, dx_t) < TOL[dtype]
@@ -205,8 +205,7 @@ def test_base_bias_and_weight_grads_when_trainable(triton_backend):
     x = torch.randn(5, 17)
     ref = copy.deepcopy(layer)
     layer(x).square().sum().backward()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(dispatch.ENV_VAR, "torch")
+    with ops.use_backend("torch"):
         ref(x).square().sum().backward()
     for (name, p1), (_, p2) in zip(layer.named_parameters(), ref.named_parameters()):
         assert (p1.grad is None) == (p2.grad is None), name
@@ -221,8 +220,7 @@ def test_inference_path_and_autocast(triton_backend, gemm_mode, rows):
     x = torch.randn(2, rows, 24)
     with torch.no_grad():
         y = layer(x)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv(dispatch.ENV_VAR, "torch")
+        with ops.use_backend("torch"):
             y_ref = layer(x)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y16_ref = layer(x)
@@ -233,13 +231,13 @@ def test_inference_path_and_autocast(triton_backend, gemm_mode, rows):
     assert rel_err(y16, y16_ref) < 2e-2
 
 
-def test_dispatch_auto_stays_on_torch_for_cpu_and_warns_for_hooks(monkeypatch):
+def test_dispatch_auto_stays_on_torch_for_cpu_and_warns_for_hooks(force_backend):
     layer = _layer_pair(nn.Linear(8, 8), 2, 0.0)
     x = torch.randn(3, 8)
     terms = [layer._adapter_term("default")]
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    force_backend("auto")
     assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    force_backend("triton")
     assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == "triton"
     handle = layer.base_layer.register_forward_hook(lambda *a: None)
     try:

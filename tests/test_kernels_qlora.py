@@ -67,8 +67,8 @@ def _reference(layer, x, mask=None, p=0.0):
     return x @ w.T + base.bias.float() + layer.scaling["default"] * (xd @ a.T) @ b.T
 
 
-def test_layer_forward_backward_through_the_triton_path(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+def test_layer_forward_backward_through_the_triton_path(force_backend):
+    force_backend("triton")
     layer = _qlora_layer(0.0)
     terms = [layer._adapter_term("default")]
     x = torch.randn(2, 5, 64)
@@ -90,8 +90,8 @@ def test_layer_forward_backward_through_the_triton_path(monkeypatch):
         assert rel_err(layer(x), y_ref) < 1e-5
 
 
-def test_dropout_mask_is_the_regenerated_one(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+def test_dropout_mask_is_the_regenerated_one(force_backend):
+    force_backend("triton")
     p = 0.25
     layer = _qlora_layer(p)
     layer.train()
@@ -110,13 +110,13 @@ def test_dropout_mask_is_the_regenerated_one(monkeypatch):
     assert rel_err(x.grad, xr.grad) < 1e-5
 
 
-def test_auto_mode_keeps_bitsandbytes_and_8bit_stays_on_torch(monkeypatch):
+def test_auto_mode_keeps_bitsandbytes_and_8bit_stays_on_torch(force_backend):
     layer = _qlora_layer(0.0)
     x = torch.randn(3, 64)
     terms = [layer._adapter_term("default")]
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    force_backend("auto")
     assert dispatch.choose("quantized_linear_with_lora", x, layer.base_layer, terms) == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    force_backend("triton")
     torch.manual_seed(0)
     model8 = quantize_linears(nn.Sequential(nn.Linear(64, 48)), bits=8)
     model8 = pf.get_peft_model(model8, pf.LoraConfig(r=4, target_modules=["0"]))
@@ -127,12 +127,12 @@ def test_auto_mode_keeps_bitsandbytes_and_8bit_stays_on_torch(monkeypatch):
 @pytest.mark.parametrize("quant_type,blocksize,nested", [("nf4", 64, False), ("fp4", 128, True), ("nf4", 256, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(29, 70), (5, 7)])  # odd element count: the last byte is half padding
-def test_triton_dequantize_is_bit_identical_to_the_reference(quant_type, blocksize, nested, dtype, shape, monkeypatch):
+def test_triton_dequantize_is_bit_identical_to_the_reference(quant_type, blocksize, nested, dtype, shape, force_backend):
     from peft_fast import ops
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     data, state = Q.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    force_backend("triton")
     assert dispatch.choose("dequantize_4bit", data, state) == "triton"
     out = ops.dequantize_4bit(data, state)
     assert out.dtype == dtype and out.shape == w.shape
@@ -144,12 +144,12 @@ def test_triton_dequantize_is_bit_identical_to_the_reference(quant_type, blocksi
 @pytest.mark.parametrize("blocksize", [64, 256])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("shape,dtype", [((29, 70), torch.float32), ((5, 7), torch.bfloat16), ((300, 33), torch.float16)])
-def test_triton_quantize_is_bit_identical_to_the_reference(quant_type, blocksize, nested, shape, dtype, monkeypatch):
+def test_triton_quantize_is_bit_identical_to_the_reference(quant_type, blocksize, nested, shape, dtype, force_backend):
     from peft_fast import ops
 
     w = (torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 0.2).to(dtype)
     w.view(-1)[:2] = 0.0
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    force_backend("triton")
     assert dispatch.choose("quantize_4bit", w, blocksize, quant_type, nested) == "triton"
     packed, state = ops.quantize_4bit(w, blocksize, quant_type, nested)
     ref_packed, ref_state = Q.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)

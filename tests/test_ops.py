@@ -1,5 +1,7 @@
 """The ops layer: dispatch rules and the torch reference against the LoRA formula of DESIGN.md §2."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -54,28 +56,80 @@ def test_mixed_batch_rows_get_their_own_adapter():
     assert torch.equal(out[1], base[1])
 
 
-def test_dispatch_env_variable(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
-    assert dispatch.choose("lora_linear", None, None, []) == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # an op without a triton implementation stays on torch
-    assert dispatch.choose("lora_embedding", None, None, [], None) == "torch"
-    monkeypatch.setenv(dispatch.ENV_VAR, "nonsense")
+def test_use_backend_forces_restores_and_refuses_nonsense():
+    assert dispatch.forced_backend() is None  # the suite runs with PEFT_FAST_BACKEND unset
+    with ops.use_backend("torch"):
+        assert dispatch.choose("lora_linear", None, None, []) == "torch"
+        with ops.use_backend("triton"):  # innermost wins; an op without a triton implementation stays on torch
+            assert dispatch.forced_backend() == "triton"
+            assert dispatch.choose("lora_embedding", None, None, [], None) == "torch"
+        assert dispatch.forced_backend() == "torch"
+        with pytest.raises(RuntimeError, match="boom"):
+            with ops.use_backend("cuda"):
+                raise RuntimeError("boom")
+        assert dispatch.forced_backend() == "torch"  # restored although the block raised
+    assert dispatch.forced_backend() is None
     with pytest.raises(ValueError, match="PEFT_FAST_BACKEND"):
-        dispatch.choose("lora_linear", None, None, [])
+        with ops.use_backend("nonsense"):
+            pass
+    assert dispatch.forced_backend() is None
 
 
-def test_dispatch_falls_back_with_one_warning(monkeypatch):
+def test_environment_variable_is_read_once_at_import(tmp_path):
+    """PEFT_FAST_BACKEND sets the process default when peft_fast is imported; a wrong value fails the first
+    dispatch with a message naming the variable (importing peft_fast still works)."""
+    import subprocess
+    import sys
+
+    code = ("import os, peft_fast.ops as o; print(o.forced_backend()); os.environ['PEFT_FAST_BACKEND'] = 'torch'; "
+            "print(o.forced_backend())")
+    env = dict(os.environ, PEFT_FAST_BACKEND="triton")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["triton", "triton"]
+    env["PEFT_FAST_BACKEND"] = "fastest"
+    out = subprocess.run([sys.executable, "-c", "import peft_fast.ops as o; o.forced_backend()"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "PEFT_FAST_BACKEND='fastest'" in out.stderr
+
+
+def test_use_backend_is_per_thread():
+    import threading
+
+    seen = {}
+    barrier = threading.Barrier(2)
+
+    def worker(name):
+        with ops.use_backend(name):
+            barrier.wait()  # both threads are inside their blocks at once
+            seen[name] = dispatch.forced_backend()
+            barrier.wait()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("torch", "cuda")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"torch": "torch", "cuda": "cuda"}
+    assert dispatch.forced_backend() is None
+
+
+def test_dispatch_follows_the_rule_table_and_falls_back_with_one_warning(force_backend, monkeypatch):
     calls = []
     dispatch.register("_probe_op", "torch")(lambda v: calls.append("torch") or "torch")
     dispatch.register("_probe_op", "triton", supports=lambda v: None if v > 0 else "needs v > 0")(
         lambda v: calls.append("triton") or "triton"
     )
     try:
+        assert dispatch.call("_probe_op", 1) == "torch"  # not in the rule table: auto keeps torch
+        monkeypatch.setitem(dispatch.AUTO_RULES, "_probe_op", (("triton", lambda v: None if v < 5 else
+                                                                dispatch.Skip("too large")),))
         assert dispatch.call("_probe_op", 1) == "triton"
-        monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+        assert dispatch.call("_probe_op", 7) == "torch"  # the rule's condition says no
         with pytest.warns(UserWarning, match="needs v > 0"):
             assert dispatch.call("_probe_op", 0) == "torch"
-        monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+        force_backend("triton")
+        assert dispatch.call("_probe_op", 7) == "triton"  # forced: the rule table does not apply
+        force_backend("torch")
         assert dispatch.call("_probe_op", 1) == "torch"
     finally:
         dispatch._REGISTRY.pop("_probe_op")

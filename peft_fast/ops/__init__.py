@@ -2,11 +2,11 @@
 
 Tuner layers build `LoraTerm`s / `EmbeddingTerm`s from their state and call one function here; they never call a
 kernel directly. The torch implementations (torch_ref) are always registered; kernel backends register themselves
-when importable.
+when importable. `use_backend("torch" | "triton" | "cuda" | "auto")` forces a backend inside a `with` block.
 """
 
 from . import torch_ref  # noqa: F401  (registers the torch backend)
-from .dispatch import Skip, available_backends, choose, forced_backend, register
+from .dispatch import Skip, available_backends, choose, forced_backend, register, use_backend
 from .terms import EmbeddingTerm, LoraTerm
 from .dispatch import call as _call
 
@@ -21,7 +21,7 @@ def lora_linear(x, result, terms):
 def linear_with_lora(x, base_layer, terms):
     """The whole forward of a LoRA Linear / Conv1D layer: base_layer(x) + Σ s·B(A(drop(x))) over `terms`.
 
-    The Triton backend fuses it (one shrink kernel, one GEMM with the low-rank epilogue, a fused backward)."""
+    The Triton backend runs it as Triton kernels behind custom ops (ops/triton_lora.py)."""
     return _call("linear_with_lora", x, base_layer, terms)
 
 
@@ -89,4 +89,5 @@ __all__ = [
     "choose",
     "forced_backend",
     "register",
+    "use_backend",
 ]

@@ -2,8 +2,8 @@
 
 Inference only (no autograd), M ≤ 16 rows, bf16 / fp16 compute, NF4 / FP4 weights with K and blocksize multiples
 of 32. It reads the packed weight once; the low-rank term rides in its epilogue (hs = s·x·Aᵀ is a tiny torch
-matmul). Not yet built or run on a GPU: until it is measured (and its GPU test passes) only PEFT_FAST_BACKEND=cuda
-selects it.
+matmul). Auto mode does not pick it until it is measured faster than bitsandbytes (dispatch.AUTO_RULES):
+PEFT_FAST_BACKEND=cuda selects it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .dispatch import Skip, forced_backend, register
+from .dispatch import Skip, register
+from .common import fold_terms
 from .terms import LoraTerm
 
 try:
@@ -37,8 +38,6 @@ def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optiona
         return Skip(f"input on {x.device.type}")
     if type(base).__name__ != "Linear4bit" or not hasattr(getattr(base, "weight", None), "quant_state"):
         return Skip(f"base layer is {type(base).__name__}, the GEMV takes bitsandbytes Linear4bit")
-    if forced_backend() != "cuda":
-        return Skip("not yet measured on a GPU; PEFT_FAST_BACKEND=cuda selects it")
     k = x.shape[-1]
     if x.numel() // max(k, 1) > MAX_ROWS:
         return Skip(f"more than {MAX_ROWS} rows: the GEMV is for decode")
@@ -59,8 +58,6 @@ def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optiona
 
 @register("quantized_linear_with_lora", "cuda", supports=supports)
 def quantized_linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
-    from .triton_lora import fold_terms
-
     state = base.weight.quant_state
     dtype = getattr(base, "compute_dtype", None) or x.dtype
     n, k = int(state.shape[0]), int(state.shape[1])

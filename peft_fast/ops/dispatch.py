@@ -1,28 +1,47 @@
-"""The one place that decides which backend (torch | triton | cuda) runs a LoRA op.
+"""The backend policy: which backend (cuda | triton | torch) runs a LoRA op, in one file.
 
-Each op is a name ("lora_linear", "lora_embedding", …). Backends register an implementation per op together with
-a `supports(*args)` predicate; `call(op, *args)` picks one per call. PEFT_FAST_BACKEND=torch|triton|cuda forces a
-backend for every op it implements (ops it does not implement at all still run on torch); "auto" (the default)
-takes the first registered backend, in preference order, whose predicate accepts the call.
+Each op is a name ("linear_with_lora", "lora_embedding", …). Backends register an implementation per op with a
+`supports(*args)` predicate that says whether the backend *can* run the call. Whether auto mode *should* pick it
+is this file's rule table, `AUTO_RULES`: per op, the backends auto mode tries in order, each with the condition
+(measured on a GPU, see the comments) under which it wins. torch is always the last resort.
 
-A predicate's reason is either a plain string (the backend would normally run this call but cannot: auto mode
-warns once, naming it) or a `Skip` (the call is simply not for this backend, e.g. a CPU tensor for a GPU
-kernel: auto mode moves on silently).
+Forcing a backend: `PEFT_FAST_BACKEND=torch|triton|cuda|auto` is read once, at import, as the process default;
+`use_backend("triton")` overrides it for the current thread inside a `with` block (tests, the benchmark, a
+server thread). A forced backend runs every op it implements; an op it does not implement runs on torch; a
+forced backend that cannot take a call falls back to torch with one warning naming the reason.
+
+A predicate's reason is a plain string (the backend would normally run this call but cannot: auto mode warns once,
+naming it) or a `Skip` (the call is simply not for this backend, e.g. a CPU tensor for a GPU kernel: no warning).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
-BACKENDS = ("cuda", "triton", "torch")  # preference order for "auto"
+BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "PEFT_FAST_BACKEND"
 
 
 class Skip(str):
     """A refusal that is normal for the call (no warning in auto mode)."""
+
+
+# Auto mode's rule table. Each entry: (backend, condition or None). A condition returns None when auto should take
+# the backend for this call, else a Skip. Ops that are not listed run on torch in auto mode.
+AUTO_RULES: dict[str, tuple[tuple[str, Optional[Callable[..., Optional[str]]]], ...]] = {
+    # cuBLAS GEMMs + torch's CUDA kernels in one autograd node (ops/cuda_lora.py). H200 bf16, 2026-12-02: beats
+    # HF PEFT and the torch path at every measured size, fwd+bwd and inference (bench/RESULTS.md).
+    "linear_with_lora": (("cuda", None),),
+    # The Triton 4-bit kernels are bit-identical to the torch reference and one pass over the weight.
+    "dequantize_4bit": (("triton", None),),
+    "quantize_4bit": (("triton", None),),
+    # quantized_linear_with_lora: bitsandbytes (torch path) until the fused 4-bit paths beat it on a GPU.
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +52,50 @@ class _Impl:
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 _warned: set[tuple[str, str, str]] = set()
+
+
+def _parse(value: Optional[str]) -> Optional[str]:
+    """None for auto, else a backend name; ValueError naming the variable for anything else."""
+    value = (value or "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of {BACKENDS + ('auto',)}")
+    return value
+
+
+try:
+    _DEFAULT: Optional[str] = _parse(os.environ.get(ENV_VAR))
+    _DEFAULT_ERROR: Optional[ValueError] = None
+except ValueError as err:  # raised at the first dispatch, so that `import peft_fast` itself still works
+    _DEFAULT, _DEFAULT_ERROR = None, err
+
+_local = threading.local()
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced for this thread (innermost `use_backend`, else PEFT_FAST_BACKEND), None for auto."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    if _DEFAULT_ERROR is not None:
+        raise _DEFAULT_ERROR
+    return _DEFAULT
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force `name` ("torch" | "triton" | "cuda" | "auto"/None) for ops called in this thread inside the block;
+    the previous policy comes back on exit, also when the block raises."""
+    backend = _parse(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(backend)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 def register(op: str, backend: str, supports: Optional[Callable[..., Optional[str]]] = None):
@@ -47,37 +110,30 @@ def register(op: str, backend: str, supports: Optional[Callable[..., Optional[st
     return deco
 
 
-def forced_backend() -> Optional[str]:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={value!r} is not one of {BACKENDS + ('auto',)}")
-    return value
-
-
 def choose(op: str, *args, **kwargs) -> str:
     """Name of the backend that will run `op` for these arguments."""
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
     forced = forced_backend()
-    if forced is not None and forced in impls:
-        reason = impls[forced].supports(*args, **kwargs)
+    if forced is not None:
+        impl = impls.get(forced)
+        if impl is None:
+            return "torch"
+        reason = impl.supports(*args, **kwargs)
         if reason is None:
             return forced
         _warn_once(op, forced, reason)
         return "torch"
-    if forced is not None:
-        return "torch"
-    for backend in BACKENDS:
+    for backend, rule in AUTO_RULES.get(op, ()):
         impl = impls.get(backend)
         if impl is None:
             continue
         reason = impl.supports(*args, **kwargs)
         if reason is None:
-            return backend
-        if not isinstance(reason, Skip):
+            if rule is None or rule(*args, **kwargs) is None:
+                return backend
+        elif not isinstance(reason, Skip):
             _warn_once(op, backend, reason)
     return "torch"
 

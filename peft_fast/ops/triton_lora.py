@@ -19,25 +19,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .common import FLOAT_DTYPES as _FLOAT_DTYPES
+from .common import compute_dtype as _compute_dtype
+from .common import fold_terms, linear_reason, new_seed, new_seed_tensor, no_grad_needed, weight_kn as _weight_kn
+from .common import terms_reason as _terms_reason
 from .dispatch import Skip, forced_backend, register
 from .terms import LoraTerm
 
 from peft_fast.kernels import lora_linear as K  # noqa: E402  (imports triton)
-
-_NO_SEED = torch.zeros((), dtype=torch.int64)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-
-
-_CONV1D = _conv1d_class()
 
 
 # ------------------------------------------------------------------------------------------------ kernel calls
@@ -47,15 +36,22 @@ GEMM_ENV = "PEFT_FAST_GEMM"
 FUSED_SMALL_M = 64
 
 
-def gemm_mode() -> str:
-    """Who runs the big GEMMs (x Wᵀ, dy W): "cublas" (default) accumulates them with beta = 1 onto the low-rank
-    term a Triton kernel wrote (one extra pass over the output); "triton" runs them in Triton with the low-rank term
-    in the epilogue (no extra pass, but only as fast as Triton's GEMM is here). The first H100 run (2026-11-23)
-    had the all-Triton forward at 3.1× the cuBLAS base layer, hence the default."""
-    mode = os.environ.get(GEMM_ENV, "cublas").strip().lower()
+def _parse_gemm_mode(value: Optional[str]) -> str:
+    mode = (value or "cublas").strip().lower()
     if mode not in ("cublas", "triton"):
         raise ValueError(f"{GEMM_ENV}={mode!r} is not 'cublas' or 'triton'")
     return mode
+
+
+GEMM_MODE = _parse_gemm_mode(os.environ.get(GEMM_ENV))  # read once; tests set the attribute
+
+
+def gemm_mode() -> str:
+    """Who runs the big GEMMs (x Wᵀ, dy W) on this backend: "cublas" (default) accumulates them with beta = 1 onto
+    the low-rank term a Triton kernel wrote (one extra pass over the output); "triton" runs them in Triton with the
+    low-rank term in the epilogue (no extra pass, but only as fast as Triton's GEMM is here). The first H100 run
+    (2026-11-23) had the all-Triton forward at 3.1× the cuBLAS base layer, hence the default."""
+    return GEMM_MODE
 
 
 def _forward(x, weight, bias, lora_a, lora_b, scale, p, seed, weight_kn, need_hs=True):
@@ -150,97 +146,25 @@ lora_linear_fwd.register_autograd(_autograd_backward, setup_context=_setup_conte
 
 
 # ------------------------------------------------------------------------------------------------ dispatch entry
-def _weight_kn(base: nn.Module) -> bool:
-    return _CONV1D is not None and type(base) is _CONV1D
-
-
-def new_seed(p: float) -> int:
-    """A dropout seed from torch's generator (so torch.manual_seed makes masks reproducible); 0 without dropout."""
-    return int(torch.randint(0, 2**31 - 1, ())) if p > 0 else 0
-
-
-def new_seed_tensor(p: float) -> torch.Tensor:
-    """The same as a CPU tensor, for the custom ops (a Python int would be specialised by torch.compile)."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else _NO_SEED
-
-
 def interpreting() -> bool:
     """CPU tensors run the kernels in Triton's interpreter only when asked for (tests: PEFT_FAST_BACKEND=triton)."""
     return os.environ.get("TRITON_INTERPRET") == "1" and forced_backend() == "triton"
 
 
-# Auto mode: the one H100 run so far (2026-11-23) measured the first kernel version slower than HF PEFT, and the
-# current one (cuBLAS GEMM + Triton low-rank kernels) has not run on a GPU. Until the benchmark's "peft_fast triton"
-# rows show it winning, auto mode keeps torch; PEFT_FAST_BACKEND=triton selects the kernels. The intended rule once
-# measured: AUTO_ON_CUDA = True, for calls of at least AUTO_MIN_ROWS rows (small calls are launch-bound).
-AUTO_ON_CUDA = False
-AUTO_MIN_ROWS = 1024
 _NOT_CUDA = Skip("input not on CUDA, Triton kernels run on CUDA")
-_AUTO_OFF = Skip("auto mode keeps torch until the Triton path is measured on a GPU; PEFT_FAST_BACKEND=triton selects it")
-_FEW_ROWS = Skip(f"fewer than {AUTO_MIN_ROWS} rows: launch-bound, torch's path is as fast")
 
 
 def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
-    """None when the fused Triton path can run this call, else why not (a `Skip` when that is simply normal)."""
+    """None when the fused Triton path can run this call, else why not (a `Skip` when that is simply normal).
+    Auto mode does not list this backend for linear_with_lora (dispatch.AUTO_RULES): forced only."""
     if not x.is_cuda and not (x.device.type == "cpu" and interpreting()):
         return _NOT_CUDA
-    if forced_backend() != "triton":
-        if not AUTO_ON_CUDA:
-            return _AUTO_OFF
-        if x.numel() < AUTO_MIN_ROWS * x.shape[-1]:
-            return _FEW_ROWS
-    if type(base) is not nn.Linear and not _weight_kn(base):
-        return f"base layer is {type(base).__name__}, the fused kernel takes nn.Linear or transformers Conv1D"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return "the base layer has forward hooks, which the fused kernel would bypass"
-    dtype = _compute_dtype(x)
-    if dtype not in _FLOAT_DTYPES or base.weight.dtype not in _FLOAT_DTYPES:
-        return f"dtype {dtype} / base weight {base.weight.dtype} is not fp16, bf16 or fp32"
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != base.weight.dtype:
-        return f"input dtype {x.dtype} differs from the base weight's {base.weight.dtype}"
-    if x.shape[-1] != base.weight.shape[0 if _weight_kn(base) else 1]:
-        return f"input width {x.shape[-1]} does not match the base layer"
-    return terms_reason(terms)
+    return linear_reason(x, base, terms, K.MAX_RANK)
 
 
 def terms_reason(terms: list[LoraTerm]) -> Optional[str]:
-    """Why the fused kernels cannot take these adapter terms, or None."""
-    for term in terms:
-        if type(term.lora_A) is not nn.Linear or type(term.lora_B) is not nn.Linear:
-            return "adapter weights are not nn.Linear"
-        if not isinstance(term.dropout, (nn.Dropout, nn.Identity)):
-            return f"dropout module {type(term.dropout).__name__} is not nn.Dropout"
-        if term.lora_A.weight.dtype not in _FLOAT_DTYPES or term.lora_B.weight.dtype not in _FLOAT_DTYPES:
-            return f"adapter dtype {term.lora_A.weight.dtype} is not fp16, bf16 or fp32"
-    if len(terms) > 1 and any(t.dropout_p > 0 for t in terms):
-        return "several active adapters with dropout in training: each needs its own mask"
-    if sum(t.lora_A.weight.shape[0] for t in terms) > K.MAX_RANK:
-        return f"total rank of the active adapters exceeds {K.MAX_RANK}"
-    return None
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def fold_terms(terms: list[LoraTerm], dtype: torch.dtype):
-    """(A, B, scale, lora-bias) of one term; several adapters become one term of their summed rank."""
-    if len(terms) == 1:
-        t = terms[0]
-        bias = None if t.lora_B.bias is None else t.lora_B.bias.to(dtype) * t.scaling
-        return t.lora_A.weight, t.lora_B.weight, t.scaling, bias
-    a = torch.cat([t.lora_A.weight.to(dtype) for t in terms], 0)
-    b = torch.cat([t.lora_B.weight.to(dtype) * t.scaling for t in terms], 1)
-    biases = [t.lora_B.bias.to(dtype) * t.scaling for t in terms if t.lora_B.bias is not None]
-    return a, b, 1.0, (sum(biases) if biases else None)
-
-
-def no_grad_needed(x, weight, bias, lora_a, lora_b) -> bool:
-    if not torch.is_grad_enabled():
-        return True
-    return not any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
+    """Why the Triton kernels cannot take these adapter terms, or None."""
+    return _terms_reason(terms, K.MAX_RANK)
 
 
 @register("linear_with_lora", "triton", supports=supports)

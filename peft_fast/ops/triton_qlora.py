@@ -5,8 +5,8 @@ with the weight tile dequantized inside its K loop (`kernels.lora_linear._dequan
 W is ever written, kept for backward, or shared between layers. The low-rank parts are the LoRA kernels' (shrink
 with in-kernel dropout, epilogue, dA), wrapped in `torch.library` custom ops with an autograd formula.
 
-Auto mode does not pick this backend yet: it has not been measured on a GPU against bitsandbytes' own path.
-PEFT_FAST_BACKEND=triton selects it (on CUDA, or in Triton's interpreter on the CPU for tests).
+Auto mode does not pick this backend yet (dispatch.AUTO_RULES): it has not been measured on a GPU against
+bitsandbytes' own path. PEFT_FAST_BACKEND=triton selects it (on CUDA, or in Triton's interpreter on the CPU for tests).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from peft_fast.kernels import quant4
 
 from ..quantization import NESTED_BLOCKSIZE, NestedState, QuantState4bit, block_absmax, code_4bit, dynamic_code
 from ..quantization import _check_blocksize
-from .dispatch import Skip, forced_backend, register
+from .dispatch import Skip, register
 from .terms import LoraTerm
 from .triton_lora import (
     _FLOAT_DTYPES,
@@ -133,8 +133,6 @@ def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optiona
         return Skip("input not on CUDA, Triton kernels run on CUDA")
     if not _is_bnb_4bit(base):
         return Skip("the fused dequant kernel takes bitsandbytes Linear4bit base layers only")
-    if forced_backend() != "triton":
-        return Skip("not yet measured against bitsandbytes on a GPU; PEFT_FAST_BACKEND=triton selects it")
     state = base.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         return "the 4-bit weight is in bitsandbytes' CPU-repacked layout"
