@@ -92,12 +92,23 @@ def _run_bench(args: argparse.Namespace):
 
 
 def _git_commit():
+    """The peft_fast checkout's commit ("+dirty" with uncommitted changes to tracked files); None when peft_fast is
+    not running from its own git checkout (an installed wheel inside some other repository)."""
     import subprocess
 
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=5, cwd=package_dir)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
+        top = git("rev-parse", "--show-toplevel").stdout.strip()
+        if not top or os.path.dirname(package_dir) != os.path.realpath(top):
+            return None
+        commit = git("rev-parse", "--short", "HEAD").stdout.strip() or None
+        if commit and git("status", "--porcelain", "--untracked-files=no").stdout.strip():
+            commit += "+dirty"
+        return commit
     except (OSError, subprocess.SubprocessError):
         return None
 

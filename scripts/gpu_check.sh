@@ -3,6 +3,7 @@
 # torch (building the CUDA extension when csrc/ has sources), then run what the arguments name, in order:
 #   tests   the GPU tests (pytest -m gpu)          suite   the whole test suite
 #   profile scripts/profile_lora.py (per-kernel times, Python overhead, autotuner picks)
+#   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
 #   layer | qlora | model | decode | all   that `peft-fast bench` suite (JSON + PNG + table)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset).
@@ -29,6 +30,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
     profile) python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
+    probe) python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
     layer|qlora|model|decode|all)
       peft-fast bench --suite "$step" --out "$OUT/bench_$step" --no-progress ${BENCH_ARGS:-} 2>&1 \

@@ -29,7 +29,7 @@ def test_bench_quick_end_to_end_writes_json_png_and_results(tmp_path, capsys, mo
         assert case["impls"]["peft_fast"]["ok"] is True
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "| case | base ms | PEFT ms | peft_fast ms" in printed
+    assert "| case | base ms (GPU) | PEFT ms (GPU) | peft_fast ms (GPU)" in printed
     md = (results_dir / "RESULTS.md").read_text()
     assert "results.png" in md and payload["cases"][0]["id"] in md
     assert sorted(os.listdir(results_dir)) == ["RESULTS.md", "results.json", "results.png"]
@@ -81,3 +81,17 @@ def test_compare_to_flags_a_regression(tmp_path, capsys):
     assert "REGRESSION" in capsys.readouterr().out
     _, none = compare(now["cases"], now["cases"])
     assert none == []
+
+
+def test_table_shows_gpu_kernel_time_beside_wall_time():
+    """A host-bound row must be visible: wall 1.000 ms with 0.250 ms of kernels prints as "1.000 (0.250)"."""
+    from peft_fast.benchmark import report
+
+    case = {"id": "c", "out_bytes": None, "impls": {
+        "base": {"median_ms": 0.5, "kernel_ms": 0.4, "ok": None},
+        "peft": {"median_ms": 2.0, "ok": True},
+        "peft_fast": {"median_ms": 1.0, "kernel_ms": 0.25, "ok": True},
+    }}
+    row = report.table([case]).splitlines()[2]
+    assert "| 0.500 (0.400) | 2.000 | 1.000 (0.250) |" in row
+    assert "2.00×" in row  # speed-up vs PEFT

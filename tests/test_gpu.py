@@ -18,9 +18,9 @@ pytestmark = pytest.mark.gpu
     (tiny_gpt2, "gpt2", dict(r=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_cuda_forward_backward_match_peft(builder, name, cfg, dtype, backend, monkeypatch):
-    monkeypatch.setenv("PEFT_FAST_BACKEND", backend)
+@pytest.mark.parametrize("backend", ["torch", "auto", "triton"])
+def test_cuda_forward_backward_match_peft(builder, name, cfg, dtype, backend, force_backend):
+    force_backend(backend)
     torch.manual_seed(0)
     base = builder().to("cuda", dtype)
     ref_model = ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(**cfg))
@@ -35,7 +35,8 @@ def test_cuda_forward_backward_match_peft(builder, name, cfg, dtype, backend, mo
         y.float().square().mean().backward()
         outs.append((y, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (y_ref, g_ref), (y_pf, g_pf) = outs
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    # bf16: the fused paths compute the low-rank term in bf16, HF PEFT in its fp32 adapters' dtype
+    tol = 1e-5 if dtype == torch.float32 else (1e-2 if backend == "torch" else 2e-2)
     assert rel_err(y_pf, y_ref) < tol
     assert g_ref.keys() == g_pf.keys()
     for key in g_ref:

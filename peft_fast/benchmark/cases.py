@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -42,24 +41,15 @@ class Impl:
     extra: dict = field(default_factory=dict)
 
 
-@contextlib.contextmanager
 def backend(name: Optional[str]):
-    """Temporarily force PEFT_FAST_BACKEND (None: leave it as it is)."""
-    old = os.environ.get("PEFT_FAST_BACKEND")
-    if name is not None:
-        os.environ["PEFT_FAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if name is not None:
-            if old is None:
-                os.environ.pop("PEFT_FAST_BACKEND", None)
-            else:
-                os.environ["PEFT_FAST_BACKEND"] = old
+    """Force a peft_fast backend for the calls inside the block (None: leave the policy as it is)."""
+    from ..ops import use_backend
+
+    return contextlib.nullcontext() if name is None else use_backend(name)
 
 
 def with_backend(impl: Impl, name: str) -> Impl:
-    """The same implementation with PEFT_FAST_BACKEND=name around every timed step and the check."""
+    """The same implementation with backend `name` forced around every timed step and the check."""
     step, check = impl.step, impl.check
 
     def forced_step(i):
@@ -280,6 +270,16 @@ class QLoraLayerCase(LayerCase):
 
 
 # ------------------------------------------------------------------------------------------------ model level
+def compile_decoder_layers(model: nn.Module) -> int:
+    """torch.compile each transformer decoder layer in place ("regional" compilation: the layers share one code
+    object, so one compiled graph serves them all); returns how many were compiled."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+
 @dataclass
 class LlamaShape:
     hidden: int
@@ -352,7 +352,7 @@ class _ModelCase:
         was_training = model.training
         model.eval()
         with torch.no_grad(), self._autocast():
-            loss = model(input_ids=self.ids[0], labels=self.ids[0]).loss.float()
+            loss = model(input_ids=self.ids[0], labels=self.ids[0], use_cache=False).loss.float()
         model.train(was_training)
         return loss
 
@@ -378,7 +378,8 @@ class ModelTrainCase(_ModelCase):
     group: str = "model"
     builders: dict = field(default_factory=dict)
     max_repeats = 10  # a step of the 1.1B model takes about a second
-    impl_names = ("base", "peft", "peft_fast", "peft_fast triton")
+    # the forced-Triton path is timed in the layer suite; "peft_fast compile" compiles each decoder layer (CUDA only)
+    impl_names = ("base", "peft", "peft_fast", "peft_fast compile")
 
     @property
     def id(self) -> str:
@@ -407,22 +408,25 @@ class ModelTrainCase(_ModelCase):
 
             def base_step(i):
                 with self._autocast():
-                    loss = model(input_ids=self.ids[i], labels=self.ids[i]).loss
+                    loss = model(input_ids=self.ids[i], labels=self.ids[i], use_cache=False).loss
                 loss.backward()
 
             return Impl(step=base_step, units=tokens, extra={"model": model})
         if name == "peft_fast triton":
             return with_backend(self.build("peft_fast"), "triton")
         reference = self._reference_loss()
-        model = self._peft_model(name)
+        compiled = name.endswith(" compile")
+        model = self._peft_model(name.split(" ")[0])
         if model is None:
             return None
         model.train()
+        if compiled:
+            compile_decoder_layers(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step(i):
             with self._autocast():
-                loss = model(input_ids=self.ids[i], labels=self.ids[i]).loss
+                loss = model(input_ids=self.ids[i], labels=self.ids[i], use_cache=False).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

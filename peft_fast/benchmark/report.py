@@ -47,16 +47,23 @@ def _kept(case: dict, name: str) -> str:
     return f"{impl['saved_bytes'] / case['out_bytes']:.2f}"
 
 
+def _timed(case: dict, name: str) -> str:
+    """Median wall ms, with the GPU kernel time of one step in brackets when it was measured."""
+    impl = _impl(case, name) or {}
+    wall, kernel = impl.get("median_ms"), impl.get("kernel_ms")
+    return _ms(wall) if kernel is None or wall is None else f"{_ms(wall)} ({_ms(kernel)})"
+
+
 def table(cases: list[dict]) -> str:
-    """Markdown table: per case the three medians, the ratios to the bare base, the speed-up over PEFT, memory."""
-    head = ("| case | base ms | PEFT ms | peft_fast ms | PEFT/base | peft_fast/base | speed-up vs PEFT | "
-            "peak PEFT | peak peft_fast | kept B/out B PEFT | kept B/out B peft_fast |")
+    """Markdown table: per case the three medians (GPU kernel time of one step in brackets: far below the wall time
+    means the host is the bottleneck), the ratios to the bare base, the speed-up over PEFT, memory."""
+    head = ("| case | base ms (GPU) | PEFT ms (GPU) | peft_fast ms (GPU) | PEFT/base | peft_fast/base | "
+            "speed-up vs PEFT | peak PEFT | peak peft_fast | kept B/out B PEFT | kept B/out B peft_fast |")
     lines = [head, "|" + "---|" * 11]
     for c in cases:
-        med = {n: (_impl(c, n) or {}).get("median_ms") for n in ("base", "peft", "peft_fast")}
         speedup = ratio(c, "peft", "peft_fast")
         row = [
-            c["id"], _ms(med["base"]), _ms(med["peft"]), _ms(med["peft_fast"]),
+            c["id"], _timed(c, "base"), _timed(c, "peft"), _timed(c, "peft_fast"),
             _cell(c, "peft", ratio(c, "peft")), _cell(c, "peft_fast", ratio(c, "peft_fast")),
             _cell(c, "peft_fast", speedup), _mem((_impl(c, "peft") or {}).get("peak_bytes")),
             _mem((_impl(c, "peft_fast") or {}).get("peak_bytes")), _kept(c, "peft"), _kept(c, "peft_fast"),
@@ -64,8 +71,8 @@ def table(cases: list[dict]) -> str:
         lines.append("| " + " | ".join(row) + " |")
         for extra in [n for n in c["impls"] if n not in ("base", "peft", "peft_fast")]:
             impl = c["impls"][extra]
-            lines.append(f"| ↳ {extra} | | | {_ms(impl.get('median_ms'))} | | "
-                         f"{_cell(c, extra, ratio(c, extra))} | | | {_mem(impl.get('peak_bytes'))} | | |")
+            lines.append(f"| ↳ {extra} | | | {_timed(c, extra)} | | {_cell(c, extra, ratio(c, extra))} | "
+                         f"{_cell(c, extra, ratio(c, 'peft', extra))} | | {_mem(impl.get('peak_bytes'))} | | |")
     return "\n".join(lines)
 
 
@@ -153,9 +160,10 @@ def results_markdown(payload: dict, plot_name: str) -> str:
         f"{', commit ' + payload['commit'] if payload.get('commit') else ''}.",
         *([payload["note"], ""] if payload.get("note") else []),
         "",
-        "Times are medians after warm-up (CUDA events on a GPU). Ratios are time / bare base layer or model; "
-        "speed-up is PEFT time / peft_fast time. `fwd` cases time a no-grad forward in train mode; "
-        "kept B/out B is the activation bytes saved for backward per output byte.",
+        "Times are medians after warm-up (CUDA events on a GPU); in brackets the GPU kernel time of one step "
+        "(torch.profiler), so a host-bound row shows. Ratios are time / bare base layer or model; speed-up is PEFT "
+        "time / peft_fast time. `fwd` cases time a no-grad forward in train mode; kept B/out B is the activation "
+        "bytes saved for backward per output byte.",
         "",
         table(payload["cases"]),
         "",

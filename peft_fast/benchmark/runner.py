@@ -11,13 +11,14 @@ from typing import Callable, Optional
 import torch
 
 from .cases import IMPLS, hf_peft, tolerance
-from .timing import peak_memory, time_fn
+from .timing import kernel_time_ms, peak_memory, time_fn
 
 
 @dataclass
 class ImplResult:
     name: str
     median_ms: Optional[float] = None
+    kernel_ms: Optional[float] = None  # GPU kernel time of one step (CUDA only); far below median_ms: host-bound
     samples_ms: list[float] = field(default_factory=list)
     peak_bytes: Optional[int] = None
     saved_bytes: Optional[int] = None
@@ -49,10 +50,10 @@ def _free(device: torch.device) -> None:
 
 
 def impl_names(case, device: torch.device) -> tuple[str, ...]:
-    """The implementations a case times here: the forced-backend rows ("peft_fast triton") only on CUDA, where
-    they differ from plain peft_fast."""
+    """The implementations a case times here: the forced-backend rows ("peft_fast triton") and the compiled ones
+    ("peft_fast compile") only on CUDA, where they differ from plain peft_fast (and compiling is quick)."""
     names = getattr(case, "impl_names", IMPLS)
-    return tuple(n for n in names if device.type == "cuda" or not n.endswith(" triton"))
+    return tuple(n for n in names if device.type == "cuda" or not n.endswith((" triton", " compile")))
 
 
 def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, min_time_s: float = 0.0,
@@ -78,6 +79,7 @@ def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, 
                     res.samples_ms = [round(t, 5) for t in timing.samples_ms]
                     res.median_ms = timing.median_ms
                     res.peak_bytes = peak_memory(lambda: impl.step(0), device)
+                    res.kernel_ms = kernel_time_ms(lambda: impl.step(0), device)
                     if impl.saved_bytes is not None:
                         res.saved_bytes = impl.saved_bytes()
                     if impl.units:

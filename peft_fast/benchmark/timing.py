@@ -56,6 +56,22 @@ def time_fn(fn: Callable[[int], None], device: torch.device, n_inputs: int, warm
     return timing
 
 
+def kernel_time_ms(fn: Callable[[], None], device: torch.device) -> Optional[float]:
+    """GPU kernel time of one `fn()` (torch.profiler, all CUDA kernels summed), None on CPU. Beside the wall time
+    it shows whether a step is bound by the GPU or by the host issuing the work."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / 1e3
+
+
 def peak_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
     """Peak bytes allocated on a CUDA device while `fn` runs, above what was allocated before (None on CPU)."""
     if device.type != "cuda":

@@ -6,6 +6,7 @@ when importable. `use_backend("torch" | "triton" | "cuda" | "auto")` forces a ba
 """
 
 from . import torch_ref  # noqa: F401  (registers the torch backend)
+from . import cuda_lora  # noqa: F401  (registers the cuBLAS-composed LoRA linear; needs nothing beyond torch)
 from .dispatch import Skip, available_backends, choose, forced_backend, register, use_backend
 from .terms import EmbeddingTerm, LoraTerm
 from .dispatch import call as _call
@@ -21,7 +22,8 @@ def lora_linear(x, result, terms):
 def linear_with_lora(x, base_layer, terms):
     """The whole forward of a LoRA Linear / Conv1D layer: base_layer(x) + Σ s·B(A(drop(x))) over `terms`.
 
-    The Triton backend runs it as Triton kernels behind custom ops (ops/triton_lora.py)."""
+    The cuda backend runs it as one autograd node over cuBLAS (ops/cuda_lora.py); the Triton backend as Triton
+    kernels behind custom ops (ops/triton_lora.py)."""
     return _call("linear_with_lora", x, base_layer, terms)
 
 

@@ -1,0 +1,217 @@
+"""The cuda backend of linear_with_lora (ops/cuda_lora.py: one autograd node over cuBLAS) against the torch
+reference. It is plain torch code, so it runs on CPU tensors when forced; the GPU tests run it at real sizes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import peft_fast as pf
+from peft_fast import ops
+from peft_fast.ops import cuda_lora, dispatch
+from peft_fast.benchmark.timing import saved_activation_bytes
+from models import rel_err
+
+TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _layer(base, r, p, dtype=torch.float32, n_adapters=1, lora_bias=False):
+    config = pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=p, lora_bias=lora_bias,
+                           fan_in_fan_out=isinstance(base, Conv1D))
+    model = pf.get_peft_model(nn.Sequential(base), config)
+    for i in range(1, n_adapters):
+        model.add_adapter(f"extra{i}", pf.LoraConfig(r=r + i, lora_alpha=3, target_modules=["0"], use_rslora=True))
+    layer = model.base_model.model[0]
+    if n_adapters > 1:
+        layer.set_adapter(["default"] + [f"extra{i}" for i in range(1, n_adapters)])
+    for name, param in layer.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.5)  # B = 0 would hide a wrong low-rank term
+    return layer.to(dtype)
+
+
+def _run(layer, x, backend, x_grad=True):
+    with ops.use_backend(backend):
+        terms = [layer._adapter_term(a) for a in layer.active_adapters]
+        assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == backend
+        x = x.clone().requires_grad_(x_grad)
+        y = layer(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype))
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "linear-bias-lora-bias", "two-adapters", "trainable-base"])
+def test_forward_and_grads_match_the_torch_path(dtype, kind):
+    k, n = 29, 23
+    base = Conv1D(n, k) if kind == "conv1d" else nn.Linear(k, n, bias=kind != "linear")
+    layer = _layer(base, 8, 0.0, dtype, n_adapters=2 if kind == "two-adapters" else 1,
+                   lora_bias=kind == "linear-bias-lora-bias")
+    layer.base_layer.requires_grad_(kind == "trainable-base")
+    x = torch.randn(3, 7, k, dtype=dtype)
+    y_t, dx_t, g_t = _run(layer, x, "torch")
+    y_c, dx_c, g_c = _run(layer, x, "cuda")
+    assert y_c.dtype == y_t.dtype == dtype
+    assert rel_err(y_c, y_t) < TOL[dtype]
+    assert rel_err(dx_c, dx_t) < TOL[dtype]
+    assert g_c.keys() == g_t.keys() and len(g_t) >= 2
+    for name in g_t:
+        assert g_c[name].dtype == g_t[name].dtype, name
+        assert rel_err(g_c[name], g_t[name]) < 3 * TOL[dtype], name
+
+
+def test_fp32_adapters_on_a_bf16_base_under_autocast():
+    """PEFT's default: fp32 adapter weights (autocast_adapter_dtype) on a bf16 model, trained under autocast."""
+    model = pf.get_peft_model(nn.Sequential(nn.Linear(40, 24)).to(torch.bfloat16),
+                              pf.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(6, 40, dtype=torch.bfloat16)
+    results = {}
+    for backend in ("torch", "cuda"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[backend] = _run(layer, x, backend)
+    (y_t, dx_t, g_t), (y_c, dx_c, g_c) = results["torch"], results["cuda"]
+    assert rel_err(y_c, y_t) < 1e-2 and rel_err(dx_c, dx_t) < 1e-2
+    for name in g_t:
+        assert g_c[name].dtype == torch.float32
+        assert rel_err(g_c[name], g_t[name]) < 2e-2, name
+
+
+def test_no_input_grad_gives_only_adapter_grads():
+    """The first layer of a frozen model: x needs no grad, so no dx is computed, and A/B grads are still right."""
+    layer = _layer(nn.Linear(16, 12), 4, 0.0)
+    x = torch.randn(5, 16)
+    y_t, dx_t, g_t = _run(layer, x, "torch", x_grad=False)
+    y_c, dx_c, g_c = _run(layer, x, "cuda", x_grad=False)
+    assert dx_t is None and dx_c is None
+    for name in g_t:
+        assert rel_err(g_c[name], g_t[name]) < 1e-6, name
+
+
+def test_dropout_forward_and_grads_use_one_mask():
+    """With A = I and B = I the output reads the mask back: y = x Wᵀ + s·drop(x). dA, dB and dx must use that very
+    mask (a backward that drew a new one, or forgot 1/(1−p), fails)."""
+    torch.manual_seed(3)
+    m, k, p = 64, 16, 0.3
+    layer = _layer(nn.Linear(k, k, bias=False), k, p)
+    layer.train()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        a.copy_(torch.eye(k))
+        b.copy_(torch.eye(k))
+    s, w = layer.scaling["default"], layer.base_layer.weight.detach()
+    x = torch.randn(m, k, requires_grad=True)
+    with ops.use_backend("cuda"):
+        y = layer(x)
+    dropped = (y.detach() - x.detach() @ w.T) / s  # = drop(x)
+    mask = dropped.abs() > 1e-6
+    assert 0.55 < mask.float().mean() < 0.85
+    assert rel_err(dropped[mask], x.detach()[mask] / (1 - p)) < 1e-6
+    assert dropped[~mask].abs().max() < 1e-6
+    dy = torch.randn(m, k)
+    y.backward(dy)
+    xd = x.detach() * mask / (1 - p)
+    assert rel_err(b.grad, s * dy.T @ xd) < 1e-6
+    assert rel_err(a.grad, s * dy.T @ xd) < 1e-6  # A = B = I: dh = s·dy, dA = dhᵀ drop(x)
+    assert rel_err(x.grad, dy @ w + s * dy * mask / (1 - p)) < 1e-6
+
+
+def test_dropout_is_reproducible_statistically_right_and_keeps_no_dropped_copy():
+    m, k, p = 512, 256, 0.1
+    layer = _layer(nn.Linear(k, k, bias=False), k, p)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.eye(k))
+        layer.lora_B["default"].weight.copy_(torch.eye(k))
+    x = torch.randn(m, k, requires_grad=True)
+
+    def mask(seed):
+        torch.manual_seed(seed)
+        with ops.use_backend("cuda"):
+            return (layer(x) - layer.base_layer(x)).detach().abs() > 1e-6
+
+    m1, m2, m3 = mask(1), mask(1), mask(2)
+    assert torch.equal(m1, m2)  # torch.manual_seed reproduces the mask
+    keep = m1.float()
+    sd = (p * (1 - p) / m1.numel()) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sd
+    # no row or column far off the keep rate, and a new seed gives an independent mask
+    assert (keep.mean(1) - (1 - p)).abs().max() < 6 * (p * (1 - p) / k) ** 0.5
+    assert (keep.mean(0) - (1 - p)).abs().max() < 6 * (p * (1 - p) / m) ** 0.5
+    agree = (m1 == m3).float().mean().item()
+    expected = (1 - p) ** 2 + p**2
+    assert abs(agree - expected) < 5 * (expected * (1 - expected) / m1.numel()) ** 0.5
+    # what backward keeps: the boolean mask (1 byte per element of x) and h (M×r), never drop(x) itself
+    r = 4
+    small = _layer(nn.Linear(k, k, bias=False), r, p)
+    with ops.use_backend("cuda"):
+        saved = saved_activation_bytes(lambda: small(x), [x] + list(small.parameters()))
+    assert saved == m * k + m * r * 4, saved
+    with ops.use_backend("torch"):
+        saved_torch = saved_activation_bytes(lambda: small(x), [x] + list(small.parameters()))
+    assert saved_torch >= m * k * 4  # the torch path (as PEFT) keeps the dropped fp32 copy
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_inference_and_autocast(rows):
+    layer = _layer(nn.Linear(24, 12), 8, 0.1).eval()
+    x = torch.randn(2, rows, 24)
+    with torch.no_grad():
+        with ops.use_backend("cuda"):
+            y = layer(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y16 = layer(x)
+        with ops.use_backend("torch"):
+            y_ref = layer(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y16_ref = layer(x)
+    assert rel_err(y, y_ref) < 1e-6
+    assert y16.dtype == y16_ref.dtype == torch.bfloat16
+    assert rel_err(y16, y16_ref) < 2e-2
+
+
+def test_auto_mode_takes_it_on_cuda_only_and_hooks_send_calls_to_torch(force_backend):
+    layer = _layer(nn.Linear(8, 8), 2, 0.0)
+    x = torch.randn(3, 8)
+    terms = [layer._adapter_term("default")]
+    assert cuda_lora.supports(x, layer.base_layer, terms) == "input not on CUDA"
+    assert isinstance(cuda_lora.supports(x, layer.base_layer, terms), dispatch.Skip)
+    assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == "torch"
+    assert dispatch.AUTO_RULES["linear_with_lora"][0][0] == "cuda"
+    force_backend("cuda")
+    assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == "cuda"
+    handle = layer.base_layer.register_forward_hook(lambda *a: None)
+    try:
+        with pytest.warns(UserWarning, match="forward hooks"):
+            assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == "torch"
+    finally:
+        handle.remove()
+
+
+def test_empty_batch_and_non_contiguous_input():
+    layer = _layer(nn.Linear(8, 6), 2, 0.0)
+    with ops.use_backend("cuda"):
+        assert layer(torch.randn(0, 8)).shape == (0, 6)
+        x = torch.randn(8, 5).t()  # stride (1, 5)
+        y = layer(x)
+    with ops.use_backend("torch"):
+        assert rel_err(y, layer(x)) < 1e-6
+
+
+def test_merged_and_disabled_adapters_do_not_reach_the_fused_path():
+    layer = _layer(nn.Linear(10, 7), 3, 0.0)
+    x = torch.randn(4, 10)
+    with ops.use_backend("torch"):
+        ref = layer(x).detach()
+    merged = copy.deepcopy(layer)
+    merged.merge()
+    with ops.use_backend("cuda"):
+        assert rel_err(merged(x), ref) < 1e-5
+        with torch.no_grad():
+            layer.enable_adapters(False)
+            assert torch.equal(layer(x), layer.base_layer(x))

@@ -1,0 +1,129 @@
+"""The cuda backend of linear_with_lora (what auto mode runs on a GPU) at real sizes: against the torch path in
+bf16/fp16/fp32 with and without dropout (on CUDA both draw the same mask from torch's generator), no device sync,
+and torch.compile with no graph break and no recompiles across steps. `pytest -m gpu` on the device machine."""
+
+import pytest
+import torch
+from torch import nn
+
+import peft_fast as pf
+from peft_fast import ops
+from peft_fast.ops import dispatch
+from models import rel_err, tiny_llama
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+
+
+def _layer(k, n, r, p, dtype, fp32_adapters=False):
+    base = nn.Sequential(nn.Linear(k, n, bias=False)).cuda().to(dtype)
+    model = pf.get_peft_model(base, pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=p),
+                              autocast_adapter_dtype=fp32_adapters)
+    layer = model.base_model.model[0]
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)  # the low-rank term: a clear share of y
+    return layer
+
+
+def _fwd_bwd(layer, x, dy, backend, seed=0):
+    torch.manual_seed(seed)
+    with ops.use_backend(backend):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(dy)
+    out = (y.detach(), xi.grad, layer.lora_A["default"].weight.grad.clone(),
+           layer.lora_B["default"].weight.grad.clone())
+    layer.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype,fp32_adapters", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                                 (torch.float16, False), (torch.float32, False)])
+@pytest.mark.parametrize("m,k,n,r,p", [(8192, 4096, 4096, 16, 0.0), (4096, 4096, 4096, 16, 0.1),
+                                       (777, 1024, 3000, 64, 0.05), (1, 4096, 4096, 16, 0.0)])
+def test_matches_the_torch_path(dtype, fp32_adapters, m, k, n, r, p):
+    if p > 0 and fp32_adapters:
+        pytest.skip("the torch path drops an fp32 copy of x there: another dropout call, another mask to compare")
+    layer = _layer(k, n, r, p, dtype, fp32_adapters)
+    layer.train()
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    dy = torch.randn(m, n, device="cuda", dtype=dtype)
+    got = _fwd_bwd(layer, x, dy, "cuda")
+    ref = _fwd_bwd(layer, x, dy, "torch")  # same seed: torch's dropout kernel draws the same mask
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got, ref):
+        assert a.dtype == b.dtype, name
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < 2 * TOL[dtype], (name, rel_err(a, b))
+    # the adapter term is a clear share of y, so these numbers would fail if it were dropped or mis-scaled
+    with torch.no_grad():
+        base_only = layer.base_layer(x)
+    assert rel_err(base_only, ref[0]) > 20 * TOL[dtype]
+
+
+def test_inference_decode_sizes_match():
+    layer = _layer(4096, 4096, 16, 0.0, torch.bfloat16, fp32_adapters=True).eval()
+    for m in (1, 16, 333):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            with ops.use_backend("cuda"):
+                y = layer(x)
+            with ops.use_backend("torch"):
+                y_ref = layer(x)
+        assert rel_err(y, y_ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_forward_and_backward_never_synchronize(backend, p):
+    layer = _layer(1024, 768, 16, p, torch.bfloat16, fp32_adapters=True)
+    layer.train()
+    x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with ops.use_backend(backend):
+        terms = [layer._adapter_term("default")]
+        expected = "cuda" if backend == "auto" else backend
+        assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == expected
+        layer(x).sum().backward()  # warm-up (Triton compiles, cuBLAS handles)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                layer(x).float().square().mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_torch_compile_no_graph_break_no_recompile_and_same_loss():
+    torch.manual_seed(0)
+    base = tiny_llama().cuda().to(torch.bfloat16)
+    model = pf.get_peft_model(base, pf.LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 9, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    compiled_layer = torch.compile(layer, fullgraph=True)  # raises on a graph break
+    assert rel_err(compiled_layer(x), layer(x)) < 1e-2
+    ids = [torch.randint(0, base.config.vocab_size, (2, 16), device="cuda") for _ in range(3)]
+    eager_losses = []
+    for i in ids:
+        loss = model(input_ids=i, labels=i, use_cache=False).loss  # training: no KV cache (per-layer state)
+        loss.backward()
+        eager_losses.append(loss.item())
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    losses = []
+    for step, i in enumerate(ids):
+        # steps 0 and 1 may compile (the first backward sees no .grad yet); step 2 must reuse their graphs
+        torch._dynamo.config.error_on_recompile = step == 2
+        try:
+            loss = compiled(input_ids=i, labels=i, use_cache=False).loss
+            loss.backward()
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+        losses.append(loss.item())
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, eager_losses)) < 1e-2, (losses, eager_losses)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == eager_grads.keys() and len(grads) > 10
+    for name in grads:
+        assert rel_err(grads[name], eager_grads[name]) < 3e-2, name
