@@ -95,3 +95,41 @@ def test_table_shows_gpu_kernel_time_beside_wall_time():
     row = report.table([case]).splitlines()[2]
     assert "| 0.500 (0.400) | 2.000 | 1.000 (0.250) |" in row
     assert "2.00×" in row  # speed-up vs PEFT
+
+
+def _mutated_model_impl(mutate):
+    """A peft_fast model-case implementation with one deliberate bug, checked by the case's own gate."""
+    def build(case, device, dtype):
+        model = case._peft_model("peft_fast")
+        mutate(model)
+        return Impl(step=lambda i: None, check=lambda: case._check(model))
+    return build
+
+
+def _scale_lora(factor):
+    def mutate(model):
+        for module in model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                for name in module.scaling:
+                    module.scaling[name] *= factor
+    return mutate
+
+
+def _lose_grads(model):
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.register_hook(lambda g: g * 0)
+
+
+def test_the_model_gate_catches_a_dropped_mis_scaled_or_gradient_less_lora_term():
+    """Mutations tried: scaling 0 (the LoRA term dropped), scaling × 1.3, lora_A gradients zeroed (as a traced
+    autograd.Function once did under torch.compile); each must be WRONG, the real implementation right."""
+    from peft_fast.benchmark.cases import LLAMA_TINY, ModelTrainCase
+
+    for mutate in (_scale_lora(0.0), _scale_lora(1.3), _lose_grads):
+        case = ModelTrainCase(LLAMA_TINY, 2, 16, builders={"peft_fast bad": _mutated_model_impl(mutate)})
+        case.impl_names = ("peft", "peft_fast", "peft_fast bad")
+        result = run_case(case, torch.device("cpu"), torch.float32, repeats=3)
+        assert result.impls["peft_fast"].ok is True, result.impls["peft_fast"]
+        bad = result.impls["peft_fast bad"]
+        assert bad.ok is False and bad.rel_err > result.tolerance, (mutate, bad.rel_err)

@@ -334,10 +334,10 @@ class _ModelCase:
         config = lib.LoraConfig(r=self.r, lora_alpha=2 * self.r, lora_dropout=self.dropout,
                                 target_modules=ALL_LINEAR, task_type="CAUSAL_LM")
         model = lib.get_peft_model(model, config)
-        if self.lora_init is None:  # the same non-zero adapter weights for every library
+        if self.lora_init is None:  # the same adapter weights for every library, large enough to matter
             g = torch.Generator().manual_seed(2)
             self.lora_init = {
-                k: torch.randn(v.shape, generator=g) * (0.02 if "lora_B" in k else 1 / v.shape[-1] ** 0.5)
+                k: torch.randn(v.shape, generator=g) * (0.25 / self.r**0.5 if "lora_B" in k else 1 / v.shape[-1] ** 0.5)
                 for k, v in model.state_dict().items() if "lora_" in k
             }
         model.load_state_dict({k: v.to(self.device) for k, v in self.lora_init.items()}, strict=False)
@@ -348,22 +348,54 @@ class _ModelCase:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _eval_loss(self, model) -> torch.Tensor:
+    def _outputs(self, model) -> dict:
+        """What every implementation is checked on, in eval mode (no dropout): the logits on input set 0 and the
+        gradients of that loss w.r.t. the adapter weights (concatenated by parameter name; empty when merged)."""
         was_training = model.training
         model.eval()
-        with torch.no_grad(), self._autocast():
-            loss = model(input_ids=self.ids[0], labels=self.ids[0], use_cache=False).loss.float()
+        model.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = model(input_ids=self.ids[0], labels=self.ids[0], use_cache=False)
+        trainable = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        grads = None
+        if trainable:
+            out.loss.backward()
+            grads = torch.cat([p.grad.float().flatten() for _, p in trainable])
+            model.zero_grad(set_to_none=True)
         model.train(was_training)
-        return loss
+        return {"logits": out.logits.detach().float(), "grads": grads}
 
-    def _reference_loss(self) -> torch.Tensor:
-        """Loss of the LoRA model on the torch path: the reference the other implementations are checked against."""
+    def _reference(self) -> dict:
+        """The outputs every implementation is checked against: HF PEFT's when it is installed (an independent
+        implementation), else peft_fast's torch path. Refuses to check against adapters too small to tell a
+        missing or mis-scaled LoRA term from rounding."""
         if self.reference is None:
-            with backend("torch"):
-                model = self._peft_model("peft_fast")
-                self.reference = self._eval_loss(model)
+            name = "peft" if hf_peft() is not None else "peft_fast"
+            with backend("torch" if name == "peft_fast" else None):
+                model = self._peft_model(name)
+                reference = self._outputs(model)
+                with model.disable_adapter(), torch.no_grad(), self._autocast():
+                    plain = model(input_ids=self.ids[0], use_cache=False).logits.float()
             del model
+            effect = _rel_err(plain, reference["logits"])
+            if effect < 5 * tolerance(self.dtype):
+                raise RuntimeError(f"the adapters change the logits by {effect:.2e} only: too little to check")
+            self.reference = reference
         return self.reference
+
+    def _check(self, model) -> float:
+        """Relative error against the reference: the larger of the logits' and (over GRAD_SLACK) the adapter
+        gradients'. Dropping the LoRA term, mis-scaling it or losing its gradients exceeds the tolerance."""
+        reference, got = self._reference(), self._outputs(model)
+        err = _rel_err(got["logits"], reference["logits"])
+        if got["grads"] is not None:
+            if got["grads"].shape != reference["grads"].shape:
+                return float("inf")
+            err = max(err, _rel_err(got["grads"], reference["grads"]) / GRAD_SLACK)
+        return err
+
+
+GRAD_SLACK = 3.0  # gradients of a bf16 model may differ three times as much as its logits before they count as wrong
 
 
 @dataclass
@@ -414,7 +446,7 @@ class ModelTrainCase(_ModelCase):
             return Impl(step=base_step, units=tokens, extra={"model": model})
         if name == "peft_fast triton":
             return with_backend(self.build("peft_fast"), "triton")
-        reference = self._reference_loss()
+        self._reference()
         compiled = name.endswith(" compile")
         model = self._peft_model(name.split(" ")[0])
         if model is None:
@@ -431,10 +463,8 @@ class ModelTrainCase(_ModelCase):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        def check() -> float:
-            return _rel_err(self._eval_loss(model), reference)
-
-        return Impl(step=step, check=check, units=tokens, extra={"model": model, "optimizer": optimizer})
+        return Impl(step=step, check=lambda: self._check(model), units=tokens,
+                    extra={"model": model, "optimizer": optimizer})
 
 
 @dataclass
@@ -520,18 +550,14 @@ class DecodeCase(_ModelCase):
             model = copy.deepcopy(self.cpu_model).to(self.device)
             return Impl(step=self._generate(model), units=self.batch * self.new_tokens, extra={"model": model})
         lib_name, merged = name.split(" ")[0], name.endswith("merged")
-        reference = self._reference_loss()
+        self._reference()
         model = self._peft_model(lib_name)
         if model is None:
             return None
         model.eval()
         if merged:
             model = model.merge_and_unload()
-
-        def check() -> float:
-            return _rel_err(self._eval_loss(model), reference)
-
-        return Impl(step=self._generate(model), check=check, units=self.batch * self.new_tokens,
+        return Impl(step=self._generate(model), check=lambda: self._check(model), units=self.batch * self.new_tokens,
                     extra={"model": model})
 
 
