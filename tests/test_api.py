@@ -353,3 +353,15 @@ def test_grouped_conv_forward_works_but_merge_refuses_like_peft():
     assert torch.equal(model.base_model.model.conv.get_base_layer().weight, weight)
     with pytest.raises(ValueError, match="divisible by groups"):
         pf.get_peft_model(Grouped(), pf.LoraConfig(r=3, target_modules=["conv"]))
+
+
+@pytest.mark.parametrize("field,value", [("lora_alpha", "16"), ("lora_alpha", True), ("lora_dropout", "0.1"),
+                                         ("lora_dropout", 1.0), ("r", 4.0), ("r", "8"),
+                                         ("rank_pattern", {"q_proj": "8"}), ("alpha_pattern", {"q_proj": None}),
+                                         ("layers_to_transform", ["1"])])
+def test_numeric_config_fields_are_checked_when_the_config_is_made(field, value):
+    """A wrong type fails at LoraConfig(...) with a ValueError naming the field, not later inside a layer."""
+    extra = {"target_modules": ["q_proj"]} if field == "layers_to_transform" else {}
+    with pytest.raises(ValueError, match=field):
+        pf.LoraConfig(**{field: value}, **extra)
+    assert pf.LoraConfig(lora_alpha=16.5, lora_dropout=0, rank_pattern={"q_proj": 4}).lora_alpha == 16.5

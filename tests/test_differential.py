@@ -203,3 +203,18 @@ def test_cast_mixed_precision_and_kbit_prep_match_peft():
     assert {n: (p.dtype, p.requires_grad) for n, p in m_pf.named_parameters()} == {
         n: (p.dtype, p.requires_grad) for n, p in m_ref.named_parameters()
     }
+
+
+def test_add_adapter_all_linear_on_a_wrapped_model_matches_peft():
+    """A second adapter with target_modules='all-linear' goes onto the already-wrapped linears (their LoRA layers),
+    as in PEFT; it used to fail with 'Target modules set() not found'."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    states, targets = [], []
+    for lib in (ref, pf):
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(r=4, target_modules="all-linear"))
+        model.add_adapter("second", lib.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+        states.append({k: v.shape for k, v in model.state_dict().items() if ".second." in k})
+        targets.append(sorted(model.peft_config["second"].target_modules))
+    assert states[0] == states[1] and len(states[1]) == 28
+    assert targets[0] == targets[1]

@@ -608,7 +608,9 @@ def _maybe_include_all_linear_layers(peft_config: PeftConfig, model: nn.Module) 
         linear_classes = (nn.Linear, Conv1D)
     except ImportError:  # pragma: no cover
         pass
-    names = {name for name, module in model.named_modules() if isinstance(module, linear_classes)}
+    # on a model that already has adapters, a tuner layer around a linear counts as that linear (its insides do not)
+    names = {name for name, module in model.named_modules()
+             if isinstance(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module, linear_classes)}
     exclude = set()
     get_out = getattr(model, "get_output_embeddings", None)
     output_emb = get_out() if callable(get_out) and _is_transformers_model(model) else None

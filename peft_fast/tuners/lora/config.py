@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -99,10 +100,15 @@ class LoraConfig(PeftConfig):
                 raise ValueError(f"LoraConfig.{name}={value!r} is not supported by peft_fast.")
         if self.loftq_config:
             raise ValueError("LoraConfig.loftq_config (LoftQ initialization) is not supported by peft_fast.")
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout}")
+        if not _is_int(self.r) or self.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
+        if not _is_real(self.lora_alpha):
+            raise ValueError(f"`lora_alpha` must be a number, got {self.lora_alpha!r} ({type(self.lora_alpha).__name__})")
+        if not _is_real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`lora_dropout` must be a number in [0, 1), got {self.lora_dropout!r}")
+        layers = self.layers_to_transform
+        if layers is not None and not (_is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(_is_int, layers)))):
+            raise ValueError(f"`layers_to_transform` must be an int or a list of ints, got {layers!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"`bias` must be one of 'none', 'all', 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights
@@ -133,3 +139,18 @@ class LoraConfig(PeftConfig):
                 setattr(self, pattern_name, {})
             elif not isinstance(value, dict):
                 raise ValueError(f"`{pattern_name}` must be a dict of module-name pattern to value, got {value!r}")
+            else:
+                valid = (lambda v: _is_int(v) and v > 0) if pattern_name == "rank_pattern" else _is_real
+                bad = {k: v for k, v in value.items() if not valid(v)}
+                if bad:
+                    kind = "positive integers" if pattern_name == "rank_pattern" else "numbers"
+                    raise ValueError(f"`{pattern_name}` values must be {kind}, got {bad!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A real number (int or float, numpy scalars too), not a bool or a numeric string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
