@@ -143,23 +143,31 @@ def test_several_adapters_active_and_switching():
 
 
 def test_mixed_batch_adapter_names_match_peft():
+    """Rows name their adapter, several rows per adapter and on both the Linear and the Embedding path (one row per
+    adapter let an op that served only each group's first row pass)."""
     cfg = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"])
     ref_model, pf_model = _pair("llama", cfg)
     for m, lib in ((ref_model, ref), (pf_model, pf)):
-        m.add_adapter("b", lib.LoraConfig(r=2, target_modules=["v_proj"]))
+        m.add_adapter("b", lib.LoraConfig(r=2, target_modules=["v_proj", "embed_tokens"]))
     randomize_adapters(ref_model, seed=5)
     pf_model.load_state_dict(ref_model.state_dict())
     ref_model.eval(), pf_model.eval()
-    names = ["default", "__base__", "b"]
+    names = ["default", "__base__", "b", "b", "default", "__base__"]
+    x = inputs_for("llama", batch=len(names))
     with torch.no_grad():
-        y_ref = _out(ref_model, "llama", adapter_names=names)
-        y_pf = _out(pf_model, "llama", adapter_names=names)
+        y_ref = output_tensor(ref_model(**x, adapter_names=names))
+        y_pf = output_tensor(pf_model(**x, adapter_names=names))
         assert rel_err(y_pf, y_ref) < TOL
-        # each row equals running that adapter alone
-        pf_model.set_adapter("b")
-        assert rel_err(y_pf[2], _out(pf_model, "llama")[2]) < 1e-5
+        # each row equals running its adapter alone
+        alone = {}
+        for adapter in ("default", "b"):
+            pf_model.set_adapter(adapter)
+            alone[adapter] = output_tensor(pf_model(**x))
         with pf_model.disable_adapter():
-            assert rel_err(y_pf[1], _out(pf_model, "llama")[1]) < 1e-5
+            alone["__base__"] = output_tensor(pf_model(**x))
+        for i, adapter in enumerate(names):
+            assert rel_err(y_pf[i], alone[adapter][i]) < 1e-5, (i, adapter)
+        assert rel_err(alone["b"], alone["default"]) > 1e-2  # the adapters differ, so the rows tell them apart
 
 
 def test_generate_matches_peft_with_and_without_adapter_names():
