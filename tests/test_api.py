@@ -344,11 +344,22 @@ def test_grouped_conv_forward_works_but_merge_refuses_like_peft():
         def forward(self, x):
             return self.conv(x)
 
+    import peft as ref
+
+    torch.manual_seed(0)
+    base = Grouped()
     with pytest.warns(UserWarning, match="groups > 1"):
-        model = pf.get_peft_model(Grouped(), pf.LoraConfig(r=4, target_modules=["conv"]))
-    randomize_adapters(model)
-    y = model(torch.randn(2, 4, 5, 5))
+        model = pf.get_peft_model(copy.deepcopy(base), pf.LoraConfig(r=4, target_modules=["conv"]))
+    with pytest.warns(UserWarning, match="groups > 1"):
+        ref_model = ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(r=4, target_modules=["conv"]))
+    randomize_adapters(ref_model)
+    model.load_state_dict(ref_model.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    y = model(x)
     assert y.shape == (2, 8, 5, 5)
+    # the same numbers as HF PEFT, and the adapter's share is not nothing (scaling 0 passed a shape-only check)
+    assert rel_err(y, ref_model(x)) < 1e-6
+    assert rel_err(y, base(x)) > 1e-2
     weight = model.base_model.model.conv.get_base_layer().weight.clone()
     with pytest.raises(NotImplementedError, match="groups > 1"):
         model.base_model.merge_adapter()

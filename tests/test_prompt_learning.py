@@ -185,17 +185,32 @@ def test_config_dicts_give_the_same_configs_and_counts(config_dict):
 
 
 def test_attributes_and_prompt_helpers():
-    _, model = _pair(tiny_llama, "CAUSAL_LM", PROMPT)
+    """get_prompt's values, not only its shape: the virtual-token embeddings repeated per row, and the prefix cache
+    holding HF PEFT's key/value tensors layer by layer (a get_prompt that permuted heads or swapped keys and values
+    kept the shapes)."""
+    ref_prompt, model = _pair(tiny_llama, "CAUSAL_LM", PROMPT)
     assert isinstance(model.prompt_encoder["default"], pf.PromptEmbedding)
     assert torch.equal(model.prompt_tokens["default"], torch.arange(6))
     assert model.word_embeddings is model.base_model.model.embed_tokens
     assert model.transformer_backbone_name == "model"
-    assert model.get_prompt(batch_size=2).shape == (2, 6, 32)
-    assert torch.equal(model.get_prompt_embedding_to_save("default"), model.prompt_encoder["default"].embedding.weight)
-    _, prefix_model = _pair(tiny_llama, "CAUSAL_LM", PREFIX)
-    cache = prefix_model.get_prompt(batch_size=2)
+    prompt = model.get_prompt(batch_size=2)
+    weight = model.prompt_encoder["default"].embedding.weight
+    assert prompt.shape == (2, 6, 32)
+    assert torch.equal(prompt[0], weight) and torch.equal(prompt[1], weight)
+    assert torch.equal(prompt, ref_prompt.get_prompt(batch_size=2))
+    assert torch.equal(model.get_prompt_embedding_to_save("default"), weight)
+    ref_prefix, prefix_model = _pair(tiny_llama, "CAUSAL_LM", PREFIX)
+    with torch.no_grad():  # distinct values everywhere, so that any permutation shows
+        for p in ref_prefix.prompt_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    prefix_model.load_state_dict(ref_prefix.state_dict())
+    cache, ref_cache = prefix_model.get_prompt(batch_size=2), ref_prefix.get_prompt(batch_size=2)
     # grouped-query attention: the prefix holds the 2 key/value heads of head_dim 8
     assert cache.get_seq_length() == 5 and cache.layers[0].keys.shape == (2, 2, 5, 8)
+    assert len(cache.layers) == len(ref_cache.layers) == 2
+    for mine, theirs in zip(cache.layers, ref_cache.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    assert not torch.equal(cache.layers[0].keys, cache.layers[0].values)
 
 
 @pytest.mark.parametrize("builder,task_type,cfg", [
