@@ -1,7 +1,7 @@
 """Triton LoRA kernels against the torch reference (DESIGN.md §2), in Triton's interpreter on the CPU.
 
-Small odd shapes (M, K, N not multiples of any block), ranks 1/8/16/64, fp32 and bf16 (bf16 operands are exact
-bf16 values; the interpreter multiplies them in fp32, the GPU tests run the real bf16 dots). GPU-sized runs of
+Small odd shapes (M, K, N not multiples of any block), ranks 1/8/16/64, fp32, fp16 and bf16 (16-bit operands are
+exact 16-bit values; the interpreter multiplies them in fp32, the GPU tests run the real 16-bit dots). GPU-sized runs of
 the same checks live in test_gpu_kernels.py.
 """
 
@@ -20,8 +20,8 @@ from models import rel_err
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter tests (CPU tensors); test_gpu_kernels.py covers the GPU")
-DTYPES = [torch.float32, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture
@@ -105,6 +105,16 @@ def test_dropout_mask_is_reproducible_and_keeps_one_minus_p():
     keep = mask.float().mean().item()
     assert abs(keep - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)  # five standard deviations
     assert _mask(m, k, 0.0, seed=1).all()
+    # statistics of the mask alone, independent of how the kernels use it: no row or column far off the keep
+    # rate, and another seed gives an independent mask (agreement (1-p)² + p²); a mask that repeated per row
+    # block or reused the seed's low bits fails these
+    big = _mask(256, 64, p, seed=77).float()
+    other = _mask(256, 64, p, seed=78).float()
+    assert (big.mean(1) - (1 - p)).abs().max() < 5 * (p * (1 - p) / 64) ** 0.5
+    assert (big.mean(0) - (1 - p)).abs().max() < 5 * (p * (1 - p) / 256) ** 0.5
+    agree, expected = (big == other).float().mean().item(), (1 - p) ** 2 + p**2
+    assert abs(agree - expected) < 5 * (expected * (1 - expected) / big.numel()) ** 0.5
+    assert not torch.equal(big[:128], big[128:])  # no repeat across row blocks
     # the dx epilogue regenerates the same mask at the same (row, column)
     w, dh, a = torch.zeros(k, 5), torch.ones(m, k), torch.eye(k)
     dx = K.gemm_lora(torch.zeros(m, 5), w.t(), None, dh, a, 1.0, p, 1234, torch.float32)
