@@ -279,7 +279,6 @@ def compile_decoder_layers(model: nn.Module) -> int:
     return len(layers)
 
 
-
 @dataclass
 class LlamaShape:
     hidden: int
