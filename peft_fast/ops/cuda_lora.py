@@ -56,6 +56,10 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype)
     return out.mul_(scale) if scale != 1.0 else out
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _dropped(t: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
     return t if mask is None else torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
 
@@ -81,9 +85,7 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float, kn: bool):
         dt = x.dtype
-        a = lora_a if lora_a.dtype == dt else lora_a.to(dt)
-        b = lora_b if lora_b.dtype == dt else lora_b.to(dt)
-        w = weight if weight.dtype == dt else weight.to(dt)
+        a, b, w = _as(lora_a, dt), _as(lora_b, dt), _as(weight, dt)
         y, h, mask = lora_forward(x, w if kn else w.t(), bias, a, b, scale, p)
         ctx.save_for_backward(x, w, a, b, h, mask)
         ctx.scale, ctx.p, ctx.kn = scale, p, kn
@@ -96,8 +98,7 @@ class FusedLoraLinear(torch.autograd.Function):
         s, p = ctx.scale, ctx.p
         w_dtype, a_dtype, b_dtype, bias_dtype = ctx.dtypes
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        if dy.dtype != x.dtype:
-            dy = dy.to(x.dtype)
+        dy = _as(dy, x.dtype)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         g = torch.mm(dy, b) if (need_a or need_x) else None
         if need_b:
@@ -128,40 +129,29 @@ _apply_eager = super(torch.autograd.Function, FusedLoraLinear).apply
 @register("linear_with_lora", "cuda", supports=supports)
 def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
     dtype = compute_dtype(x)
-    if len(terms) == 1:
-        term = terms[0]
-        lora_a, lora_b, scale, lora_b_bias = term.lora_A.weight, term.lora_B.weight, term.scaling, term.lora_B.bias
-        lora_bias = None if lora_b_bias is None else lora_b_bias.to(dtype) * scale
-    else:
-        lora_a, lora_b, scale, lora_bias = fold_terms(terms, dtype)
-    bias = base.bias
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)
+    lora_a, lora_b, scale, lora_bias = fold_terms(terms, dtype)
+    bias = None if base.bias is None else _as(base.bias, dtype)
     if lora_bias is not None:
         bias = lora_bias if bias is None else bias + lora_bias
-    dropout = terms[0].dropout
-    p = dropout.p if type(dropout) is not nn.Identity and dropout.training else 0.0
+    p = terms[0].dropout_p
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.dtype != dtype:
-        x2 = x2.to(dtype)
+    x2 = _as(x.reshape(-1, k), dtype)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     weight = base.weight
     kn = type(base) is not nn.Linear  # supports() let only nn.Linear and transformers' Conv1D (K×N weight) through
     if no_grad_needed(x2, weight, bias, lora_a, lora_b):  # inference: no autograd node at all
-        w = weight if weight.dtype == dtype else weight.to(dtype)
-        a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)
-        b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
-        out = lora_forward(x2, w if kn else w.t(), bias, a, b, scale, p)[0]
+        w = _as(weight, dtype)
+        out = lora_forward(x2, w if kn else w.t(), bias, _as(lora_a, dtype), _as(lora_b, dtype), scale, p)[0]
     elif torch.compiler.is_compiling():
         # traced: the same arithmetic as differentiable torch ops; AOT autograd derives the backward and inductor
         # fuses both. (Tracing FusedLoraLinear instead gave all-zero adapter grads in a layer whose input needs no
         # grad, torch 2.11, tests/test_gpu_cuda_lora.py, 2026-12-02; cause not found.)
-        w = weight if weight.dtype == dtype else weight.to(dtype)
+        w = _as(weight, dtype)
+        w_kn = w if kn else w.t()
         xd = torch.nn.functional.dropout(x2, p, True) if p > 0 else x2
-        low = torch.mm(torch.mm(xd, lora_a.to(dtype).t()), lora_b.to(dtype).t())
-        base_out = torch.mm(x2, w if kn else w.t()) if bias is None else torch.addmm(bias, x2, w if kn else w.t())
+        low = torch.mm(torch.mm(xd, _as(lora_a, dtype).t()), _as(lora_b, dtype).t())
+        base_out = torch.mm(x2, w_kn) if bias is None else torch.addmm(bias, x2, w_kn)
         out = torch.add(base_out, low, alpha=scale)
     elif torch._C._are_functorch_transforms_active():
         out = FusedLoraLinear.apply(x2, weight, bias, lora_a, lora_b, scale, p, kn)
