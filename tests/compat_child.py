@@ -30,6 +30,7 @@ def main(root):
     import transformers
 
     import peft_fast as pf
+    from models import output_tensor  # tests/ is this script's folder, so first on sys.path
     from peft_fast.prompt_learning import cache_kwarg
 
     report = {"transformers": transformers.__version__, "cases": {}}
@@ -53,10 +54,7 @@ def main(root):
                                  base.generation_config.eos_token_id)
                     result["greedy_equal"] = torch.equal(out, ref)
             else:
-                out = model(**io["inputs"])
-                logits = out.logits if hasattr(out, "logits") else (
-                    torch.cat([out.start_logits, out.end_logits], -1) if hasattr(out, "start_logits")
-                    else out.last_hidden_state)
+                logits = output_tensor(model(**io["inputs"]))
                 diff = (logits.double() - io["expected"].double()).norm() / io["expected"].double().norm()
                 result["rel_err"] = diff.item()
         result["deprecation_warnings"] = [str(w.message) for w in caught if "past_key_values" in str(w.message)]

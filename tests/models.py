@@ -113,6 +113,16 @@ def randomize_adapters(model: nn.Module, seed: int = 123, scale: float = 0.2) ->
                     p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.device))
 
 
+def no_grad_outputs(layer: nn.Module, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer(x), layer(x) under CPU bf16 autocast), without grad, with peft_fast `backend` forced."""
+    from peft_fast import ops
+
+    with torch.no_grad(), ops.use_backend(backend):
+        y = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return y, layer(x)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 

@@ -12,7 +12,7 @@ import peft_fast as pf
 from peft_fast import ops
 from peft_fast.ops import cuda_lora, dispatch
 from peft_fast.benchmark.timing import saved_activation_bytes
-from models import rel_err
+from models import no_grad_outputs, rel_err
 
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -161,15 +161,8 @@ def test_dropout_is_reproducible_statistically_right_and_keeps_no_dropped_copy()
 def test_inference_and_autocast(rows):
     layer = _layer(nn.Linear(24, 12), 8, 0.1).eval()
     x = torch.randn(2, rows, 24)
-    with torch.no_grad():
-        with ops.use_backend("cuda"):
-            y = layer(x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y16 = layer(x)
-        with ops.use_backend("torch"):
-            y_ref = layer(x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y16_ref = layer(x)
+    y, y16 = no_grad_outputs(layer, x, "cuda")
+    y_ref, y16_ref = no_grad_outputs(layer, x, "torch")
     assert rel_err(y, y_ref) < 1e-6
     assert y16.dtype == y16_ref.dtype == torch.bfloat16
     assert rel_err(y16, y16_ref) < 2e-2

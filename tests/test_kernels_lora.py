@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from peft_fast import ops
 from peft_fast.kernels import lora_linear as K
 from peft_fast.ops import dispatch
-from models import rel_err
+from models import no_grad_outputs, rel_err
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter tests (CPU tensors); test_gpu_kernels.py covers the GPU")
@@ -224,18 +224,12 @@ def test_base_bias_and_weight_grads_when_trainable(triton_backend):
 
 
 @pytest.mark.parametrize("rows", [5, 70])  # the one-launch fused path (≤ FUSED_SMALL_M rows) and the other
-def test_inference_path_and_autocast(triton_backend, gemm_mode, rows):
+def test_inference_path_and_autocast(gemm_mode, rows):
     layer = _layer_pair(nn.Linear(24, 12), 8, 0.1)
     layer.eval()
     x = torch.randn(2, rows, 24)
-    with torch.no_grad():
-        y = layer(x)
-        with ops.use_backend("torch"):
-            y_ref = layer(x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y16_ref = layer(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y16 = layer(x)
+    y, y16 = no_grad_outputs(layer, x, "triton")
+    y_ref, y16_ref = no_grad_outputs(layer, x, "torch")
     assert rel_err(y, y_ref) < 1e-5
     assert y16.dtype == y16_ref.dtype == torch.bfloat16
     assert rel_err(y16, y16_ref) < 2e-2

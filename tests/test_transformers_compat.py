@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import peft_fast as pf
-from models import tiny_bert, tiny_llama, tiny_t5
+from models import output_tensor, tiny_bert, tiny_llama, tiny_t5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPAT_VERSION = "5.24.0"
@@ -74,10 +74,7 @@ def _save_cases(root):
             if generate:
                 expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
             else:
-                out = model(**inputs)
-                expected = out.logits if hasattr(out, "logits") else (
-                    torch.cat([out.start_logits, out.end_logits], -1) if hasattr(out, "start_logits")
-                    else out.last_hidden_state)
+                expected = output_tensor(model(**inputs))
         torch.save(dict(auto_class=auto_class, task=task, generate=generate, inputs=inputs, expected=expected,
                         new_tokens=6), os.path.join(root, name, "io.pt"))
 
