@@ -1,48 +1,89 @@
-// pybind11 bindings of peft_fast._C: tensor checks, then the raw-pointer launchers of csrc/*.cu.
+// pybind11 bindings of peft_fast._C: argument checks, then the raw-pointer launchers of csrc/*.cu.
+//
+// Bad arguments raise ValueError, a failed launch RuntimeError. Neither goes through TORCH_CHECK / c10::Error
+// (which captures a C++ backtrace when made) nor through the exception translators torch registers globally:
+// our own exception types are translated by a module-local translator, which pybind11 tries first. A bad call
+// from Python must never take the interpreter down (tests/test_gpu_kernels.py runs each in a child process).
 #include <torch/extension.h>
 
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
 
 #include "qgemv.h"
 
 namespace {
 
+struct ArgError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+struct LaunchError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+template <typename... Parts>
+void require(bool ok, const Parts&... parts) {
+    if (ok) return;
+    std::ostringstream msg;
+    msg << "qgemv_lora: ";
+    (msg << ... << parts);
+    throw ArgError(msg.str());
+}
+
+bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// A tensor argument on x's GPU, contiguous, of the given dtype and element count.
+void require_tensor(const torch::Tensor& t, const char* name, const torch::Tensor& x, c10::ScalarType dtype,
+                    int64_t numel, const char* what) {
+    require(t.defined(), name, " is undefined");
+    require(t.is_cuda() && t.device() == x.device(), name, " must be on x's device ", x.device(), ", got ",
+            t.device());
+    require(t.scalar_type() == dtype, name, " must be ", c10::toString(dtype), ", got ",
+            c10::toString(t.scalar_type()));
+    require(t.is_contiguous(), name, " must be contiguous");
+    require(t.numel() == numel, name, " must hold ", numel, " values (", what, "), got ", t.numel());
+}
+
 torch::Tensor qgemv_lora(torch::Tensor x, torch::Tensor qweight, torch::Tensor code, torch::Tensor absmax,
                          int64_t blocksize, int64_t n, int64_t k, c10::optional<torch::Tensor> bias,
                          c10::optional<torch::Tensor> hs, c10::optional<torch::Tensor> lora_b) {
-    TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "qgemv_lora: x must be a contiguous 2-D CUDA tensor");
-    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
-                "qgemv_lora: x must be bf16 or fp16");
-    TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kQgemvMaxRows, "qgemv_lora: 1 to ", kQgemvMaxRows, " rows, got ",
-                x.size(0));
-    TORCH_CHECK(x.size(1) == k && k % 32 == 0, "qgemv_lora: x has ", x.size(1), " columns; K must be ", k,
-                " and a multiple of 32");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "qgemv_lora: x must be 16-byte aligned");
-    TORCH_CHECK(qweight.is_cuda() && qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous() &&
-                    qweight.numel() == n * k / 2 && reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
-                "qgemv_lora: qweight must be the contiguous, 16-byte aligned uint8 packing of an ", n, "x", k,
-                " weight");
-    TORCH_CHECK(code.scalar_type() == torch::kFloat && code.numel() == 16 && code.is_cuda(),
-                "qgemv_lora: code must be 16 fp32 values on the GPU");
-    TORCH_CHECK(blocksize % 32 == 0, "qgemv_lora: blocksize must be a multiple of 32, got ", blocksize);
-    TORCH_CHECK(absmax.scalar_type() == torch::kFloat && absmax.is_contiguous() &&
-                    absmax.numel() == (n * k + blocksize - 1) / blocksize,
-                "qgemv_lora: absmax must hold one fp32 value per block");
+    require(x.defined() && x.is_cuda(), "x must be a CUDA tensor, got ", x.defined() ? x.device().str() : "none");
+    require(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D tensor, got ", x.dim(), "-D",
+            x.is_contiguous() ? "" : " non-contiguous");
     const auto dtype = x.scalar_type();
+    require(dtype == torch::kBFloat16 || dtype == torch::kHalf, "x must be bf16 or fp16, got ",
+            c10::toString(dtype));
+    require(x.size(0) >= 1 && x.size(0) <= kQgemvMaxRows, "x must have 1 to ", kQgemvMaxRows, " rows, got ",
+            x.size(0));
+    require(n >= 1 && n <= INT32_MAX, "n must be in [1, 2^31), got ", n);
+    require(k >= 32 && k % 32 == 0 && k <= INT32_MAX, "k must be a positive multiple of 32, got ", k);
+    require(x.size(1) == k, "x has ", x.size(1), " columns, k is ", k);
+    require(aligned16(x), "x must be 16-byte aligned");
+    require(blocksize >= 32 && blocksize % 32 == 0 && blocksize <= INT32_MAX,
+            "blocksize must be a positive multiple of 32, got ", blocksize);
+    require_tensor(qweight, "qweight", x, torch::kUInt8, n * k / 2, "the 4-bit packing of an n x k weight");
+    require(aligned16(qweight), "qweight must be 16-byte aligned");
+    require_tensor(code, "code", x, torch::kFloat, 16, "the 4-bit code book");
+    require_tensor(absmax, "absmax", x, torch::kFloat, (n * k + blocksize - 1) / blocksize, "one per block");
     int64_t r = 0;
     if (hs.has_value()) {
-        TORCH_CHECK(lora_b.has_value(), "qgemv_lora: hs needs lora_b");
-        TORCH_CHECK(hs->scalar_type() == dtype && hs->is_contiguous() && hs->size(0) == x.size(0),
-                    "qgemv_lora: hs must be contiguous M×R in x's dtype");
+        require(lora_b.has_value(), "hs needs lora_b");
+        require(hs->defined() && hs->dim() == 2, "hs must be 2-D (rows x rank)");
         r = hs->size(1);
-        TORCH_CHECK(r <= 128, "qgemv_lora: rank ", r, " exceeds 128");
-        TORCH_CHECK(lora_b->scalar_type() == dtype && lora_b->is_contiguous() && lora_b->size(0) == n &&
-                        lora_b->size(1) == r,
-                    "qgemv_lora: lora_b must be contiguous N×R in x's dtype");
+        require(r >= 1 && r <= 128, "the rank (hs's columns) must be 1 to 128, got ", r);
+        require_tensor(*hs, "hs", x, dtype, x.size(0) * r, "rows x rank");
+        require(hs->size(0) == x.size(0), "hs must have x's ", x.size(0), " rows, got ", hs->size(0));
+        require_tensor(*lora_b, "lora_b", x, dtype, n * r, "n x rank");
+        require(lora_b->dim() == 2 && lora_b->size(0) == n, "lora_b must be n x rank");
+    } else {
+        require(!lora_b.has_value(), "lora_b needs hs");
     }
-    if (bias.has_value())
-        TORCH_CHECK(bias->scalar_type() == dtype && bias->numel() == n && bias->is_contiguous(),
-                    "qgemv_lora: bias must be N values in x's dtype");
+    if (bias.has_value()) require_tensor(*bias, "bias", x, dtype, n, "one per output");
+
+    const c10::cuda::CUDAGuard guard(x.device());
     auto y = torch::empty({x.size(0), n}, x.options());
     QgemvArgs args{x.data_ptr(),
                    qweight.data_ptr<uint8_t>(),
@@ -59,7 +100,8 @@ torch::Tensor qgemv_lora(torch::Tensor x, torch::Tensor qweight, torch::Tensor c
                    static_cast<int>(blocksize),
                    dtype == torch::kBFloat16};
     const cudaError_t err = launch_qgemv_lora(args, c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "qgemv_lora: kernel launch failed: ", cudaGetErrorString(err));
+    if (err != cudaSuccess) throw LaunchError(std::string("qgemv_lora: kernel launch failed: ") +
+                                              cudaGetErrorString(err));
     return y;
 }
 
@@ -67,6 +109,15 @@ torch::Tensor qgemv_lora(torch::Tensor x, torch::Tensor qweight, torch::Tensor c
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "peft_fast CUDA kernels";
+    py::register_local_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const ArgError& e) {
+            PyErr_SetString(PyExc_ValueError, e.what());
+        } catch (const LaunchError& e) {
+            PyErr_SetString(PyExc_RuntimeError, e.what());
+        }
+    });
     m.def("qgemv_lora", &qgemv_lora, "small-M 4-bit GEMV + LoRA term (M <= 16)", py::arg("x"), py::arg("qweight"),
           py::arg("code"), py::arg("absmax"), py::arg("blocksize"), py::arg("n"), py::arg("k"),
           py::arg("bias") = py::none(), py::arg("hs") = py::none(), py::arg("lora_b") = py::none());

@@ -25,6 +25,9 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET = tl.constexpr(_INTERPRET)
+# PEFT_FAST_TRITON_AUTOTUNE=0 gives each kernel one fixed config: no benchmarking of candidates on a new shape
+# (the GPU tests set it, so they time nothing and compile each kernel once per specialisation).
+AUTOTUNE = os.environ.get("PEFT_FAST_TRITON_AUTOTUNE", "1") != "0"
 MAX_RANK = 256  # largest (folded) rank the epilogue takes in one tile
 
 
@@ -47,6 +50,8 @@ def _m_bucket(m: int) -> int:
 def _gemm_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=4)]
     shapes = [
         # large M (training / prefill)
         (128, 256, 64, 8, 3, 8),
@@ -78,6 +83,8 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
 def _stream_configs(block_k_large: int):
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32})]
+    if not AUTOTUNE:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_K": block_k_large}, num_stages=3, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=s, num_warps=w)
         for bm, bk, s, w in [(64, block_k_large, 3, 4), (32, block_k_large, 4, 4), (64, 64, 4, 4), (128, 64, 3, 8),

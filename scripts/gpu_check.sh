@@ -28,7 +28,7 @@ steps=("$@")
 for step in "${steps[@]}"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
-    tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
+    tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
     profile) python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
     probe) python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;

@@ -8,6 +8,8 @@ PEFT_FAST_BACKEND=cuda selects it.
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from typing import Optional
 
 import torch
@@ -18,9 +20,16 @@ from .common import fold_terms
 from .terms import LoraTerm
 
 try:
-    from peft_fast import _C
-except ImportError:  # the extension is built only on machines with a CUDA torch and nvcc
+    _C = importlib.import_module("peft_fast._C")
+    WHY_NO_EXTENSION = None
+except ImportError as exc:
     _C = None
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "peft_fast._C":
+        # built only where torch has CUDA and nvcc is found at install time: nothing to say on a CPU machine
+        WHY_NO_EXTENSION = "peft_fast._C is not built (no CUDA torch / nvcc at install time)"
+    else:  # there but unloadable: typically built against another torch (undefined symbols)
+        WHY_NO_EXTENSION = f"peft_fast._C does not load (built for another torch? rebuild with pip install -e .): {exc}"
+        warnings.warn(f"{WHY_NO_EXTENSION}; using the Triton / torch paths", RuntimeWarning, stacklevel=2)
 
 MAX_ROWS = 16
 
@@ -33,7 +42,7 @@ def _absmax_fp32(state) -> torch.Tensor:
 
 def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
     if _C is None:
-        return Skip("peft_fast._C is not built (no CUDA torch / nvcc at install time)")
+        return Skip(WHY_NO_EXTENSION)
     if not x.is_cuda:
         return Skip(f"input on {x.device.type}")
     if type(base).__name__ != "Linear4bit" or not hasattr(getattr(base, "weight", None), "quant_state"):
