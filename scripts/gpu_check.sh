@@ -6,6 +6,7 @@
 #   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
 #   layer | qlora | model | decode | all   that `peft-fast bench` suite (JSON + PNG + table)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
+# Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
 # Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,18 +23,19 @@ fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}"
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -30 "$OUT/install.log"; exit 1; }
+STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
 rc=0
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests layer)
 for step in "${steps[@]}"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
-    tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
-    profile) python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
-    probe) python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
-    suite) python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
+    tests) timeout "$STEP_TIMEOUT" python3 -m pytest -v -m gpu tests -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
+    profile) timeout "$STEP_TIMEOUT" python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
+    probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
+    suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
     layer|qlora|model|decode|all)
-      peft-fast bench --suite "$step" --out "$OUT/bench_$step" --no-progress ${BENCH_ARGS:-} 2>&1 \
+      timeout "$STEP_TIMEOUT" peft-fast bench --suite "$step" --out "$OUT/bench_$step" --no-progress ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_$step.log" | grep -v "^\s*$" | tail -40 || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
