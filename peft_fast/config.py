@@ -11,6 +11,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
+from .utils.atomic_save import recover_interrupted_save, write_files_atomically, write_text
 from .utils.constants import CONFIG_NAME
 from .utils.peft_types import PeftType, TaskType
 
@@ -60,15 +61,15 @@ class PeftConfigMixin:
         """Write adapter_config.json (sorted keys, indent 2, as PEFT writes it) into `save_directory`."""
         if os.path.isfile(save_directory):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
-        os.makedirs(save_directory, exist_ok=True)
-        auto_mapping_dict = kwargs.pop("auto_mapping_dict", None)
-        output_dict = self.to_dict()
-        for key, value in output_dict.items():
-            output_dict[key] = _jsonable(value)
+        text = self.to_json_text(kwargs.pop("auto_mapping_dict", None))
+        write_files_atomically(save_directory, {CONFIG_NAME: lambda path: write_text(path, text)})
+
+    def to_json_text(self, auto_mapping_dict: Optional[dict] = None) -> str:
+        """The content of adapter_config.json."""
+        output_dict = {key: _jsonable(value) for key, value in self.to_dict().items()}
         if auto_mapping_dict is not None:
             output_dict["auto_mapping"] = auto_mapping_dict
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as writer:
-            writer.write(json.dumps(output_dict, indent=2, sort_keys=True))
+        return json.dumps(output_dict, indent=2, sort_keys=True)
 
     @classmethod
     def from_peft_type(cls, **kwargs):
@@ -99,6 +100,7 @@ class PeftConfigMixin:
             os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
         )
         hf_hub_download_kwargs, class_kwargs, _ = cls._split_kwargs(kwargs)
+        recover_interrupted_save(path)  # a save killed half-way: back to the old adapter, whole
         if os.path.isfile(os.path.join(path, CONFIG_NAME)):
             config_file = os.path.join(path, CONFIG_NAME)
         elif os.path.isdir(path):

@@ -12,7 +12,8 @@ from torch import nn
 
 from .config import PeftConfig
 from .prompt_learning import PromptLearningMixin
-from .utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .utils.atomic_save import recover_interrupted_save, write_files_atomically, write_text
+from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.other import _unwrap_modules_to_save, infer_device
 from .utils.peft_types import PeftType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
@@ -296,9 +297,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 "You passed an invalid `selected_adapters` arguments, current supported adapter names are "
                 f"{list(self.peft_config.keys())} - got {selected_adapters}."
             )
-        if is_main_process:
-            os.makedirs(save_directory, exist_ok=True)
-            self.create_or_update_model_card(save_directory)
+        folders: dict[str, dict] = {save_directory: {}}  # the root first: README.md and the "default" adapter
         for adapter_name in selected_adapters:
             peft_config = self.peft_config[adapter_name]
             state = get_peft_model_state_dict(
@@ -306,27 +305,39 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 save_embedding_layers=save_embedding_layers,
             )
             output_dir = os.path.join(save_directory, adapter_name) if adapter_name != "default" else save_directory
-            if not is_main_process:
-                continue
-            os.makedirs(output_dir, exist_ok=True)
-            if safe_serialization:
-                from safetensors.torch import save_file
+            folders.setdefault(output_dir, {}).update(self._adapter_file_writers(peft_config, state, safe_serialization))
+        if not is_main_process:
+            return
+        recover_interrupted_save(save_directory)
+        card = self._model_card_text(save_directory)
+        folders[save_directory]["README.md"] = lambda path: write_text(path, card)
+        # each folder all-or-nothing (utils/atomic_save.py): a failed or killed save leaves the old adapter or the new
+        for output_dir, writers in folders.items():
+            write_files_atomically(output_dir, writers)
 
-                save_file(_unshare(state), os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-            else:
-                torch.save(state, os.path.join(output_dir, WEIGHTS_NAME))
-            if peft_config.base_model_name_or_path is None:
-                peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
-            inference_mode = peft_config.inference_mode
-            peft_config.inference_mode = True
-            auto_mapping = None
-            if peft_config.task_type is None:
-                base_cls = self.get_base_model().__class__
-                auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
-            try:
-                peft_config.save_pretrained(output_dir, auto_mapping_dict=auto_mapping)
-            finally:
-                peft_config.inference_mode = inference_mode
+    def _adapter_file_writers(self, peft_config: PeftConfig, state: dict, safe_serialization: bool) -> dict:
+        """{file name: writer} of one adapter's folder: the weights and adapter_config.json."""
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
+        auto_mapping = None
+        if peft_config.task_type is None:
+            base_cls = self.get_base_model().__class__
+            auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+        inference_mode = peft_config.inference_mode
+        peft_config.inference_mode = True  # saved configs are for inference, as PEFT writes them
+        try:
+            config_text = peft_config.to_json_text(auto_mapping)
+        finally:
+            peft_config.inference_mode = inference_mode
+        writers = {CONFIG_NAME: lambda path: write_text(path, config_text)}
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            tensors = _unshare(state)
+            writers[SAFETENSORS_WEIGHTS_NAME] = lambda path: save_file(tensors, path, metadata={"format": "pt"})
+        else:
+            writers[WEIGHTS_NAME] = lambda path: torch.save(state, path)
+        return writers
 
     @classmethod
     def from_pretrained(
@@ -428,6 +439,10 @@ class PeftModel(PromptLearningMixin, nn.Module):
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write (or extend) README.md with the library name and the adapter method, as PEFT does."""
+        text = self._model_card_text(output_dir)
+        write_files_atomically(output_dir, {"README.md": lambda path: write_text(path, text)})
+
+    def _model_card_text(self, output_dir: str) -> str:
         filename = os.path.join(output_dir, "README.md")
         if os.path.exists(filename):
             with open(filename) as f:
@@ -442,8 +457,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         line = f"\n- PEFT-compatible adapter: {PeftType(base.peft_type).value}, base model: {base.base_model_name_or_path}\n"
         if line not in text:
             text += line
-        with open(filename, "w") as f:
-            f.write(text)
+        return text
 
 
 def _uses_checkpointing(model: nn.Module) -> bool:

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .atomic_save import recover_interrupted_save
 from .other import ModulesToSaveWrapper, infer_device
 
 _MODEL_PREFIX = "base_model.model."
@@ -226,6 +227,7 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, **hf_hub_down
     path = os.path.join(model_id, subfolder) if subfolder else model_id
     if device is None:
         device = infer_device()
+    recover_interrupted_save(path)
     if os.path.exists(os.path.join(path, SAFETENSORS_WEIGHTS_NAME)):
         filename, use_safetensors = os.path.join(path, SAFETENSORS_WEIGHTS_NAME), True
     elif os.path.exists(os.path.join(path, WEIGHTS_NAME)):
