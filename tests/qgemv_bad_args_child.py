@@ -59,6 +59,7 @@ CASES = {
 }
 
 if __name__ == "__main__":
+    print("cases\t" + "|".join(CASES), flush=True)
     _C.qgemv_lora(**good())  # the good call works (else every "raise" below would prove nothing)
     torch.cuda.synchronize()
     print("good\tok\t", flush=True)

@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -74,8 +75,6 @@ print([str(w.message) for w in caught if "peft_fast._C" in str(w.message)])
 
 
 def test_an_unloadable_extension_is_reported_once_and_not_used():
-    import sys
-
     proc = subprocess.run([sys.executable, "-c", UNLOADABLE_EXTENSION], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

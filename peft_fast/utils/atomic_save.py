@@ -158,7 +158,7 @@ def recover_interrupted_save(folder: str) -> None:
     entries = os.listdir(folder)
     if JOURNAL in entries:
         try:
-            _undo_journal(folder, journal, entries)
+            _undo_journal(folder, journal)
         except OSError as exc:
             raise OSError(f"{folder} holds an interrupted adapter save ({JOURNAL}) that could not be undone: {exc}; "
                           "its files may mix two saves") from exc
@@ -176,7 +176,7 @@ def recover_interrupted_save(folder: str) -> None:
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def _undo_journal(folder: str, journal: str, entries: list) -> None:
+def _undo_journal(folder: str, journal: str) -> None:
     try:
         with open(journal) as f:
             names = [n for n in json.load(f)["files"] if isinstance(n, str) and os.sep not in n]
