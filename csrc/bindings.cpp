@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "lora_autograd.h"
 #include "qgemv.h"
 
 namespace {
@@ -124,4 +125,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("code"), py::arg("absmax"), py::arg("blocksize"), py::arg("n"), py::arg("k"),
           py::arg("bias") = py::none(), py::arg("hs") = py::none(), py::arg("lora_b") = py::none());
     m.attr("max_rows") = kQgemvMaxRows;
+    m.def("lora_linear", &lora_linear, "LoRA linear fwd (+ bwd via autograd) as one C++ autograd node", py::arg("x"),
+          py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"),
+          py::arg("kn"));
 }

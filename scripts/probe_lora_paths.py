@@ -148,10 +148,22 @@ def designs(layers):
         "pf torch path": lambda x: _with("torch", pf, x),
         "pf triton (custom op)": lambda x: _with("triton", pf, x),
         "pf cuda path (auto)": lambda x: _with("cuda", pf, x),
+        "pf cuda, Python node": lambda x: _python_node(pf, x),
         "Function cuBLAS": lambda x: CublasLora.apply(x, w, None, t.lora_A.weight, t.lora_B.weight, t.scaling),
         "Function Triton": lambda x: TritonLora.apply(x, w, None, t.lora_A.weight, t.lora_B.weight, t.scaling),
     }
     return {k: v for k, v in d.items() if v is not None}
+
+
+def _python_node(layer, x):
+    """The cuda path with FusedLoraLinear in Python instead of peft_fast._C's C++ node."""
+    from peft_fast.ops import cuda_lora
+
+    saved, cuda_lora.CPP_LORA_LINEAR = cuda_lora.CPP_LORA_LINEAR, None
+    try:
+        return _with("cuda", layer, x)
+    finally:
+        cuda_lora.CPP_LORA_LINEAR = saved
 
 
 def _with(backend, layer, x):
@@ -175,6 +187,9 @@ def host_table():
     for name, f in designs(layers).items():
         rows[f"{name} fwd+bwd"] = (lambda f: lambda: f(x).backward(dy))(f)
         rows[f"{name} fwd no_grad"] = (lambda f: lambda: _nograd(f, xs))(f)
+    from peft_fast.ops import cuda_lora
+
+    print(f"  (peft_fast._C's C++ node: {'built' if cuda_lora.CPP_LORA_LINEAR else 'NOT built'})")
     for name, f in rows.items():
         print(f"  {name:40s} {host_us(f):8.1f}")
 

@@ -39,3 +39,24 @@ def force_backend():
 
     with contextlib.ExitStack() as stack:
         yield lambda name: stack.enter_context(ops.use_backend(name))
+
+
+@pytest.fixture(scope="session")
+def cpp_lora_linear(tmp_path_factory):
+    """csrc/lora_autograd.cpp built for this machine's torch (CPU works: it is plain ATen), or a skip.
+
+    On the GPU machine setup.py builds the same file into peft_fast._C; this build lets the CPU suite check it."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if shutil.which("c++") is None or shutil.which("ninja") is None:
+        pytest.skip("needs a C++ compiler and ninja")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    build = tmp_path_factory.mktemp("lora_cpp")
+    binding = build / "binding.cpp"
+    binding.write_text('#include "lora_autograd.h"\n'
+                       'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("lora_linear", &lora_linear); }\n')
+    module = cpp_extension.load("peft_fast_lora_cpp", [os.path.join(csrc, "lora_autograd.cpp"), str(binding)],
+                                extra_include_paths=[csrc], extra_cflags=["-O1"], build_directory=str(build))
+    return module.lora_linear

@@ -17,6 +17,14 @@ from models import no_grad_outputs, rel_err
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True, params=["python-node", "cpp-node"])
+def autograd_node(request, monkeypatch):
+    """Every test runs on both forms of the node: FusedLoraLinear in Python and csrc/lora_autograd.cpp."""
+    impl = request.getfixturevalue("cpp_lora_linear") if request.param == "cpp-node" else None
+    monkeypatch.setattr(cuda_lora, "CPP_LORA_LINEAR", impl)
+    return request.param
+
+
 def _layer(base, r, p, dtype=torch.float32, n_adapters=1, lora_bias=False):
     config = pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=p, lora_bias=lora_bias,
                            fan_in_fan_out=isinstance(base, Conv1D))
@@ -168,7 +176,8 @@ def test_inference_and_autocast(rows):
     assert rel_err(y16, y16_ref) < 2e-2
 
 
-def test_auto_mode_takes_it_on_cuda_only_and_hooks_send_calls_to_torch(force_backend):
+def test_auto_mode_takes_it_on_cuda_only_and_hooks_send_calls_to_torch(force_backend, monkeypatch):
+    monkeypatch.setattr(dispatch, "_warned", set())  # each run of this test must see its own once-only warning
     layer = _layer(nn.Linear(8, 8), 2, 0.0)
     x = torch.randn(3, 8)
     terms = [layer._adapter_term("default")]
@@ -208,3 +217,13 @@ def test_merged_and_disabled_adapters_do_not_reach_the_fused_path():
         with torch.no_grad():
             layer.enable_adapters(False)
             assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_eager_calls_take_the_cpp_node_when_it_is_there(autograd_node, force_backend):
+    layer = _layer(nn.Linear(16, 12), 4, 0.0)
+    force_backend("cuda")
+    y = layer(torch.randn(5, 16, requires_grad=True))
+    # the reshape on the way out is the last op; the node below it is ours
+    node = y.grad_fn.next_functions[0][0] if "View" in y.grad_fn.name() else y.grad_fn
+    expected = "LoraLinearFn" if autograd_node == "cpp-node" else "FusedLoraLinear"
+    assert expected in node.name(), node.name()

@@ -36,6 +36,7 @@ from torch import nn
 
 from .common import compute_dtype, fold_terms, linear_reason, no_grad_needed
 from .dispatch import Skip, forced_backend, register
+from .extension import _C
 from .terms import LoraTerm
 
 _NOT_CUDA = Skip("input not on CUDA")
@@ -125,6 +126,10 @@ def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optiona
 # two GEMM launches; eager calls outside functorch transforms and torch.compile go to the C entry point directly.
 _apply_eager = super(torch.autograd.Function, FusedLoraLinear).apply
 
+# FusedLoraLinear compiled (csrc/lora_autograd.cpp, in peft_fast._C where it is built): one call from Python forward,
+# no Python at all in backward. Eager calls take it when present; the tests set it to a CPU build.
+CPP_LORA_LINEAR = getattr(_C, "lora_linear", None)
+
 
 @register("linear_with_lora", "cuda", supports=supports)
 def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
@@ -140,7 +145,10 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
         x2 = x2.contiguous()
     weight = base.weight
     kn = type(base) is not nn.Linear  # supports() let only nn.Linear and transformers' Conv1D (K×N weight) through
-    if no_grad_needed(x2, weight, bias, lora_a, lora_b):  # inference: no autograd node at all
+    if CPP_LORA_LINEAR is not None and not torch.compiler.is_compiling() and \
+            not torch._C._are_functorch_transforms_active():
+        out = CPP_LORA_LINEAR(x2, weight, bias, lora_a, lora_b, scale, p, kn)  # no graph node without grads
+    elif no_grad_needed(x2, weight, bias, lora_a, lora_b):  # inference: no autograd node at all
         w = _as(weight, dtype)
         out = lora_forward(x2, w if kn else w.t(), bias, _as(lora_a, dtype), _as(lora_b, dtype), scale, p)[0]
     elif torch.compiler.is_compiling():

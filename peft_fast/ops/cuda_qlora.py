@@ -8,28 +8,15 @@ PEFT_FAST_BACKEND=cuda selects it.
 
 from __future__ import annotations
 
-import importlib
-import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .dispatch import Skip, register
 from .common import fold_terms
+from .dispatch import Skip, register
+from .extension import WHY_NO_EXTENSION, _C
 from .terms import LoraTerm
-
-try:
-    _C = importlib.import_module("peft_fast._C")
-    WHY_NO_EXTENSION = None
-except ImportError as exc:
-    _C = None
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "peft_fast._C":
-        # built only where torch has CUDA and nvcc is found at install time: nothing to say on a CPU machine
-        WHY_NO_EXTENSION = "peft_fast._C is not built (no CUDA torch / nvcc at install time)"
-    else:  # there but unloadable: typically built against another torch (undefined symbols)
-        WHY_NO_EXTENSION = f"peft_fast._C does not load (built for another torch? rebuild with pip install -e .): {exc}"
-        warnings.warn(f"{WHY_NO_EXTENSION}; using the Triton / torch paths", RuntimeWarning, stacklevel=2)
 
 MAX_ROWS = 16
 
