@@ -6,6 +6,7 @@ one line saying why, and peft_fast runs on its torch / Triton paths.
 
 import glob
 import os
+import shlex
 import sys
 
 from setuptools import find_packages, setup
@@ -30,7 +31,25 @@ def _cuda_extension():
         # the C++ standard is left to torch's BuildExtension (it matches the one its headers need)
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
+    return [ext], {"build_ext": _build_ext_class(BuildExtension)}, None
+
+
+def _build_ext_class(BuildExtension):
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        """Links the way torch.utils.cpp_extension.load does: the C++ driver with -shared, none of the link flags of
+        Python's sysconfig. On the H200 machine (Python 3.12 venv, 2026-12-02) the sysconfig link left a private
+        copy of libstdc++ inside _C.so (`nm -D` showed __gxx_personality_v0 and std::ostream defined there): its
+        iostreams were never initialised, so the first error message built in C++ segfaulted, while the same code
+        built by cpp_extension.load raised cleanly (scripts/probe_cxx_throw.py)."""
+
+        def build_extensions(self):
+            link = shlex.split(os.environ.get("CXX", "c++")) + ["-shared"]
+            for key in ("linker_so", "linker_so_cxx"):
+                if key in self.compiler.executables:
+                    self.compiler.set_executable(key, link)
+            super().build_extensions()
+
+    return BuildExt
 
 
 ext_modules, cmdclass, why_not = _cuda_extension()

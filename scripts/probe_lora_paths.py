@@ -192,6 +192,12 @@ def host_table():
     print(f"  (peft_fast._C's C++ node: {'built' if cuda_lora.CPP_LORA_LINEAR else 'NOT built'})")
     for name, f in rows.items():
         print(f"  {name:40s} {host_us(f):8.1f}")
+    step = rows["pf cuda path (auto) fwd+bwd"]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(50):
+            step()
+    print("\n  pf cuda path (auto) fwd+bwd, host time per op (torch.profiler, 50 steps):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
 
 
 def _nograd(f, x):

@@ -7,6 +7,7 @@ sweep, and torch.compile of a model whose layers use the fused op (fullgraph: no
 import copy
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -187,6 +188,29 @@ def test_cuda_qgemv_bad_arguments_raise():
         kind, message = outcomes[name].split("\t", 1)
         assert kind == "ValueError" and message.startswith("qgemv_lora: "), (name, kind, message)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_extension_links_torchs_libstdcxx_not_a_private_copy():
+    """A private libstdc++ inside _C.so (how the H200 build first came out) segfaults on the first C++ error
+    message; the extension must leave the C++ runtime to the shared library torch itself uses."""
+    ext = pytest.importorskip("peft_fast._C", reason="the CUDA extension is not built")
+    if shutil.which("nm") is None:
+        pytest.skip("nm not installed")
+    defined = subprocess.run(["nm", "-D", "--defined-only", ext.__file__], capture_output=True, text=True).stdout
+    private = [line.split()[-1] for line in defined.splitlines()
+               if line.split()[-1] in ("__gxx_personality_v0", "__cxa_throw", "_ZNSo9_M_insertIlEERSoT_")]
+    assert not private, f"{ext.__file__} defines C++ runtime symbols itself: {private}"
+
+
+def test_cpp_lora_node_errors_raise_instead_of_crashing():
+    """A shape error inside the C++ autograd node (an ATen exception thrown through _C) reaches Python."""
+    ext = pytest.importorskip("peft_fast._C", reason="the CUDA extension is not built")
+    code = ("import torch\nfrom peft_fast import _C\nx = torch.randn(4, 8, device='cuda')\n"
+            "w = torch.randn(6, 9, device='cuda')\na = torch.randn(2, 8, device='cuda')\n"
+            "b = torch.randn(6, 2, device='cuda')\ntry:\n    _C.lora_linear(x, w, None, a, b, 1.0, 0.0, False)\n"
+            "except RuntimeError as e:\n    print('raised', str(e).splitlines()[0])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "raised" in proc.stdout, (ext.__file__, proc.returncode, proc.stderr[-1500:])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
