@@ -6,7 +6,7 @@ one line saying why, and peft_fast runs on its torch / Triton paths.
 
 import glob
 import os
-import shlex
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -37,17 +37,21 @@ def _cuda_extension():
 def _build_ext_class(BuildExtension):
     class BuildExt(BuildExtension.with_options(use_ninja=True)):
         """Links the way torch.utils.cpp_extension.load does: the C++ driver with -shared, none of the link flags of
-        Python's sysconfig. On the H200 machine (Python 3.12 venv, 2026-12-02) the sysconfig link left a private
+        Python's sysconfig. On the H200 machine (Python 3.12 venv, 2026-12-02) sysconfig's link line
+        (`/opt/gcc/bin/g++ -fno-strict-overflow … -shared`) left a private
         copy of libstdc++ inside _C.so (`nm -D` showed __gxx_personality_v0 and std::ostream defined there): its
         iostreams were never initialised, so the first error message built in C++ segfaulted, while the same code
         built by cpp_extension.load raised cleanly (scripts/probe_cxx_throw.py)."""
 
-        def build_extensions(self):
-            link = shlex.split(os.environ.get("CXX", "c++")) + ["-shared"]
+        def build_extension(self, ext):
+            # c++ from PATH, not $CXX / sysconfig's compiler_cxx: on the H200 machine that was /opt/gcc/bin/g++,
+            # whose link put the private libstdc++ into _C.so, while the objects came from the system c++
+            cxx = shutil.which("c++") or "c++"
             for key in ("linker_so", "linker_so_cxx"):
                 if key in self.compiler.executables:
-                    self.compiler.set_executable(key, link)
-            super().build_extensions()
+                    self.compiler.set_executable(key, [cxx, "-shared"])
+            self.compiler.set_executable("compiler_cxx", [cxx])  # older setuptools link C++ with compiler_cxx[0]
+            super().build_extension(ext)
 
     return BuildExt
 

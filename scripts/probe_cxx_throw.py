@@ -60,6 +60,8 @@ def facts() -> None:
     for line in torch.__config__.show().splitlines():
         if any(k in line for k in ("GCC", "CXX_COMPILER", "CXX_FLAGS", "clang")):
             print("  torch build:", line.strip()[:300])
+    print("env CXX:", os.environ.get("CXX"), "| sysconfig CXX:", sysconfig.get_config_var("CXX"), "| LDCXXSHARED:",
+          sysconfig.get_config_var("LDCXXSHARED"), "| c++ on PATH:", sh("command -v c++"))
     print("c++:", sh("c++ --version | head -1"), "| g++:", sh("g++ --version | head -1"))
     print("nvcc:", sh("nvcc --version | tail -2 | head -1"))
     print("pybind11 pip package:", sh(f"{sys.executable} -c 'import pybind11; print(pybind11.__version__, pybind11.get_include())'"))
