@@ -139,7 +139,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(line)
     print(f"\nwrote {json_path} and {png_path}")
     status = 0
-    wrong = [f"{c['id']} [{', '.join(n for n, i in c['impls'].items() if i.get('ok') is False)}]"
+    wrong = [f"{c['id']} [{', '.join(n + (': ' + i['check_detail'] if i.get('check_detail') else '') for n, i in c['impls'].items() if i.get('ok') is False)}]"
              for c in payload["cases"] if any(i.get("ok") is False for i in c["impls"].values())]
     if wrong:
         print("WRONG RESULTS (not timed): " + "; ".join(wrong), file=sys.stderr)

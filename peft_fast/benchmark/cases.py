@@ -387,10 +387,14 @@ class _ModelCase:
         gradients'. Dropping the LoRA term, mis-scaling it or losing its gradients exceeds the tolerance."""
         reference, got = self._reference(), self._outputs(model)
         err = _rel_err(got["logits"], reference["logits"])
+        self.check_detail = f"logits rel. err {err:.3g}"
         if got["grads"] is not None:
             if got["grads"].shape != reference["grads"].shape:
+                self.check_detail += ", adapter grads of another shape"
                 return float("inf")
-            err = max(err, _rel_err(got["grads"], reference["grads"]) / GRAD_SLACK)
+            grad_err = _rel_err(got["grads"], reference["grads"])
+            self.check_detail += f", adapter grads rel. err {grad_err:.3g} (counted / {GRAD_SLACK})"
+            err = max(err, grad_err / GRAD_SLACK)
         return err
 
 

@@ -24,6 +24,7 @@ class ImplResult:
     saved_bytes: Optional[int] = None
     rel_err: Optional[float] = None
     ok: Optional[bool] = None  # None: not checked (the bare base)
+    check_detail: Optional[str] = None  # what the correctness check measured, when the case says (model cases)
     units_per_s: Optional[float] = None
     error: Optional[str] = None
 
@@ -71,8 +72,10 @@ def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, 
                 if impl is None:  # HF PEFT not installed
                     continue
                 if impl.check is not None:  # before any timing: a wrong result never gets a time
+                    case.check_detail = None
                     res.rel_err = impl.check()
                     res.ok = bool(res.rel_err < result.tolerance)
+                    res.check_detail = getattr(case, "check_detail", None)
                 if res.ok is not False:
                     timing = time_fn(impl.step, device, case.n_inputs, repeats=min(repeats, getattr(case, "max_repeats", repeats)),
                                      min_time_s=min_time_s)

@@ -158,9 +158,11 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
         w = _as(weight, dtype)
         w_kn = w if kn else w.t()
         xd = torch.nn.functional.dropout(x2, p, True) if p > 0 else x2
-        low = torch.mm(torch.mm(xd, _as(lora_a, dtype).t()), _as(lora_b, dtype).t())
+        # the scale goes on the small M×r product: torch.add(base, low, alpha=scale) compiled to base + low, the
+        # alpha lost (torch 2.11 CUDA and 2.13 CPU; the bench's gate caught it, tests/test_cuda_lora.py pins it)
+        low = torch.mm(torch.mm(xd, _as(lora_a, dtype).t()) * scale, _as(lora_b, dtype).t())
         base_out = torch.mm(x2, w_kn) if bias is None else torch.addmm(bias, x2, w_kn)
-        out = torch.add(base_out, low, alpha=scale)
+        out = base_out + low
     elif torch._C._are_functorch_transforms_active():
         out = FusedLoraLinear.apply(x2, weight, bias, lora_a, lora_b, scale, p, kn)
     else:
