@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from peft_fast import cli
@@ -121,15 +122,17 @@ def _lose_grads(model):
             param.register_hook(lambda g: g * 0)
 
 
-def test_the_model_gate_catches_a_dropped_mis_scaled_or_gradient_less_lora_term():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_gate_catches_a_dropped_mis_scaled_or_gradient_less_lora_term(dtype):
     """Mutations tried: scaling 0 (the LoRA term dropped), scaling × 1.3, lora_A gradients zeroed (as a traced
-    autograd.Function once did under torch.compile); each must be WRONG, the real implementation right."""
+    autograd.Function once did under torch.compile); each must be WRONG, the real implementation right. In bf16
+    the reference is HF PEFT in fp32, errors counted net of PEFT's own bf16 error."""
     from peft_fast.benchmark.cases import LLAMA_TINY, ModelTrainCase
 
     for mutate in (_scale_lora(0.0), _scale_lora(1.3), _lose_grads):
         case = ModelTrainCase(LLAMA_TINY, 2, 16, builders={"peft_fast bad": _mutated_model_impl(mutate)})
         case.impl_names = ("peft", "peft_fast", "peft_fast bad")
-        result = run_case(case, torch.device("cpu"), torch.float32, repeats=3)
+        result = run_case(case, torch.device("cpu"), dtype, repeats=3)
         assert result.impls["peft_fast"].ok is True, result.impls["peft_fast"]
         bad = result.impls["peft_fast bad"]
         assert bad.ok is False and bad.rel_err > result.tolerance, (mutate, bad.rel_err)
