@@ -4,8 +4,8 @@
 // (which captures a C++ backtrace when made) nor through the exception translators torch registers globally:
 // our own exception types are translated by a module-local translator, which pybind11 tries first. A bad call
 // from Python must never take the interpreter down (tests/test_gpu_kernels.py runs each in a child process).
-// Measured on the H200 machine, 2026-12-02: it still does (SIGSEGV at the first throw), so any C++ exception out of
-// this build crashes; the Python callers (ops/cuda_qlora.supports) check every condition before calling.
+// An earlier build did (SIGSEGV composing the first message): it had been linked with a private libstdc++ whose
+// iostreams were never initialised; setup.py now links with the system c++, and a GPU test checks the .so for it.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
