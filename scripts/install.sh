@@ -17,7 +17,7 @@ else
   torch_pins=("torch" "triton")
 fi
 python -m pip install -q "${constraints[@]}" "${torch_pins[@]}" transformers safetensors bitsandbytes accelerate peft \
-  pytest pytest-benchmark ninja pybind11 numpy matplotlib tqdm setuptools wheel
+  pytest pytest-benchmark hypothesis ninja pybind11 numpy matplotlib tqdm setuptools wheel
 python -m pip install -q --no-build-isolation --no-deps -e .
 compat=".compat/transformers-$COMPAT_TRANSFORMERS"
 if [ ! -d "$compat/transformers" ]; then

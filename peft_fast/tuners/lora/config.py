@@ -94,6 +94,11 @@ class LoraConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, set, frozenset, tuple)):
+                raise TypeError(f"LoraConfig.{name} must be a module name / regex string or a list of names, "
+                                f"got {type(value).__name__} {value!r}")
         for name, default in _UNSUPPORTED_FIELDS.items():
             value = getattr(self, name)
             if value != default and value not in (None, {}, []):
