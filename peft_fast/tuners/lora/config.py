@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
+import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -109,6 +110,8 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
         if not _is_real(self.lora_alpha):
             raise ValueError(f"`lora_alpha` must be a number, got {self.lora_alpha!r} ({type(self.lora_alpha).__name__})")
+        if not math.isfinite(self.lora_alpha):  # a NaN / Inf scale would turn every output into NaN, silently
+            raise ValueError(f"`lora_alpha` must be finite, got {self.lora_alpha!r}")
         if not _is_real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`lora_dropout` must be a number in [0, 1), got {self.lora_dropout!r}")
         layers = self.layers_to_transform
