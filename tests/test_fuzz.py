@@ -5,7 +5,6 @@ the model as it was. Never another exception type, a crash, or a silently wrong 
 Examples are bounded and derandomized, so CI runs the same cases every time (counts in EXAMPLES)."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -85,8 +84,7 @@ def test_random_lora_configs_work_like_the_torch_path_or_raise_clearly(r, alpha,
             want = peft_model(x)
         with ops.use_backend("cuda"):
             got = peft_model(x)
-    assert torch.isfinite(want).all() == torch.isfinite(got).all()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # NaN or Inf on one side only fails here too
 
 
 @_settings("state_dict")
@@ -171,4 +169,3 @@ def test_random_layer_inputs_match_the_torch_path_or_raise_the_same(lead, layout
     torch.testing.assert_close(out_c.float(), out_t.float(), rtol=tol, atol=tol)
     if g_t is not None:
         torch.testing.assert_close(g_c.float(), g_t.float(), rtol=tol, atol=tol)
-    assert not math.isnan(float(out_c.float().sum())) or math.isnan(float(out_t.float().sum()))

@@ -75,7 +75,7 @@ def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, 
                     case.check_detail = None
                     res.rel_err = impl.check()
                     res.ok = bool(res.rel_err < result.tolerance)
-                    res.check_detail = getattr(case, "check_detail", None)
+                    res.check_detail = case.check_detail
                 if res.ok is not False:
                     timing = time_fn(impl.step, device, case.n_inputs, repeats=min(repeats, getattr(case, "max_repeats", repeats)),
                                      min_time_s=min_time_s)
