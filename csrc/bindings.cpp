@@ -127,5 +127,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("max_rows") = kQgemvMaxRows;
     m.def("lora_linear", &lora_linear, "LoRA linear fwd (+ bwd via autograd) as one C++ autograd node", py::arg("x"),
           py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"),
-          py::arg("kn"));
+          py::arg("kn"), py::arg("dtype"));
 }

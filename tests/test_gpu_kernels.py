@@ -207,7 +207,7 @@ def test_cpp_lora_node_errors_raise_instead_of_crashing():
     ext = pytest.importorskip("peft_fast._C", reason="the CUDA extension is not built")
     code = ("import torch\nfrom peft_fast import _C\nx = torch.randn(4, 8, device='cuda')\n"
             "w = torch.randn(6, 9, device='cuda')\na = torch.randn(2, 8, device='cuda')\n"
-            "b = torch.randn(6, 2, device='cuda')\ntry:\n    _C.lora_linear(x, w, None, a, b, 1.0, 0.0, False)\n"
+            "b = torch.randn(6, 2, device='cuda')\ntry:\n    _C.lora_linear(x, w, None, a, b, 1.0, 0.0, False, torch.float32)\n"
             "except RuntimeError as e:\n    print('raised', str(e).splitlines()[0])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "raised" in proc.stdout, (ext.__file__, proc.returncode, proc.stderr[-1500:])

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import compute_dtype, fold_terms, linear_reason, no_grad_needed
+from .common import compute_dtype, fold_terms, linear_reason, no_grad_needed, param
 from .dispatch import Skip, forced_backend, register
 from .extension import _C
 from .terms import LoraTerm
@@ -71,19 +71,24 @@ def _dropped(t: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.T
     return t if mask is None else torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
 
 
-def lora_forward(x, w_kn, bias, a, b, scale: float, p: float):
-    """(y, h, mask) for 2-D x (M×K), w_kn the K×N view of the base weight, a (r×K), b (N×r), all in x's dtype."""
+def scaled_as(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale · t in `dtype` in one kernel (the product rounded once, into the output)."""
+    if scale == 1.0:
+        return _as(t, dtype)
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+
+
+def lora_forward(x, w_kn, bias, a, bs, p: float):
+    """(y, h, mask) for 2-D x (M×K), w_kn the K×N view of the base weight, a (r×K) and bs = s·B (N×r), all in x's
+    dtype."""
     if p > 0.0:
         xd, mask = torch.native_dropout(x, p, True)
     else:
         xd, mask = x, None
     h = torch.mm(xd, a.t())
     del xd  # the dropped copy lives only for this GEMM
-    if bias is None:
-        y = torch.mm(h, b.t()).addmm_(x, w_kn, beta=scale)
-    else:
-        y = torch.addmm(bias, h, b.t(), alpha=scale).addmm_(x, w_kn)
-    return y, h, mask
+    y = torch.mm(h, bs.t()) if bias is None else torch.addmm(bias, h, bs.t())
+    return y.addmm_(x, w_kn), h, mask
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -92,28 +97,28 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float, kn: bool):
         dt = x.dtype
-        a, b, w = _as(lora_a, dt), _as(lora_b, dt), _as(weight, dt)
-        y, h, mask = lora_forward(x, w if kn else w.t(), bias, a, b, scale, p)
-        ctx.save_for_backward(x, w, a, b, h, mask)
+        a, bs, w = _as(lora_a, dt), scaled_as(lora_b, scale, dt), _as(weight, dt)
+        y, h, mask = lora_forward(x, w if kn else w.t(), bias, a, bs, p)
+        ctx.save_for_backward(x, w, a, bs, h, mask)
         ctx.scale, ctx.p, ctx.kn = scale, p, kn
         ctx.dtypes = (weight.dtype, lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, a, b, h, mask = ctx.saved_tensors
+        x, w, a, bs, h, mask = ctx.saved_tensors
         s, p = ctx.scale, ctx.p
         w_dtype, a_dtype, b_dtype, bias_dtype = ctx.dtypes
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dy = _as(dy, x.dtype)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        g = torch.mm(dy, b) if (need_a or need_x) else None
+        gs = torch.mm(dy, bs) if (need_a or need_x) else None  # s · dy B
         if need_b:
             grad_b = _mm_into(dy.t(), h, s, b_dtype)
         if need_a:
-            grad_a = _mm_into(g.t(), _dropped(x, mask, p), s, a_dtype)
+            grad_a = _mm_into(gs.t(), _dropped(x, mask, p), 1.0, a_dtype)
         if need_x:
-            grad_x = _dropped(torch.mm(g, a), mask, p).addmm_(dy, w.t() if ctx.kn else w, beta=s)
+            grad_x = _dropped(torch.mm(gs, a), mask, p).addmm_(dy, w.t() if ctx.kn else w)
         if need_w:  # only when the user trains the base weight too
             grad_w = (torch.mm(x.t(), dy) if ctx.kn else torch.mm(dy.t(), x)).to(w_dtype)
         if need_bias:
@@ -141,22 +146,25 @@ CPP_LORA_LINEAR = getattr(_C, "lora_linear", None)
 def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
     dtype = compute_dtype(x)
     lora_a, lora_b, scale, lora_bias = fold_terms(terms, dtype)
-    bias = None if base.bias is None else _as(base.bias, dtype)
+    bias = param(base, "bias")
     if lora_bias is not None:
-        bias = lora_bias if bias is None else bias + lora_bias
+        bias = lora_bias if bias is None else _as(bias, dtype) + lora_bias
     p = terms[0].dropout_p
+    weight = param(base, "weight")
+    kn = type(base) is not nn.Linear  # supports() let only nn.Linear and transformers' Conv1D (K×N weight) through
+    if CPP_LORA_LINEAR is not None and not torch.compiler.is_compiling() and \
+            not torch._C._are_functorch_transforms_active():
+        # the node casts to `dtype` and reshapes inside (no autograd node around it); no graph node without grads
+        return CPP_LORA_LINEAR(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype)
     k = x.shape[-1]
     x2 = _as(x.reshape(-1, k), dtype)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    weight = base.weight
-    kn = type(base) is not nn.Linear  # supports() let only nn.Linear and transformers' Conv1D (K×N weight) through
-    if CPP_LORA_LINEAR is not None and not torch.compiler.is_compiling() and \
-            not torch._C._are_functorch_transforms_active():
-        out = CPP_LORA_LINEAR(x2, weight, bias, lora_a, lora_b, scale, p, kn)  # no graph node without grads
-    elif no_grad_needed(x2, weight, bias, lora_a, lora_b):  # inference: no autograd node at all
+    if bias is not None:
+        bias = _as(bias, dtype)
+    if no_grad_needed(x2, weight, bias, lora_a, lora_b):  # inference: no autograd node at all
         w = _as(weight, dtype)
-        out = lora_forward(x2, w if kn else w.t(), bias, _as(lora_a, dtype), _as(lora_b, dtype), scale, p)[0]
+        out = lora_forward(x2, w if kn else w.t(), bias, _as(lora_a, dtype), scaled_as(lora_b, scale, dtype), p)[0]
     elif torch.compiler.is_compiling():
         # traced: the same arithmetic as differentiable torch ops; AOT autograd derives the backward and inductor
         # fuses both. (Tracing FusedLoraLinear instead gave all-zero adapter grads in a layer whose input needs no
