@@ -5,6 +5,7 @@
 #   profile scripts/profile_lora.py (per-kernel times, Python overhead, autotuner picks)
 #   throw   scripts/probe_cxx_throw.py (toolchain facts; does a C++ throw in an extension reach Python?)
 #   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
+#   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
 #   layer | qlora | model | decode | all   that `peft-fast bench` suite (JSON + PNG + table)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
@@ -37,6 +38,7 @@ for step in "${steps[@]}"; do
     tests) timeout "$STEP_TIMEOUT" python3 -m pytest -v -m gpu tests -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
     profile) timeout "$STEP_TIMEOUT" python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
     throw) timeout "$STEP_TIMEOUT" python3 scripts/probe_cxx_throw.py 2>&1 | tee "$OUT/throw.log" || rc=1 ;;
+    mprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py 2>&1 | tee "$OUT/mprof.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
     layer|qlora|model|decode|all)

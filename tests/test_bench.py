@@ -98,6 +98,16 @@ def test_table_shows_gpu_kernel_time_beside_wall_time():
     assert "2.00×" in row  # speed-up vs PEFT
 
 
+def test_throughput_lines_keep_small_decode_rates_readable():
+    """A decode rate of 48 tok/s printed as "0.0k tok/s" (H200 run, 2026-12-02): small rates are printed whole."""
+    from peft_fast.benchmark import report
+
+    case = {"id": "d", "impls": {"base": {"units_per_s": 48.24}, "peft_fast": {"units_per_s": 1234.4},
+                                 "peft_fast compile": {"units_per_s": 69012.0}}}
+    assert report.throughput_lines([case]) == ["- d: base 48.2 tok/s, peft_fast 1234 tok/s, "
+                                               "peft_fast compile 69.0k tok/s"]
+
+
 def _mutated_model_impl(mutate):
     """A peft_fast model-case implementation with one deliberate bug, checked by the case's own gate."""
     def build(case, device, dtype):

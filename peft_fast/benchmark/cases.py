@@ -270,13 +270,18 @@ class QLoraLayerCase(LayerCase):
 
 
 # ------------------------------------------------------------------------------------------------ model level
-def compile_decoder_layers(model: nn.Module) -> int:
+def compile_decoder_layers(model: nn.Module, mode: Optional[str] = None) -> int:
     """torch.compile each transformer decoder layer in place ("regional" compilation: the layers share one code
-    object, so one compiled graph serves them all); returns how many were compiled."""
+    object, so one compiled graph serves them all); returns how many were compiled. mode="reduce-overhead" also
+    replays each layer's forward and backward as CUDA graphs (one launch per graph instead of one per kernel)."""
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers:
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
+
+
+# compiled variants of an implementation ("peft_fast compile"): name suffix → torch.compile mode (CUDA only)
+COMPILE_VARIANTS = {"compile": None, "compile+graphs": "reduce-overhead"}
 
 
 @dataclass
@@ -353,6 +358,7 @@ class _ModelCase:
         was_training = model.training
         model.eval()
         model.zero_grad(set_to_none=True)
+        torch.compiler.cudagraph_mark_step_begin()  # (CUDA-graph variants: the outputs read below are this run's)
         with self._autocast() if autocast else contextlib.nullcontext():
             out = model(input_ids=self.ids[0], labels=self.ids[0], use_cache=False)
         trainable = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
@@ -438,8 +444,9 @@ class ModelTrainCase(_ModelCase):
     group: str = "model"
     builders: dict = field(default_factory=dict)
     max_repeats = 10  # a step of the 1.1B model takes about a second
-    # the forced-Triton path is timed in the layer suite; "peft_fast compile" compiles each decoder layer (CUDA only)
-    impl_names = ("base", "peft", "peft_fast", "peft_fast compile")
+    # the forced-Triton path is timed in the layer suite; "peft_fast compile" compiles each decoder layer, "… +graphs"
+    # replays them as CUDA graphs too (CUDA only)
+    impl_names = ("base", "peft", "peft_fast", "peft_fast compile", "peft_fast compile+graphs")
 
     @property
     def id(self) -> str:
@@ -475,16 +482,21 @@ class ModelTrainCase(_ModelCase):
         if name == "peft_fast triton":
             return with_backend(self.build("peft_fast"), "triton")
         self._reference()
-        compiled = name.endswith(" compile")
-        model = self._peft_model(name.split(" ")[0])
+        library, _, variant = name.partition(" ")
+        if variant and variant not in COMPILE_VARIANTS:
+            raise ValueError(f"unknown implementation {name!r}")
+        model = self._peft_model(library)
         if model is None:
             return None
         model.train()
-        if compiled:
-            compile_decoder_layers(model)
+        if variant:
+            compile_decoder_layers(model, COMPILE_VARIANTS[variant])
+        graphs = COMPILE_VARIANTS.get(variant) == "reduce-overhead"
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step(i):
+            if graphs:  # a new training step: the graphs' previous outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with self._autocast():
                 loss = model(input_ids=self.ids[i], labels=self.ids[i], use_cache=False).loss
             loss.backward()

@@ -76,13 +76,17 @@ def table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _rate(v: float) -> str:
+    """Tokens per second for the throughput lines: 69.0k, 1234, 48.2 (a decode rate of 48 tok/s read "0.0k")."""
+    return f"{v / 1e3:.1f}k" if v >= 1e4 else f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
 def throughput_lines(cases: list[dict]) -> list[str]:
     out = []
     for c in cases:
         rates = {n: i.get("units_per_s") for n, i in c["impls"].items() if i.get("units_per_s")}
         if rates:
-            unit = "tok/s"
-            parts = ", ".join(f"{n} {v / 1e3:.1f}k {unit}" for n, v in rates.items())
+            parts = ", ".join(f"{n} {_rate(v)} tok/s" for n, v in rates.items())
             out.append(f"- {c['id']}: {parts}")
     return out
 

@@ -54,7 +54,7 @@ def impl_names(case, device: torch.device) -> tuple[str, ...]:
     """The implementations a case times here: the forced-backend rows ("peft_fast triton") and the compiled ones
     ("peft_fast compile") only on CUDA, where they differ from plain peft_fast (and compiling is quick)."""
     names = getattr(case, "impl_names", IMPLS)
-    return tuple(n for n in names if device.type == "cuda" or not n.endswith((" triton", " compile")))
+    return tuple(n for n in names if device.type == "cuda" or not n.endswith((" triton", " compile", " compile+graphs")))
 
 
 def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, min_time_s: float = 0.0,
