@@ -1,33 +1,35 @@
 """cuda backend of `linear_with_lora`: a LoRA linear's forward and backward as ONE autograd node over cuBLAS.
 
-With W (N×K), A (r×K), B (N×r), scale s, dropout p and drop(z) = z ⊙ mask / (1−p):
+With W (N×K), A (r×K), B (N×r), scale s, dropout p, drop(z) = z ⊙ mask / (1−p) and Bs = s·B (cast to the compute
+dtype and scaled in one kernel, so no separate scaling of y, dx or dA):
 
     forward   h  = drop(x) Aᵀ                      cuBLAS (M×r); the mask comes from torch's fused dropout kernel
-              y  = s·(h Bᵀ) + x Wᵀ (+ bias)         h Bᵀ first, then x Wᵀ accumulated onto it with beta = s
-    backward  g  = dy B                             (M×r)
+              y  = h Bsᵀ + x Wᵀ (+ bias)            h Bsᵀ first, then x Wᵀ accumulated onto it (beta = 1)
+    backward  gs = dy Bs                            (M×r) = s · dy B
               dB = s · dyᵀ h                         fp32 accumulation into B's dtype
-              dA = s · gᵀ drop(x)                    drop(x) rebuilt from x and the saved mask, never kept
-              dx = s·drop(g A) + dy W               g A first, then dy W accumulated onto it with beta = s
+              dA = gsᵀ drop(x)                       drop(x) rebuilt from x and the saved mask, never kept
+              dx = drop(gs A) + dy W                gs A first, then dy W accumulated onto it
 
 Why this shape (H200, torch 2.11, measured 2026-12-02; scripts/probe_lora_paths.py, bench/RESULTS.md): the host,
-not the GPU, bounds a LoRA step at model sizes — each eager op costs ~16 µs to issue there, a Triton launch from
-Python 66–177 µs. This path issues 3 GEMMs forward and 5 backward through cuBLAS (plus the adapter casts when the
-adapters are fp32 and compute is bf16, two small scalings, and with dropout the mask kernel and two mask
+not the GPU, bounds a LoRA step at model sizes — each eager op costs ~13–25 µs to issue there (the lent machines'
+CPUs differ), a Triton launch from Python 40–170 µs. This path issues 3 GEMMs forward and 5 backward through
+cuBLAS (plus the two adapter casts, one small scaling, and with dropout the mask kernel and two mask
 applications), in one autograd node with nothing per-adapter in Python. The GEMMs with K = r run near memory
-bandwidth, and accumulating the big GEMMs onto the low-rank term (beta ≠ 0) costs cuBLAS nothing measurable: GPU
-kernel time of a fwd+bwd at 8192×4096→4096 r16 is 1.21× the bare layer's (HF PEFT 1.40×, the Triton kernels
-1.20×), and its wall time 1.09 ms against the Triton path's 2.62 ms (HF PEFT 1.21 ms).
+bandwidth, and accumulating the big GEMMs onto the low-rank term costs cuBLAS nothing measurable: GPU kernel time
+of a fwd+bwd at 8192×4096→4096 r16 is 1.10× the bare layer's (HF PEFT 1.29×), wall time 1.18 ms (PEFT 1.30 ms).
 
-Saved for backward: x (the layer's input, alive anyway), h (M×r), the adapter weights in the compute dtype and,
-with dropout, torch's boolean mask (1 byte per element of x; HF PEFT keeps the dropped copy of x itself). The
-dropout mask comes from torch's own dropout kernel and generator, so `torch.manual_seed` reproduces it and, on
-CUDA, it is the very mask the torch path (nn.Dropout) draws for the same seed.
+Saved for backward: x (the layer's input, alive anyway), h (M×r), A and Bs in the compute dtype and, with dropout,
+torch's boolean mask (1 byte per element of x; HF PEFT keeps the dropped copy of x itself). The dropout mask comes
+from torch's own dropout kernel and generator, so `torch.manual_seed` reproduces it and, on CUDA, it is the very
+mask the torch path (nn.Dropout) draws for the same seed.
 
 Where peft_fast._C is built, eager calls run the same node compiled (csrc/lora_autograd.cpp): one call from Python
-forward, none in backward. H200 host cost of a fwd+bwd at tiny sizes (scripts/probe_lora_paths.py host, 2026-12-02):
-637–712 µs against 829–890 µs for the Python node, HF PEFT 752–812, the bare layer 113–149; the rest is the tuner
-layer's Python forward (~100–150 µs) and cuBLAS' host time per GEMM (~35 µs, eight GEMMs against the bare layer's
-two). torch.compile and functorch transforms keep the Python code paths below.
+forward, none in backward; the reshape to M×K and back, the cast to the compute dtype and the scale happen inside
+it (a view outside the node is an autograd node of its own). H200 host cost of a fwd+bwd at tiny sizes
+(scripts/probe_lora_paths.py host, 2026-12-02, two machines): 435 / 913 µs against HF PEFT's 530 / 1385 and the bare
+layer's 86 / 437. In a bench model step (scripts/profile_model_step.py) a LoRA linear adds ~12 kernel launches and
+~50 ATen calls to the bare layer's; HF PEFT adds ~20 launches and ~115 calls. torch.compile and functorch
+transforms keep the Python code paths below.
 
 Runs on CUDA in auto mode; on CPU tensors only when forced (PEFT_FAST_BACKEND=cuda / use_backend("cuda")), which
 the CPU tests use: the same torch code, so the same numbers.
