@@ -23,6 +23,8 @@ from .peft_model import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
+    get_layer_status,
+    get_model_status,
 )
 from .tuners import (
     BaseTuner,
@@ -73,6 +75,8 @@ __all__ = [
     "BaseTuner",
     "BaseTunerLayer",
     "PeftModel",
+    "get_layer_status",
+    "get_model_status",
     "PeftMixedModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",

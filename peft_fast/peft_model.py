@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .prompt_learning import PromptLearningMixin
+from .tuner_status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: F401
 from .utils.atomic_save import recover_interrupted_save, write_files_atomically, write_text
 from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.other import _unwrap_modules_to_save, infer_device
@@ -207,6 +208,15 @@ class PeftModel(PromptLearningMixin, nn.Module):
             yield
         finally:
             self.base_model.enable_adapter_layers()
+
+    # ------------------------------------------------------------------ status
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """One TunerLayerStatus per adapter layer (see peft_fast.tuner_status)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The adapter state of the whole model, "irregular" where its layers disagree."""
+        return get_model_status(self)
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

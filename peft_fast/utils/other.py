@@ -55,6 +55,14 @@ def _get_input_embeddings_name(model: nn.Module) -> Optional[str]:
 class ModulesToSaveWrapper(nn.Module):
     """Keeps the original module frozen and one fully trainable copy of it per adapter (PEFT's `modules_to_save`)."""
 
+    # what get_layer_status reads, as on an adapter layer
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
+    merged_adapters: list[str] = []
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.modules_to_save.keys())
+
     def __init__(self, module_to_save: nn.Module, adapter_name: str):
         super().__init__()
         self.original_module = module_to_save
