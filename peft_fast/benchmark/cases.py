@@ -233,7 +233,8 @@ class QLoraLayerCase(LayerCase):
         from .quantized import quantize_linears
 
         base = nn.Sequential(copy.deepcopy(self.base).to("cpu", self.dtype))
-        return quantize_linears(base, compute_dtype=self.dtype, compress_statistics=self.double_quant)[0].to(self.device)
+        return quantize_linears(base, compute_dtype=self.dtype, compress_statistics=self.double_quant,
+                                device=self.device)[0]
 
     def _reference_weight(self) -> torch.Tensor:
         quantized = getattr(self, "quantized", None)
@@ -526,9 +527,9 @@ class QLoraTrainCase(ModelTrainCase):
 
         self.bnb = is_bnb_available()
         self.unquantized = self.cpu_model
-        if self.bnb:
+        if self.bnb:  # quantized on the device (its linears then live there; each impl copies the model anyway)
             self.cpu_model = quantize_linears(copy.deepcopy(self.unquantized), compute_dtype=dtype,
-                                              compress_statistics=True)
+                                              compress_statistics=True, device=device)
 
     def release(self) -> None:
         super().release()
