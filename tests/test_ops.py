@@ -136,3 +136,44 @@ def test_dispatch_follows_the_rule_table_and_falls_back_with_one_warning(force_b
         assert dispatch.call("_probe_op", 1) == "torch"
     finally:
         dispatch._REGISTRY.pop("_probe_op")
+
+
+def test_a_kernel_failing_at_run_time_falls_back_to_torch_once_with_one_warning(force_backend, monkeypatch):
+    """Auto mode: a backend that raises (a GPU it cannot run on) is retried on torch and then left alone for the
+    op, with one warning; a call that torch refuses too is the caller's error and disables nothing."""
+    calls = []
+
+    def broken(v):
+        calls.append("triton")
+        raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED on this GPU\nsecond line")
+
+    def reference(v):
+        calls.append("torch")
+        if v < 0:
+            raise ValueError("v must be >= 0")
+        return v * 2
+
+    dispatch.register("_probe_op", "torch")(reference)
+    dispatch.register("_probe_op", "triton")(broken)
+    monkeypatch.setitem(dispatch.AUTO_RULES, "_probe_op", (("triton", None),))
+    monkeypatch.setattr(dispatch, "_FAILED", set())
+    monkeypatch.setattr(dispatch, "_warned", set())
+    try:
+        with pytest.raises(ValueError, match="v must be"):  # torch refuses too: its error, nothing disabled
+            dispatch.call("_probe_op", -1)
+        assert dispatch._FAILED == set() and calls == ["triton", "torch"]
+        with pytest.warns(UserWarning, match="_probe_op runs on torch instead of triton: it failed here "
+                                             r"\(RuntimeError: CUBLAS_STATUS_NOT_SUPPORTED on this GPU\)") as seen:
+            assert dispatch.call("_probe_op", 3) == 6
+        assert len(seen) == 1 and "second line" not in str(seen[0].message)
+        calls.clear()
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning, and the broken backend is not tried again
+            assert dispatch.call("_probe_op", 4) == 8
+        assert calls == ["torch"] and dispatch.choose("_probe_op", 4) == "torch"
+        force_backend("triton")  # forced: the kernel's own error reaches the developer
+        with pytest.raises(RuntimeError, match="CUBLAS_STATUS_NOT_SUPPORTED"):
+            dispatch.call("_probe_op", 4)
+    finally:
+        dispatch._REGISTRY.pop("_probe_op")

@@ -12,6 +12,13 @@ forced backend that cannot take a call falls back to torch with one warning nami
 
 A predicate's reason is a plain string (the backend would normally run this call but cannot: auto mode warns once,
 naming it) or a `Skip` (the call is simply not for this backend, e.g. a CPU tensor for a GPU kernel: no warning).
+
+A kernel call that fails in auto mode (a GPU it was never run on: no bf16 tensor cores, too little shared memory,
+a Triton compile error) does not stop the job: the call is run again on torch, and when torch succeeds
+the backend is taken off that op for the rest of the process, with one warning naming the error. When torch
+fails as well the call itself was bad: torch's exception is raised and nothing is taken off. Forced backends and
+traced calls (torch.compile) are not retried, so a developer sees the kernel's own error. (This covers the op
+call itself, i.e. the forward; an error inside a fused backward surfaces from `backward()`.)
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
+
+import torch
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "PEFT_FAST_BACKEND"
@@ -52,6 +61,7 @@ class _Impl:
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 _warned: set[tuple[str, str, str]] = set()
+_FAILED: set[tuple[str, str]] = set()  # (op, backend) pairs that failed at run time where torch did not
 
 
 def _parse(value: Optional[str]) -> Optional[str]:
@@ -127,7 +137,7 @@ def choose(op: str, *args, **kwargs) -> str:
         return "torch"
     for backend, rule in AUTO_RULES.get(op, ()):
         impl = impls.get(backend)
-        if impl is None:
+        if impl is None or (op, backend) in _FAILED:
             continue
         reason = impl.supports(*args, **kwargs)
         if reason is None:
@@ -139,7 +149,22 @@ def choose(op: str, *args, **kwargs) -> str:
 
 
 def call(op: str, *args, **kwargs):
-    return _REGISTRY[op][choose(op, *args, **kwargs)].fn(*args, **kwargs)
+    backend = choose(op, *args, **kwargs)
+    impls = _REGISTRY[op]
+    if backend == "torch" or forced_backend() is not None or _is_compiling():
+        return impls[backend].fn(*args, **kwargs)
+    try:
+        return impls[backend].fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any kernel failure: see the module docstring
+        result = impls["torch"].fn(*args, **kwargs)  # raises (and so re-raises for the caller) if the call is bad
+        _FAILED.add((op, backend))
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        _warn_once(op, backend, f"it failed here ({type(err).__name__}: {first_line}); torch runs this op from now on")
+        return result
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 def available_backends(op: str) -> list[str]:
