@@ -2,7 +2,8 @@
 `peft-fast finetune` runs a short LoRA fine-tune of a tiny Llama built from a config.
 
 Neither needs downloads: models are built from configs with random weights; the fine-tune's data is a fixed
-synthetic sequence task (each sequence counts up modulo the vocabulary), which LoRA learns in a few dozen steps.
+synthetic sequence task (each sequence counts up modulo the vocabulary), whose loss LoRA roughly halves in the
+default 200 steps (4.9 → 2.7 on a CPU).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def _bench(args: argparse.Namespace) -> int:
     json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
     report.write_json(json_path, payload)
     env = payload["environment"]
-    report.plot(png_path, payload["cases"], f"{env['device_name']} · {env['dtype']} · suite {payload['suite']}")
+    report.plot(png_path, payload["cases"], f"{env['device_name']} · {env['dtype']} · suite {payload['suite']}"
+                f"{' (quick)' if payload.get('quick') else ''} · {payload.get('date', '')}")
     print(report.table(payload["cases"]))
     for line in report.throughput_lines(payload["cases"]):
         print(line)
@@ -157,7 +159,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peft-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="peft-fast", description=__doc__.split("\n\n")[0].replace("\n", " "))
     sub = parser.add_subparsers(dest="command")
     ft = sub.add_parser("finetune", help="short LoRA fine-tune of a tiny Llama built from a config (no downloads)")
     ft.add_argument("--steps", type=int, default=200)
@@ -167,16 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--lr", type=float, default=3e-3)
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ft.add_argument("--out", default="peft_fast_out/adapter")
+    ft.add_argument("--out", default="peft_fast_out/adapter", help="where the adapter is saved (default: %(default)s)")
     bench = sub.add_parser("bench", help="time peft_fast against HF PEFT and the bare base (table, JSON, plot)")
     bench.add_argument("--suite", default="all", help="all | layer | qlora | model | decode (default: all)")
     bench.add_argument("--quick", action="store_true", help="fewer and smaller cases")
-    bench.add_argument("--out", default="peft_fast_bench", help="directory for bench.json and bench.png")
+    bench.add_argument("--out", default="peft_fast_bench", help="directory for bench.json and bench.png (default: peft_fast_bench)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                        help="default: bfloat16 on CUDA, float32 on CPU")
     bench.add_argument("--compare-to", default=None, metavar="FILE.json", help="an earlier bench.json to compare with")
-    bench.add_argument("--threshold", type=float, default=0.10, help="slow-down that counts as a regression")
+    bench.add_argument("--threshold", type=float, default=0.10, help="with --compare-to: the slow-down that counts as a regression, as a fraction (default: 0.10 = 10%%)")
     bench.add_argument("--write-results", action="store_true", help="also regenerate bench/RESULTS.md")
     bench.add_argument("--results-dir", default="bench", help=argparse.SUPPRESS)
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -97,25 +97,33 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def plot(path: str, cases: list[dict], title: str) -> None:
-    """Bar chart of time / bare-base time per case for HF PEFT and peft_fast (1.0 = the bare base)."""
+    """Bar chart of time / bare-base time per case for HF PEFT, peft_fast and every other timed variant of a case
+    (compiled, merged, forced Triton …); 1.0 = the bare base, lower is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [c["id"] for c in cases]
-    series = {"HF PEFT": [ratio(c, "peft") for c in cases], "peft_fast": [ratio(c, "peft_fast") for c in cases]}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cases) + 2), 4.5))
-    width = 0.38
-    for j, (name, values) in enumerate(series.items()):
-        xs = [i + (j - 0.5) * width for i in range(len(cases))]
-        ax.bar(xs, [v if v is not None else 0 for v in values], width, label=name)
+    names = ["peft", "peft_fast"]  # each implementation one colour, in the order the cases list them
+    for c in cases:
+        names += [n for n in c["impls"] if n != "base" and n not in names]
+    label = {"peft": "HF PEFT"}
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(min(20.0, max(6.0, 0.9 * len(cases) + 2)), 5.0))
+    for j, name in enumerate(names):
+        xs, ys = [], []
+        for i, c in enumerate(cases):
+            value = ratio(c, name) if name in c["impls"] else None
+            if value is not None:
+                xs.append(i + (j - (len(names) - 1) / 2) * width)
+                ys.append(value)
+        ax.bar(xs, ys, width, label=label.get(name, name))
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel("time / bare base")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
+    ax.set_xticklabels([c["id"] for c in cases], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("time / bare base (lower is better)")
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
