@@ -268,15 +268,50 @@ def test_wrong_shapes_in_loaded_adapter(tmp_path):
     save_file(sd, path)
     model = MLP()
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="size mismatch"):
+    with pytest.raises(ValueError, match=r"2 tensors have the wrong shape: .*lin0\.lora_A\.default\.weight "
+                                         r"\(\(5, 10\) in the checkpoint, \(4, 10\) in the model\)") as raised:
         pf.PeftModel.from_pretrained(model, str(tmp_path))
+    assert len(str(raised.value).splitlines()) == 1
     _same_model(model, *before)
     assert "peft_config" not in model.__dict__
     # into an existing PeftModel as a new adapter: the adapter is removed again
     peft_model = pf.get_peft_model(MLP(), pf.LoraConfig(r=2, target_modules=["lin1"]))
     before = _snapshot(peft_model)
-    with pytest.raises(ValueError, match="size mismatch"):
+    with pytest.raises(ValueError, match="wrong shape"):
         peft_model.load_adapter(str(tmp_path), adapter_name="other")
+    _same_model(peft_model, *before)
+    assert list(peft_model.peft_config) == ["default"]
+
+
+def test_a_long_list_of_wrong_shapes_is_summarised_in_one_line(tmp_path):
+    """An adapter of another rank for every projection of a model: one line naming three tensors and the count."""
+    from safetensors.torch import load_file, save_file
+
+    model = pf.get_peft_model(tiny_llama(), pf.LoraConfig(r=4, target_modules="all-linear"))
+    model.save_pretrained(str(tmp_path))
+    path = str(tmp_path / "adapter_model.safetensors")
+    sd = {k: torch.randn(v.shape[0] + 1, v.shape[1]) for k, v in load_file(path).items()}
+    save_file(sd, path)
+    with pytest.raises(ValueError) as raised:
+        model.load_adapter(str(tmp_path), adapter_name="other")
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1 and f"{len(sd)} tensors have the wrong shape" in message
+    assert f"and {len(sd) - 3} more" in message and list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_integer_adapter_weights_are_refused_not_cast(tmp_path, low_cpu_mem_usage):
+    """torch would cast int64 'weights' silently into the float adapter; the load refuses, the model unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    _saved_adapter(tmp_path, r=4, target_modules=["lin0"])
+    path = str(tmp_path / "adapter_model.safetensors")
+    save_file({k: v.round().to(torch.int64) for k, v in load_file(path).items()}, path)
+    peft_model = pf.get_peft_model(MLP(), pf.LoraConfig(r=2, target_modules=["lin1"]))
+    before = _snapshot(peft_model)
+    with pytest.raises(ValueError, match=r"2 tensors have the wrong dtype: .*\(torch.int64 in the checkpoint, "
+                                         r"torch.float32 in the model\).*must be floating point"):
+        peft_model.load_adapter(str(tmp_path), adapter_name="other", low_cpu_mem_usage=low_cpu_mem_usage)
     _same_model(peft_model, *before)
     assert list(peft_model.peft_config) == ["default"]
 

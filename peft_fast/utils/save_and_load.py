@@ -174,25 +174,38 @@ def set_peft_model_state_dict(
     if not any(n.startswith(_MODEL_PREFIX) for n in model_state):
         remapped = {k.removeprefix(_MODEL_PREFIX): v for k, v in remapped.items()}
 
+    # a tensor that is not floating point cannot be an adapter weight (torch would silently cast it)
+    not_float = [(k, str(v.dtype), str(model_state[k].dtype)) for k, v in remapped.items()
+                 if k in model_state and model_state[k].is_floating_point() and not v.is_floating_point()]
+    if not_float:
+        raise ValueError(f"Error(s) in loading the adapter '{adapter_name}': {_summary(not_float, 'dtype')}; "
+                         "adapter weights must be floating point.")
     mismatched = [
         (k, tuple(v.shape), tuple(model_state[k].shape))
         for k, v in remapped.items()
         if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
     ]
     if mismatched:
-        listing = "\n".join(f"- {k}: found shape {a} in the checkpoint and {b} in the model" for k, a, b in mismatched)
         if not ignore_mismatched_sizes:
-            raise ValueError(
-                f"Error(s) in loading the adapter '{adapter_name}': size mismatch for\n{listing}\n"
-                "Pass ignore_mismatched_sizes=True to skip these tensors."
-            )
-        warnings.warn(f"Some adapter weights were not loaded because of mismatched shapes:\n{listing}")
+            raise ValueError(f"Error(s) in loading the adapter '{adapter_name}': {_summary(mismatched, 'shape')}. "
+                             "Pass ignore_mismatched_sizes=True to skip these tensors.")
+        warnings.warn(f"Some adapter weights were not loaded because of mismatched shapes: "
+                      f"{_summary(mismatched, 'shape')}")
         for k, _, _ in mismatched:
             del remapped[k]
     result = model.load_state_dict(remapped, strict=False, assign=low_cpu_mem_usage)
     if prompt_embeddings is not None:
         model.prompt_encoder[adapter_name].embedding.load_state_dict({"weight": prompt_embeddings}, strict=True)
     return result
+
+
+def _summary(found: list[tuple[str, object, object]], what: str, shown: int = 3) -> str:
+    """'2 tensors have the wrong shape: k1 ((5, 4) in the checkpoint, (4, 4) in the model); k2 (…)', at most
+    `shown` of them named: a message of one line, however many tensors are wrong."""
+    parts = [f"{k} ({a} in the checkpoint, {b} in the model)" for k, a, b in found[:shown]]
+    more = f"; and {len(found) - shown} more" if len(found) > shown else ""
+    noun = "tensor has" if len(found) == 1 else "tensors have"
+    return f"{len(found)} {noun} the wrong {what}: " + "; ".join(parts) + more
 
 
 def _modules_to_save_key(key: str, adapter_name: str, wrappers: dict) -> Optional[str]:
