@@ -5,6 +5,15 @@
 
 __version__ = "0.1.0"
 
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .config import PeftConfig, PromptLearningConfig
 from .mapping import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -74,6 +83,13 @@ __all__ = [
     "PromptEncoder",
     "BaseTuner",
     "BaseTunerLayer",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "PeftModel",
     "get_layer_status",
     "get_model_status",
