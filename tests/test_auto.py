@@ -70,3 +70,18 @@ def test_auto_peft_model_takes_an_adapter_without_task_type(base_dirs, tmp_path)
         torch.testing.assert_close(model(input_ids=ids).logits, trained(input_ids=ids).logits)
     with pytest.raises(EnvironmentError, match="from_pretrained"):
         pf.AutoPeftModelForCausalLM()
+
+
+def test_embeddings_are_resized_to_a_tokenizer_saved_with_the_adapter(base_dirs, tmp_path):
+    """Tokens added during fine-tuning: the adapter folder holds the tokenizer, and the base gets its vocab size."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    _adapter(base_dirs, tmp_path, "causal", "CAUSAL_LM")
+    vocab = {f"t{i}": i for i in range(70)}  # 64 in the base model, 6 added
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        unk_token="t0")
+    tokenizer.save_pretrained(str(tmp_path))
+    ours = pf.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path))
+    theirs = ref.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path))
+    assert ours.get_input_embeddings().weight.shape[0] == theirs.get_input_embeddings().weight.shape[0] == 70
