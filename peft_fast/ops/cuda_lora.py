@@ -74,9 +74,12 @@ def _dropped(t: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.T
 
 
 def scaled_as(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """scale · t in `dtype` in one kernel (the product rounded once, into the output)."""
+    """scale · t in `dtype` in one kernel (the product rounded once, into the output; traced: plain ops, which
+    inductor fuses anyway)."""
     if scale == 1.0:
         return _as(t, dtype)
+    if torch.compiler.is_compiling():
+        return (t * scale).to(dtype)
     return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
