@@ -57,9 +57,11 @@ from .utils import (
     PeftType,
     TaskType,
     cast_mixed_precision_params,
+    get_base_model_state_dict,
     get_peft_model_state_dict,
     load_peft_weights,
     prepare_model_for_kbit_training,
+    set_base_model_state_dict,
     set_peft_model_state_dict,
 )
 
@@ -108,7 +110,9 @@ __all__ = [
     "get_peft_config",
     "get_peft_model",
     "inject_adapter_in_model",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "load_peft_weights",
     "prepare_model_for_kbit_training",

@@ -16,7 +16,13 @@ from .other import (
     transpose,
 )
 from .peft_types import PeftType, TaskType
-from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .save_and_load import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -34,7 +40,9 @@ __all__ = [
     "transpose",
     "PeftType",
     "TaskType",
+    "get_base_model_state_dict",
     "get_peft_model_state_dict",
+    "set_base_model_state_dict",
     "load_peft_weights",
     "set_peft_model_state_dict",
 ]

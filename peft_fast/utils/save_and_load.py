@@ -270,3 +270,69 @@ def _download_weights(model_id: str, kwargs: dict) -> tuple[str, bool]:
         except Exception as exc:  # try the next file name, then report both
             errors.append(f"{name}: {exc}")
     raise ValueError(f"Can't find adapter weights for '{model_id}' locally or on the Hub ({'; '.join(errors)}).")
+
+
+# ------------------------------------------------------------------ the base model's own state dict
+def _original_key(root: torch.nn.Module, key: str) -> Optional[str]:
+    """The key `key` of root's state dict had before adapters were injected, or None for an adapter's own tensor.
+
+    Walks the module tree along the key: below a tuner layer only `base_layer` belongs to the base model (and
+    that segment goes), below a modules_to_save wrapper only `original_module`; anything past the modules (a
+    parameter, or extra entries such as bitsandbytes' quantization state) is kept as it is."""
+    from ..tuners.tuners_utils import BaseTunerLayer
+
+    parts = key.split(".")
+    kept: list[str] = []
+    module = root
+    for i, part in enumerate(parts):
+        child = module._modules.get(part) if isinstance(module, torch.nn.Module) else None
+        if isinstance(module, BaseTunerLayer) or isinstance(module, ModulesToSaveWrapper):
+            if part != ("base_layer" if isinstance(module, BaseTunerLayer) else "original_module"):
+                return None
+            module = child
+            continue
+        if child is None:
+            return ".".join(kept + parts[i:])
+        kept.append(part)
+        module = child
+    return ".".join(kept)
+
+
+def _key_map(model) -> dict[str, str]:
+    """original key → key in the PEFT-wrapped base model, for every tensor of the base model (no adapters)."""
+    root = model.base_model.model
+    mapping = {}
+    for key in root.state_dict():
+        original = _original_key(root, key)
+        if original is not None:
+            mapping[original] = key
+    return mapping
+
+
+def get_base_model_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's state dict of a PeftModel under the keys it had before adapters were injected (no
+    `base_layer` / `original_module` infixes), without adapter tensors: what the bare model's state_dict() gives."""
+    if model._is_prompt_learning:  # the base model is not modified
+        return dict(model.base_model.state_dict())
+    state = model.base_model.model.state_dict()
+    return {original: state[key] for original, key in _key_map(model).items()}
+
+
+def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load a state dict keyed as the bare base model's into a PeftModel (the counterpart of
+    get_base_model_state_dict); adapters are left as they are. strict: RuntimeError on missing or unexpected keys,
+    nothing loaded. Returns (missing_keys, unexpected_keys) as torch's load_state_dict does."""
+    from collections import namedtuple
+
+    if model._is_prompt_learning:
+        return model.base_model.load_state_dict(state_dict, strict=strict)
+    mapping = _key_map(model)
+    unexpected = [k for k in state_dict if k not in mapping]
+    missing = [k for k in mapping if k not in state_dict]
+    if strict and (missing or unexpected):
+        errors = ([f"Missing key(s) in state_dict: {missing}"] if missing else []) + \
+            ([f"Unexpected key(s) in state_dict: {unexpected}"] if unexpected else [])
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(errors))
+    model.base_model.model.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping},
+                                           strict=False)
+    return namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])(missing, unexpected)
