@@ -45,9 +45,16 @@ class TunerModelStatus:
 
 
 def _agreement(values: list):
-    """The single value all of `values` share, else "irregular" (True / False for all-true / all-false bools)."""
+    """The single value all of `values` share, else "irregular"."""
     distinct = set(values)
     return distinct.pop() if len(distinct) == 1 else "irregular"
+
+
+def _all_true_or_false(values: list) -> Union[bool, Irregular]:
+    """True when every value is True (also for none), False when every one is False, else "irregular"."""
+    if all(v is True for v in values):
+        return True
+    return False if all(v is False for v in values) else "irregular"
 
 
 def _adapter_modules(layer: nn.Module, names) -> dict[str, list]:
@@ -95,8 +102,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         adapter_names = tuple(module.adapter_layer_names)
         trainable = _adapter_modules(module, adapter_names)
         # all / none / some of an adapter's parameters train: True / False / "irregular"
-        requires_grad = {a: (True if all(flags) else False if not any(flags) else "irregular")
-                         for a, flags in ((a, [p.requires_grad for p in ps]) for a, ps in trainable.items())}
+        requires_grad = {a: _all_true_or_false([p.requires_grad for p in ps]) for a, ps in trainable.items()}
         placed = _adapter_modules(module, adapter_names + tuple(module.other_param_names))
         backend = getattr(module, "quantization_backend", None)
         statuses.append(TunerLayerStatus(
@@ -157,8 +163,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         enabled=_agreement([s.enabled for s in layers]),
         active_adapters=[] if not active else list(active.pop()) if len(active) == 1 else "irregular",
         merged_adapters="irregular" if merged_somewhere & unmerged_somewhere else sorted(merged_somewhere),
-        requires_grad={a: (True if all(v is True for v in vals) else False if all(v is False for v in vals)
-                           else "irregular") for a, vals in requires_grad.items()},
+        requires_grad={a: _all_true_or_false(vals) for a, vals in requires_grad.items()},
         available_adapters=sorted(set().union(*(s.available_adapters for s in layers))),
         devices={a: sorted(types) for a, types in devices.items()},
         quantization_backend=_agreement([s.quantization_backend for s in layers]),

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import IMPLS, hf_peft, tolerance
+from .cases import COMPILE_VARIANTS, IMPLS, hf_peft, tolerance
 from .timing import kernel_time_ms, peak_memory, time_fn
 
 
@@ -54,7 +54,8 @@ def impl_names(case, device: torch.device) -> tuple[str, ...]:
     """The implementations a case times here: the forced-backend rows ("peft_fast triton") and the compiled ones
     ("peft_fast compile") only on CUDA, where they differ from plain peft_fast (and compiling is quick)."""
     names = getattr(case, "impl_names", IMPLS)
-    return tuple(n for n in names if device.type == "cuda" or not n.endswith((" triton", " compile", " compile+graphs")))
+    gpu_only = (" triton",) + tuple(f" {variant}" for variant in COMPILE_VARIANTS)
+    return tuple(n for n in names if device.type == "cuda" or not n.endswith(gpu_only))
 
 
 def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, min_time_s: float = 0.0,

@@ -52,10 +52,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def linear_reason(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm], max_rank: Optional[int]) -> Optional[str]:
     """Why a fused LoRA linear (nn.Linear / Conv1D base) cannot take this call, or None. (Runs on every call: each
     attribute is read once.)"""
-    kind = type(base)
-    kn = CONV1D is not None and kind is CONV1D
-    if kind is not nn.Linear and not kn:
-        return f"base layer is {kind.__name__}, the fused path takes nn.Linear or transformers Conv1D"
+    kn = weight_kn(base)
+    if type(base) is not nn.Linear and not kn:
+        return f"base layer is {type(base).__name__}, the fused path takes nn.Linear or transformers Conv1D"
     if base._forward_hooks or base._forward_pre_hooks:
         return "the base layer has forward hooks, which the fused path would bypass"
     weight = param(base, "weight")

@@ -122,10 +122,13 @@ def register(op: str, backend: str, supports: Optional[Callable[..., Optional[st
 
 def choose(op: str, *args, **kwargs) -> str:
     """Name of the backend that will run `op` for these arguments."""
+    return _choose(op, forced_backend(), args, kwargs)
+
+
+def _choose(op: str, forced: Optional[str], args: tuple, kwargs: dict) -> str:
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
-    forced = forced_backend()
     if forced is not None:
         impl = impls.get(forced)
         if impl is None:
@@ -149,9 +152,10 @@ def choose(op: str, *args, **kwargs) -> str:
 
 
 def call(op: str, *args, **kwargs):
-    backend = choose(op, *args, **kwargs)
+    forced = forced_backend()
+    backend = _choose(op, forced, args, kwargs)
     impls = _REGISTRY[op]
-    if backend == "torch" or forced_backend() is not None or _is_compiling():
+    if backend == "torch" or forced is not None or _is_compiling():
         return impls[backend].fn(*args, **kwargs)
     try:
         return impls[backend].fn(*args, **kwargs)

@@ -285,24 +285,24 @@ def _original_key(root: torch.nn.Module, key: str) -> Optional[str]:
     kept: list[str] = []
     module = root
     for i, part in enumerate(parts):
-        child = module._modules.get(part) if isinstance(module, torch.nn.Module) else None
-        if isinstance(module, BaseTunerLayer) or isinstance(module, ModulesToSaveWrapper):
-            if part != ("base_layer" if isinstance(module, BaseTunerLayer) else "original_module"):
+        wrapped = "base_layer" if isinstance(module, BaseTunerLayer) else \
+            "original_module" if isinstance(module, ModulesToSaveWrapper) else None
+        if wrapped is not None:  # a PEFT wrapper: its base module's segment goes, anything else is the adapter's
+            if part != wrapped:
                 return None
-            module = child
-            continue
-        if child is None:
+        elif part in module._modules:
+            kept.append(part)
+        else:  # past the modules: a tensor name (or several segments of one)
             return ".".join(kept + parts[i:])
-        kept.append(part)
-        module = child
+        module = module._modules[part]
     return ".".join(kept)
 
 
-def _key_map(model) -> dict[str, str]:
-    """original key → key in the PEFT-wrapped base model, for every tensor of the base model (no adapters)."""
-    root = model.base_model.model
+def _key_map(root: torch.nn.Module, keys) -> dict[str, str]:
+    """original key → key in the PEFT-wrapped base model `root`, for each of its state-dict `keys` that belongs to
+    the base model (adapter tensors left out)."""
     mapping = {}
-    for key in root.state_dict():
+    for key in keys:
         original = _original_key(root, key)
         if original is not None:
             mapping[original] = key
@@ -314,8 +314,9 @@ def get_base_model_state_dict(model) -> dict[str, torch.Tensor]:
     `base_layer` / `original_module` infixes), without adapter tensors: what the bare model's state_dict() gives."""
     if model._is_prompt_learning:  # the base model is not modified
         return dict(model.base_model.state_dict())
-    state = model.base_model.model.state_dict()
-    return {original: state[key] for original, key in _key_map(model).items()}
+    root = model.base_model.model
+    state = root.state_dict()
+    return {original: state[key] for original, key in _key_map(root, state).items()}
 
 
 def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict: bool = True):
@@ -326,13 +327,13 @@ def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict
 
     if model._is_prompt_learning:
         return model.base_model.load_state_dict(state_dict, strict=strict)
-    mapping = _key_map(model)
+    root = model.base_model.model
+    mapping = _key_map(root, root.state_dict())
     unexpected = [k for k in state_dict if k not in mapping]
     missing = [k for k in mapping if k not in state_dict]
     if strict and (missing or unexpected):
         errors = ([f"Missing key(s) in state_dict: {missing}"] if missing else []) + \
             ([f"Unexpected key(s) in state_dict: {unexpected}"] if unexpected else [])
         raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(errors))
-    model.base_model.model.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping},
-                                           strict=False)
+    root.load_state_dict({mapping[k]: v for k, v in state_dict.items() if k in mapping}, strict=False)
     return namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])(missing, unexpected)
