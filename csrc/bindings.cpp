@@ -128,4 +128,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("lora_linear", &lora_linear, "LoRA linear fwd (+ bwd via autograd) as one C++ autograd node", py::arg("x"),
           py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"),
           py::arg("kn"), py::arg("dtype"));
+    m.def("lora_add", &lora_add, "base_out + the LoRA term, fwd (+ bwd via autograd) as one C++ autograd node",
+          py::arg("x"), py::arg("base_out"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"),
+          py::arg("dtype"));
 }

@@ -116,7 +116,60 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     }
 };
 
+// y = base_out + s · drop(x) Aᵀ Bᵀ: the LoRA term of a layer whose base output comes from its own autograd node (a
+// bitsandbytes 4-bit / 8-bit linear). The same formulas as LoraLinearFn without W; dy reaches base_out unchanged.
+struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& base_out, const Tensor& lora_a,
+                          const Tensor& lora_b, double scale, double p, c10::ScalarType dt) {
+        c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+        const Tensor x = rows(x_in, x_in.size(-1), dt);
+        const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
+        Tensor xd = x, mask;
+        if (p > 0.0) std::tie(xd, mask) = at::native_dropout(x, p, true);
+        const Tensor h = at::mm(xd, a.t());
+        xd.reset();
+        const int64_t n = bs.size(0);
+        // a new tensor (base_out may be a view made inside its own autograd Function: not modifiable in place)
+        Tensor y;
+        if (base_out.scalar_type() == dt) {
+            y = at::empty(base_out.sizes(), x.options());
+            Tensor y2 = y.view({-1, n});
+            at::addmm_out(y2, rows(base_out, n, dt), h, bs.t());
+        } else {  // e.g. an fp32 base output under bf16 autocast: the sum in the promoted dtype, as HF PEFT adds
+            y = at::add(base_out, at::mm(h, bs.t()).view(base_out.sizes()));
+        }
+        ctx->save_for_backward({x, a, bs, h, mask});
+        ctx->saved_data["scale"] = scale;
+        ctx->saved_data["p"] = p;
+        ctx->saved_data["x_sizes"] = x_in.sizes();
+        ctx->saved_data["a_dtype"] = lora_a.scalar_type();
+        ctx->saved_data["b_dtype"] = lora_b.scalar_type();
+        return y;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const Tensor &x = saved[0], &a = saved[1], &bs = saved[2], &h = saved[3], &mask = saved[4];
+        const double s = ctx->saved_data["scale"].toDouble(), p = ctx->saved_data["p"].toDouble();
+        const bool need_x = ctx->needs_input_grad(0), need_base = ctx->needs_input_grad(1),
+                   need_a = ctx->needs_input_grad(2), need_b = ctx->needs_input_grad(3);
+        const Tensor dy = rows(grads[0], bs.size(0), x.scalar_type());
+        Tensor grad_x, grad_a, grad_b;
+        const Tensor gs = (need_a || need_x) ? at::mm(dy, bs) : Tensor();  // s · dy B
+        if (need_b) grad_b = mm_into(dy.t(), h, s, ctx->saved_data["b_dtype"].toScalarType());
+        if (need_a) grad_a = mm_into(gs.t(), dropped(x, mask, p), 1.0, ctx->saved_data["a_dtype"].toScalarType());
+        if (need_x) grad_x = dropped(at::mm(gs, a), mask, p).view(ctx->saved_data["x_sizes"].toIntVector());
+        // (the engine casts each gradient to its input's dtype)
+        return {grad_x, need_base ? grads[0] : Tensor(), grad_a, grad_b, Tensor(), Tensor(), Tensor()};
+    }
+};
+
 }  // namespace
+
+Tensor lora_add(const Tensor& x, const Tensor& base_out, const Tensor& lora_a, const Tensor& lora_b, double scale,
+                double p, c10::ScalarType dtype) {
+    return LoraAddFn::apply(x, base_out, lora_a, lora_b, scale, p, dtype);
+}
 
 Tensor lora_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& lora_a,
                    const Tensor& lora_b, double scale, double p, bool kn, c10::ScalarType dtype) {

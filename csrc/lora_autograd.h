@@ -9,3 +9,9 @@
 torch::Tensor lora_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
                           const torch::Tensor& lora_a, const torch::Tensor& lora_b, double scale, double p, bool kn,
                           c10::ScalarType dtype);
+
+// base_out + scale · drop(x) Aᵀ Bᵀ, for a base layer with an autograd node of its own (bitsandbytes 4-/8-bit):
+// base_out is …×N with x's leading dimensions; the term is computed in `dtype` and added in the promoted dtype of
+// the two (`dtype` when base_out has it); base_out's gradient is dy.
+torch::Tensor lora_add(const torch::Tensor& x, const torch::Tensor& base_out, const torch::Tensor& lora_a,
+                       const torch::Tensor& lora_b, double scale, double p, c10::ScalarType dtype);

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one command a kernel session sends to the GPU (device) machine: install peft_fast over the machine's own CUDA
 # torch (building the CUDA extension when csrc/ has sources), then run what the arguments name, in order:
-#   tests   the GPU tests (pytest -m gpu)          suite   the whole test suite
+#   tests   the GPU tests (pytest -m gpu; $GPU_TESTS narrows them to some files)          suite   the whole test suite
 #   profile scripts/profile_lora.py (per-kernel times, Python overhead, autotuner picks)
 #   throw   scripts/probe_cxx_throw.py (toolchain facts; does a C++ throw in an extension reach Python?)
 #   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
+#   qmprof  the same for the QLoRA model case
+#   ab | qab  scripts/ab_model_step.py [--qlora]: PEFT vs peft_fast model steps interleaved (noisy hosts)
 #   layer | qlora | model | decode | all   that `peft-fast bench` suite (JSON + PNG + table)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
@@ -35,10 +37,12 @@ steps=("$@")
 for step in "${steps[@]}"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
-    tests) timeout "$STEP_TIMEOUT" python3 -m pytest -v -m gpu tests -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
+    tests) timeout "$STEP_TIMEOUT" python3 -m pytest -v -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
     profile) timeout "$STEP_TIMEOUT" python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
     throw) timeout "$STEP_TIMEOUT" python3 scripts/probe_cxx_throw.py 2>&1 | tee "$OUT/throw.log" || rc=1 ;;
     mprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py 2>&1 | tee "$OUT/mprof.log" | grep -v Warning || rc=1 ;;
+    qmprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --qlora 2>&1 | tee "$OUT/qmprof.log" | grep -v Warning || rc=1 ;;
+    ab|qab) timeout "$STEP_TIMEOUT" python3 scripts/ab_model_step.py $([ "$step" = qab ] && echo --qlora) 2>&1 | tee "$OUT/$step.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
     layer|qlora|model|decode|all)

@@ -4,7 +4,8 @@ The model suite is host-bound (wall time far above GPU kernel time), so the ques
 its time issuing. Builds the bench's quick model case (1B Llama, 2×1024, LoRA r16 on all projections, dropout 0.05,
 bf16 autocast, AdamW), warms up, then profiles a few steps with torch.profiler and prints, per implementation, the
 step's wall time, the ops by self CPU time and how many ops and kernel launches one step issues.
-    python3 scripts/profile_model_step.py [base peft peft_fast]
+    python3 scripts/profile_model_step.py [--qlora] [base peft peft_fast]
+--qlora profiles the bench's QLoRA model case instead (NF4 base, bitsandbytes needed).
 """
 
 import sys
@@ -13,14 +14,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from peft_fast.benchmark.cases import LLAMA_1B, ModelTrainCase
+from peft_fast.benchmark.cases import LLAMA_1B, ModelTrainCase, QLoraTrainCase
 
 STEPS = 3
 
 
-def main(names):
+def main(names, qlora=False):
     device = torch.device("cuda")
-    case = ModelTrainCase(LLAMA_1B, 2, 1024)
+    case = (QLoraTrainCase if qlora else ModelTrainCase)(LLAMA_1B, 2, 1024)
     case.prepare(device, torch.bfloat16)
     for name in names:
         impl = case.build(name)
@@ -48,4 +49,7 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["base", "peft", "peft_fast"])
+    args = sys.argv[1:]
+    qlora = "--qlora" in args
+    names = [a for a in args if a != "--qlora"]
+    main(names or ["base", "peft", "peft_fast"], qlora)

@@ -42,7 +42,7 @@ def force_backend():
 
 
 @pytest.fixture(scope="session")
-def cpp_lora_linear(tmp_path_factory):
+def cpp_lora_module(tmp_path_factory):
     """csrc/lora_autograd.cpp built for this machine's torch (CPU works: it is plain ATen), or a skip.
 
     On the GPU machine setup.py builds the same file into peft_fast._C; this build lets the CPU suite check it."""
@@ -56,7 +56,18 @@ def cpp_lora_linear(tmp_path_factory):
     build = tmp_path_factory.mktemp("lora_cpp")
     binding = build / "binding.cpp"
     binding.write_text('#include "lora_autograd.h"\n'
-                       'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("lora_linear", &lora_linear); }\n')
+                       'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("lora_linear", &lora_linear); '
+                       'm.def("lora_add", &lora_add); }\n')
     module = cpp_extension.load("peft_fast_lora_cpp", [os.path.join(csrc, "lora_autograd.cpp"), str(binding)],
                                 extra_include_paths=[csrc], extra_cflags=["-O1"], build_directory=str(build))
-    return module.lora_linear
+    return module
+
+
+@pytest.fixture(scope="session")
+def cpp_lora_linear(cpp_lora_module):
+    return cpp_lora_module.lora_linear
+
+
+@pytest.fixture(scope="session")
+def cpp_lora_add(cpp_lora_module):
+    return cpp_lora_module.lora_add

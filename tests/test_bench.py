@@ -1,5 +1,6 @@
 """The benchmark suite (`peft-fast bench`) on the CPU: end to end at --quick, the correctness gate, regressions."""
 
+import copy
 import json
 import os
 
@@ -146,3 +147,38 @@ def test_the_model_gate_catches_a_dropped_mis_scaled_or_gradient_less_lora_term(
         assert result.impls["peft_fast"].ok is True, result.impls["peft_fast"]
         bad = result.impls["peft_fast bad"]
         assert bad.ok is False and bad.rel_err > result.tolerance, (mutate, bad.rel_err)
+
+
+def test_qlora_model_case_checks_against_an_fp32_twin_of_the_dequantized_base():
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    from peft_fast.benchmark.cases import LLAMA_TINY, QLoraTrainCase
+
+    case = QLoraTrainCase(LLAMA_TINY, 1, 16, builders={"peft_fast compile": lambda *a: None,
+                                                       "peft_fast compile+graphs": lambda *a: None})
+    result = run_case(case, torch.device("cpu"), torch.bfloat16, repeats=2)
+    for name in ("peft", "peft_fast"):
+        impl = result.impls[name]
+        assert impl.ok is True, (name, impl.check_detail, impl.error)
+        assert "vs fp32" in impl.check_detail  # the reference's own bf16 error was measured against the twin
+
+
+def test_dequantize_linears_computes_what_the_4bit_layers_compute():
+    pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from peft_fast.benchmark.quantized import dequantize_linears, quantize_linears
+
+    torch.manual_seed(0)
+    # (in_features multiples of the blocksize: bitsandbytes 0.50's own CPU dequantization, which its CPU forward
+    # uses, mis-addresses the blocks of other shapes and disagrees with its quantizer there)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32, bias=False))
+    original = copy.deepcopy(model)
+    quantized = quantize_linears(model, compute_dtype=torch.float32, compress_statistics=True)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = quantized(x)
+        twin = dequantize_linears(quantized)
+        assert all(type(m) is nn.Linear for m in (twin[0], twin[2])) and twin[0].weight.dtype == torch.float32
+        torch.testing.assert_close(twin(x), expected, rtol=1e-4, atol=1e-4)
+        assert (twin(x) - original(x)).abs().max() > 1e-3  # the twin holds the rounded NF4 values, not the originals

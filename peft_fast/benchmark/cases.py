@@ -375,8 +375,13 @@ class _ModelCase:
     # makes in `dtype`: two correct bf16 implementations round differently (peft_fast accumulates the base and LoRA
     # GEMMs in fp32, PEFT rounds each to bf16), which in the 16-layer model moved the logits by 3.9% against PEFT's
     # bf16 run on the H200 (2026-12-02), over the 3% tolerance. A missing or mis-scaled LoRA term still shows in
-    # full. Cases whose base cannot run in fp32 (4-bit QLoRA) compare with the reference's `dtype` run directly.
+    # full. A 4-bit QLoRA base gets its fp32 truth from the dequantized weights (`_fp32_twin`): compiled QLoRA rounds
+    # differently from PEFT's eager bf16 as well (3.9% on the logits, same H200 run).
     fp32_truth = True
+
+    def _fp32_twin(self, name: str):
+        """The reference implementation's model with the same weights and adapters, all in fp32."""
+        return self._peft_model(name).float()
 
     def _reference(self) -> dict:
         """The outputs every implementation is checked against: HF PEFT's when it is installed (an independent
@@ -389,10 +394,10 @@ class _ModelCase:
                 reference = self._outputs(model)
                 with model.disable_adapter(), torch.no_grad(), self._autocast():
                     plain = model(input_ids=self.ids[0], use_cache=False).logits.float()
+                del model
                 truth = None
                 if self.fp32_truth and self.dtype != torch.float32:
-                    truth = self._outputs(model.float(), autocast=False)
-            del model
+                    truth = self._outputs(self._fp32_twin(name), autocast=False)
             effect = _rel_err(plain, reference["logits"])
             if effect < 5 * tolerance(self.dtype):
                 raise RuntimeError(f"the adapters change the logits by {effect:.2e} only: too little to check")
@@ -504,8 +509,10 @@ class ModelTrainCase(_ModelCase):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        # CUDA graphs keep their activations in a private pool that replays never allocate from: the peak of a
+        # replayed step would leave it out, so the runner measures these over the steps that record the graphs
         return Impl(step=step, check=lambda: self._check(model), units=tokens,
-                    extra={"model": model, "optimizer": optimizer})
+                    extra={"model": model, "optimizer": optimizer, "peak_while_recording": graphs})
 
 
 @dataclass
@@ -514,7 +521,6 @@ class QLoraTrainCase(ModelTrainCase):
     `dtype`), as QLoRA trains. The bare base stays the unquantized model. Needs bitsandbytes."""
 
     group: str = "qlora model"
-    fp32_truth = False  # the NF4 base computes in bf16 / fp16 only
 
     @property
     def id(self) -> str:
@@ -534,6 +540,17 @@ class QLoraTrainCase(ModelTrainCase):
     def release(self) -> None:
         super().release()
         self.__dict__.pop("unquantized", None)
+
+    def _fp32_twin(self, name: str):
+        """The NF4 base computes in bf16 / fp16 only: the fp32 truth is the same adapters over plain fp32 linears
+        holding the dequantized NF4 weights (exactly the values the 4-bit layers compute with)."""
+        from .quantized import dequantize_linears
+
+        quantized, self.cpu_model = self.cpu_model, dequantize_linears(copy.deepcopy(self.cpu_model))
+        try:
+            return self._peft_model(name).float()
+        finally:
+            self.cpu_model = quantized
 
     def build(self, name: str) -> Optional[Impl]:
         if name == "base" and name not in self.builders:

@@ -42,3 +42,25 @@ def quantize_linears(model: nn.Module, bits: int = 4, quant_type: str = "nf4", c
     # what transformers sets on a model loaded with BitsAndBytesConfig (HF PEFT picks its bnb layers by it)
     setattr(model, f"is_loaded_in_{bits}bit", True)
     return model
+
+
+def dequantize_linears(model: nn.Module) -> nn.Module:
+    """The inverse of `quantize_linears` for 4-bit layers: each bitsandbytes Linear4bit becomes an fp32 nn.Linear
+    holding its dequantized weight (the exact values the 4-bit layer computes with), on the same device."""
+    import bitsandbytes as bnb
+
+    from ..quantization import dequantize_4bit
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit):
+                continue
+            weight = dequantize_4bit(child.weight.data, child.weight.quant_state, torch.float32)
+            new = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                            device=weight.device, dtype=torch.float32)
+            new.weight = nn.Parameter(weight, requires_grad=False)
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.data.float().clone(), requires_grad=False)
+            setattr(module, child_name, new)
+    model.is_loaded_in_4bit = False
+    return model

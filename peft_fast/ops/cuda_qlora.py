@@ -1,9 +1,17 @@
-"""CUDA backend of `quantized_linear_with_lora` for decode: the small-M 4-bit GEMV of csrc/qgemv.cu (→ peft_fast._C).
+"""CUDA backend of `quantized_linear_with_lora` (a LoRA layer over a bitsandbytes 4-bit / 8-bit linear), two paths:
 
-Inference only (no autograd), M ≤ 16 rows, bf16 / fp16 compute, NF4 / FP4 weights with K and blocksize multiples
-of 32. It reads the packed weight once; the low-rank term rides in its epilogue (hs = s·x·Aᵀ is a tiny torch
-matmul). Auto mode does not pick it until it is measured faster than bitsandbytes (dispatch.AUTO_RULES):
-PEFT_FAST_BACKEND=cuda selects it.
+* Training, and every call the GEMV below does not take: bitsandbytes computes the base output (its own dequantize +
+  GEMM and autograd), and the LoRA term is added by ONE C++ autograd node (csrc/lora_autograd.cpp, `lora_add`):
+  h = drop(x) Aᵀ, y = base_out + h Bsᵀ (Bs = s·B), backward gs = dy Bs, dB = s·dyᵀh, dA = gsᵀ drop(x),
+  dx = drop(gs A) — the formulas of ops/cuda_lora.py without W. HF PEFT runs the same term as two nn.Linear
+  modules, an nn.Dropout, a scaling and an add under autocast, each op issued from Python and each its own
+  autograd node; the bench's QLoRA step is bound by that host work (wall 4× the GPU kernel time, H200).
+  Under autocast an fp32 base output (the inputs after a prepared model's fp32 norms) gets the term added in fp32,
+  as PEFT adds it. Auto mode takes this path on CUDA, for training and inference.
+* Decode: the small-M 4-bit GEMV of csrc/qgemv.cu. Inference only, M ≤ 16 rows, bf16 / fp16 compute, NF4 / FP4
+  weights with K and blocksize multiples of 32. It reads the packed weight once; the low-rank term rides in its
+  epilogue (hs = s·x·Aᵀ is a tiny torch matmul). Auto mode does not take it until it is measured faster than
+  bitsandbytes: PEFT_FAST_BACKEND=cuda / use_backend("cuda") selects it.
 """
 
 from __future__ import annotations
@@ -13,10 +21,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import fold_terms
-from .dispatch import Skip, register
+from .common import compute_dtype, fold_terms, terms_reason
+from .dispatch import Skip, forced_backend, register
 from .extension import WHY_NO_EXTENSION, _C
 from .terms import LoraTerm
+from .torch_ref import add_quantized_terms
 
 MAX_ROWS = 16
 
@@ -27,7 +36,31 @@ def _absmax_fp32(state) -> torch.Tensor:
     return cached(state)
 
 
-def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
+# the LoRA-term node (csrc/lora_autograd.cpp); the CPU tests set it to a CPU build
+CPP_LORA_ADD = getattr(_C, "lora_add", None)
+
+
+def _is_bnb_linear(base: nn.Module) -> bool:
+    return type(base).__name__ in ("Linear4bit", "Linear8bitLt") and type(base).__module__.startswith("bitsandbytes")
+
+
+def lora_add_reason(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
+    """Why the base-output + LoRA-node path cannot take this call, or None."""
+    if CPP_LORA_ADD is None:
+        return Skip(WHY_NO_EXTENSION or "peft_fast._C has no lora_add (rebuild with pip install -e .)")
+    if not x.is_cuda and forced_backend() != "cuda":
+        return Skip(f"input on {x.device.type}")
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return Skip("traced or under a functorch transform: the torch ops, which the tracer sees through")
+    if not _is_bnb_linear(base):
+        return Skip(f"base layer is {type(base).__name__}, not a bitsandbytes Linear4bit / Linear8bitLt")
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "the base layer has forward hooks"  # (they would run; but PEFT's order is not guaranteed then)
+    return terms_reason(terms, None)
+
+
+def gemv_reason(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
+    """Why the decode GEMV cannot take this call, or None."""
     if _C is None:
         return Skip(WHY_NO_EXTENSION)
     if not x.is_cuda:
@@ -52,8 +85,36 @@ def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optiona
     return None
 
 
+def _use_gemv(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> bool:
+    # the GEMV only where forced: auto mode does not take it before it is measured faster than bitsandbytes'
+    return forced_backend() == "cuda" and gemv_reason(x, base, terms) is None
+
+
+def supports(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
+    return None if _use_gemv(x, base, terms) else lora_add_reason(x, base, terms)
+
+
 @register("quantized_linear_with_lora", "cuda", supports=supports)
 def quantized_linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
+    if _use_gemv(x, base, terms):
+        return _gemv(x, base, terms)
+    return _base_then_lora_node(x, base, terms)
+
+
+def _base_then_lora_node(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
+    result = base(x)
+    dtype = compute_dtype(x)
+    if not terms:
+        return result
+    if result.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        return add_quantized_terms(x, result, base, terms)  # PEFT casts each term to the result's dtype here
+    lora_a, lora_b, scale, lora_bias = fold_terms(terms, dtype)
+    if lora_bias is not None:
+        result = result + lora_bias
+    return CPP_LORA_ADD(x, result, lora_a, lora_b, scale, terms[0].dropout_p, dtype)
+
+
+def _gemv(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:
     state = base.weight.quant_state
     dtype = getattr(base, "compute_dtype", None) or x.dtype
     n, k = int(state.shape[0]), int(state.shape[1])

@@ -35,7 +35,11 @@ def linear_with_lora(x: torch.Tensor, base_layer: nn.Module, terms: list[LoraTer
 def quantized_linear_with_lora(x: torch.Tensor, base_layer: nn.Module, terms: list[LoraTerm], *args, **kwargs):
     """A bitsandbytes 4/8-bit base layer plus LoRA terms, in PEFT's order for these layers: the base output is
     cloned (4-bit), and each term is cast to its dtype before being added unless autocast is on."""
-    result = base_layer(x, *args, **kwargs)
+    return add_quantized_terms(x, base_layer(x, *args, **kwargs), base_layer, terms)
+
+
+def add_quantized_terms(x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module, terms: list[LoraTerm]):
+    """The LoRA terms added to a bitsandbytes layer's output `result`, PEFT's way (see quantized_linear_with_lora)."""
     if hasattr(getattr(base_layer, "weight", None), "quant_state"):
         result = result.clone()  # as PEFT: backprop through the 4-bit matmul's output view can fail otherwise
     convert = not torch.is_autocast_enabled(x.device.type)
