@@ -123,6 +123,19 @@ def no_grad_outputs(layer: nn.Module, x: torch.Tensor, backend: str) -> tuple[to
             return y, layer(x)
 
 
+def assert_steps_never_synchronize(layer: nn.Module, x: torch.Tensor, steps: int = 2) -> None:
+    """Run `steps` forward + backward passes of `layer` on `x` (CUDA) after a warm-up; any device→host sync in them
+    raises (torch.cuda.set_sync_debug_mode("error"))."""
+    layer(x).sum().backward()  # warm-up (Triton compiles, cuBLAS handles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            layer(x).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 

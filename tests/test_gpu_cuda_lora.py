@@ -9,7 +9,7 @@ from torch import nn
 import peft_fast as pf
 from peft_fast import ops
 from peft_fast.ops import dispatch
-from models import rel_err, tiny_llama
+from models import assert_steps_never_synchronize, rel_err, tiny_llama
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
@@ -81,14 +81,7 @@ def test_forward_and_backward_never_synchronize(backend, p):
         terms = [layer._adapter_term("default")]
         expected = "cuda" if backend == "auto" else backend
         assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == expected
-        layer(x).sum().backward()  # warm-up (Triton compiles, cuBLAS handles)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(2):
-                layer(x).float().square().mean().backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        assert_steps_never_synchronize(layer, x)
 
 
 def test_torch_compile_no_graph_break_no_recompile_and_same_loss():

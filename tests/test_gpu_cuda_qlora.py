@@ -11,7 +11,7 @@ from torch import nn
 import peft_fast as pf
 from peft_fast import ops
 from peft_fast.ops import cuda_qlora, dispatch
-from models import quantize_linears, rel_err, tiny_llama
+from models import assert_steps_never_synchronize, quantize_linears, rel_err, tiny_llama
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("bitsandbytes")
@@ -61,14 +61,7 @@ def test_qlora_forward_and_backward_never_synchronize():
     layer = _layer(1024, 768, 16, 0.1)
     layer.train()
     x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layer(x).sum().backward()  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(2):
-            layer(x).float().square().mean().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_steps_never_synchronize(layer, x)
 
 
 def test_tiny_llama_qlora_training_tracks_peft_and_bitsandbytes():
