@@ -28,6 +28,8 @@ def _cuda_extension():
     ext = CUDAExtension(
         "peft_fast._C",
         sources,
+        # the C++ autograd node takes the fused kernels of csrc/lora_kernels.h (the CPU test build leaves them out)
+        define_macros=[("PEFT_FAST_CUDA_KERNELS", None)],
         # the C++ standard is left to torch's BuildExtension (it matches the one its headers need)
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )

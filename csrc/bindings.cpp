@@ -127,8 +127,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("max_rows") = kQgemvMaxRows;
     m.def("lora_linear", &lora_linear, "LoRA linear fwd (+ bwd via autograd) as one C++ autograd node", py::arg("x"),
           py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"),
-          py::arg("kn"), py::arg("dtype"));
+          py::arg("kn"), py::arg("dtype"), py::arg("kernels") = true);
     m.def("lora_add", &lora_add, "base_out + the LoRA term, fwd (+ bwd via autograd) as one C++ autograd node",
           py::arg("x"), py::arg("base_out"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"),
-          py::arg("dtype"));
+          py::arg("dtype"), py::arg("kernels") = true);
+#ifdef PEFT_FAST_CUDA_KERNELS
+    m.def("lora_kernels_forward", &lora_kernels_forward, "the fused LoRA forward kernel alone (tests)", py::arg("x"),
+          py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"), py::arg("bias") = py::none(),
+          py::arg("addend") = py::none());
+    m.def("lora_kernels_backward", &lora_kernels_backward, "the fused LoRA backward kernels alone (tests)",
+          py::arg("dy"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("hs"), py::arg("mask"),
+          py::arg("scale"), py::arg("p"), py::arg("need_x") = true, py::arg("need_a") = true, py::arg("need_b") = true);
+#endif
 }

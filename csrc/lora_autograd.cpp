@@ -1,11 +1,27 @@
-// peft_fast/ops/cuda_lora.py's FusedLoraLinear in C++: the same GEMMs, issued from C++ in forward and run by the
-// autograd engine without the GIL in backward. Why: on the H200 machine's host an eager op issued from Python costs
-// ~16 µs and the Python autograd node's backward as much again, so a LoRA linear's fwd+bwd took ~640 µs of host time
-// against ~160 µs for the bare layer (scripts/probe_lora_paths.py host, 2026-12-02); from C++ each op is a dispatcher
-// call and a launch. Only argument shapes that peft_fast/ops/cuda_lora.supports() accepted reach this code.
+// peft_fast/ops/cuda_lora.py's FusedLoraLinear in C++: one autograd node per LoRA linear, issued from C++ in forward
+// and run by the autograd engine without the GIL in backward. Why: on the lent machines' hosts an eager op issued from
+// Python costs ~16 µs and the Python autograd node's backward as much again (scripts/probe_lora_paths.py host,
+// 2026-12-02); from C++ each op is a dispatcher call and a launch. Only argument shapes that
+// peft_fast/ops/cuda_lora.supports() accepted reach this code.
+//
+// Two routes, the same formulas (cuda_lora.py's docstring):
+// - fused (CUDA builds, PEFT_FAST_CUDA_KERNELS; bf16/fp16 compute, rank ≤ 128, widths % 8 == 0): the low-rank half
+//   runs in the kernels of lora_kernels.h — forward 1 kernel + 1 cuBLAS GEMM, backward 2 kernels + 1 cuBLAS GEMM,
+//   adapters read in their own dtype (no casts), the dropout mask drawn once and kept as bits;
+// - ATen (everything else, and the CPU build the tests use): cuBLAS/ATen GEMMs, torch's dropout kernel and mask.
 #include "lora_autograd.h"
 
 #include <ATen/ScalarOps.h>
+
+#ifdef PEFT_FAST_CUDA_KERNELS
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <mutex>
+
+#include "lora_kernels.h"
+#endif
 
 namespace {
 
@@ -30,7 +46,7 @@ Tensor mm_into(const Tensor& a, const Tensor& b, double scale, c10::ScalarType d
     return scale != 1.0 ? out.mul_(scale) : out;
 }
 
-// x as M×K (a view where the layout allows, else a contiguous copy), in the compute dtype
+// t as rows of its last dimension (a view where the layout allows, else a contiguous copy), in the compute dtype
 Tensor rows(const Tensor& t, int64_t k, c10::ScalarType dtype) {
     Tensor t2 = as(t.reshape({-1, k}), dtype);
     return t2.stride(-1) == 1 ? t2 : t2.contiguous();
@@ -51,40 +67,236 @@ Tensor scaled_as(const Tensor& b, double s, c10::ScalarType dtype) {
     return at::mul_out(out, b, at::native::wrapped_scalar_tensor(s));
 }
 
+// ---- the low-rank half of both nodes on the ATen route
+
+// h = drop(x) Aᵀ (M×r) and the dropout mask (undefined without dropout); the dropped copy of x lives only for the GEMM
+std::pair<Tensor, Tensor> shrink(const Tensor& x, const Tensor& a, double p) {
+    Tensor xd = x, mask;
+    if (p > 0.0) std::tie(xd, mask) = at::native_dropout(x, p, true);
+    return {at::mm(xd, a.t()), mask};
+}
+
+struct LowRankGrads {
+    Tensor dx_low, grad_a, grad_b;  // drop(gs A), gsᵀ drop(x), s · dyᵀ h, each only where asked for
+};
+
+// the adapters' gradients and the low-rank part of dx, from dy (M×N) and what forward saved (bs = s·B)
+LowRankGrads low_rank_grads(const Tensor& dy, const Tensor& x, const Tensor& a, const Tensor& bs, const Tensor& h,
+                            const Tensor& mask, double s, double p, bool need_x, bool need_a, bool need_b,
+                            c10::ScalarType a_dtype, c10::ScalarType b_dtype) {
+    LowRankGrads g;
+    const Tensor gs = (need_a || need_x) ? at::mm(dy, bs) : Tensor();  // s · dy B
+    if (need_b) g.grad_b = mm_into(dy.t(), h, s, b_dtype);
+    if (need_a) g.grad_a = mm_into(gs.t(), dropped(x, mask, p), 1.0, a_dtype);
+    if (need_x) g.dx_low = dropped(at::mm(gs, a), mask, p);
+    return g;
+}
+
+#ifdef PEFT_FAST_CUDA_KERNELS
+// ---- the fused route (lora_kernels.h)
+
+LoraDtype kernel_dtype(c10::ScalarType t) {
+    return t == torch::kBFloat16 ? LoraDtype::kBFloat16 : t == torch::kHalf ? LoraDtype::kFloat16 : LoraDtype::kFloat32;
+}
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Whether the kernels take this call: x (M×K, contiguous, compute dtype dt) and `other` (base_out, if defined) on
+// one GPU with the adapters, a supported dtype pair and rank, dropout below 1.
+bool fused_takes(const Tensor& x, const Tensor& a, const Tensor& b, double p, c10::ScalarType dt,
+                 const Tensor& other = Tensor()) {
+    if (!x.is_cuda() || x.size(0) == 0 || !(p >= 0.0 && p < 1.0)) return false;
+    if (dt != torch::kBFloat16 && dt != torch::kHalf) return false;
+    const auto adt = a.scalar_type();
+    if (b.scalar_type() != adt || (adt != dt && adt != torch::kFloat) || a.dim() != 2 || b.dim() != 2) return false;
+    if (!lora_kernels_support(kernel_dtype(dt), kernel_dtype(adt), a.size(0), a.size(1), b.size(0))) return false;
+    if (a.device() != x.device() || b.device() != x.device()) return false;
+    if (!x.is_contiguous() || !a.is_contiguous() || !b.is_contiguous()) return false;
+    if (!aligned16(x) || !aligned16(a) || !aligned16(b)) return false;
+    if (other.defined() && (other.scalar_type() != dt || !other.is_contiguous() || !aligned16(other))) return false;
+    return true;
+}
+
+// multiprocessors of the current device (asked once per device)
+int sm_count() {
+    static int counts[64] = {};
+    int device = 0;
+    cudaGetDevice(&device);
+    if (device < 64 && counts[device] > 0) return counts[device];
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
+    if (device < 64) counts[device] = n;
+    return n;
+}
+
+void check(cudaError_t err, const char* what) {
+    TORCH_CHECK(err == cudaSuccess, "peft_fast LoRA kernel (", what, ") failed: ", cudaGetErrorString(err));
+}
+
+// torch's CUDA generator state for one call (reproducible under torch.manual_seed; safe under CUDA graph capture)
+LoraPhilox philox_for(const Tensor& x) {
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        std::nullopt, at::cuda::detail::getDefaultCUDAGenerator(x.get_device()));
+    at::PhiloxCudaState state;
+    {
+        std::lock_guard<std::mutex> lock(gen->mutex_);
+        state = gen->philox_cuda_state(4);
+    }
+    LoraPhilox ph;
+    if (state.captured_) {
+        ph.captured = true;
+        ph.seed_ptr = state.seed_.ptr;
+        ph.offset_ptr = state.offset_.ptr;
+        ph.offset_intragraph = state.offset_intragraph_;
+    } else {
+        ph.seed = state.seed_.val;
+        ph.offset = state.offset_.val;
+    }
+    return ph;
+}
+
+// y2 (M×N, preallocated) = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend); hs (M×r) and the bit mask (M×K/8) come back when the
+// caller will run backward (keep = true)
+void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& addend,
+                   double s, double p, Tensor& y2, bool keep, Tensor& hs, Tensor& mask) {
+    const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
+    const c10::cuda::CUDAGuard guard(x.device());
+    if (keep) hs = at::empty({m, r}, x.options());
+    if (keep && p > 0.0) mask = at::empty({m, k / 8}, x.options().dtype(torch::kUInt8));
+    LoraRowsArgs args{};
+    args.in = x.data_ptr();
+    args.w1 = a.data_ptr();
+    args.w2 = b.data_ptr();
+    args.bias = bias.defined() ? bias.data_ptr() : nullptr;
+    args.addend = addend.defined() ? addend.data_ptr() : nullptr;
+    args.out = y2.data_ptr();
+    args.small = hs.defined() ? hs.data_ptr() : nullptr;
+    args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+    args.m = static_cast<int>(m);
+    args.k1 = static_cast<int>(k);
+    args.n2 = static_cast<int>(n);
+    args.r = static_cast<int>(r);
+    args.scale = static_cast<float>(s);
+    args.p = static_cast<float>(p);
+    if (p > 0.0) args.philox = philox_for(x);
+    args.dtype = kernel_dtype(x.scalar_type());
+    args.adapter_dtype = kernel_dtype(a.scalar_type());
+    args.backward = false;
+    check(launch_lora_rows(args, sm_count(), c10::cuda::getCurrentCUDAStream()), "forward");
+}
+
+// the low-rank half of backward: dx2 (M×K, preallocated, when defined) = drop(gs A); dA, dB in the adapters' dtype
+void fused_backward(const Tensor& dy, const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& hs,
+                    const Tensor& mask, double s, double p, Tensor& dx2, bool need_a, bool need_b, Tensor& grad_a,
+                    Tensor& grad_b) {
+    const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
+    const c10::cuda::CUDAGuard guard(x.device());
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const int sms = sm_count();
+    const LoraDtype dt = kernel_dtype(x.scalar_type()), adt = kernel_dtype(a.scalar_type());
+    Tensor gs;
+    if (dx2.defined() || need_a) {
+        gs = at::empty({m, r}, x.options());
+        LoraRowsArgs args{};
+        args.in = dy.data_ptr();
+        args.w1 = b.data_ptr();
+        args.w2 = a.data_ptr();
+        args.out = dx2.defined() ? dx2.data_ptr() : nullptr;
+        args.small = gs.data_ptr();
+        args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+        args.m = static_cast<int>(m);
+        args.k1 = static_cast<int>(n);
+        args.n2 = static_cast<int>(k);
+        args.r = static_cast<int>(r);
+        args.scale = static_cast<float>(s);
+        args.p = mask.defined() ? static_cast<float>(p) : 0.f;
+        args.dtype = dt;
+        args.adapter_dtype = adt;
+        args.backward = true;
+        check(launch_lora_rows(args, sms, stream), "backward rows");
+    }
+    if (!need_a && !need_b) return;
+    const LoraReducePlan plan = lora_reduce_plan(static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
+                                                 static_cast<int>(r), need_a, need_b, sms);
+    if (need_a) grad_a = at::empty({r, k}, a.options());
+    if (need_b) grad_b = at::empty({n, r}, b.options());
+    Tensor workspace, counters;
+    if (plan.splits > 1) {
+        workspace = at::empty({plan.workspace_floats}, x.options().dtype(torch::kFloat));
+        counters = at::empty({plan.counters}, x.options().dtype(torch::kInt));
+    }
+    LoraReduceArgs args{};
+    args.x = x.data_ptr();
+    args.gs = gs.defined() ? gs.data_ptr() : nullptr;
+    args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+    args.grad_a = need_a ? grad_a.data_ptr() : nullptr;
+    args.dy = dy.data_ptr();
+    args.hs = hs.data_ptr();
+    args.grad_b = need_b ? grad_b.data_ptr() : nullptr;
+    args.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
+    args.counters = counters.defined() ? counters.data_ptr<int>() : nullptr;
+    args.m = static_cast<int>(m);
+    args.k = static_cast<int>(k);
+    args.n = static_cast<int>(n);
+    args.r = static_cast<int>(r);
+    args.p = mask.defined() ? static_cast<float>(p) : 0.f;
+    args.dtype = dt;
+    args.grad_dtype = adt;
+    check(launch_lora_reduce(args, plan, stream), "backward reduce");
+}
+#endif  // PEFT_FAST_CUDA_KERNELS
+
+// saved_data common to both nodes
+void save_common(AutogradContext* ctx, const Tensor& x_in, const Tensor& lora_a, const Tensor& lora_b, double scale,
+                 double p, bool fused) {
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["fused"] = fused;
+    ctx->saved_data["x_sizes"] = x_in.sizes();
+    ctx->saved_data["a_dtype"] = lora_a.scalar_type();
+    ctx->saved_data["b_dtype"] = lora_b.scalar_type();
+}
+
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     // The reshape to M×K and back happens here, not in Python: a view outside the node is an autograd node of its
     // own, in forward and backward (two ViewBackward nodes cost ~40 µs of host time per layer on a CPU).
     static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight,
                           const c10::optional<Tensor>& bias_in, const Tensor& lora_a, const Tensor& lora_b, double scale,
-                          double p, bool kn, c10::ScalarType dt) {
+                          double p, bool kn, c10::ScalarType dt, bool kernels) {
         // everything below is cast to dt explicitly; autocast's wrapper around each op would only cost host time
         c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
         const int64_t k = x_in.size(-1);
-        const Tensor x = rows(x_in, k, dt);
-        const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt), w = as(weight, dt);
-        Tensor xd = x, mask;
-        if (p > 0.0) std::tie(xd, mask) = at::native_dropout(x, p, true);
-        const Tensor h = at::mm(xd, a.t());
-        xd.reset();  // the dropped copy lives only for this GEMM
+        Tensor x = rows(x_in, k, dt);
+        const Tensor w = as(weight, dt);
         const Tensor w_kn = kn ? w : w.t();
         const int64_t n = w_kn.size(1);
+        const Tensor bias = bias_in.has_value() ? as(*bias_in, dt) : Tensor();
         // y is made in its final shape, so the node returns no view (an in-place op on a view made inside a
         // custom node is an error in autograd)
         Tensor y = at::empty(with_last(x_in.sizes(), n), x.options());
         Tensor y2 = y.view({-1, n});
-        if (bias_in.has_value())
-            at::addmm_out(y2, as(*bias_in, dt), h, bs.t());
-        else
-            at::mm_out(y2, h, bs.t());
-        y2.addmm_(x, w_kn);
-        ctx->save_for_backward({x, w, a, bs, h, mask});
-        ctx->saved_data["scale"] = scale;
-        ctx->saved_data["p"] = p;
+        bool fused = false;
+#ifdef PEFT_FAST_CUDA_KERNELS
+        if (kernels && x.is_cuda()) x = x.contiguous();
+        if (kernels && fused_takes(x, lora_a, lora_b, p, dt) && (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
+            Tensor hs, mask;
+            fused_forward(x, lora_a, lora_b, bias, Tensor(), scale, p, y2, true, hs, mask);
+            y2.addmm_(x, w_kn);
+            ctx->save_for_backward({x, w, lora_a, lora_b, hs, mask});
+            fused = true;
+        }
+#endif
+        if (!fused) {
+            const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
+            auto [h, mask] = shrink(x, a, p);
+            if (bias.defined()) at::addmm_out(y2, bias, h, bs.t());
+            else at::mm_out(y2, h, bs.t());
+            y2.addmm_(x, w_kn);
+            ctx->save_for_backward({x, w, a, bs, h, mask});
+        }
+        save_common(ctx, x_in, lora_a, lora_b, scale, p, fused);
         ctx->saved_data["kn"] = kn;
-        ctx->saved_data["x_sizes"] = x_in.sizes();
         ctx->saved_data["w_dtype"] = weight.scalar_type();
-        ctx->saved_data["a_dtype"] = lora_a.scalar_type();
-        ctx->saved_data["b_dtype"] = lora_b.scalar_type();
         ctx->saved_data["has_bias"] = bias_in.has_value();
         if (bias_in.has_value()) ctx->saved_data["bias_dtype"] = bias_in->scalar_type();
         return y;
@@ -92,27 +304,44 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &w = saved[1], &a = saved[2], &bs = saved[3], &h = saved[4], &mask = saved[5];
+        // (ATen route: a and b are A and s·B in the compute dtype, h unscaled; fused route: the adapters themselves
+        // and h = s·drop(x)Aᵀ)
+        const Tensor &x = saved[0], &w = saved[1], &a = saved[2], &b = saved[3], &h = saved[4], &mask = saved[5];
         const double s = ctx->saved_data["scale"].toDouble(), p = ctx->saved_data["p"].toDouble();
-        const bool kn = ctx->saved_data["kn"].toBool();
+        const bool kn = ctx->saved_data["kn"].toBool(), fused = ctx->saved_data["fused"].toBool();
+        const auto a_dtype = ctx->saved_data["a_dtype"].toScalarType(), b_dtype = ctx->saved_data["b_dtype"].toScalarType();
         // needs_input_grad counts graph edges, which exist only for tensor arguments: no bias, no edge 2
         const size_t e = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
         const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                    need_bias = e && ctx->needs_input_grad(2), need_a = ctx->needs_input_grad(2 + e),
                    need_b = ctx->needs_input_grad(3 + e);
-        const Tensor dy = rows(grads[0], bs.size(0), x.scalar_type());
+        const int64_t n = kn ? w.size(1) : w.size(0);
+        Tensor dy = rows(grads[0], n, x.scalar_type());
         Tensor grad_x, grad_w, grad_bias, grad_a, grad_b;
-        const Tensor gs = (need_a || need_x) ? at::mm(dy, bs) : Tensor();  // s · dy B
-        if (need_b) grad_b = mm_into(dy.t(), h, s, ctx->saved_data["b_dtype"].toScalarType());
-        if (need_a) grad_a = mm_into(gs.t(), dropped(x, mask, p), 1.0, ctx->saved_data["a_dtype"].toScalarType());
-        if (need_x) {
-            grad_x = dropped(at::mm(gs, a), mask, p).addmm_(dy, kn ? w.t() : w);
-            grad_x = grad_x.view(ctx->saved_data["x_sizes"].toIntVector());  // the engine casts it to x's dtype
+        const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
+#ifdef PEFT_FAST_CUDA_KERNELS
+        if (fused) {
+            dy = dy.contiguous();
+            if (!aligned16(dy)) dy = dy.clone();
+            Tensor dx2;
+            if (need_x) {
+                grad_x = at::empty(x_sizes, x.options());
+                dx2 = grad_x.view({-1, x.size(1)});
+            }
+            fused_backward(dy, x, a, b, h, mask, s, p, dx2, need_a, need_b, grad_a, grad_b);
+            if (need_x) dx2.addmm_(dy, kn ? w.t() : w);
+        }
+#endif
+        if (!fused) {
+            LowRankGrads g = low_rank_grads(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, a_dtype, b_dtype);
+            grad_a = g.grad_a;
+            grad_b = g.grad_b;
+            if (need_x) grad_x = g.dx_low.addmm_(dy, kn ? w.t() : w).view(x_sizes);  // the engine casts it to x's dtype
         }
         if (need_w)  // only when the user trains the base weight too
             grad_w = as(kn ? at::mm(x.t(), dy) : at::mm(dy.t(), x), ctx->saved_data["w_dtype"].toScalarType());
         if (need_bias) grad_bias = as(dy.sum(0), ctx->saved_data["bias_dtype"].toScalarType());
-        return {grad_x, grad_w, grad_bias, grad_a, grad_b, Tensor(), Tensor(), Tensor(), Tensor()};
+        return {grad_x, grad_w, grad_bias, grad_a, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
 
@@ -120,58 +349,109 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
 // bitsandbytes 4-bit / 8-bit linear). The same formulas as LoraLinearFn without W; dy reaches base_out unchanged.
 struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
     static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& base_out, const Tensor& lora_a,
-                          const Tensor& lora_b, double scale, double p, c10::ScalarType dt) {
+                          const Tensor& lora_b, double scale, double p, c10::ScalarType dt, bool kernels) {
         c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-        const Tensor x = rows(x_in, x_in.size(-1), dt);
-        const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
-        Tensor xd = x, mask;
-        if (p > 0.0) std::tie(xd, mask) = at::native_dropout(x, p, true);
-        const Tensor h = at::mm(xd, a.t());
-        xd.reset();
-        const int64_t n = bs.size(0);
-        // a new tensor (base_out may be a view made inside its own autograd Function: not modifiable in place)
+        Tensor x = rows(x_in, x_in.size(-1), dt);
+        const int64_t n = lora_b.size(0);
         Tensor y;
-        if (base_out.scalar_type() == dt) {
+        bool fused = false;
+#ifdef PEFT_FAST_CUDA_KERNELS
+        if (kernels && x.is_cuda()) x = x.contiguous();
+        const Tensor base2 = kernels && base_out.scalar_type() == dt ? base_out.reshape({-1, n}) : Tensor();
+        if (base2.defined() && fused_takes(x, lora_a, lora_b, p, dt, base2)) {
+            Tensor hs, mask;
             y = at::empty(base_out.sizes(), x.options());
             Tensor y2 = y.view({-1, n});
-            at::addmm_out(y2, rows(base_out, n, dt), h, bs.t());
-        } else {  // e.g. an fp32 base output under bf16 autocast: the sum in the promoted dtype, as HF PEFT adds
-            y = at::add(base_out, at::mm(h, bs.t()).view(base_out.sizes()));
+            fused_forward(x, lora_a, lora_b, Tensor(), base2, scale, p, y2, true, hs, mask);
+            ctx->save_for_backward({x, lora_a, lora_b, hs, mask});
+            fused = true;
         }
-        ctx->save_for_backward({x, a, bs, h, mask});
-        ctx->saved_data["scale"] = scale;
-        ctx->saved_data["p"] = p;
-        ctx->saved_data["x_sizes"] = x_in.sizes();
-        ctx->saved_data["a_dtype"] = lora_a.scalar_type();
-        ctx->saved_data["b_dtype"] = lora_b.scalar_type();
+#endif
+        if (!fused) {
+            const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
+            auto [h, mask] = shrink(x, a, p);
+            // a new tensor (base_out may be a view made inside its own autograd Function: not modifiable in place)
+            if (base_out.scalar_type() == dt) {
+                y = at::empty(base_out.sizes(), x.options());
+                Tensor y2 = y.view({-1, n});
+                at::addmm_out(y2, rows(base_out, n, dt), h, bs.t());
+            } else {  // e.g. an fp32 base output under bf16 autocast: the sum in the promoted dtype, as HF PEFT adds
+                y = at::add(base_out, at::mm(h, bs.t()).view(base_out.sizes()));
+            }
+            ctx->save_for_backward({x, a, bs, h, mask});
+        }
+        save_common(ctx, x_in, lora_a, lora_b, scale, p, fused);
         return y;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const auto saved = ctx->get_saved_variables();
-        const Tensor &x = saved[0], &a = saved[1], &bs = saved[2], &h = saved[3], &mask = saved[4];
+        const Tensor &x = saved[0], &a = saved[1], &b = saved[2], &h = saved[3], &mask = saved[4];
         const double s = ctx->saved_data["scale"].toDouble(), p = ctx->saved_data["p"].toDouble();
+        const bool fused = ctx->saved_data["fused"].toBool();
         const bool need_x = ctx->needs_input_grad(0), need_base = ctx->needs_input_grad(1),
                    need_a = ctx->needs_input_grad(2), need_b = ctx->needs_input_grad(3);
-        const Tensor dy = rows(grads[0], bs.size(0), x.scalar_type());
+        const int64_t n = b.size(0);
+        Tensor dy = rows(grads[0], n, x.scalar_type());
+        const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
         Tensor grad_x, grad_a, grad_b;
-        const Tensor gs = (need_a || need_x) ? at::mm(dy, bs) : Tensor();  // s · dy B
-        if (need_b) grad_b = mm_into(dy.t(), h, s, ctx->saved_data["b_dtype"].toScalarType());
-        if (need_a) grad_a = mm_into(gs.t(), dropped(x, mask, p), 1.0, ctx->saved_data["a_dtype"].toScalarType());
-        if (need_x) grad_x = dropped(at::mm(gs, a), mask, p).view(ctx->saved_data["x_sizes"].toIntVector());
+#ifdef PEFT_FAST_CUDA_KERNELS
+        if (fused) {
+            dy = dy.contiguous();
+            if (!aligned16(dy)) dy = dy.clone();
+            Tensor dx2;
+            if (need_x) {
+                grad_x = at::empty(x_sizes, x.options());
+                dx2 = grad_x.view({-1, x.size(1)});
+            }
+            fused_backward(dy, x, a, b, h, mask, s, p, dx2, need_a, need_b, grad_a, grad_b);
+        }
+#endif
+        if (!fused) {
+            LowRankGrads g = low_rank_grads(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b,
+                                            ctx->saved_data["a_dtype"].toScalarType(),
+                                            ctx->saved_data["b_dtype"].toScalarType());
+            grad_a = g.grad_a;
+            grad_b = g.grad_b;
+            if (need_x) grad_x = g.dx_low.view(x_sizes);
+        }
         // (the engine casts each gradient to its input's dtype)
-        return {grad_x, need_base ? grads[0] : Tensor(), grad_a, grad_b, Tensor(), Tensor(), Tensor()};
+        return {grad_x, need_base ? grads[0] : Tensor(), grad_a, grad_b, Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
 
 }  // namespace
 
 Tensor lora_add(const Tensor& x, const Tensor& base_out, const Tensor& lora_a, const Tensor& lora_b, double scale,
-                double p, c10::ScalarType dtype) {
-    return LoraAddFn::apply(x, base_out, lora_a, lora_b, scale, p, dtype);
+                double p, c10::ScalarType dtype, bool kernels) {
+    return LoraAddFn::apply(x, base_out, lora_a, lora_b, scale, p, dtype, kernels);
 }
 
 Tensor lora_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& lora_a,
-                   const Tensor& lora_b, double scale, double p, bool kn, c10::ScalarType dtype) {
-    return LoraLinearFn::apply(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype);
+                   const Tensor& lora_b, double scale, double p, bool kn, c10::ScalarType dtype, bool kernels) {
+    return LoraLinearFn::apply(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels);
 }
+
+#ifdef PEFT_FAST_CUDA_KERNELS
+std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b, double scale,
+                                         double p, const c10::optional<Tensor>& bias,
+                                         const c10::optional<Tensor>& addend) {
+    TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), addend.value_or(Tensor())),
+                "lora_kernels_forward: the fused kernels do not take these arguments");
+    Tensor y = at::empty({x.size(0), lora_b.size(0)}, x.options()), hs, mask;
+    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, true, hs, mask);
+    return {y, hs, mask.defined() ? mask : at::empty({0}, x.options().dtype(torch::kUInt8))};
+}
+
+std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
+                                          const Tensor& hs, const c10::optional<Tensor>& mask, double scale, double p,
+                                          bool need_x, bool need_a, bool need_b) {
+    TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), dy),
+                "lora_kernels_backward: the fused kernels do not take these arguments");
+    Tensor dx, grad_a, grad_b;
+    if (need_x) dx = at::empty_like(x);
+    const Tensor m = mask.has_value() && mask->numel() > 0 ? *mask : Tensor();
+    fused_backward(dy, x, lora_a, lora_b, hs, m, scale, p, dx, need_a, need_b, grad_a, grad_b);
+    return {dx, grad_a, grad_b};
+}
+#endif

@@ -5,13 +5,28 @@
 
 // y = x Wᵀ (+ bias) + scale · drop(x) Aᵀ Bᵀ over the last dimension of x (…×K → …×N), computed in `dtype` (x, the
 // weights and the bias are cast to it inside; gradients come back in each one's own dtype); weight is N×K (kn = false,
-// nn.Linear) or K×N (kn = true, transformers' Conv1D). Same formulas as peft_fast/ops/cuda_lora.py.
+// nn.Linear) or K×N (kn = true, transformers' Conv1D). Same formulas as peft_fast/ops/cuda_lora.py. `kernels`: take
+// the fused kernels of lora_kernels.h where they apply (CUDA builds), else the low-rank half is composed from ATen ops.
 torch::Tensor lora_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
                           const torch::Tensor& lora_a, const torch::Tensor& lora_b, double scale, double p, bool kn,
-                          c10::ScalarType dtype);
+                          c10::ScalarType dtype, bool kernels);
 
 // base_out + scale · drop(x) Aᵀ Bᵀ, for a base layer with an autograd node of its own (bitsandbytes 4-/8-bit):
 // base_out is …×N with x's leading dimensions; the term is computed in `dtype` and added in the promoted dtype of
 // the two (`dtype` when base_out has it); base_out's gradient is dy.
 torch::Tensor lora_add(const torch::Tensor& x, const torch::Tensor& base_out, const torch::Tensor& lora_a,
-                       const torch::Tensor& lora_b, double scale, double p, c10::ScalarType dtype);
+                       const torch::Tensor& lora_b, double scale, double p, c10::ScalarType dtype, bool kernels);
+
+#ifdef PEFT_FAST_CUDA_KERNELS
+// The fused kernels' two halves on their own, for tests that check them against torch with the kernels' own dropout
+// bits. Forward: {y = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend), hs = s·drop(x)Aᵀ, mask (M×K/8 keep bits; empty when
+// p == 0)}. Backward: {drop(s·dy B A), dA, dB} (undefined where not asked for). x, dy, hs: 2-D, compute dtype.
+std::vector<torch::Tensor> lora_kernels_forward(const torch::Tensor& x, const torch::Tensor& lora_a,
+                                                const torch::Tensor& lora_b, double scale, double p,
+                                                const c10::optional<torch::Tensor>& bias,
+                                                const c10::optional<torch::Tensor>& addend);
+std::vector<torch::Tensor> lora_kernels_backward(const torch::Tensor& dy, const torch::Tensor& x,
+                                                 const torch::Tensor& lora_a, const torch::Tensor& lora_b,
+                                                 const torch::Tensor& hs, const c10::optional<torch::Tensor>& mask,
+                                                 double scale, double p, bool need_x, bool need_a, bool need_b);
+#endif

@@ -123,6 +123,37 @@ def no_grad_outputs(layer: nn.Module, x: torch.Tensor, backend: str) -> tuple[to
             return y, layer(x)
 
 
+def lora_linear_layer(k: int, n: int, r: int, p: float, dtype: torch.dtype, fp32_adapters: bool = False,
+                      bias: bool = False, device: str = "cuda") -> nn.Module:
+    """peft_fast's LoRA layer over nn.Linear(k, n) (alpha = 2r, dropout p), adapters fp32 (PEFT's default) or in
+    `dtype`; B drawn so that the low-rank term is a clear share of the output (B = 0 would hide a wrong term)."""
+    import peft_fast as pf
+
+    base = nn.Sequential(nn.Linear(k, n, bias=bias)).to(device).to(dtype)
+    model = pf.get_peft_model(base, pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=p),
+                              autocast_adapter_dtype=fp32_adapters)
+    layer = model.base_model.model[0]
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)
+    return layer
+
+
+def lora_fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, backend: str, kernels="auto",
+                 seed: int = 0) -> tuple:
+    """(y, dx, dA, dB) of one forward + backward of `layer` after torch.manual_seed(seed), with `backend` forced and
+    the cuda backend's fused kernels in mode `kernels` (dispatch.use_cuda_kernels); the grads are cleared after."""
+    from peft_fast import ops
+
+    torch.manual_seed(seed)
+    with ops.use_backend(backend), ops.use_cuda_kernels(kernels):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(dy)
+    out = (y.detach(), xi.grad, layer.lora_A["default"].weight.grad.clone(),
+           layer.lora_B["default"].weight.grad.clone())
+    layer.zero_grad(set_to_none=True)
+    return out
+
+
 def assert_steps_never_synchronize(layer: nn.Module, x: torch.Tensor, steps: int = 2) -> None:
     """Run `steps` forward + backward passes of `layer` on `x` (CUDA) after a warm-up; any device→host sync in them
     raises (torch.cuda.set_sync_debug_mode("error"))."""

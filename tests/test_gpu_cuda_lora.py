@@ -1,5 +1,6 @@
 """The cuda backend of linear_with_lora (what auto mode runs on a GPU) at real sizes: against the torch path in
-bf16/fp16/fp32 with and without dropout (on CUDA both draw the same mask from torch's generator), no device sync,
+bf16/fp16/fp32 with and without dropout (with dropout on the node's ATen route, which draws the same mask from torch's
+generator), no device sync,
 and torch.compile with no graph break and no recompiles across steps. `pytest -m gpu` on the device machine."""
 
 import pytest
@@ -9,31 +10,10 @@ from torch import nn
 import peft_fast as pf
 from peft_fast import ops
 from peft_fast.ops import dispatch
-from models import assert_steps_never_synchronize, rel_err, tiny_llama
+from models import assert_steps_never_synchronize, lora_fwd_bwd, lora_linear_layer, rel_err, tiny_llama
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
-
-
-def _layer(k, n, r, p, dtype, fp32_adapters=False):
-    base = nn.Sequential(nn.Linear(k, n, bias=False)).cuda().to(dtype)
-    model = pf.get_peft_model(base, pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=p),
-                              autocast_adapter_dtype=fp32_adapters)
-    layer = model.base_model.model[0]
-    nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)  # the low-rank term: a clear share of y
-    return layer
-
-
-def _fwd_bwd(layer, x, dy, backend, seed=0):
-    torch.manual_seed(seed)
-    with ops.use_backend(backend):
-        xi = x.clone().requires_grad_(True)
-        y = layer(xi)
-        y.backward(dy)
-    out = (y.detach(), xi.grad, layer.lora_A["default"].weight.grad.clone(),
-           layer.lora_B["default"].weight.grad.clone())
-    layer.zero_grad(set_to_none=True)
-    return out
 
 
 @pytest.mark.parametrize("dtype,fp32_adapters", [(torch.bfloat16, True), (torch.bfloat16, False),
@@ -43,12 +23,13 @@ def _fwd_bwd(layer, x, dy, backend, seed=0):
 def test_matches_the_torch_path(dtype, fp32_adapters, m, k, n, r, p):
     if p > 0 and fp32_adapters:
         pytest.skip("the torch path drops an fp32 copy of x there: another dropout call, another mask to compare")
-    layer = _layer(k, n, r, p, dtype, fp32_adapters)
-    layer.train()
+    layer = lora_linear_layer(k, n, r, p, dtype, fp32_adapters).train()
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     dy = torch.randn(m, n, device="cuda", dtype=dtype)
-    got = _fwd_bwd(layer, x, dy, "cuda")
-    ref = _fwd_bwd(layer, x, dy, "torch")  # same seed: torch's dropout kernel draws the same mask
+    # with dropout, the ATen route of the node: torch's dropout kernel draws the same mask for the same seed (the
+    # fused kernels draw their own bits: tests/test_gpu_lora_kernels.py checks them against references with those)
+    got = lora_fwd_bwd(layer, x, dy, "cuda", kernels=p == 0)
+    ref = lora_fwd_bwd(layer, x, dy, "torch")
     for name, a, b in zip(("y", "dx", "dA", "dB"), got, ref):
         assert a.dtype == b.dtype, name
         assert torch.isfinite(a).all(), name
@@ -60,7 +41,7 @@ def test_matches_the_torch_path(dtype, fp32_adapters, m, k, n, r, p):
 
 
 def test_inference_decode_sizes_match():
-    layer = _layer(4096, 4096, 16, 0.0, torch.bfloat16, fp32_adapters=True).eval()
+    layer = lora_linear_layer(4096, 4096, 16, 0.0, torch.bfloat16, fp32_adapters=True).eval()
     for m in (1, 16, 333):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
@@ -74,8 +55,7 @@ def test_inference_decode_sizes_match():
 @pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_forward_and_backward_never_synchronize(backend, p):
-    layer = _layer(1024, 768, 16, p, torch.bfloat16, fp32_adapters=True)
-    layer.train()
+    layer = lora_linear_layer(1024, 768, 16, p, torch.bfloat16, fp32_adapters=True).train()
     x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     with ops.use_backend(backend):
         terms = [layer._adapter_term("default")]

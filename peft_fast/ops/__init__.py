@@ -7,7 +7,7 @@ when importable. `use_backend("torch" | "triton" | "cuda" | "auto")` forces a ba
 
 from . import torch_ref  # noqa: F401  (registers the torch backend)
 from . import cuda_lora  # noqa: F401  (registers the cuBLAS-composed LoRA linear; needs nothing beyond torch)
-from .dispatch import Skip, available_backends, choose, forced_backend, register, use_backend
+from .dispatch import Skip, available_backends, choose, forced_backend, register, use_backend, use_cuda_kernels
 from .terms import EmbeddingTerm, LoraTerm
 from .dispatch import call as _call
 
@@ -92,4 +92,5 @@ __all__ = [
     "forced_backend",
     "register",
     "use_backend",
+    "use_cuda_kernels",
 ]

@@ -31,6 +31,14 @@ layer's 86 / 437. In a bench model step (scripts/profile_model_step.py) a LoRA l
 ~50 ATen calls to the bare layer's; HF PEFT adds ~20 launches and ~115 calls. torch.compile and functorch
 transforms keep the Python code paths below.
 
+In CUDA builds the node's low-rank half can run instead on peft_fast's fused kernels (csrc/lora_kernels.h; bf16/fp16
+compute, rank ≤ 128, widths multiples of 8): forward one kernel (hs = s·drop(x)Aᵀ and y = hs Bᵀ + bias, the
+adapters read in their own dtype, the dropout bits drawn once from torch's Philox state and kept bit-packed, 1/16
+of x) then cuBLAS accumulates x Wᵀ onto y; backward one kernel for gs = s·dy B and dx = drop(gs A), cuBLAS
+accumulating dy W, and one for dA = gsᵀ drop(x) and dB = dyᵀ hs (fixed summation order). 3 launches a fwd+bwd
+beside cuBLAS's instead of 11–14; `dispatch.fused_kernels` says when (the measured size rule). Their masks are
+their own, not torch's dropout kernel's: same statistics, reproducible under torch.manual_seed.
+
 Runs on CUDA in auto mode; on CPU tensors only when forced (PEFT_FAST_BACKEND=cuda / use_backend("cuda")), which
 the CPU tests use: the same torch code, so the same numbers.
 """
@@ -43,6 +51,7 @@ import torch
 from torch import nn
 
 from .common import compute_dtype, fold_terms, linear_reason, no_grad_needed, param
+from . import dispatch
 from .dispatch import Skip, forced_backend, register
 from .extension import _C
 from .terms import LoraTerm
@@ -160,7 +169,9 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
     if CPP_LORA_LINEAR is not None and not torch.compiler.is_compiling() and \
             not torch._C._are_functorch_transforms_active():
         # the node casts to `dtype` and reshapes inside (no autograd node around it); no graph node without grads
-        return CPP_LORA_LINEAR(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype)
+        k, n, r = x.shape[-1], (weight.shape[1] if kn else weight.shape[0]), lora_a.shape[0]
+        kernels = dispatch.fused_kernels(x.numel() // max(k, 1), k, n, r)
+        return CPP_LORA_LINEAR(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels)
     k = x.shape[-1]
     x2 = _as(x.reshape(-1, k), dtype)
     if x2.stride(-1) != 1:

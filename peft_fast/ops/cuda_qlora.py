@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .common import compute_dtype, fold_terms, terms_reason
+from . import dispatch
 from .dispatch import Skip, forced_backend, register
 from .extension import WHY_NO_EXTENSION, _C
 from .terms import LoraTerm
@@ -111,7 +112,9 @@ def _base_then_lora_node(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]
     lora_a, lora_b, scale, lora_bias = fold_terms(terms, dtype)
     if lora_bias is not None:
         result = result + lora_bias
-    return CPP_LORA_ADD(x, result, lora_a, lora_b, scale, terms[0].dropout_p, dtype)
+    k, n, r = x.shape[-1], lora_b.shape[0], lora_a.shape[0]
+    kernels = dispatch.fused_kernels(x.numel() // max(k, 1), k, n, r)
+    return CPP_LORA_ADD(x, result, lora_a, lora_b, scale, terms[0].dropout_p, dtype, kernels)
 
 
 def _gemv(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:

@@ -10,6 +10,12 @@ Forcing a backend: `PEFT_FAST_BACKEND=torch|triton|cuda|auto` is read once, at i
 server thread). A forced backend runs every op it implements; an op it does not implement runs on torch; a
 forced backend that cannot take a call falls back to torch with one warning naming the reason.
 
+The cuda backend's C++ nodes run the low-rank half of a LoRA linear either on peft_fast's own CUDA kernels
+(csrc/lora_kernels.h: bf16/fp16 compute, rank ≤ 128; 3 launches a fwd+bwd beside the cuBLAS GEMMs) or on ATen ops
+(about 11–14). `fused_kernels(m, k, n, r)` decides per call: `CUDA_KERNELS` ("auto" | "on" | "off", from
+PEFT_FAST_CUDA_KERNELS, read once, default "auto"; `use_cuda_kernels(...)` overrides it inside a `with` block) and,
+in auto mode, the size rule `FUSED_MAX_WORK` measured beside it.
+
 A predicate's reason is a plain string (the backend would normally run this call but cannot: auto mode warns once,
 naming it) or a `Skip` (the call is simply not for this backend, e.g. a CPU tensor for a GPU kernel: no warning).
 
@@ -84,6 +90,58 @@ except ValueError as err:  # raised at the first dispatch, so that `import peft_
     _DEFAULT, _DEFAULT_ERROR = None, err
 
 _local = threading.local()
+
+KERNEL_MODES = ("auto", "on", "off")
+
+
+def _kernel_mode(value) -> str:
+    """The kernel mode ("auto", "on" or "off") that a mode name, a bool or PEFT_FAST_CUDA_KERNELS's 1/0 means."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    mode = {"1": "on", "0": "off", "true": "on", "false": "off"}.get(str(value).strip().lower(),
+                                                                         str(value).strip().lower())
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"PEFT_FAST_CUDA_KERNELS / use_cuda_kernels: {value!r} is not one of {KERNEL_MODES} (or 1/0)")
+    return mode
+
+
+try:
+    CUDA_KERNELS: str = _kernel_mode(os.environ.get("PEFT_FAST_CUDA_KERNELS", "auto"))
+except ValueError as err:  # a typo in the variable must not break `import peft_fast`: warn, keep the default
+    warnings.warn(f"peft_fast: {err}; using 'auto'")
+    CUDA_KERNELS = "auto"
+
+# Auto mode's size rule: the fused kernels while M·(K+N)·max(r, 16) ≤ FUSED_MAX_WORK, the ATen route above.
+# H100, bf16, fp32 adapters, 2026-12-06 (scripts/probe_lora_kernels.py, one process; wall µs per fwd+bwd, kernels
+# vs ATen route vs HF PEFT, × the bare layer): M4096 K=N=2048 r16 2.01× vs 3.06× vs 4.31×; M2048 K2048 N8192 1.72×
+# vs 2.80× vs 4.00×; decode M16 fwd 118 vs 209 vs 236 µs; the 1B Llama step 20.6k vs 18.1k vs 15.1k tok/s. There
+# the host bounds the step and the kernels issue a fifth of the ops. At M8192 K=N=4096 the GPU bounds it and the
+# kernels' GPU time is the larger (r16: 1.51× vs 1.25× the bare layer's, wall 1.63× vs 1.49×; r64 1.86× vs 1.25×;
+# N14336 1.41× vs 1.21×): the ATen route's cuBLAS GEMMs win. 2^29 sits between the two groups (M8192 K=N=4096 r16
+# is 2^30; the 1B model's largest projection at 2×1024 tokens 2^28.3).
+FUSED_MAX_WORK = 1 << 29
+
+
+def fused_kernels(m: int, k: int, n: int, r: int) -> bool:
+    """Whether the cuda backend's node should take the fused kernels for an M×K → N LoRA linear of total rank r (the
+    node still falls back to ATen where the kernels cannot take the call: dtype, rank > 128, widths)."""
+    mode = CUDA_KERNELS
+    if mode == "auto":
+        return m * (k + n) * max(r, 16) <= FUSED_MAX_WORK
+    return mode == "on"
+
+
+@contextlib.contextmanager
+def use_cuda_kernels(mode) -> Iterator[None]:
+    """Inside the block, the cuda backend's low-rank half runs on peft_fast's kernels wherever they apply ("on" /
+    True), on ATen ops ("off" / False), or as the size rule says ("auto"); process-wide (the kernels are a build
+    feature, not a per-thread policy), restored on exit."""
+    global CUDA_KERNELS
+    previous, CUDA_KERNELS = CUDA_KERNELS, _kernel_mode(mode)
+    try:
+        yield
+    finally:
+        CUDA_KERNELS = previous
 
 
 def forced_backend() -> Optional[str]:

@@ -1,0 +1,76 @@
+// Launchers of the fused LoRA kernels (lora_rows_*.cu, lora_reduce.cu): the low-rank half of a LoRA linear's forward
+// and backward in three kernels, cuBLAS keeping the big GEMMs. Plain pointers, no torch headers, so a bare
+// `nvcc -c` compiles them (CI does, without a GPU); csrc/lora_autograd.cpp calls them from the C++ autograd node.
+//
+// With x (M×K), W (N×K, cuBLAS), A (r×K), B (N×r), scale s, dropout p and drop(z) = z ⊙ keep / (1−p):
+//   forward   rows kernel   hs = s · drop(x) Aᵀ   (M×r, saved)     y = hs Bᵀ (+ bias) (+ addend)
+//             cuBLAS        y += x Wᵀ                                (beta = 1)
+//   backward  rows kernel   gs = s · dy B         (M×r)             dx = drop(gs A)
+//             cuBLAS        dx += dy W                               (beta = 1)
+//             reduce kernel dA = gsᵀ drop(x)       dB = dyᵀ hs       (sums over M in a fixed order: deterministic)
+// The dropout mask is drawn once, in forward, from torch's Philox generator state, and kept bit-packed (1 bit per
+// element of x: M × K/8 bytes, 1/16 of x in bf16); backward reads those bits, it never regenerates them.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+constexpr int kLoraKernelMaxRank = 128;
+
+enum class LoraDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// torch's at::PhiloxCudaState of one call, field by field (this header includes no torch): eager calls carry the
+// values, calls captured in a CUDA graph carry pointers that the kernel reads at replay.
+struct LoraPhilox {
+    uint64_t seed = 0, offset = 0;
+    const int64_t* seed_ptr = nullptr;
+    const int64_t* offset_ptr = nullptr;
+    uint64_t offset_intragraph = 0;
+    bool captured = false;
+};
+
+// One pass over blocks of rows. Forward: `in` = x, w1 = A, w2 = B, small = hs (written), out = y. Backward: `in` =
+// dy, w1 = B, w2 = A, small = gs (written), out = dx (null: only gs is wanted).
+struct LoraRowsArgs {
+    const void* in;       // M×K1, compute dtype, contiguous rows, 16-byte aligned
+    const void* w1;       // forward A (r×K1), backward B (K1×r); adapter dtype, contiguous, 16-byte aligned
+    const void* w2;       // forward B (N2×r), backward A (r×N2); adapter dtype, contiguous, 16-byte aligned
+    const void* bias;     // N2, compute dtype, or null (forward only)
+    const void* addend;   // M×N2, compute dtype, or null (forward only)
+    void* out;            // M×N2, compute dtype, or null (backward: skip dx)
+    void* small;          // M×r, compute dtype, or null (forward inference)
+    uint8_t* mask;        // M×(K/8) keep bits (K = x's width): written forward when p > 0 (if not null), read backward
+    int m, k1, n2, r;
+    float scale, p;
+    LoraPhilox philox;    // forward with p > 0 only
+    LoraDtype dtype, adapter_dtype;
+    bool backward;
+};
+
+// dA = gsᵀ drop(x) (r×K) and dB = dyᵀ hs (N×r), in the adapters' dtype; grad_a / grad_b null skips that one.
+struct LoraReduceArgs {
+    const void* x;
+    const void* gs;
+    const uint8_t* mask;  // null without dropout
+    void* grad_a;
+    const void* dy;
+    const void* hs;
+    void* grad_b;
+    float* workspace;     // lora_reduce_plan(...).workspace_floats floats (none needed when splits == 1)
+    int* counters;        // lora_reduce_plan(...).counters ints (zeroed by the launcher)
+    int m, k, n, r;
+    float p;
+    LoraDtype dtype, grad_dtype;
+};
+
+struct LoraReducePlan {
+    int tiles_a, tiles_b, splits, rows_per_split;
+    int64_t workspace_floats;
+    int counters;
+};
+
+// Whether the kernels take this call (dtype pair, rank and widths); the caller checks devices, layout and alignment.
+bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64_t k, int64_t n);
+LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count);
+cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
+cudaError_t launch_lora_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream);

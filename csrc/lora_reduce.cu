@@ -1,0 +1,50 @@
+// The reduce kernel's instantiations (lora_kernels.cuh) and the entry points of lora_kernels.h.
+#include "lora_kernels.cuh"
+
+cudaError_t launch_lora_rows_forward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
+cudaError_t launch_lora_rows_backward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
+
+bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64_t k, int64_t n) {
+    if (dtype != LoraDtype::kBFloat16 && dtype != LoraDtype::kFloat16) return false;
+    if (adapter_dtype != dtype && adapter_dtype != LoraDtype::kFloat32) return false;
+    return r >= 1 && r <= kLoraKernelMaxRank && k >= 8 && n >= 8 && k % 8 == 0 && n % 8 == 0 && k <= INT32_MAX &&
+           n <= INT32_MAX;
+}
+
+LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count) {
+    constexpr int bc = 64, rows_step = 64;
+    LoraReducePlan plan{};
+    plan.tiles_a = grad_a ? (k + bc - 1) / bc : 0;
+    plan.tiles_b = grad_b ? (n + bc - 1) / bc : 0;
+    const int tiles = plan.tiles_a + plan.tiles_b;
+    // one wave of about three blocks per multiprocessor (what registers allow at rank 16: 80 a thread; each block
+    // keeps one tile in flight), each summing at least 128 rows; counted as if both gradients were asked for, so
+    // that each one's summation order (its bits) does not depend on whether the other is computed
+    const int all_tiles = (k + bc - 1) / bc + (n + bc - 1) / bc;
+    int splits = 3 * sm_count / all_tiles;
+    splits = std::max(1, std::min(splits, (m + 127) / 128));
+    const int steps = (m + rows_step - 1) / rows_step;
+    plan.rows_per_split = ((steps + splits - 1) / splits) * rows_step;
+    plan.splits = std::max(1, (m + plan.rows_per_split - 1) / plan.rows_per_split);
+    const int padded_rank = r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128;
+    plan.workspace_floats = plan.splits > 1 ? static_cast<int64_t>(tiles) * plan.splits * bc * padded_rank : 0;
+    plan.counters = plan.splits > 1 ? tiles : 0;
+    return plan;
+}
+
+cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream) {
+    if (args.m <= 0) return cudaSuccess;
+    return args.backward ? launch_lora_rows_backward(args, sm_count, stream)
+                         : launch_lora_rows_forward(args, sm_count, stream);
+}
+
+cudaError_t launch_lora_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream) {
+    using namespace lora_kernels;
+    if (args.m <= 0 || plan.tiles_a + plan.tiles_b == 0) return cudaSuccess;
+    const bool fp32_out = args.grad_dtype == LoraDtype::kFloat32;
+    if (args.dtype == LoraDtype::kBFloat16)
+        return fp32_out ? launch_reduce_for<__nv_bfloat16, float>(args, plan, stream)
+                        : launch_reduce_for<__nv_bfloat16, __nv_bfloat16>(args, plan, stream);
+    return fp32_out ? launch_reduce_for<__half, float>(args, plan, stream)
+                    : launch_reduce_for<__half, __half>(args, plan, stream);
+}

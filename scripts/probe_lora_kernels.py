@@ -1,0 +1,171 @@
+"""Probe (GPU): the cuda backend's C++ node with its low-rank half on peft_fast's fused kernels (csrc/lora_kernels.h)
+against the same node on ATen ops (the route before them), the bare layer and HF PEFT, in one process.
+
+  host    µs per call at tiny sizes (enqueue cost: the GPU keeps up), fwd+bwd and fwd without grad
+  layer   per fwd+bwd at real sizes, dropout 0 and 0.1: wall µs (CUDA events, median) and GPU kernel µs
+  pieces  the kernels alone (forward; backward rows + reduce) against one pass over x (x.clone)
+  model   the bench's 1B Llama LoRA step (r16 all-linear, 2×1024, bf16 autocast, dropout 0.05, AdamW): tok/s, GPU ms
+Run on the device with the project built (scripts/gpu_check.sh kprobe):  python3 scripts/probe_lora_kernels.py [parts]
+"""
+
+import copy
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peft_fast  # noqa: E402
+from peft_fast import ops  # noqa: E402
+from peft_fast.benchmark.timing import kernel_time_ms  # noqa: E402
+from peft_fast.ops.extension import _C  # noqa: E402
+from probe_lora_paths import DT, host_us, layer_models, wall_us  # noqa: E402
+
+
+def _pf(layer, kernels):
+    def f(x):
+        with ops.use_backend("cuda"), ops.use_cuda_kernels(kernels):
+            return layer(x)
+    return f
+
+
+def designs(layers):
+    d = {"bare F.linear": lambda x: F.linear(x, layers["bare"].weight)}
+    if "peft" in layers:
+        d["HF PEFT"] = layers["peft"]
+    d["pf node, ATen route"] = _pf(layers["pf"], False)
+    d["pf node, fused kernels"] = _pf(layers["pf"], True)
+    return d
+
+
+def host_table():
+    print("\n=== host: µs per call at tiny sizes (M64 K256 N256 r16), enqueue only", flush=True)
+    for p in (0.0, 0.1):
+        layers = layer_models(256, 256, 16, p)
+        for m in layers.values():
+            m.train()
+        x = torch.randn(64, 256, device="cuda", dtype=DT, requires_grad=True)
+        xs = x.detach()
+        dy = torch.randn(64, 256, device="cuda", dtype=DT)
+        for name, f in designs(layers).items():
+            both = host_us(lambda: f(x).backward(dy))
+            with torch.no_grad():
+                fwd = host_us(lambda: f(xs))
+            print(f"  p={p:<4} {name:28s} fwd+bwd {both:8.1f}   fwd no_grad {fwd:8.1f}", flush=True)
+
+
+def layer_table():
+    cases = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 14336, 16), (4096, 2048, 2048, 16),
+             (2048, 2048, 8192, 16)]
+    for m, k, n, r in cases:
+        for p in (0.0, 0.1):
+            layers = layer_models(k, n, r, p)
+            for mod in layers.values():
+                mod.train()
+            xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
+            dy = torch.randn(m, n, device="cuda", dtype=DT)
+            print(f"\n=== layer M{m} K{k} N{n} r{r} p{p} bf16 fwd+bwd: wall µs (median), GPU kernel µs", flush=True)
+            res = {}
+            for name, f in designs(layers).items():
+                i = [0]
+
+                def step(f=f):
+                    i[0] ^= 1
+                    f(xs[i[0]]).backward(dy)
+                wall = wall_us(step, n=30, warm=5)
+                gpu = kernel_time_ms(step, torch.device("cuda")) * 1e3
+                res[name] = (wall, gpu)
+            bw, bg = res["bare F.linear"]
+            for name, (wall, gpu) in res.items():
+                print(f"  {name:28s} {wall:9.1f} ({wall / bw:5.2f}x)   GPU {gpu:9.1f} ({gpu / bg:5.2f}x)", flush=True)
+            del layers, xs
+            torch.cuda.empty_cache()
+    print("\n=== decode M16 K4096 N4096 r16, fwd no_grad: wall µs, GPU µs", flush=True)
+    layers = layer_models(4096, 4096, 16, 0.0)
+    x = torch.randn(16, 4096, device="cuda", dtype=DT)
+    for name, f in designs(layers).items():
+        with torch.no_grad():
+            wall = wall_us(lambda: f(x), n=100, warm=10)
+            gpu = kernel_time_ms(lambda: f(x), torch.device("cuda")) * 1e3
+        print(f"  {name:28s} {wall:9.1f}   GPU {gpu:8.1f}", flush=True)
+
+
+def pieces_table():
+    import triton.testing
+
+    print("\n=== kernels alone (do_bench median µs), bf16 x, fp32 adapters", flush=True)
+    for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 4096, 128),
+                       (2048, 2048, 2048, 16), (16, 4096, 4096, 16)]:
+        x = torch.randn(m, k, device="cuda", dtype=DT)
+        a = torch.randn(r, k, device="cuda") / k**0.5
+        b = torch.randn(n, r, device="cuda") / r**0.5
+        dy = torch.randn(m, n, device="cuda", dtype=DT)
+        row = []
+        for p in (0.0, 0.1):
+            y, hs, mask = _C.lora_kernels_forward(x, a, b, 2.0, p)
+            fwd = triton.testing.do_bench(lambda: _C.lora_kernels_forward(x, a, b, 2.0, p), return_mode="median")
+            bwd = triton.testing.do_bench(lambda: _C.lora_kernels_backward(dy, x, a, b, hs, mask, 2.0, p),
+                                          return_mode="median")
+            red = triton.testing.do_bench(
+                lambda: _C.lora_kernels_backward(dy, x, a, b, hs, mask, 2.0, p, need_x=False), return_mode="median")
+            row.append(f"p{p}: fwd {fwd * 1e3:7.1f} bwd {bwd * 1e3:7.1f} (reduce+gs {red * 1e3:7.1f})")
+        clone = triton.testing.do_bench(lambda: x.clone(), return_mode="median")
+        mm = triton.testing.do_bench(lambda: torch.mm(x, x.new_empty(n, k).t()), return_mode="median")
+        print(f"  M{m} K{k} N{n} r{r}: {' | '.join(row)} | x.clone {clone * 1e3:6.1f} | base GEMM {mm * 1e3:7.1f}",
+              flush=True)
+
+
+def model_table():
+    import peft
+    from transformers import LlamaForCausalLM
+
+    from peft_fast.benchmark.cases import ALL_LINEAR, LLAMA_1B
+
+    print("\n=== model: 1B Llama LoRA r16 all-linear, batch 2 x 1024, bf16 autocast, dropout 0.05, AdamW", flush=True)
+    torch.manual_seed(0)
+    cpu = LlamaForCausalLM(LLAMA_1B.config()).to(DT)
+    ids = torch.randint(0, 32000, (2, 1024), device="cuda")
+
+    def run(name, lib=None, kernels=True, rounds=3):
+        model = copy.deepcopy(cpu).cuda()
+        if lib is None:
+            model.requires_grad_(False)
+            model.enable_input_require_grads()
+        else:
+            model = lib.get_peft_model(model, lib.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                              target_modules=ALL_LINEAR, task_type="CAUSAL_LM"))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if lib is not None else None
+
+        def step():
+            with ops.use_cuda_kernels(kernels), torch.autocast("cuda", dtype=DT):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        walls = [wall_us(step, n=8, warm=3) for _ in range(rounds)]
+        gpu = kernel_time_ms(step, torch.device("cuda"))
+        us = statistics.median(walls)
+        print(f"  {name:28s} {2048 / us * 1e6:9.0f} tok/s  wall {us / 1e3:7.1f} ms (rounds "
+              f"{', '.join(f'{w / 1e3:.1f}' for w in walls)})  GPU kernels {gpu:7.1f} ms  "
+              f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+        del model, opt
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    run("base (frozen, fwd+bwd)")
+    run("HF PEFT", peft)
+    run("pf node, ATen route", peft_fast, kernels=False)
+    run("pf node, fused kernels", peft_fast, kernels=True)
+
+
+if __name__ == "__main__":
+    parts = sys.argv[1:] or ["pieces", "host", "layer", "model"]
+    print(torch.__version__, torch.cuda.get_device_name(), "kernels built:", hasattr(_C, "lora_kernels_forward"),
+          flush=True)
+    for part in parts:
+        {"host": host_table, "layer": layer_table, "pieces": pieces_table, "model": model_table}[part]()

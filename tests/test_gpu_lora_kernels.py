@@ -1,0 +1,193 @@
+"""peft_fast's fused LoRA kernels (csrc/lora_kernels.h) on the GPU: each half against an fp32 torch reference built
+with the kernels' own dropout bits, at real and odd sizes; the bits' keep rate, independence and reproducibility
+under torch.manual_seed; the C++ nodes that take them (LoRA linear, QLoRA's lora_add) against the ATen route and
+against references with the same bits; CUDA-graph capture with dropout. `pytest -m gpu` on the device machine."""
+
+import pytest
+import torch
+from torch import nn
+
+import peft_fast as pf
+from peft_fast.ops.extension import _C
+from models import lora_fwd_bwd, lora_linear_layer, quantize_linears, rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not hasattr(_C, "lora_kernels_forward"), reason="peft_fast._C without the kernels")]
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+SHAPES = [(8192, 4096, 4096, 16), (777, 1024, 3000, 64), (1, 4096, 4096, 16), (16, 2048, 2048, 128),
+          (100, 520, 264, 12), (300, 64, 8, 1), (2048, 2048, 5632, 32)]
+DTYPES = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+          (torch.float16, torch.float16)]
+
+
+def keep_of(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The M×K boolean keep mask of the kernels' M×K/8 bytes (bit i of byte j: element 8j + i)."""
+    bits = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    return ((mask.unsqueeze(-1) >> bits) & 1).reshape(mask.shape[0], k).bool()
+
+
+def poison_allocator(nbytes: int = 1 << 30) -> None:
+    """Leave NaN in the caching allocator's free blocks: an output element a kernel forgets to write stays NaN."""
+    block = torch.full((nbytes // 4,), float("nan"), device="cuda")
+    del block
+
+
+def _inputs(m, k, n, r, dt, adt, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g).to(dt)
+    a = (torch.randn(r, k, device="cuda", generator=g) / k**0.5).to(adt)
+    b = (torch.randn(n, r, device="cuda", generator=g) / r**0.5).to(adt)
+    return x, a, b
+
+
+def _dropped(x, keep, p, dt):
+    """drop(x) as the kernels compute it: in fp32, rounded to the compute dtype."""
+    return x.float() if keep is None else (x.float() * keep / (1 - p)).to(dt).float()
+
+
+@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_forward_kernel_matches_fp32_reference(m, k, n, r, dt, adt, p):
+    x, a, b = _inputs(m, k, n, r, dt, adt)
+    s = 2.0 / r**0.5
+    bias = torch.randn(n, device="cuda").to(dt)
+    addend = torch.randn(m, n, device="cuda").to(dt)
+    poison_allocator()
+    y, hs, mask = _C.lora_kernels_forward(x, a, b, s, p, bias, addend)
+    assert y.shape == (m, n) and hs.shape == (m, r) and y.dtype == hs.dtype == dt
+    keep = keep_of(mask, k) if p > 0 else None
+    assert mask.numel() == (m * k // 8 if p > 0 else 0)
+    hs_ref = _dropped(x, keep, p, dt) @ a.to(dt).float().t() * s
+    assert torch.isfinite(hs).all() and rel_err(hs, hs_ref) < TOL[dt]
+    y_ref = hs.float() @ b.to(dt).float().t() + bias.float() + addend.float()
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) < TOL[dt]
+    # the low-rank term is a clear share of y: a kernel that dropped it would fail above
+    assert rel_err(bias.float() + addend.float(), y_ref) > 10 * TOL[dt]
+
+
+@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_backward_kernels_match_fp32_reference(m, k, n, r, dt, adt, p):
+    x, a, b = _inputs(m, k, n, r, dt, adt, seed=1)
+    s = 0.5
+    _, hs, mask = _C.lora_kernels_forward(x, a, b, s, p)
+    keep = keep_of(mask, k) if p > 0 else None
+    dy = torch.randn(m, n, device="cuda").to(dt)
+    poison_allocator()
+    dx, da, db = _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, p)
+    assert da.dtype == db.dtype == adt and dx.dtype == dt
+    gs = (dy.float() @ b.to(dt).float() * s).to(dt).float()
+    dx_ref = gs @ a.to(dt).float()
+    if keep is not None:
+        dx_ref = dx_ref * keep / (1 - p)
+    da_ref = gs.t() @ _dropped(x, keep, p, dt)
+    db_ref = dy.float().t() @ hs.float()
+    for name, got, ref in (("dx", dx, dx_ref), ("dA", da, da_ref), ("dB", db, db_ref)):
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, ref) < TOL[dt], (name, rel_err(got, ref))
+    # only what is asked for is computed, and the same bits come back (sums over M in a fixed order, whatever else
+    # is computed beside)
+    dx2, da2, db2 = _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, p, need_x=False, need_a=False, need_b=True)
+    assert dx2 is None and da2 is None and torch.equal(db2, db)
+
+
+def test_dropout_bits_keep_rate_independence_and_reproducibility():
+    m, k, n, r, p = 4096, 4096, 64, 16, 0.1
+    x, a, b = _inputs(m, k, n, r, torch.bfloat16, torch.float32)
+    torch.manual_seed(3)
+    keep = keep_of(_C.lora_kernels_forward(x, a, b, 1.0, p)[2], k).float()
+    sigma = (p * (1 - p) / keep.numel()) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    for i in range(8):  # each bit of a byte (each 16-bit half of Philox's output words) on its own
+        assert abs(keep[:, i::8].mean().item() - (1 - p)) < 5 * sigma * 8**0.5
+    both = (keep[:, :-1] * keep[:, 1:]).mean().item()  # neighbours independent
+    assert abs(both - (1 - p) ** 2) < 5e-3
+    rows = keep.mean(1)  # no row is special
+    assert rows.std().item() < 3 * (p * (1 - p) / k) ** 0.5
+    torch.manual_seed(3)
+    again = keep_of(_C.lora_kernels_forward(x, a, b, 1.0, p)[2], k).float()
+    assert torch.equal(again, keep)
+    following = keep_of(_C.lora_kernels_forward(x, a, b, 1.0, p)[2], k).float()
+    assert not torch.equal(following, keep)  # the generator's offset moved on
+
+
+@pytest.mark.parametrize("dt,fp32_adapters", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True)])
+@pytest.mark.parametrize("m,k,n,r,bias", [(4096, 4096, 4096, 16, False), (333, 1024, 2048, 64, True),
+                                          (1, 4096, 4096, 16, True)])
+def test_lora_linear_node_with_kernels_matches_the_aten_route(dt, fp32_adapters, m, k, n, r, bias):
+    layer = lora_linear_layer(k, n, r, 0.0, dt, fp32_adapters, bias).train()
+    x = torch.randn(m, k, device="cuda", dtype=dt)
+    dy = torch.randn(m, n, device="cuda", dtype=dt)
+    got, want = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True), lora_fwd_bwd(layer, x, dy, "cuda", kernels=False)
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+        assert g.dtype == w.dtype, name
+        assert rel_err(g, w) < 2 * TOL[dt], (name, rel_err(g, w))
+
+
+@pytest.mark.parametrize("fp32_adapters", [True, False])
+def test_lora_linear_node_dropout_uses_one_mask_forward_and_backward(fp32_adapters):
+    m, k, n, r, p, dt = 2048, 1024, 768, 16, 0.1, torch.bfloat16
+    layer = lora_linear_layer(k, n, r, p, dt, fp32_adapters).train()
+    x = torch.randn(2, m // 2, k, device="cuda", dtype=dt)
+    dy = torch.randn(2, m // 2, n, device="cuda", dtype=dt)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"]
+    torch.manual_seed(11)  # the mask the node will draw: same generator state, same bits
+    keep = keep_of(_C.lora_kernels_forward(x.reshape(m, k), a.detach(), b.detach(), s, p)[2], k)
+    y, dx, da, db = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=11)
+    xd = _dropped(x.reshape(m, k), keep, p, dt)
+    hs = xd @ a.to(dt).float().t() * s
+    w = layer.base_layer.weight.float()
+    y_ref = x.reshape(m, k).float() @ w.t() + hs @ b.to(dt).float().t()
+    gs = dy.reshape(m, n).float() @ b.to(dt).float() * s
+    dx_ref = dy.reshape(m, n).float() @ w + gs @ a.to(dt).float() * keep / (1 - p)
+    for name, got, ref in (("y", y, y_ref), ("dx", dx, dx_ref), ("dA", da, gs.t() @ xd),
+                           ("dB", db, dy.reshape(m, n).float().t() @ hs)):
+        assert rel_err(got.reshape(ref.shape), ref) < 2 * TOL[dt], (name, rel_err(got.reshape(ref.shape), ref))
+
+
+def test_qlora_node_with_kernels_matches_reference_with_its_mask():
+    pytest.importorskip("bitsandbytes")
+    m, k, n, r, p, dt = 2048, 1024, 768, 16, 0.1, torch.bfloat16
+    base = quantize_linears(nn.Sequential(nn.Linear(k, n, bias=False)), compute_dtype=dt, compress_statistics=True,
+                            device="cuda")
+    model = pf.get_peft_model(base, pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=p))
+    layer = model.base_model.model[0].cuda().train()
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)
+    x = torch.randn(m, k, device="cuda", dtype=dt)
+    dy = torch.randn(m, n, device="cuda", dtype=dt)
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    with torch.no_grad():
+        base_out = layer.base_layer(x).float()
+    torch.manual_seed(5)
+    keep = keep_of(_C.lora_kernels_forward(x, a.detach(), b.detach(), s, p)[2], k)
+    y, _, da, db = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=5)
+    xd = _dropped(x, keep, p, dt)
+    hs = xd @ a.to(dt).float().t() * s
+    gs = dy.float() @ b.to(dt).float() * s
+    for name, got, ref in (("y", y, base_out + hs @ b.to(dt).float().t()), ("dA", da, gs.t() @ xd),
+                           ("dB", db, dy.float().t() @ hs)):
+        assert rel_err(got, ref) < 2 * TOL[dt], (name, rel_err(got, ref))
+
+
+def test_dropout_inside_a_captured_cuda_graph_draws_new_bits_each_replay():
+    m, k, n, r, p, dt = 64, 1024, 512, 16, 0.5, torch.bfloat16
+    x, a, b = _inputs(m, k, n, r, dt, torch.float32)
+    _C.lora_kernels_forward(x, a, b, 2.0, p)  # warm-up outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        y, hs, mask = _C.lora_kernels_forward(x, a, b, 2.0, p)
+    torch.cuda.current_stream().wait_stream(stream)
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        keep = keep_of(mask, k)
+        masks.append(keep.clone())
+        y_ref = (_dropped(x, keep, p, dt) @ a.to(dt).float().t() * 2.0).to(dt).float() @ b.to(dt).float().t()
+        assert rel_err(y, y_ref) < TOL[dt]  # each replay's output is made with that replay's bits
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
