@@ -507,8 +507,9 @@ cudaError_t launch_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t str
     const int m_blocks = (args.m + BM - 1) / BM;
     const int n_tiles = args.out != nullptr ? (args.n2 + Cfg::BN - 1) / Cfg::BN : 1;
     // fewer row blocks than multiprocessors (decode, short prompts): split phase 2's columns over blocks (each
-    // recomputes phase 1, its rows then coming from L2) up to about two blocks per multiprocessor. Not beyond: at
-    // M = 8192 a split into 3 made the forward 1.3x slower on the H100 (phase 1 and its dropout bits thrice)
+    // recomputes phase 1, its rows then coming from L2) up to about two blocks per multiprocessor. (This also splits
+    // M = 8192 into 3 on a 132-SM H100: 128 blocks of 64 rows. Measured there, r16: forward 155 µs with this split
+    // and BN = 256, 120 µs with no split and BN = 64, two changes at once; which one costs is not known yet.)
     int y = 1;
     if (m_blocks < sm_count) y = max(1, min(n_tiles, (2 * sm_count + m_blocks - 1) / m_blocks));
     lora_rows_kernel<T, TA, R, BM, BWD><<<dim3(m_blocks, y), kThreads, Cfg::SMEM, stream>>>(args);
