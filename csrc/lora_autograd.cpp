@@ -155,14 +155,14 @@ LoraPhilox philox_for(const Tensor& x) {
     return ph;
 }
 
-// y2 (M×N, preallocated) = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend); hs (M×r) and the bit mask (M×K/8) come back when the
-// caller will run backward (keep = true)
+// y2 (M×N, preallocated) = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend); hs (M×r) and, with dropout, the bit mask (M×K/8)
+// come back for backward
 void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& addend,
-                   double s, double p, Tensor& y2, bool keep, Tensor& hs, Tensor& mask) {
+                   double s, double p, Tensor& y2, Tensor& hs, Tensor& mask) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
-    if (keep) hs = at::empty({m, r}, x.options());
-    if (keep && p > 0.0) mask = at::empty({m, k / 8}, x.options().dtype(torch::kUInt8));
+    hs = at::empty({m, r}, x.options());
+    if (p > 0.0) mask = at::empty({m, k / 8}, x.options().dtype(torch::kUInt8));
     LoraRowsArgs args{};
     args.in = x.data_ptr();
     args.w1 = a.data_ptr();
@@ -170,7 +170,7 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     args.bias = bias.defined() ? bias.data_ptr() : nullptr;
     args.addend = addend.defined() ? addend.data_ptr() : nullptr;
     args.out = y2.data_ptr();
-    args.small = hs.defined() ? hs.data_ptr() : nullptr;
+    args.small = hs.data_ptr();
     args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
     args.m = static_cast<int>(m);
     args.k1 = static_cast<int>(k);
@@ -185,12 +185,26 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     check(launch_lora_rows(args, sm_count(), c10::cuda::getCurrentCUDAStream()), "forward");
 }
 
-// the low-rank half of backward: dx2 (M×K, preallocated, when defined) = drop(gs A); dA, dB in the adapters' dtype
-void fused_backward(const Tensor& dy, const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& hs,
-                    const Tensor& mask, double s, double p, Tensor& dx2, bool need_a, bool need_b, Tensor& grad_a,
-                    Tensor& grad_b) {
+struct FusedGrads {
+    Tensor dy;                      // the incoming gradient as the kernels read it: contiguous, 16-byte aligned M×N
+    Tensor grad_x, grad_a, grad_b;  // grad_x (x's sizes) = drop(gs A), dA, dB in the adapters' dtype; where asked for
+};
+
+// the low-rank half of backward from dy (M×N rows) and what forward saved (x as M×K, the adapters, hs, the bits)
+FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& hs,
+                          const Tensor& mask, double s, double p, bool need_x, bool need_a, bool need_b,
+                          at::IntArrayRef x_sizes) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
+    FusedGrads g;
+    g.dy = dy_rows.contiguous();
+    if (!aligned16(g.dy)) g.dy = g.dy.clone();
+    const Tensor& dy = g.dy;
+    Tensor dx2;
+    if (need_x) {
+        g.grad_x = at::empty(x_sizes, x.options());
+        dx2 = g.grad_x.view({-1, k});
+    }
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const int sms = sm_count();
     const LoraDtype dt = kernel_dtype(x.scalar_type()), adt = kernel_dtype(a.scalar_type());
@@ -215,11 +229,11 @@ void fused_backward(const Tensor& dy, const Tensor& x, const Tensor& a, const Te
         args.backward = true;
         check(launch_lora_rows(args, sms, stream), "backward rows");
     }
-    if (!need_a && !need_b) return;
+    if (!need_a && !need_b) return g;
     const LoraReducePlan plan = lora_reduce_plan(static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
                                                  static_cast<int>(r), need_a, need_b, sms);
-    if (need_a) grad_a = at::empty({r, k}, a.options());
-    if (need_b) grad_b = at::empty({n, r}, b.options());
+    if (need_a) g.grad_a = at::empty({r, k}, a.options());
+    if (need_b) g.grad_b = at::empty({n, r}, b.options());
     Tensor workspace, counters;
     if (plan.splits > 1) {
         workspace = at::empty({plan.workspace_floats}, x.options().dtype(torch::kFloat));
@@ -229,10 +243,10 @@ void fused_backward(const Tensor& dy, const Tensor& x, const Tensor& a, const Te
     args.x = x.data_ptr();
     args.gs = gs.defined() ? gs.data_ptr() : nullptr;
     args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
-    args.grad_a = need_a ? grad_a.data_ptr() : nullptr;
+    args.grad_a = need_a ? g.grad_a.data_ptr() : nullptr;
     args.dy = dy.data_ptr();
     args.hs = hs.data_ptr();
-    args.grad_b = need_b ? grad_b.data_ptr() : nullptr;
+    args.grad_b = need_b ? g.grad_b.data_ptr() : nullptr;
     args.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
     args.counters = counters.defined() ? counters.data_ptr<int>() : nullptr;
     args.m = static_cast<int>(m);
@@ -243,6 +257,7 @@ void fused_backward(const Tensor& dy, const Tensor& x, const Tensor& a, const Te
     args.dtype = dt;
     args.grad_dtype = adt;
     check(launch_lora_reduce(args, plan, stream), "backward reduce");
+    return g;
 }
 #endif  // PEFT_FAST_CUDA_KERNELS
 
@@ -280,7 +295,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         if (kernels && x.is_cuda()) x = x.contiguous();
         if (kernels && fused_takes(x, lora_a, lora_b, p, dt) && (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
             Tensor hs, mask;
-            fused_forward(x, lora_a, lora_b, bias, Tensor(), scale, p, y2, true, hs, mask);
+            fused_forward(x, lora_a, lora_b, bias, Tensor(), scale, p, y2, hs, mask);
             y2.addmm_(x, w_kn);
             ctx->save_for_backward({x, w, lora_a, lora_b, hs, mask});
             fused = true;
@@ -321,15 +336,9 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
 #ifdef PEFT_FAST_CUDA_KERNELS
         if (fused) {
-            dy = dy.contiguous();
-            if (!aligned16(dy)) dy = dy.clone();
-            Tensor dx2;
-            if (need_x) {
-                grad_x = at::empty(x_sizes, x.options());
-                dx2 = grad_x.view({-1, x.size(1)});
-            }
-            fused_backward(dy, x, a, b, h, mask, s, p, dx2, need_a, need_b, grad_a, grad_b);
-            if (need_x) dx2.addmm_(dy, kn ? w.t() : w);
+            FusedGrads g = fused_backward(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, x_sizes);
+            dy = g.dy, grad_x = g.grad_x, grad_a = g.grad_a, grad_b = g.grad_b;
+            if (need_x) grad_x.view({-1, x.size(1)}).addmm_(dy, kn ? w.t() : w);
         }
 #endif
         if (!fused) {
@@ -362,7 +371,7 @@ struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
             Tensor hs, mask;
             y = at::empty(base_out.sizes(), x.options());
             Tensor y2 = y.view({-1, n});
-            fused_forward(x, lora_a, lora_b, Tensor(), base2, scale, p, y2, true, hs, mask);
+            fused_forward(x, lora_a, lora_b, Tensor(), base2, scale, p, y2, hs, mask);
             ctx->save_for_backward({x, lora_a, lora_b, hs, mask});
             fused = true;
         }
@@ -397,14 +406,8 @@ struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
         Tensor grad_x, grad_a, grad_b;
 #ifdef PEFT_FAST_CUDA_KERNELS
         if (fused) {
-            dy = dy.contiguous();
-            if (!aligned16(dy)) dy = dy.clone();
-            Tensor dx2;
-            if (need_x) {
-                grad_x = at::empty(x_sizes, x.options());
-                dx2 = grad_x.view({-1, x.size(1)});
-            }
-            fused_backward(dy, x, a, b, h, mask, s, p, dx2, need_a, need_b, grad_a, grad_b);
+            FusedGrads g = fused_backward(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, x_sizes);
+            grad_x = g.grad_x, grad_a = g.grad_a, grad_b = g.grad_b;
         }
 #endif
         if (!fused) {
@@ -433,13 +436,27 @@ Tensor lora_linear(const Tensor& x, const Tensor& weight, const c10::optional<Te
 }
 
 #ifdef PEFT_FAST_CUDA_KERNELS
+namespace {
+// a tensor the test entry points hand to the kernels: x's dtype and device, contiguous, 16-byte aligned, these sizes
+void require_rows(const c10::optional<Tensor>& t, const char* name, const Tensor& x, at::IntArrayRef sizes) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device() && t->is_contiguous() &&
+                    aligned16(*t) && t->sizes() == sizes,
+                "lora_kernels: ", name, " must be a contiguous, 16-byte aligned ", x.scalar_type(), " tensor of sizes ",
+                sizes, " on ", x.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+}
+}  // namespace
+
 std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b, double scale,
                                          double p, const c10::optional<Tensor>& bias,
                                          const c10::optional<Tensor>& addend) {
     TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), addend.value_or(Tensor())),
                 "lora_kernels_forward: the fused kernels do not take these arguments");
-    Tensor y = at::empty({x.size(0), lora_b.size(0)}, x.options()), hs, mask;
-    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, true, hs, mask);
+    const int64_t m = x.size(0), n = lora_b.size(0);
+    require_rows(bias, "bias", x, {n});
+    require_rows(addend, "addend", x, {m, n});
+    Tensor y = at::empty({m, n}, x.options()), hs, mask;
+    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, hs, mask);
     return {y, hs, mask.defined() ? mask : at::empty({0}, x.options().dtype(torch::kUInt8))};
 }
 
@@ -448,10 +465,15 @@ std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, con
                                           bool need_x, bool need_a, bool need_b) {
     TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), dy),
                 "lora_kernels_backward: the fused kernels do not take these arguments");
-    Tensor dx, grad_a, grad_b;
-    if (need_x) dx = at::empty_like(x);
-    const Tensor m = mask.has_value() && mask->numel() > 0 ? *mask : Tensor();
-    fused_backward(dy, x, lora_a, lora_b, hs, m, scale, p, dx, need_a, need_b, grad_a, grad_b);
-    return {dx, grad_a, grad_b};
+    const int64_t m = x.size(0), k = x.size(1), n = lora_b.size(0), r = lora_a.size(0);
+    require_rows(dy, "dy", x, {m, n});
+    require_rows(hs, "hs", x, {m, r});
+    const Tensor bits = mask.has_value() && mask->numel() > 0 ? *mask : Tensor();
+    TORCH_CHECK(!bits.defined() || (bits.scalar_type() == torch::kUInt8 && bits.is_contiguous() &&
+                                    bits.device() == x.device() && bits.sizes() == at::IntArrayRef({m, k / 8})),
+                "lora_kernels_backward: mask must be the forward's contiguous uint8 M×K/8 bits on x's device");
+    TORCH_CHECK(bits.defined() || p == 0.0, "lora_kernels_backward: dropout p > 0 needs the forward's mask");
+    FusedGrads g = fused_backward(dy, x, lora_a, lora_b, hs, bits, scale, p, need_x, need_a, need_b, x.sizes());
+    return {g.grad_x, g.grad_a, g.grad_b};
 }
 #endif

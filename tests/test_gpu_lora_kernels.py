@@ -93,6 +93,24 @@ def test_backward_kernels_match_fp32_reference(m, k, n, r, dt, adt, p):
     assert dx2 is None and da2 is None and torch.equal(db2, db)
 
 
+def test_the_kernel_entry_points_refuse_tensors_they_would_misread():
+    x, a, b = _inputs(64, 256, 128, 16, torch.bfloat16, torch.float32)
+    _, hs, mask = _C.lora_kernels_forward(x, a, b, 1.0, 0.1)
+    dy = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bias"):
+        _C.lora_kernels_forward(x, a, b, 1.0, 0.0, torch.zeros(127, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="addend"):
+        _C.lora_kernels_forward(x, a, b, 1.0, 0.0, None, torch.zeros(64, 120, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="dy"):
+        _C.lora_kernels_backward(dy[:, :120].contiguous(), x, a, b, hs, mask, 1.0, 0.1)
+    with pytest.raises(RuntimeError, match="hs"):
+        _C.lora_kernels_backward(dy, x, a, b, hs[:32], mask, 1.0, 0.1)
+    with pytest.raises(RuntimeError, match="mask"):
+        _C.lora_kernels_backward(dy, x, a, b, hs, mask[:, :-1].contiguous(), 1.0, 0.1)
+    with pytest.raises(RuntimeError, match="needs the forward's mask"):
+        _C.lora_kernels_backward(dy, x, a, b, hs, None, 1.0, 0.1)
+
+
 def test_dropout_bits_keep_rate_independence_and_reproducibility():
     m, k, n, r, p = 4096, 4096, 64, 16, 0.1
     x, a, b = _inputs(m, k, n, r, torch.bfloat16, torch.float32)
