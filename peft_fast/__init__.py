@@ -118,3 +118,8 @@ __all__ = [
     "prepare_model_for_kbit_training",
     "cast_mixed_precision_params",
 ]
+
+# transformers' Trainer writes and reloads adapter checkpoints of peft_fast models as of HF PEFT's (trainer_support.py)
+from . import trainer_support as _trainer_support  # noqa: E402
+
+_trainer_support.activate()
