@@ -155,10 +155,15 @@ LoraPhilox philox_for(const Tensor& x) {
     return ph;
 }
 
+// The rows kernel's block shape, when a caller forces one (0, 0: the launcher's rule; tests and probes only)
+struct RowsShape {
+    int block_rows = 0, column_splits = 0;
+};
+
 // y2 (M×N, preallocated) = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend); hs (M×r) and, with dropout, the bit mask (M×K/8)
 // come back for backward
 void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& addend,
-                   double s, double p, Tensor& y2, Tensor& hs, Tensor& mask) {
+                   double s, double p, Tensor& y2, Tensor& hs, Tensor& mask, RowsShape shape = {}) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
     hs = at::empty({m, r}, x.options());
@@ -182,6 +187,8 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     args.dtype = kernel_dtype(x.scalar_type());
     args.adapter_dtype = kernel_dtype(a.scalar_type());
     args.backward = false;
+    args.block_rows = shape.block_rows;
+    args.column_splits = shape.column_splits;
     check(launch_lora_rows(args, sm_count(), c10::cuda::getCurrentCUDAStream()), "forward");
 }
 
@@ -193,7 +200,7 @@ struct FusedGrads {
 // the low-rank half of backward from dy (M×N rows) and what forward saved (x as M×K, the adapters, hs, the bits)
 FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& hs,
                           const Tensor& mask, double s, double p, bool need_x, bool need_a, bool need_b,
-                          at::IntArrayRef x_sizes) {
+                          at::IntArrayRef x_sizes, RowsShape shape = {}) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
     FusedGrads g;
@@ -208,15 +215,30 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const int sms = sm_count();
     const LoraDtype dt = kernel_dtype(x.scalar_type()), adt = kernel_dtype(a.scalar_type());
-    Tensor gs;
-    if (dx2.defined() || need_a) {
-        gs = at::empty({m, r}, x.options());
+    const bool rows_pass = dx2.defined() || need_a, reduce_pass = need_a || need_b;
+    const LoraReducePlan plan = reduce_pass ? lora_reduce_plan(static_cast<int>(m), static_cast<int>(k),
+                                                               static_cast<int>(n), static_cast<int>(r), need_a,
+                                                               need_b, sms)
+                                            : LoraReducePlan{};
+    // gs (M×r), the reduce kernel's fp32 workspace and its counters: scratch of this call, one allocation
+    constexpr int64_t kAlign = 256;
+    auto padded = [](int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
+    const int64_t gs_bytes = rows_pass ? padded(m * r * x.element_size()) : 0;
+    const int64_t ws_bytes = padded(plan.workspace_floats * 4), counter_bytes = padded(int64_t{plan.counters} * 4);
+    Tensor scratch;
+    if (gs_bytes + ws_bytes + counter_bytes > 0)
+        scratch = at::empty({gs_bytes + ws_bytes + counter_bytes}, x.options().dtype(torch::kUInt8));
+    char* base = scratch.defined() ? static_cast<char*>(scratch.data_ptr()) : nullptr;
+    void* gs = rows_pass ? base : nullptr;
+    float* workspace = plan.workspace_floats > 0 ? reinterpret_cast<float*>(base + gs_bytes) : nullptr;
+    int* counters = plan.counters > 0 ? reinterpret_cast<int*>(base + gs_bytes + ws_bytes) : nullptr;
+    if (rows_pass) {
         LoraRowsArgs args{};
         args.in = dy.data_ptr();
         args.w1 = b.data_ptr();
         args.w2 = a.data_ptr();
         args.out = dx2.defined() ? dx2.data_ptr() : nullptr;
-        args.small = gs.data_ptr();
+        args.small = gs;
         args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
         args.m = static_cast<int>(m);
         args.k1 = static_cast<int>(n);
@@ -227,28 +249,26 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
         args.dtype = dt;
         args.adapter_dtype = adt;
         args.backward = true;
+        args.zero = counters;  // the reduce kernel's counters, cleared here instead of by a memset launch
+        args.zero_count = counters != nullptr ? plan.counters : 0;
+        args.block_rows = shape.block_rows;
+        args.column_splits = shape.column_splits;
         check(launch_lora_rows(args, sms, stream), "backward rows");
     }
-    if (!need_a && !need_b) return g;
-    const LoraReducePlan plan = lora_reduce_plan(static_cast<int>(m), static_cast<int>(k), static_cast<int>(n),
-                                                 static_cast<int>(r), need_a, need_b, sms);
+    if (!reduce_pass) return g;
     if (need_a) g.grad_a = at::empty({r, k}, a.options());
     if (need_b) g.grad_b = at::empty({n, r}, b.options());
-    Tensor workspace, counters;
-    if (plan.splits > 1) {
-        workspace = at::empty({plan.workspace_floats}, x.options().dtype(torch::kFloat));
-        counters = at::empty({plan.counters}, x.options().dtype(torch::kInt));
-    }
     LoraReduceArgs args{};
     args.x = x.data_ptr();
-    args.gs = gs.defined() ? gs.data_ptr() : nullptr;
+    args.gs = gs;
     args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
     args.grad_a = need_a ? g.grad_a.data_ptr() : nullptr;
     args.dy = dy.data_ptr();
     args.hs = hs.data_ptr();
     args.grad_b = need_b ? g.grad_b.data_ptr() : nullptr;
-    args.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
-    args.counters = counters.defined() ? counters.data_ptr<int>() : nullptr;
+    args.workspace = workspace;
+    args.counters = counters;
+    args.counters_zeroed = rows_pass;
     args.m = static_cast<int>(m);
     args.k = static_cast<int>(k);
     args.n = static_cast<int>(n);
@@ -445,24 +465,35 @@ void require_rows(const c10::optional<Tensor>& t, const char* name, const Tensor
                 "lora_kernels: ", name, " must be a contiguous, 16-byte aligned ", x.scalar_type(), " tensor of sizes ",
                 sizes, " on ", x.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
 }
+
+RowsShape rows_shape(int64_t block_rows, int64_t column_splits) {
+    TORCH_CHECK(block_rows == 0 || block_rows == 16 || block_rows == 32 || block_rows == 64,
+                "lora_kernels: block_rows must be 0 (the launcher's rule), 16, 32 or 64, got ", block_rows);
+    TORCH_CHECK(column_splits >= 0 && column_splits <= 1024, "lora_kernels: column_splits must be 0 (the launcher's rule) "
+                "to 1024, got ", column_splits);
+    return {static_cast<int>(block_rows), static_cast<int>(column_splits)};
+}
 }  // namespace
 
 std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b, double scale,
                                          double p, const c10::optional<Tensor>& bias,
-                                         const c10::optional<Tensor>& addend) {
+                                         const c10::optional<Tensor>& addend, int64_t block_rows,
+                                         int64_t column_splits) {
     TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), addend.value_or(Tensor())),
                 "lora_kernels_forward: the fused kernels do not take these arguments");
     const int64_t m = x.size(0), n = lora_b.size(0);
     require_rows(bias, "bias", x, {n});
     require_rows(addend, "addend", x, {m, n});
     Tensor y = at::empty({m, n}, x.options()), hs, mask;
-    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, hs, mask);
+    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, hs, mask,
+                  rows_shape(block_rows, column_splits));
     return {y, hs, mask.defined() ? mask : at::empty({0}, x.options().dtype(torch::kUInt8))};
 }
 
 std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
                                           const Tensor& hs, const c10::optional<Tensor>& mask, double scale, double p,
-                                          bool need_x, bool need_a, bool need_b) {
+                                          bool need_x, bool need_a, bool need_b, int64_t block_rows,
+                                          int64_t column_splits) {
     TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), dy),
                 "lora_kernels_backward: the fused kernels do not take these arguments");
     const int64_t m = x.size(0), k = x.size(1), n = lora_b.size(0), r = lora_a.size(0);
@@ -473,7 +504,8 @@ std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, con
                                     bits.device() == x.device() && bits.sizes() == at::IntArrayRef({m, k / 8})),
                 "lora_kernels_backward: mask must be the forward's contiguous uint8 M×K/8 bits on x's device");
     TORCH_CHECK(bits.defined() || p == 0.0, "lora_kernels_backward: dropout p > 0 needs the forward's mask");
-    FusedGrads g = fused_backward(dy, x, lora_a, lora_b, hs, bits, scale, p, need_x, need_a, need_b, x.sizes());
+    FusedGrads g = fused_backward(dy, x, lora_a, lora_b, hs, bits, scale, p, need_x, need_a, need_b, x.sizes(),
+                                  rows_shape(block_rows, column_splits));
     return {g.grad_x, g.grad_a, g.grad_b};
 }
 #endif

@@ -337,6 +337,8 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     const TA* w1 = static_cast<const TA*>(args.w1);
     const TA* w2 = static_cast<const TA*>(args.w2);
     const bool first_y = blockIdx.y == 0;
+    if (blockIdx.x == 0 && first_y)
+        for (int i = threadIdx.x; i < args.zero_count; i += kThreads) args.zero[i] = 0;
 
     const bool dropout = !BWD && args.p > 0.f;
     uint64_t seed = 0, offset = 0;
@@ -506,24 +508,33 @@ cudaError_t launch_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t str
     if (err != cudaSuccess) return err;
     const int m_blocks = (args.m + BM - 1) / BM;
     const int n_tiles = args.out != nullptr ? (args.n2 + Cfg::BN - 1) / Cfg::BN : 1;
-    // fewer row blocks than multiprocessors (decode, short prompts): split phase 2's columns over blocks (each
-    // recomputes phase 1, its rows then coming from L2) up to about two blocks per multiprocessor. (This also splits
-    // M = 8192 into 3 on a 132-SM H100: 128 blocks of 64 rows. Measured there, r16: forward 155 µs with this split
-    // and BN = 256, 120 µs with no split and BN = 64, two changes at once; which one costs is not known yet.)
+    // row blocks for at most half the multiprocessors (decode, short prompts): split phase 2's columns over blocks
+    // (each recomputes phase 1, its rows then coming from L2) up to about two blocks per multiprocessor. Not above:
+    // there the recomputed phase 1 costs more than the idle multiprocessors (H100, M8192 K=N=4096 r16 p0.1, 128
+    // blocks of 64 rows: forward 239 µs split in 3, 114 µs unsplit; scripts/probe_lora_kernels.py shapes)
     int y = 1;
-    if (m_blocks < sm_count) y = max(1, min(n_tiles, (2 * sm_count + m_blocks - 1) / m_blocks));
+    if (args.column_splits > 0) y = min(n_tiles, args.column_splits);
+    else if (2 * m_blocks <= sm_count) y = max(1, min(n_tiles, (2 * sm_count + m_blocks - 1) / m_blocks));
     lora_rows_kernel<T, TA, R, BM, BWD><<<dim3(m_blocks, y), kThreads, Cfg::SMEM, stream>>>(args);
     return cudaGetLastError();
 }
 
-// rank padded to a multiple of 16 (R ∈ {16, 32, 64, 128}); rows per block by M (64 where that still fills the GPU)
+// rank padded to a multiple of 16 (R ∈ {16, 32, 64, 128}); rows per block (unless args.block_rows forces 16, 32 or
+// 64): 16 until 32-row blocks would fill every multiprocessor, then 32 at rank ≤ 32 and 64 above. H100, bf16, fp32
+// adapters, p 0.1, µs forward / backward rows kernel (scripts/probe_lora_kernels.py shapes, 2026-12-06):
+//   M8192 K=N=4096 r16     bm16 115/106   bm32 101/94    bm64 114/99      (unsplit)
+//   M8192 K=N=4096 r64     bm16 237/232   bm32 181/222   bm64 187/162
+//   M8192 K4096 N14336 r16 bm16 247/190   bm32 210/160   bm64 225/164
+//   M4096 K=N=2048 r16     bm16 34/34     bm32 40/37     bm64 58/49
 template <typename T, typename TA, bool BWD>
 cudaError_t launch_rows_for(const LoraRowsArgs& args, int sm_count, cudaStream_t stream) {
-    const bool big = (args.m + 63) / 64 >= (3 * sm_count) / 4;
+    const int bm = args.block_rows > 0 ? args.block_rows : (args.m + 31) / 32 < sm_count ? 16 : args.r <= 32 ? 32 : 64;
+    if (bm != 16 && bm != 32 && bm != 64) return cudaErrorInvalidValue;
     const int r = args.r;
 #define PEFT_FAST_ROWS(RR)                                                                                   \
-    return big ? launch_rows<T, TA, RR, 64, BWD>(args, sm_count, stream)                                   \
-               : launch_rows<T, TA, RR, 16, BWD>(args, sm_count, stream)
+    return bm == 64 ? launch_rows<T, TA, RR, 64, BWD>(args, sm_count, stream)                              \
+         : bm == 32 ? launch_rows<T, TA, RR, 32, BWD>(args, sm_count, stream)                              \
+                    : launch_rows<T, TA, RR, 16, BWD>(args, sm_count, stream)
     if (r <= 16) PEFT_FAST_ROWS(16);
     if (r <= 32) PEFT_FAST_ROWS(32);
     if (r <= 64) PEFT_FAST_ROWS(64);
@@ -684,7 +695,7 @@ cudaError_t launch_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan
     using Cfg = ReduceConfig<T, R>;
     if (const cudaError_t err = allow_dynamic_smem<lora_reduce_kernel<T, TO, R>, Cfg::SMEM>(); err != cudaSuccess)
         return err;
-    if (plan.splits > 1) {
+    if (plan.splits > 1 && !args.counters_zeroed) {
         const cudaError_t err = cudaMemsetAsync(args.counters, 0, sizeof(int) * plan.counters, stream);
         if (err != cudaSuccess) return err;
     }

@@ -45,6 +45,10 @@ struct LoraRowsArgs {
     LoraPhilox philox;    // forward with p > 0 only
     LoraDtype dtype, adapter_dtype;
     bool backward;
+    int* zero = nullptr;  // zero_count ints the kernel sets to 0 before anything else (the reduce kernel's counters,
+    int zero_count = 0;   // which runs next on the stream: no memset launch of their own)
+    int block_rows = 0;     // rows per block (16, 32 or 64) and phase-2 column splits; 0: the launcher's rule
+    int column_splits = 0;  // (tests and scripts/probe_lora_kernels.py force others)
 };
 
 // dA = gsᵀ drop(x) (r×K) and dB = dyᵀ hs (N×r), in the adapters' dtype; grad_a / grad_b null skips that one.
@@ -57,10 +61,11 @@ struct LoraReduceArgs {
     const void* hs;
     void* grad_b;
     float* workspace;     // lora_reduce_plan(...).workspace_floats floats (none needed when splits == 1)
-    int* counters;        // lora_reduce_plan(...).counters ints (zeroed by the launcher)
-    int m, k, n, r;
+    int* counters;        // lora_reduce_plan(...).counters ints, zero at launch (the launcher clears them unless
+    int m, k, n, r;       // counters_zeroed says a kernel earlier on the stream did)
     float p;
     LoraDtype dtype, grad_dtype;
+    bool counters_zeroed = false;
 };
 
 struct LoraReducePlan {

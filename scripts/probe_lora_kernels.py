@@ -2,16 +2,21 @@
 against the same node on ATen ops (the route before them), the bare layer and HF PEFT, in one process.
 
   host    µs per call at tiny sizes (enqueue cost: the GPU keeps up), fwd+bwd and fwd without grad
+  split   where one LoRA linear's host time goes: the Python layer forward (C++ node stubbed out), the C++ node's
+          forward and backward called directly, and torch.profiler's CPU ops of one fwd+bwd
   layer   per fwd+bwd at real sizes, dropout 0 and 0.1: wall µs (CUDA events, median) and GPU kernel µs
   pieces  the kernels alone (forward; backward rows + reduce) against one pass over x (x.clone)
+  shapes  the rows kernel alone under each forced block shape (block_rows × column_splits) at the bench's sizes
   model   the bench's 1B Llama LoRA step (r16 all-linear, 2×1024, bf16 autocast, dropout 0.05, AdamW): tok/s, GPU ms
 Run on the device with the project built (scripts/gpu_check.sh kprobe):  python3 scripts/probe_lora_kernels.py [parts]
 """
 
 import copy
+import gc
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +59,87 @@ def host_table():
             with torch.no_grad():
                 fwd = host_us(lambda: f(xs))
             print(f"  p={p:<4} {name:28s} fwd+bwd {both:8.1f}   fwd no_grad {fwd:8.1f}", flush=True)
+
+
+def backward_us(make, clear, dy, n=300):
+    """Host µs of backward() alone: the graphs are built first, outside the timed loop."""
+    outs = []
+    for _ in range(n):
+        clear()
+        outs.append(make())
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for y in outs:
+        y.backward(dy)
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def split_table():
+    from peft_fast.ops import cuda_lora
+
+    print("\n=== split: host µs per call (M16 K256 N256 r16 bf16, fp32 adapters, kernels on), enqueue only", flush=True)
+    for p in (0.0, 0.1):
+        layers = layer_models(256, 256, 16, p, with_peft=False)
+        pf = layers["pf"].train()
+        x = torch.randn(16, 256, device="cuda", dtype=DT, requires_grad=True)
+        dy = torch.randn(16, 256, device="cuda", dtype=DT)
+        t = pf._adapter_term("default")
+        w, a, b = pf.base_layer.weight, t.lora_A.weight, t.lora_B.weight
+        params = [x, a, b]
+
+        def clear():
+            for q in params:
+                q.grad = None
+
+        def node():
+            return _C.lora_linear(x, w, None, a, b, t.scaling, p, False, DT, True)
+        rows = {"bare F.linear fwd no_grad": lambda: F.linear(x, w)}
+        with ops.use_backend("cuda"), ops.use_cuda_kernels(True):
+            with torch.no_grad():
+                res = {name: host_us(f) for name, f in rows.items()}
+                res["pf layer fwd no_grad"] = host_us(lambda: pf(x))
+                res["C++ node fwd no_grad"] = host_us(node)
+                real, stub = cuda_lora.CPP_LORA_LINEAR, (lambda x_, *args: x_)
+                cuda_lora.CPP_LORA_LINEAR = stub
+                try:
+                    res["pf layer fwd, node stubbed (Python only)"] = host_us(lambda: pf(x))
+                finally:
+                    cuda_lora.CPP_LORA_LINEAR = real
+            res["C++ node fwd (grad)"] = host_us(node)
+            res["bare fwd+bwd"] = host_us(lambda: (clear(), F.linear(x, w).backward(dy)))
+            res["C++ node fwd+bwd"] = host_us(lambda: (clear(), node().backward(dy)))
+            res["pf layer fwd+bwd"] = host_us(lambda: (clear(), pf(x).backward(dy)))
+            res["clear grads alone"] = host_us(clear)
+            res["pf layer fwd (grad)"] = host_us(lambda: (clear(), pf(x)))
+            res["C++ node bwd only"] = backward_us(node, clear, dy)
+            res["pf layer bwd only"] = backward_us(lambda: pf(x), clear, dy)
+            gc.disable()
+            try:
+                res["pf layer fwd+bwd, gc off"] = host_us(lambda: (clear(), pf(x).backward(dy)))
+            finally:
+                gc.enable()
+            for name, us in res.items():
+                print(f"  p={p:<4} {name:42s} {us:8.1f}", flush=True)
+            if p > 0:
+                import cProfile
+                import pstats
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(300):
+                    clear(), pf(x).backward(dy)
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+                from torch.profiler import ProfilerActivity, profile
+                for _ in range(20):
+                    clear(), pf(x).backward(dy)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(50):
+                        clear(), pf(x).backward(dy)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
 
 
 def layer_table():
@@ -117,6 +203,34 @@ def pieces_table():
               flush=True)
 
 
+def shapes_table():
+    import triton.testing
+
+    print("\n=== rows kernel alone by forced shape (do_bench median µs; fwd = forward kernel, bwd = backward rows "
+          "kernel only), bf16 x, fp32 adapters, p 0.1; auto = the launcher's rule", flush=True)
+    for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 14336, 16),
+                       (4096, 2048, 2048, 16), (2048, 2048, 8192, 16), (16, 4096, 4096, 16)]:
+        x = torch.randn(m, k, device="cuda", dtype=DT)
+        a = torch.randn(r, k, device="cuda") / k**0.5
+        b = torch.randn(n, r, device="cuda") / r**0.5
+        dy = torch.randn(m, n, device="cuda", dtype=DT)
+        _, hs, mask = _C.lora_kernels_forward(x, a, b, 2.0, 0.1)
+        cells = []
+        for bm in (0, 16, 32, 64):
+            for splits in (0, 1, 2, 4):
+                if bm == 0 and splits != 0:
+                    continue
+                shape = {"block_rows": bm, "column_splits": splits}
+                fwd = triton.testing.do_bench(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.1, **shape),
+                                              return_mode="median")
+                bwd = triton.testing.do_bench(
+                    lambda: _C.lora_kernels_backward(dy, x, a, b, hs, mask, 2.0, 0.1, need_a=False, need_b=False,
+                                                     **shape), return_mode="median")
+                name = "auto" if bm == 0 else f"bm{bm}/y{splits or 'a'}"
+                cells.append(f"{name} {fwd * 1e3:.0f}/{bwd * 1e3:.0f}")
+        print(f"  M{m} K{k} N{n} r{r}: " + "  ".join(cells), flush=True)
+
+
 def model_table():
     import peft
     from transformers import LlamaForCausalLM
@@ -168,4 +282,5 @@ if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), "kernels built:", hasattr(_C, "lora_kernels_forward"),
           flush=True)
     for part in parts:
-        {"host": host_table, "layer": layer_table, "pieces": pieces_table, "model": model_table}[part]()
+        {"host": host_table, "split": split_table, "layer": layer_table, "pieces": pieces_table,
+         "shapes": shapes_table, "model": model_table}[part]()

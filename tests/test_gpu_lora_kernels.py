@@ -45,16 +45,15 @@ def _dropped(x, keep, p, dt):
     return x.float() if keep is None else (x.float() * keep / (1 - p)).to(dt).float()
 
 
-@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("m,k,n,r", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_forward_kernel_matches_fp32_reference(m, k, n, r, dt, adt, p):
+def check_forward(m, k, n, r, dt, adt, p, **shape):
+    """The forward kernel against an fp32 reference built with its own dropout bits; `shape` forces the rows
+    kernel's block_rows / column_splits."""
     x, a, b = _inputs(m, k, n, r, dt, adt)
     s = 2.0 / r**0.5
     bias = torch.randn(n, device="cuda").to(dt)
     addend = torch.randn(m, n, device="cuda").to(dt)
     poison_allocator()
-    y, hs, mask = _C.lora_kernels_forward(x, a, b, s, p, bias, addend)
+    y, hs, mask = _C.lora_kernels_forward(x, a, b, s, p, bias, addend, **shape)
     assert y.shape == (m, n) and hs.shape == (m, r) and y.dtype == hs.dtype == dt
     keep = keep_of(mask, k) if p > 0 else None
     assert mask.numel() == (m * k // 8 if p > 0 else 0)
@@ -66,17 +65,15 @@ def test_forward_kernel_matches_fp32_reference(m, k, n, r, dt, adt, p):
     assert rel_err(bias.float() + addend.float(), y_ref) > 10 * TOL[dt]
 
 
-@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("m,k,n,r", SHAPES)
-@pytest.mark.parametrize("p", [0.0, 0.1])
-def test_backward_kernels_match_fp32_reference(m, k, n, r, dt, adt, p):
+def check_backward(m, k, n, r, dt, adt, p, **shape):
+    """Both backward kernels against an fp32 reference (the forward's own bits); `shape` as in check_forward."""
     x, a, b = _inputs(m, k, n, r, dt, adt, seed=1)
     s = 0.5
     _, hs, mask = _C.lora_kernels_forward(x, a, b, s, p)
     keep = keep_of(mask, k) if p > 0 else None
     dy = torch.randn(m, n, device="cuda").to(dt)
-    poison_allocator()
-    dx, da, db = _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, p)
+    poison_allocator()  # also what the reduce kernel's per-tile counters start from unless they are cleared
+    dx, da, db = _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, p, **shape)
     assert da.dtype == db.dtype == adt and dx.dtype == dt
     gs = (dy.float() @ b.to(dt).float() * s).to(dt).float()
     dx_ref = gs @ a.to(dt).float()
@@ -88,9 +85,34 @@ def test_backward_kernels_match_fp32_reference(m, k, n, r, dt, adt, p):
         assert torch.isfinite(got).all(), name
         assert rel_err(got, ref) < TOL[dt], (name, rel_err(got, ref))
     # only what is asked for is computed, and the same bits come back (sums over M in a fixed order, whatever else
-    # is computed beside)
+    # is computed beside; without the rows kernel the counters are cleared by a memset instead)
     dx2, da2, db2 = _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, p, need_x=False, need_a=False, need_b=True)
     assert dx2 is None and da2 is None and torch.equal(db2, db)
+
+
+@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_forward_kernel_matches_fp32_reference(m, k, n, r, dt, adt, p):
+    check_forward(m, k, n, r, dt, adt, p)
+
+
+@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_backward_kernels_match_fp32_reference(m, k, n, r, dt, adt, p):
+    check_backward(m, k, n, r, dt, adt, p)
+
+
+@pytest.mark.parametrize("block_rows", [16, 32, 64])
+@pytest.mark.parametrize("column_splits", [1, 3])
+@pytest.mark.parametrize("m,k,n,r", [(1000, 1024, 2056, 16), (130, 512, 776, 72)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_every_rows_kernel_shape_matches_fp32_reference(block_rows, column_splits, m, k, n, r, p):
+    """Each block shape the launcher can pick (or a probe can force) computes the same thing."""
+    shape = {"block_rows": block_rows, "column_splits": column_splits}
+    check_forward(m, k, n, r, torch.bfloat16, torch.float32, p, **shape)
+    check_backward(m, k, n, r, torch.bfloat16, torch.float32, p, **shape)
 
 
 def test_the_kernel_entry_points_refuse_tensors_they_would_misread():
@@ -109,6 +131,10 @@ def test_the_kernel_entry_points_refuse_tensors_they_would_misread():
         _C.lora_kernels_backward(dy, x, a, b, hs, mask[:, :-1].contiguous(), 1.0, 0.1)
     with pytest.raises(RuntimeError, match="needs the forward's mask"):
         _C.lora_kernels_backward(dy, x, a, b, hs, None, 1.0, 0.1)
+    with pytest.raises(RuntimeError, match="block_rows"):
+        _C.lora_kernels_forward(x, a, b, 1.0, 0.0, block_rows=48)
+    with pytest.raises(RuntimeError, match="column_splits"):
+        _C.lora_kernels_backward(dy, x, a, b, hs, mask, 1.0, 0.1, column_splits=-1)
 
 
 def test_dropout_bits_keep_rate_independence_and_reproducibility():
