@@ -14,7 +14,7 @@ The cuda backend's C++ nodes run the low-rank half of a LoRA linear either on pe
 (csrc/lora_kernels.h: bf16/fp16 compute, rank ≤ 128; 3 launches a fwd+bwd beside the cuBLAS GEMMs) or on ATen ops
 (about 11–14). `fused_kernels(m, k, n, r)` decides per call: `CUDA_KERNELS` ("auto" | "on" | "off", from
 PEFT_FAST_CUDA_KERNELS, read once, default "auto"; `use_cuda_kernels(...)` overrides it inside a `with` block) and,
-in auto mode, the size rule `FUSED_MAX_WORK` measured beside it.
+in auto mode, the rank and size rule measured beside it (FUSED_ANY_SIZE_RANK, FUSED_MAX_WORK).
 
 A predicate's reason is a plain string (the backend would normally run this call but cannot: auto mode warns once,
 naming it) or a `Skip` (the call is simply not for this backend, e.g. a CPU tensor for a GPU kernel: no warning).
@@ -111,14 +111,19 @@ except ValueError as err:  # a typo in the variable must not break `import peft_
     warnings.warn(f"peft_fast: {err}; using 'auto'")
     CUDA_KERNELS = "auto"
 
-# Auto mode's size rule: the fused kernels while M·(K+N)·max(r, 16) ≤ FUSED_MAX_WORK, the ATen route above.
-# H100, bf16, fp32 adapters, 2026-12-06 (scripts/probe_lora_kernels.py, one process; wall µs per fwd+bwd, kernels
-# vs ATen route vs HF PEFT, × the bare layer): M4096 K=N=2048 r16 2.01× vs 3.06× vs 4.31×; M2048 K2048 N8192 1.72×
-# vs 2.80× vs 4.00×; decode M16 fwd 118 vs 209 vs 236 µs; the 1B Llama step 20.6k vs 18.1k vs 15.1k tok/s. There
-# the host bounds the step and the kernels issue a fifth of the ops. At M8192 K=N=4096 the GPU bounds it and the
-# kernels' GPU time is the larger (r16: 1.51× vs 1.25× the bare layer's, wall 1.63× vs 1.49×; r64 1.86× vs 1.25×;
-# N14336 1.41× vs 1.21×): the ATen route's cuBLAS GEMMs win. 2^29 sits between the two groups (M8192 K=N=4096 r16
-# is 2^30; the 1B model's largest projection at 2×1024 tokens 2^28.3).
+# Auto mode's rule: the fused kernels at total rank ≤ FUSED_ANY_SIZE_RANK whatever the size, and above it while
+# M·(K+N)·r ≤ FUSED_MAX_WORK; the ATen route beyond. H100, bf16, fp32 adapters, 2026-12-06 (scripts/probe_lora_kernels.py
+# layer, one process; wall µs per fwd+bwd × the bare layer, kernels vs ATen route vs HF PEFT; GPU kernel time ×):
+#   M8192 K=N=4096 r16 p0      1.37× vs 1.65× vs 2.63×   (GPU 1.32× vs 1.27×)
+#   same, p0.1                 1.39× vs 1.66× vs 2.72×   (GPU 1.42× vs 1.51×)
+#   M8192 K4096 N14336 r16     1.20× vs 1.22× vs 2.16×   (p0.1: 1.27× vs 1.31×)
+#   M4096 K=N=2048 r16         2.91× vs 3.80× vs 4.74×;  M2048 K2048 N8192 r16 1.71× vs 2.51× vs 3.28×
+#   decode M16 K=N=4096 fwd    180 vs 303 vs 332 µs
+#   M8192 K=N=4096 r64 p0      1.54× vs 1.61× wall, but GPU 1.59× vs 1.26×: where the GPU bounds the step (many
+#                              layers queued) the ATen route's cuBLAS GEMMs win at high rank and many rows
+# (ranks below 16 cost the kernels what rank 16 does: padded). 2^29 keeps high ranks on the kernels where the host
+# bounds the step (the 1B model's largest projection at 2×1024 tokens is 2^28.3 at rank 16).
+FUSED_ANY_SIZE_RANK = 16
 FUSED_MAX_WORK = 1 << 29
 
 
@@ -127,7 +132,7 @@ def fused_kernels(m: int, k: int, n: int, r: int) -> bool:
     node still falls back to ATen where the kernels cannot take the call: dtype, rank > 128, widths)."""
     mode = CUDA_KERNELS
     if mode == "auto":
-        return m * (k + n) * max(r, 16) <= FUSED_MAX_WORK
+        return r <= FUSED_ANY_SIZE_RANK or m * (k + n) * r <= FUSED_MAX_WORK
     return mode == "on"
 
 
