@@ -36,7 +36,7 @@ compute, rank ≤ 128, widths multiples of 8): forward one kernel (hs = s·drop(
 adapters read in their own dtype, the dropout bits drawn once from torch's Philox state and kept bit-packed, 1/16
 of x) then cuBLAS accumulates x Wᵀ onto y; backward one kernel for gs = s·dy B and dx = drop(gs A), cuBLAS
 accumulating dy W, and one for dA = gsᵀ drop(x) and dB = dyᵀ hs (fixed summation order). 3 launches a fwd+bwd
-beside cuBLAS's instead of 11–14; `dispatch.fused_kernels` says when (the measured size rule). Their masks are
+beside cuBLAS's instead of 11–14; `dispatch.fused_kernels` says when (the measured rank and size rule). Their masks are
 their own, not torch's dropout kernel's: same statistics, reproducible under torch.manual_seed.
 
 Runs on CUDA in auto mode; on CPU tensors only when forced (PEFT_FAST_BACKEND=cuda / use_backend("cuda")), which
