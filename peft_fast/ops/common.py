@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .dispatch import Skip
 from .terms import LoraTerm
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,6 +73,9 @@ def terms_reason(terms: list[LoraTerm], max_rank: Optional[int]) -> Optional[str
     """Why the fused paths cannot take these adapter terms (of at most `max_rank` in all, None: any), or None."""
     rank = 0
     for term in terms:
+        if isinstance(term.scaling, torch.Tensor):  # prepare_model_for_compiled_hotswap's tensor scalings
+            return Skip("the adapter's scaling is a tensor: the fused paths would read it on the host (a device sync "
+                        "per layer); the torch path multiplies by it")
         lora_a, lora_b = term.lora_A, term.lora_B
         if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
             return "adapter weights are not nn.Linear"
