@@ -1,6 +1,7 @@
 """The cuda backend of linear_with_lora (ops/cuda_lora.py: one autograd node over cuBLAS) against the torch
 reference. It is plain torch code, so it runs on CPU tensors when forced; the GPU tests run it at real sizes."""
 
+import contextlib
 import copy
 
 import pytest
@@ -249,3 +250,68 @@ def test_torch_compile_of_the_cuda_path_keeps_the_scale(bias, autograd_node, for
     assert rel_err(y, y_eager) < 1e-5
     for got, want in zip([p.grad for p in layer.parameters() if p.requires_grad], grads):
         assert rel_err(got, want) < 1e-4
+
+
+def _general_path_node_args(layer, x, force_backend, monkeypatch):
+    """The arguments the general path (layer checks → dispatch → supports → linear_with_lora) hands the C++ node for
+    layer(x), None when it does not call it."""
+    seen = []
+
+    def spy(*args):
+        seen.append(args)
+        return torch.zeros(*x.shape[:-1], args[1].shape[1 if args[7] else 0], dtype=args[8])
+
+    monkeypatch.setattr(cuda_lora, "CPP_LORA_LINEAR", spy)
+    with ops.use_backend("cuda"), pytest.MonkeyPatch.context() as m:
+        m.setattr(cuda_lora, "eager_layer_call", lambda *a: None)  # the general path only
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer(x)
+    return seen[0] if seen else None
+
+
+def _layer_states():
+    """(name, layer, x, context) for the states the fast path must take (or leave to the general path)."""
+    def lin(**kw):
+        return _layer(nn.Linear(12, 10, bias=kw.pop("bias", True)), 4, kw.pop("p", 0.0), **kw)
+
+    states = [("linear", lin(), torch.randn(2, 3, 12), None),
+              ("no bias", lin(bias=False), torch.randn(5, 12), None),
+              ("conv1d", _layer(Conv1D(10, 12), 4, 0.0), torch.randn(3, 12), None),
+              ("dropout train", lin(p=0.1).train(), torch.randn(3, 12), None),
+              ("dropout eval", lin(p=0.1).eval(), torch.randn(3, 12), None),
+              ("bf16", lin(dtype=torch.bfloat16), torch.randn(3, 12, dtype=torch.bfloat16), None),
+              ("autocast", lin(), torch.randn(3, 12), "autocast"),
+              ("x dtype differs", lin(), torch.randn(3, 12, dtype=torch.bfloat16), None),
+              ("two adapters", lin(n_adapters=2), torch.randn(3, 12), None),
+              ("lora bias", lin(lora_bias=True), torch.randn(3, 12), None),
+              ("hooked base", lin(), torch.randn(3, 12), "hook"),
+              ("tensor scaling", lin(), torch.randn(3, 12), "tensor scaling"),
+              ("wrong width", lin(), torch.randn(3, 11), None)]
+    return states
+
+
+@pytest.mark.parametrize("state", range(13))
+def test_the_flat_eager_path_makes_the_general_paths_call(state, force_backend, monkeypatch, autograd_node):
+    """cuda_lora.eager_node_args (the fast path of LoRA Linear layers on CUDA) hands the node exactly what the general
+    path hands it, and leaves to the general path every state that path treats otherwise."""
+    name, layer, x, context = _layer_states()[state]
+    if context == "hook":
+        layer.base_layer.register_forward_hook(lambda *a: None)
+    if context == "tensor scaling":
+        layer.scaling["default"] = torch.tensor(layer.scaling["default"])
+    with contextlib.ExitStack() as stack:
+        if context == "autocast":
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        fast = cuda_lora.eager_node_args(layer, x)
+        if name in ("linear", "no bias", "conv1d", "dropout train", "dropout eval", "bf16", "autocast"):
+            general = _general_path_node_args(layer, x, force_backend, monkeypatch)
+            assert fast is not None and general is not None and len(fast) == len(general)
+            for got, want in zip(fast, general):
+                assert got is want or got == want, (name, got, want)
+        else:
+            assert fast is None, name
+        with ops.use_backend("torch"):  # a forced backend always takes the general path
+            assert cuda_lora.eager_node_args(layer, x) is None

@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import compute_dtype, fold_terms, linear_reason, no_grad_needed, param
+from .common import CONV1D, compute_dtype, fold_terms, linear_reason, no_grad_needed, param
 from . import dispatch
 from .dispatch import Skip, forced_backend, register
 from .extension import _C
@@ -198,3 +198,82 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
     else:
         out = _apply_eager(x2, weight, bias, lora_a, lora_b, scale, p, kn)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
+
+
+def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A LoRA Linear layer's whole unmerged forward for the common case, or None for the general path.
+
+    The common case: one plain LoRA adapter (no DoRA, no lora_B bias) on an nn.Linear / Conv1D base without hooks,
+    x on CUDA, auto policy, eager mode. There the general path (the layer's checks → dispatch.call → supports →
+    linear_with_lora above) always ends in one CPP_LORA_LINEAR call; this function makes the same decisions and the
+    same call from one flat function: on the lent hosts each Python call level costs ~1 µs and a LoRA model issues
+    hundreds of layers a step (tests/test_cuda_lora.py checks that both paths hand the node the same arguments).
+    """
+    if CPP_LORA_LINEAR is None or not x.is_cuda:
+        return None
+    args = eager_node_args(layer, x)
+    if args is None:
+        return None
+    try:
+        return CPP_LORA_LINEAR(*args)
+    except Exception:  # noqa: BLE001 - the general path retries on torch and takes the backend off (dispatch.call)
+        return None
+
+
+def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
+    """CPP_LORA_LINEAR's arguments for `layer(x)` in the common case (see eager_layer_call), None otherwise. Device-
+    blind, so the CPU suite can compare it with the general path."""
+    if dispatch.forced_backend() is not None or ("linear_with_lora", "cuda") in dispatch._FAILED:
+        return None
+    rule = dispatch.AUTO_RULES.get("linear_with_lora", ())
+    if not rule or rule[0] != ("cuda", None):
+        return None
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    modules = layer._modules
+    name = layer._active_adapter
+    if type(name) is not str:
+        if type(name) is not list or len(name) != 1:  # several active adapters: the general path folds them
+            return None
+        name = name[0]
+    lora_a = modules["lora_A"]._modules.get(name)
+    lora_b = modules["lora_B"]._modules.get(name)
+    base = modules["base_layer"]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_b._parameters["bias"] is not None:
+        return None
+    kn = type(base) is not nn.Linear
+    if (kn and type(base) is not CONV1D) or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    if not layer.cast_input_dtype_enabled or layer.use_dora.get(name, False):
+        return None
+    scale = layer.scaling[name]
+    if type(scale) is not float and type(scale) is not int:
+        return None
+    dropout = modules["lora_dropout"]._modules[name]
+    if type(dropout) is nn.Identity:
+        p = 0.0
+    elif isinstance(dropout, nn.Dropout):
+        p = dropout.p if dropout.training else 0.0
+    else:
+        return None
+    params = base._parameters
+    weight, bias = params["weight"], params.get("bias")
+    a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
+    w_dtype = weight.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    elif x.dtype != w_dtype:
+        return None
+    else:
+        dtype = x.dtype
+    if dtype not in _FLOAT_DTYPES or w_dtype not in _FLOAT_DTYPES or a.dtype not in _FLOAT_DTYPES or \
+            b.dtype not in _FLOAT_DTYPES:
+        return None
+    k = x.shape[-1]
+    if k != weight.shape[0 if kn else 1]:
+        return None
+    n, r = weight.shape[1 if kn else 0], a.shape[0]
+    return x, weight, bias, a, b, scale, p, kn, dtype, dispatch.fused_kernels(x.numel() // max(k, 1), k, n, r)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
+from ...ops import cuda_lora
 from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -458,6 +459,10 @@ class Linear(_LoraModule):
     def _unmerged_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Plain LoRA adapters go to ops as one call covering the base layer too (fused on the Triton backend);
         DoRA, extra base-layer arguments and disabled input casting keep the step-by-step path."""
+        if not args and not kwargs:  # the common case on CUDA in one flat function (same decisions, same call)
+            out = cuda_lora.eager_layer_call(self, x)
+            if out is not None:
+                return out
         # (every forward runs this: module attributes are read from _modules, not through nn.Module.__getattr__)
         lora_a = self._modules["lora_A"]._modules
         active = [a for a in self.active_adapters if a in lora_a]
