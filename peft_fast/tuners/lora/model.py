@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 from functools import partial
+from typing import Optional
 
 from torch import nn
 
 from ...utils.constants import BASE_ADAPTER_NAME, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from ...utils.other import ModulesToSaveWrapper, get_pattern_key
+from ...utils.other import ModulesToSaveWrapper, _freeze_adapter, get_pattern_key
 from ..tuners_utils import BaseTuner
 from .config import LoraConfig
 from .bnb import dispatch_bnb
+from . import weighted
 from .layer import LoraLayer, dispatch_default
 
 
@@ -108,6 +110,48 @@ class LoraModel(BaseTuner):
                     "output as the base model would without adaption."
                 )
         super().disable_adapter_layers()
+
+    def _check_add_weighted_adapter(self, adapters: list[str], combination_type: str,
+                                    svd_rank: Optional[int]) -> tuple[str, int, object]:
+        """(combination type, new rank, new target_modules) for add_weighted_adapter, or a ValueError."""
+        kind, rank, targets = weighted.check_add_weighted_adapter(self, adapters, [1.0] * len(adapters),
+                                                                  combination_type, svd_rank, density=1.0)
+        return kind, rank, targets
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add adapter `adapter_name` combined from `adapters` with `weights` (negative weights subtract);
+        combination_type: "svd" (default), "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",
+        "dare_ties_svd", "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd" (tuners/lora/weighted.py says
+        what each computes). `density` (fraction kept) for the pruning types, `majority_sign_method` ("total" |
+        "frequency") for the TIES ones, svd_* for the SVD ones. An existing `adapter_name` is left as it is (as in
+        PEFT). The new adapter is frozen and not activated; on error the model is left as it was."""
+        if adapter_name in self.peft_config:
+            return
+        kind, new_rank, targets = weighted.check_add_weighted_adapter(self, adapters, weights, combination_type,
+                                                                      svd_rank, density)
+        if majority_sign_method not in ("total", "frequency"):
+            raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+        self.peft_config[adapter_name] = weighted.new_adapter_config(self, adapters, new_rank, targets)
+        self.inject_adapter(self.model, adapter_name)
+        try:
+            _freeze_adapter(self.model, adapter_name)
+            weighted.fill_weighted_adapter(self, adapters, weights, adapter_name, kind, new_rank, svd_clamp,
+                                           svd_full_matrices, svd_driver, density, majority_sign_method)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
 
     def set_scale(self, adapter: str, scale: float) -> None:
         for module in self.model.modules():
