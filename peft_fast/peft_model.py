@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from contextlib import contextmanager
@@ -292,11 +293,15 @@ class PeftModel(PromptLearningMixin, nn.Module):
         selected_adapters: Optional[list[str]] = None,
         save_embedding_layers: Union[str, bool] = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         """Write each selected adapter (default: all) as adapter_config.json + adapter_model.safetensors.
 
-        The "default" adapter goes to `save_directory`, any other adapter to `save_directory/<name>`.
+        The "default" adapter goes to `save_directory`, any other adapter to `save_directory/<name>`. With
+        `path_initial_model_for_weight_conversion` (the folder the PiSSA / OLoRA adapter was saved to right after
+        initialisation, with init_lora_weights=True) the adapters are saved as plain LoRA adapters of twice the rank
+        that apply to the original base model (tuners/lora/conversion.py).
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
@@ -314,6 +319,9 @@ class PeftModel(PromptLearningMixin, nn.Module):
                 self, state_dict=kwargs.get("state_dict"), adapter_name=adapter_name,
                 save_embedding_layers=save_embedding_layers,
             )
+            if path_initial_model_for_weight_conversion is not None:
+                peft_config, state = self._converted_to_plain_lora(peft_config, state, is_main_process,
+                                                                   path_initial_model_for_weight_conversion, kwargs)
             output_dir = os.path.join(save_directory, adapter_name) if adapter_name != "default" else save_directory
             folders.setdefault(output_dir, {}).update(self._adapter_file_writers(peft_config, state, safe_serialization))
         if not is_main_process:
@@ -324,6 +332,18 @@ class PeftModel(PromptLearningMixin, nn.Module):
         # each folder all-or-nothing (utils/atomic_save.py): a failed or killed save leaves the old adapter or the new
         for output_dir, writers in folders.items():
             write_files_atomically(output_dir, writers)
+
+    def _converted_to_plain_lora(self, peft_config, state, is_main_process, path_initial, kwargs):
+        """(config, state) of a PiSSA / OLoRA adapter as the plain LoRA adapter it amounts to on the original base."""
+        from .tuners.lora import conversion
+
+        conversion.check_convertible(peft_config)
+        if is_main_process:  # the initial folder's config says init_lora_weights=True, as PEFT leaves it
+            initial_config = copy.deepcopy(peft_config)
+            initial_config.init_lora_weights = True
+            initial_config.save_pretrained(path_initial)
+        state = conversion.subtract_initial(self, state, path_initial, state_dict=kwargs.get("state_dict"))
+        return conversion.converted_config(peft_config), state
 
     def _adapter_file_writers(self, peft_config: PeftConfig, state: dict, safe_serialization: bool) -> dict:
         """{file name: writer} of one adapter's folder: the weights and adapter_config.json."""
