@@ -54,6 +54,9 @@ from .tuners import (
     PromptTuningInit,
 )
 from .utils import (
+    NoMatchingPeftModuleError,
+    PeftError,
+    PeftWarning,
     PeftType,
     TaskType,
     cast_mixed_precision_params,
@@ -104,6 +107,9 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "NoMatchingPeftModuleError",
+    "PeftError",
+    "PeftWarning",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",

@@ -56,6 +56,26 @@ def test_public_names_and_module_paths():
         assert callable(getattr(BaseTunerLayer, method)), method
 
 
+def test_peft_s_exception_warning_and_utility_names():
+    from peft_fast.utils.error import NoMatchingPeftModuleError, PeftError
+    from peft_fast.utils.warning import PeftWarning
+
+    assert pf.PeftError is PeftError and pf.PeftWarning is PeftWarning
+    assert issubclass(NoMatchingPeftModuleError, PeftError) and issubclass(NoMatchingPeftModuleError, ValueError)
+    assert issubclass(PeftWarning, UserWarning)
+    with pytest.raises(PeftError, match="not found in the base model"):  # `except PeftError` catches it, as in PEFT
+        pf.get_peft_model(tiny_llama(), pf.LoraConfig(target_modules=["does_not_exist"]))
+    assert pf.utils.TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING["llama"] == \
+        pf.utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"]
+    labels = torch.tensor([[5, 6, -100, 7], [1, -100, 2, 3]])
+    assert pf.utils.shift_tokens_right(labels, 0, 9).tolist() == [[9, 5, 6, 0], [9, 1, 0, 2]]
+    with pytest.raises(ValueError, match="pad_token_id"):
+        pf.utils.shift_tokens_right(labels, None, 9)
+    t = torch.randn(4)
+    assert pf.utils.id_tensor_storage(t[1:]) == pf.utils.id_tensor_storage(t)
+    assert pf.utils.id_tensor_storage(t.clone()) != pf.utils.id_tensor_storage(t)
+
+
 def test_task_subclasses_chosen_by_task_type():
     expected = {
         "CAUSAL_LM": (tiny_llama, pf.PeftModelForCausalLM),

@@ -167,7 +167,10 @@ def test_prepare_refuses_what_it_cannot_do(tmp_path, base):
         prepare_model_for_compiled_hotswap(compiled, check_compiled="warn")
 
 
-def test_tensor_scalings_take_the_torch_path_with_the_same_numbers(tmp_path, base, force_backend):
+def test_tensor_scalings_take_the_torch_path_with_the_same_numbers(tmp_path, base, force_backend, monkeypatch):
+    from peft_fast.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_warned", set())  # the warning is once per process: this test must see its own
     model = pf.PeftModel.from_pretrained(copy.deepcopy(base), _saved(tmp_path, base, "a0", 4, 8, 1))
     expected = _out(model)
     prepare_model_for_compiled_hotswap(model)

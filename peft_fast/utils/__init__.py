@@ -2,12 +2,16 @@ from .constants import (
     CONFIG_NAME,
     INCLUDE_LINEAR_LAYERS_SHORTHAND,
     SAFETENSORS_WEIGHTS_NAME,
+    TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     WEIGHTS_NAME,
 )
-from .error import NoMatchingPeftModuleError
+from .error import NoMatchingPeftModuleError, PeftError
 from .other import (
     ModulesToSaveWrapper,
+    id_tensor_storage,
+    shift_tokens_right,
     _get_submodules,
     _set_trainable,
     cast_mixed_precision_params,
@@ -16,6 +20,7 @@ from .other import (
     transpose,
 )
 from .peft_types import PeftType, TaskType
+from .warning import PeftWarning
 from .save_and_load import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
@@ -28,9 +33,15 @@ __all__ = [
     "CONFIG_NAME",
     "INCLUDE_LINEAR_LAYERS_SHORTHAND",
     "SAFETENSORS_WEIGHTS_NAME",
+    "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
     "WEIGHTS_NAME",
     "NoMatchingPeftModuleError",
+    "PeftError",
+    "PeftWarning",
+    "id_tensor_storage",
+    "shift_tokens_right",
     "ModulesToSaveWrapper",
     "_get_submodules",
     "_set_trainable",

@@ -307,6 +307,21 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
         p.data = p.to(dtype) if not p.requires_grad else p.to(torch.float32)
 
 
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """input_ids moved one position right with decoder_start_token_id first (seq2seq decoder inputs from labels);
+    the labels' ignore value -100 becomes pad_token_id."""
+    if pad_token_id is None:
+        raise ValueError("self.model.config.pad_token_id has to be defined.")
+    shifted = torch.cat([torch.full_like(input_ids[:, :1], decoder_start_token_id), input_ids[:, :-1]], dim=1)
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def id_tensor_storage(tensor: torch.Tensor) -> tuple[torch.device, int, int]:
+    """(device, storage address, storage bytes): equal for tensors sharing one storage (while it lives)."""
+    storage = tensor.untyped_storage()
+    return tensor.device, storage.data_ptr(), storage.nbytes()
+
+
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
     """Return the rank_pattern/alpha_pattern key that applies to module `key_to_match`: the first pattern that
     matches the end of the module path at a segment boundary (as a regex), else the module path itself."""
@@ -317,6 +332,8 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
 
 
 __all__ = [
+    "id_tensor_storage",
+    "shift_tokens_right",
     "ModulesToSaveWrapper",
     "prepare_model_for_kbit_training",
     "cast_mixed_precision_params",
