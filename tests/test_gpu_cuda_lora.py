@@ -52,6 +52,28 @@ def test_inference_decode_sizes_match():
         assert rel_err(y, y_ref) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_auto_mode_takes_the_flat_eager_path_with_the_same_numbers(p, bias, monkeypatch):
+    """In auto mode a plain LoRA Linear on CUDA goes through cuda_lora.eager_layer_call (one flat function to the C++
+    node); its forward and gradients equal the torch path's (dropout: the node's ATen route, torch's mask)."""
+    from peft_fast.ops import cuda_lora
+
+    # (with dropout: adapters in bf16, so that the torch path drops x itself, not an fp32 copy, and the node's ATen
+    # route, whose mask is torch's: the same mask for the same seed)
+    layer = lora_linear_layer(1024, 768, 16, p, torch.bfloat16, fp32_adapters=p == 0, bias=bias).train()
+    taken = []
+    real = cuda_lora.eager_node_args
+    monkeypatch.setattr(cuda_lora, "eager_node_args", lambda *a: taken.append(real(*a)) or taken[-1])
+    x = torch.randn(3, 100, 1024, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(3, 100, 768, device="cuda", dtype=torch.bfloat16)
+    got = lora_fwd_bwd(layer, x, dy, "auto", kernels=p == 0)
+    assert taken and all(args is not None for args in taken), "the flat path was not taken"
+    ref = lora_fwd_bwd(layer, x, dy, "torch")
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got, ref):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 2 * TOL[torch.bfloat16], (name, rel_err(a, b))
+
+
 @pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_forward_and_backward_never_synchronize(backend, p):
