@@ -2,8 +2,8 @@
 against the same node on ATen ops (the route before them), the bare layer and HF PEFT, in one process.
 
   host    µs per call at tiny sizes (enqueue cost: the GPU keeps up), fwd+bwd and fwd without grad
-  split   where one LoRA linear's host time goes: the Python layer forward (C++ node stubbed out), the C++ node's
-          forward and backward called directly, and torch.profiler's CPU ops of one fwd+bwd
+  split   where one LoRA linear's host time goes: the layer in auto mode (the flat eager path) and forced (the
+          general path), the C++ node called directly, the Python paths alone (node stubbed), CPU ops of a fwd+bwd
   layer   per fwd+bwd at real sizes, dropout 0 and 0.1: wall µs (CUDA events, median) and GPU kernel µs
   pieces  the kernels alone (forward; backward rows + reduce) against one pass over x (x.clone)
   shapes  the rows kernel alone under each forced block shape (block_rows × column_splits) at the bench's sizes
@@ -12,11 +12,9 @@ Run on the device with the project built (scripts/gpu_check.sh kprobe):  python3
 """
 
 import copy
-import gc
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -61,25 +59,16 @@ def host_table():
             print(f"  p={p:<4} {name:28s} fwd+bwd {both:8.1f}   fwd no_grad {fwd:8.1f}", flush=True)
 
 
-def backward_us(make, clear, dy, n=300):
-    """Host µs of backward() alone: the graphs are built first, outside the timed loop."""
-    outs = []
-    for _ in range(n):
-        clear()
-        outs.append(make())
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for y in outs:
-        y.backward(dy)
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+def split_table(rounds: int = 5):
+    """Host µs per call of each way to run one LoRA linear, in `rounds` interleaved rounds (the lent hosts are noisy:
+    a single pass once showed a 170 µs gap that did not reproduce); median and min of the rounds."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-def split_table():
     from peft_fast.ops import cuda_lora
 
-    print("\n=== split: host µs per call (M16 K256 N256 r16 bf16, fp32 adapters, kernels on), enqueue only", flush=True)
+    print("\n=== split: host µs per call (M16 K256 N256 r16 bf16, fp32 adapters, kernels on), enqueue only; "
+          f"median / min of {rounds} interleaved rounds. pf auto = the flat eager path (cuda_lora.eager_layer_call), "
+          "pf forced = use_backend('cuda'): the general path (layer checks, dispatch, supports)", flush=True)
     for p in (0.0, 0.1):
         layers = layer_models(256, 256, 16, p, with_peft=False)
         pf = layers["pf"].train()
@@ -95,43 +84,46 @@ def split_table():
 
         def node():
             return _C.lora_linear(x, w, None, a, b, t.scaling, p, False, DT, True)
-        rows = {"bare F.linear fwd no_grad": lambda: F.linear(x, w)}
-        with ops.use_backend("cuda"), ops.use_cuda_kernels(True):
-            with torch.no_grad():
-                res = {name: host_us(f) for name, f in rows.items()}
-                res["pf layer fwd no_grad"] = host_us(lambda: pf(x))
-                res["C++ node fwd no_grad"] = host_us(node)
-                real, stub = cuda_lora.CPP_LORA_LINEAR, (lambda x_, *args: x_)
-                cuda_lora.CPP_LORA_LINEAR = stub
-                try:
-                    res["pf layer fwd, node stubbed (Python only)"] = host_us(lambda: pf(x))
-                finally:
-                    cuda_lora.CPP_LORA_LINEAR = real
-            res["C++ node fwd (grad)"] = host_us(node)
-            res["bare fwd+bwd"] = host_us(lambda: (clear(), F.linear(x, w).backward(dy)))
-            res["C++ node fwd+bwd"] = host_us(lambda: (clear(), node().backward(dy)))
-            res["pf layer fwd+bwd"] = host_us(lambda: (clear(), pf(x).backward(dy)))
-            res["clear grads alone"] = host_us(clear)
-            res["pf layer fwd (grad)"] = host_us(lambda: (clear(), pf(x)))
-            res["C++ node bwd only"] = backward_us(node, clear, dy)
-            res["pf layer bwd only"] = backward_us(lambda: pf(x), clear, dy)
-            gc.disable()
+
+        def forced(f):
+            def run():
+                with ops.use_backend("cuda"):
+                    return f()
+            return run
+
+        def no_grad(f):
+            def run():
+                with torch.no_grad():
+                    return f()
+            return run
+
+        designs = {
+            "bare F.linear fwd no_grad": no_grad(lambda: F.linear(x, w)),
+            "C++ node fwd no_grad": no_grad(node),
+            "pf auto fwd no_grad": no_grad(lambda: pf(x)),
+            "pf forced fwd no_grad": no_grad(forced(lambda: pf(x))),
+            "bare fwd+bwd": lambda: (clear(), F.linear(x, w).backward(dy)),
+            "C++ node fwd+bwd": lambda: (clear(), node().backward(dy)),
+            "pf auto fwd+bwd": lambda: (clear(), pf(x).backward(dy)),
+            "pf forced fwd+bwd": forced(lambda: (clear(), pf(x).backward(dy))),
+        }
+        samples = {name: [] for name in designs}
+        with ops.use_cuda_kernels(True):
+            for _ in range(rounds):
+                for name, f in designs.items():
+                    samples[name].append(host_us(f, n=200, warm=20))
+            # Python alone, stub in place for the whole loop (the stub swap itself is not timed)
+            real, cuda_lora.CPP_LORA_LINEAR = cuda_lora.CPP_LORA_LINEAR, (lambda x_, *args: x_)
             try:
-                res["pf layer fwd+bwd, gc off"] = host_us(lambda: (clear(), pf(x).backward(dy)))
+                with torch.no_grad():
+                    python_only = {"pf auto, node stubbed (Python only)": [host_us(lambda: pf(x)) for _ in range(3)],
+                                   "pf forced, node stubbed (Python only)": [host_us(forced(lambda: pf(x)))
+                                                                             for _ in range(3)]}
             finally:
-                gc.enable()
-            for name, us in res.items():
-                print(f"  p={p:<4} {name:42s} {us:8.1f}", flush=True)
+                cuda_lora.CPP_LORA_LINEAR = real
+            for name, values in {**samples, **python_only}.items():
+                print(f"  p={p:<4} {name:42s} {statistics.median(values):8.1f} / {min(values):8.1f}", flush=True)
             if p > 0:
-                import cProfile
-                import pstats
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(300):
-                    clear(), pf(x).backward(dy)
-                prof.disable()
-                pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-                from torch.profiler import ProfilerActivity, profile
                 for _ in range(20):
                     clear(), pf(x).backward(dy)
                 torch.cuda.synchronize()
@@ -139,7 +131,7 @@ def split_table():
                     for _ in range(50):
                         clear(), pf(x).backward(dy)
                     torch.cuda.synchronize()
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
 
 
 def layer_table():
