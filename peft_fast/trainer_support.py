@@ -96,6 +96,10 @@ def install(trainer_module) -> bool:
     _save.__doc__ = save.__doc__
     _save.__wrapped__ = save
     trainer_module._is_peft_model = _is_peft_model
+    # the function's home module too, for code that imports it from there after this point (Seq2SeqTrainer, TRL…)
+    utils_module = sys.modules.get("transformers.trainer_utils")
+    if getattr(utils_module, "_is_peft_model", None) is is_peft_model:
+        utils_module._is_peft_model = _is_peft_model
     trainer_cls._save = _save
     return True
 

@@ -114,6 +114,8 @@ def test_trainer_support_is_installed_whatever_is_imported_first(order):
     code = "; ".join(imports + [
         "import peft_fast",
         "assert getattr(t._is_peft_model, '_peft_fast_support', False)",
+        "import transformers.trainer_utils as tu",
+        "assert tu._is_peft_model is t._is_peft_model",
         "assert t.Trainer._save.__wrapped__ is not None",
         "m = peft_fast.get_peft_model(__import__('torch').nn.Sequential(__import__('torch').nn.Linear(4, 4)), "
         "peft_fast.LoraConfig(target_modules=['0']))",
