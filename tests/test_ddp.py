@@ -1,0 +1,53 @@
+"""peft_fast under torch DDP on the CPU (gloo), launched with torchrun as users launch it (scripts/ddp_lora.py): two
+ranks train what one process trains, write the same adapter files, and a rank that raises stops the job instead of
+hanging it. The NCCL / multi-GPU runs of the same script need a machine with several GPUs."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "ddp_lora.py")
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def _torchrun(nproc: int, out, *extra, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT,
+           "--device", "cpu", "--backend", "gloo", "--out", str(out), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+def test_two_ranks_train_what_one_process_trains_and_save_the_same_adapter(tmp_path):
+    runs = {}
+    for nproc in (1, 2):
+        done = _torchrun(nproc, tmp_path / f"n{nproc}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[nproc] = json.load(open(tmp_path / f"n{nproc}" / "losses.json"))
+    assert runs[2]["world_size"] == 2 and runs[1]["world_size"] == 1
+    assert len(set(runs[1]["losses"])) == len(runs[1]["losses"])  # it trained: the loss moves every step
+    torch.testing.assert_close(torch.tensor(runs[2]["losses"]), torch.tensor(runs[1]["losses"]), rtol=1e-5, atol=1e-6)
+    folders = [tmp_path / f"n{nproc}" / "adapter" for nproc in (1, 2)]
+    assert sorted(os.listdir(folders[0])) == sorted(os.listdir(folders[1]))
+    one, two = (load_file(str(f / "adapter_model.safetensors")) for f in folders)
+    assert sorted(one) == sorted(two) and len(one) > 0
+    for key in one:  # the adapters moved (AdamW steps) and moved the same way
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert json.load(open(folders[0] / "adapter_config.json")) == json.load(open(folders[1] / "adapter_config.json"))
+
+
+def test_a_rank_that_raises_stops_the_job_instead_of_hanging_it(tmp_path):
+    start = time.monotonic()
+    done = _torchrun(2, tmp_path, "--fail-rank", "1", "--timeout-s", "60", timeout=240)
+    assert done.returncode != 0
+    assert "deliberate failure on rank 1" in done.stderr + done.stdout
+    assert time.monotonic() - start < 200
+    assert not (tmp_path / "losses.json").exists()
