@@ -51,3 +51,28 @@ def test_a_rank_that_raises_stops_the_job_instead_of_hanging_it(tmp_path):
     assert "deliberate failure on rank 1" in done.stderr + done.stdout
     assert time.monotonic() - start < 200
     assert not (tmp_path / "losses.json").exists()
+
+
+def test_trainer_under_ddp_checkpoints_the_adapter_once(tmp_path):
+    """transformers' Trainer run by torchrun on two gloo ranks: rank 0 alone writes each checkpoint, as adapter files
+    (peft_fast/trainer_support.py), and they load."""
+    import peft_fast as pf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "ddp_trainer_child.py"), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for folder in ("checkpoint-2", "checkpoint-4", "final"):
+        files = os.listdir(tmp_path / folder)
+        assert "adapter_config.json" in files and "adapter_model.safetensors" in files, (folder, files)
+        assert "model.safetensors" not in files, (folder, files)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    loaded = pf.PeftModel.from_pretrained(base, str(tmp_path / "final"))
+    saved = load_file(str(tmp_path / "final" / "adapter_model.safetensors"))
+    state = pf.get_peft_model_state_dict(loaded)
+    assert sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained: B moved off zero
