@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 scripts/ddp_lora.py --out ddp_out                      # GPUs, NCCL
     torchrun --nproc_per_node=2 scripts/ddp_lora.py --device cpu --backend gloo --out ddp_out   # CPUs
+    torchrun --nproc_per_node=2 scripts/ddp_lora.py --fsdp --out fsdp_out                 # FSDP2 (fully_shard)
 
 Every rank builds the same Llama-shaped model from a config (random weights, same seed: no download), wraps
 `get_peft_model(...)` in DistributedDataParallel and trains on its shard of each global batch; gradients are averaged
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard each decoder layer and the model) "
+                        "instead of DDP")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     args = parser.parse_args()
@@ -70,7 +73,15 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = build_model(args).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.fsdp:  # parameters become DTensor shards; save_pretrained gathers the adapter's whole tensors
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        ddp = model
+    else:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     per_rank = args.global_batch // world
     losses = []

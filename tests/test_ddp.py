@@ -26,10 +26,11 @@ def _torchrun(nproc: int, out, *extra, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
-def test_two_ranks_train_what_one_process_trains_and_save_the_same_adapter(tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_ranks_train_what_one_process_trains_and_save_the_same_adapter(tmp_path, engine):
     runs = {}
     for nproc in (1, 2):
-        done = _torchrun(nproc, tmp_path / f"n{nproc}")
+        done = _torchrun(nproc, tmp_path / f"n{nproc}", *(["--fsdp"] if engine == "fsdp2" else []))
         assert done.returncode == 0, done.stderr[-3000:]
         runs[nproc] = json.load(open(tmp_path / f"n{nproc}" / "losses.json"))
     assert runs[2]["world_size"] == 2 and runs[1]["world_size"] == 1

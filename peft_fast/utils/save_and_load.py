@@ -115,7 +115,14 @@ def get_peft_model_state_dict(
     if save_embedding_layers:
         to_return.update(_embedding_state(model, state_dict, embedding_targeted))
 
-    return {_remove_adapter_name(k, adapter_name): v for k, v in to_return.items()}
+    return {_remove_adapter_name(k, adapter_name): _full(v) for k, v in to_return.items()}
+
+
+def _full(value):
+    """A sharded tensor (FSDP2's DTensor) as the whole tensor, as one process would hold it; anything else as is.
+    (A collective: every rank computes the state dict, in the same key order, as save_pretrained does.)"""
+    full_tensor = getattr(value, "full_tensor", None)
+    return full_tensor() if full_tensor is not None and type(value).__name__ == "DTensor" else value
 
 
 def _adapter_state(config, adapter_name: str, state_dict: dict) -> dict:
