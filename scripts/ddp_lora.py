@@ -7,7 +7,8 @@
 Every rank builds the same Llama-shaped model from a config (random weights, same seed: no download), wraps
 `get_peft_model(...)` in DistributedDataParallel and trains on its shard of each global batch; gradients are averaged
 across ranks, so N ranks with global batch B compute what one process computes with batch B. Rank 0 writes
-`losses.json` (the global mean loss per step) and the adapter (`save_pretrained(is_main_process=rank == 0)`); with
+`losses.json` (the global mean loss per step; with --fsdp also whether the saved adapter loads back into a fresh
+sharded model whole) and the adapter (`save_pretrained(is_main_process=rank == 0)`); with
 --nproc_per_node=1 the same script is the one-process reference (tests/test_ddp.py compares the two).
 --fail-rank R makes rank R raise at step 1, to check that the other ranks do not hang.
 """
@@ -37,6 +38,29 @@ def build_model(args):
     lora = peft_fast.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
                                 init_lora_weights=False, task_type="CAUSAL_LM")
     return peft_fast.get_peft_model(model, lora)
+
+
+def shard(model) -> None:
+    """FSDP2: each decoder layer and the whole model fully_shard-ed."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def reload_matches(args, device) -> bool:
+    """Whether the saved adapter, loaded into a fresh sharded model, comes back whole and equal (every rank)."""
+    from safetensors.torch import load_file
+
+    import peft_fast
+
+    fresh = build_model(args).to(device)
+    shard(fresh)
+    saved = load_file(os.path.join(args.out, "adapter", "adapter_model.safetensors"))
+    peft_fast.set_peft_model_state_dict(fresh, saved)
+    back = peft_fast.get_peft_model_state_dict(fresh)
+    return sorted(back) == sorted(saved) and all(torch.equal(back[k].cpu(), saved[k]) for k in saved)
 
 
 def global_batches(args):
@@ -74,11 +98,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     model = build_model(args).to(device)
     if args.fsdp:  # parameters become DTensor shards; save_pretrained gathers the adapter's whole tensors
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        shard(model)
         ddp = model
     else:
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -98,9 +118,11 @@ def main() -> None:
             dist.all_reduce(mean)
             losses.append(mean.item() / world)
         model.save_pretrained(os.path.join(args.out, "adapter"), is_main_process=rank == 0)
+        dist.barrier()  # the adapter files are written
+        reloaded = reload_matches(args, device) if args.fsdp else None
         if rank == 0:
             with open(os.path.join(args.out, "losses.json"), "w") as f:
-                json.dump({"world_size": world, "losses": losses}, f)
+                json.dump({"world_size": world, "losses": losses, "fsdp_reload_matches": reloaded}, f)
         dist.barrier()
     finally:
         dist.destroy_process_group()

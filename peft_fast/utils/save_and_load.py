@@ -118,6 +118,16 @@ def get_peft_model_state_dict(
     return {_remove_adapter_name(k, adapter_name): _full(v) for k, v in to_return.items()}
 
 
+def _sharded_like(value, target):
+    """A whole tensor bound for a sharded (FSDP2 DTensor) parameter, sharded the parameter's way: each rank keeps its
+    own shard of its own copy (every rank loads the same file), no communication."""
+    if target is None or type(target).__name__ != "DTensor" or type(value).__name__ == "DTensor":
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+
+
 def _full(value):
     """A sharded tensor (FSDP2's DTensor) as the whole tensor, as one process would hold it; anything else as is.
     (A collective: every rank computes the state dict, in the same key order, as save_pretrained does.)"""
@@ -200,6 +210,7 @@ def set_peft_model_state_dict(
                       f"{_summary(mismatched, 'shape')}")
         for k, _, _ in mismatched:
             del remapped[k]
+    remapped = {k: _sharded_like(v, model_state.get(k)) for k, v in remapped.items()}
     result = model.load_state_dict(remapped, strict=False, assign=low_cpu_mem_usage)
     if prompt_embeddings is not None:
         model.prompt_encoder[adapter_name].embedding.load_state_dict({"weight": prompt_embeddings}, strict=True)
