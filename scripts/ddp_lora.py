@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard each decoder layer and the model) "
                         "instead of DDP")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (non-reentrant)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="torch.compile each decoder layer with this backend (inductor, aot_eager, eager)")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     args = parser.parse_args()
@@ -97,6 +100,11 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = build_model(args).to(device)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:  # regional compilation, as the bench does: one graph serves every decoder layer
+        for layer in model.base_model.model.model.layers:
+            layer.compile(backend=args.compile)
     if args.fsdp:  # parameters become DTensor shards; save_pretrained gathers the adapter's whole tensors
         shard(model)
         ddp = model

@@ -26,11 +26,17 @@ def _torchrun(nproc: int, out, *extra, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+ENGINES = {"ddp": [], "fsdp2": ["--fsdp"],
+           # activation checkpointing and torch.compile of each decoder layer (dynamo + AOT autograd; inductor's C++
+           # builds would take minutes on a CI CPU) under DDP
+           "ddp+checkpointing+compile": ["--checkpointing", "--compile", "aot_eager"]}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_two_ranks_train_what_one_process_trains_and_save_the_same_adapter(tmp_path, engine):
     runs = {}
     for nproc in (1, 2):
-        done = _torchrun(nproc, tmp_path / f"n{nproc}", *(["--fsdp"] if engine == "fsdp2" else []))
+        done = _torchrun(nproc, tmp_path / f"n{nproc}", *ENGINES[engine])
         assert done.returncode == 0, done.stderr[-3000:]
         runs[nproc] = json.load(open(tmp_path / f"n{nproc}" / "losses.json"))
     assert runs[2]["world_size"] == 2 and runs[1]["world_size"] == 1
