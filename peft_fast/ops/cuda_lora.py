@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .common import CONV1D, compute_dtype, fold_terms, linear_reason, no_grad_needed, param
+from .common import CONV1D, FLOAT_DTYPES, compute_dtype, fold_terms, linear_reason, no_grad_needed, param
 from . import dispatch
 from .dispatch import Skip, forced_backend, register
 from .extension import _C
@@ -169,8 +169,7 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
     if CPP_LORA_LINEAR is not None and not torch.compiler.is_compiling() and \
             not torch._C._are_functorch_transforms_active():
         # the node casts to `dtype` and reshapes inside (no autograd node around it); no graph node without grads
-        k, n, r = x.shape[-1], (weight.shape[1] if kn else weight.shape[0]), lora_a.shape[0]
-        kernels = dispatch.fused_kernels(x.numel() // max(k, 1), k, n, r)
+        kernels = dispatch.fused_kernels_for(x, weight.shape[1] if kn else weight.shape[0], lora_a.shape[0])
         return CPP_LORA_LINEAR(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels)
     k = x.shape[-1]
     x2 = _as(x.reshape(-1, k), dtype)
@@ -200,9 +199,6 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
-
-
 def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """A LoRA Linear layer's whole unmerged forward for the common case, or None for the general path.
 
@@ -226,10 +222,7 @@ def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
 def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     """CPP_LORA_LINEAR's arguments for `layer(x)` in the common case (see eager_layer_call), None otherwise. Device-
     blind, so the CPU suite can compare it with the general path."""
-    if dispatch.forced_backend() is not None or ("linear_with_lora", "cuda") in dispatch._FAILED:
-        return None
-    rule = dispatch.AUTO_RULES.get("linear_with_lora", ())
-    if not rule or rule[0] != ("cuda", None):
+    if not dispatch.auto_goes_straight_to("linear_with_lora", "cuda"):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
@@ -269,11 +262,10 @@ def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
         return None
     else:
         dtype = x.dtype
-    if dtype not in _FLOAT_DTYPES or w_dtype not in _FLOAT_DTYPES or a.dtype not in _FLOAT_DTYPES or \
-            b.dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES or w_dtype not in FLOAT_DTYPES or a.dtype not in FLOAT_DTYPES or \
+            b.dtype not in FLOAT_DTYPES:
         return None
-    k = x.shape[-1]
-    if k != weight.shape[0 if kn else 1]:
+    if x.shape[-1] != weight.shape[0 if kn else 1]:
         return None
-    n, r = weight.shape[1 if kn else 0], a.shape[0]
-    return x, weight, bias, a, b, scale, p, kn, dtype, dispatch.fused_kernels(x.numel() // max(k, 1), k, n, r)
+    kernels = dispatch.fused_kernels_for(x, weight.shape[1 if kn else 0], a.shape[0])
+    return x, weight, bias, a, b, scale, p, kn, dtype, kernels

@@ -112,8 +112,7 @@ def _base_then_lora_node(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]
     lora_a, lora_b, scale, lora_bias = fold_terms(terms, dtype)
     if lora_bias is not None:
         result = result + lora_bias
-    k, n, r = x.shape[-1], lora_b.shape[0], lora_a.shape[0]
-    kernels = dispatch.fused_kernels(x.numel() // max(k, 1), k, n, r)
+    kernels = dispatch.fused_kernels_for(x, lora_b.shape[0], lora_a.shape[0])
     return CPP_LORA_ADD(x, result, lora_a, lora_b, scale, terms[0].dropout_p, dtype, kernels)
 
 

@@ -127,6 +127,12 @@ FUSED_ANY_SIZE_RANK = 16
 FUSED_MAX_WORK = 1 << 29
 
 
+def fused_kernels_for(x: torch.Tensor, n: int, r: int) -> bool:
+    """fused_kernels for input x (…×K rows) of a layer with N outputs and total rank r."""
+    k = x.shape[-1]
+    return fused_kernels(x.numel() // max(k, 1), k, n, r)
+
+
 def fused_kernels(m: int, k: int, n: int, r: int) -> bool:
     """Whether the cuda backend's node should take the fused kernels for an M×K → N LoRA linear of total rank r (the
     node still falls back to ATen where the kernels cannot take the call: dtype, rank > 128, widths)."""
@@ -215,6 +221,14 @@ def _choose(op: str, forced: Optional[str], args: tuple, kwargs: dict) -> str:
         elif not isinstance(reason, Skip):
             _warn_once(op, backend, reason)
     return "torch"
+
+
+def auto_goes_straight_to(op: str, backend: str) -> bool:
+    """Whether this thread's policy runs `op` on `backend` whenever the backend can take the call: auto mode, the
+    backend first in AUTO_RULES with no condition, and not taken off the op after a failure. (A caller that checks
+    the backend's own `supports` conditions itself may then skip `call`.)"""
+    rules = AUTO_RULES.get(op, ())
+    return forced_backend() is None and bool(rules) and rules[0] == (backend, None) and (op, backend) not in _FAILED
 
 
 def call(op: str, *args, **kwargs):
