@@ -48,7 +48,7 @@ def _is_compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod") or bool(getattr(model, "_compiled_call_impl", None))
 
 
-def _scalings_to_tensors(model: nn.Module) -> bool:
+def _scalings_to_tensors(model: nn.Module) -> None:
     """Every LoRA scaling becomes a 0-dim tensor on its layer's device (torch.compile then guards on no value)."""
     layers = _lora_layers(model)
     for _, layer in layers:
@@ -59,7 +59,6 @@ def _scalings_to_tensors(model: nn.Module) -> bool:
             if not isinstance(value, (int, float)):
                 raise TypeError(f"LoRA scaling of adapter '{adapter}' is a {type(value).__name__}, expected a float")
             layer.scaling[adapter] = torch.tensor(float(value), device=device)
-    return bool(layers)
 
 
 def _padded(module: nn.Module, target_rank: int, rank_dim: int, where: str) -> nn.Module:
@@ -95,7 +94,7 @@ def _padded(module: nn.Module, target_rank: int, rank_dim: int, where: str) -> n
     return new
 
 
-def _pad_ranks(model: nn.Module, target_rank: int) -> bool:
+def _pad_ranks(model: nn.Module, target_rank: int) -> None:
     """Zero-pad every LoRA A / B module of Linear and conv layers to target_rank (outputs unchanged)."""
     layers = [(name, layer) for name, layer in _lora_layers(model) if len(layer.lora_A) > 0]
     padded = {}
@@ -107,7 +106,6 @@ def _pad_ranks(model: nn.Module, target_rank: int) -> bool:
     for name, layer in layers:
         for adapter in list(layer.lora_A):
             layer.lora_A[adapter], layer.lora_B[adapter] = padded[(name, adapter)]
-    return bool(layers)
 
 
 def prepare_model_for_compiled_hotswap(
