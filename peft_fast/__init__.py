@@ -52,6 +52,8 @@ from .tuners import (
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
     PromptTuningInit,
+    TrainableTokensConfig,
+    TrainableTokensModel,
 )
 from .utils import (
     NoMatchingPeftModuleError,
@@ -78,6 +80,8 @@ __all__ = [
     "LoHaModel",
     "LoKrConfig",
     "LoKrModel",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "PrefixTuningConfig",
     "PrefixEncoder",
     "PromptTuningConfig",

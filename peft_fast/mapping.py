@@ -25,12 +25,14 @@ from .tuners.lora import LoraConfig, LoraModel
 from .tuners.p_tuning import PromptEncoder, PromptEncoderConfig
 from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig
+from .tuners.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .utils.peft_types import PeftType, TaskType
 
 for _type, _config, _tuner in (
     (PeftType.LORA, LoraConfig, LoraModel),
     (PeftType.LOHA, LoHaConfig, LoHaModel),
     (PeftType.LOKR, LoKrConfig, LoKrModel),
+    (PeftType.TRAINABLE_TOKENS, TrainableTokensConfig, TrainableTokensModel),
 ):
     register_peft_config(_type, _config)
     PEFT_TYPE_TO_TUNER_MAPPING[_type] = _tuner

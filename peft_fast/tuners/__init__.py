@@ -4,10 +4,12 @@ from .lora import LoraConfig, LoraModel
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .tuners_utils import BasePromptEncoder, BaseTuner, BaseTunerLayer
 
 __all__ = [
     "LoraConfig", "LoraModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "BaseTuner", "BaseTunerLayer", "BasePromptEncoder",
     "PrefixTuningConfig", "PrefixEncoder", "PromptTuningConfig", "PromptTuningInit", "PromptEmbedding",
-    "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptEncoder",
+    "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptEncoder", "TrainableTokensConfig",
+    "TrainableTokensModel",
 ]

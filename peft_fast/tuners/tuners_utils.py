@@ -18,7 +18,7 @@ from torch import nn
 from ..config import PeftConfig
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
-from ..utils.other import ModulesToSaveWrapper, _get_submodules, _set_adapter, _set_trainable
+from ..utils.other import AuxiliaryTrainingWrapper, _get_submodules, _set_adapter, _set_trainable, _unwrap_modules_to_save
 from ..utils.peft_types import TaskType
 
 
@@ -353,14 +353,34 @@ class BaseTuner(nn.Module, ABC):
     def _find_targets(self, peft_config: PeftConfig, model: nn.Module) -> list[str]:
         keys = []
         for key, module in model.named_modules():
-            if not key or isinstance(module, ModulesToSaveWrapper):
+            if not key or isinstance(module, AuxiliaryTrainingWrapper):
                 continue
-            # adapter sub-modules (lora_A.default …) are never targets themselves
-            if any(isinstance(model.get_submodule(p), BaseTunerLayer) for p in _proper_prefixes(key)):
+            # adapter sub-modules (lora_A.default …, a wrapper's insides) are never targets themselves
+            if any(isinstance(model.get_submodule(p), (BaseTunerLayer, AuxiliaryTrainingWrapper))
+                   for p in _proper_prefixes(key)):
                 continue
             if self._check_target_module_exists(peft_config, key):
                 keys.append(key)
         return keys
+
+    def _find_parameter_targets(self, peft_config: PeftConfig, model: nn.Module) -> list[tuple[str, str, str]]:
+        """(module to wrap, parameter name, key) for each parameter `target_parameters` names: a key is the
+        parameter's name in the bare model ('layers.0.mlp.experts.gate_up_proj'), matched whole or as a suffix; the
+        module to wrap is the one holding it, or the outermost wrapper around it. Module order, then each module's
+        parameter order (so several parameters of one module nest in a fixed order)."""
+        names = sorted(set(getattr(peft_config, "target_parameters", None) or []))
+        if not names:
+            return []
+        found = []
+        for module_name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) or not module_name or not _is_base_model_module(model, module_name):
+                continue
+            outer = _strip_base_layer(module_name)
+            for parameter_name, _ in module.named_parameters(recurse=False):
+                key = f"{outer}.{parameter_name}"
+                if any(key == name or key.endswith(f".{name}") for name in names):
+                    found.append((outer, parameter_name, key))
+        return found
 
     def inject_adapter(
         self,
@@ -383,10 +403,22 @@ class BaseTuner(nn.Module, ABC):
             # target exactly the modules that the state dict holds adapter weights for
             keys = [k.removeprefix("base_model.model.").split(f".{self.prefix}")[0] for k in state_dict]
             keys = [k for k in dict.fromkeys(keys) if k and _has_submodule(model, k)]
-            target_keys = [k for k in keys if not isinstance(model.get_submodule(k), ModulesToSaveWrapper)]
+            target_keys = [k for k in keys if not any(isinstance(model.get_submodule(p), AuxiliaryTrainingWrapper)
+                                                      for p in (k, *_proper_prefixes(k)))]
         else:
             target_keys = self._find_targets(peft_config, model)
-        if not target_keys:
+        parameter_targets = self._find_parameter_targets(peft_config, model)
+        if getattr(peft_config, "target_parameters", None) and state_dict is not None:
+            raise ValueError("Trying to inject a PEFT adapter from a state_dict but the PEFT config uses "
+                             "`target_parameters`. This is not supported -- when using `target_parameters`, please "
+                             "inject the adapter without the state_dict.")
+        if getattr(peft_config, "target_parameters", None) and not parameter_targets:
+            if not target_keys:
+                raise NoMatchingPeftModuleError(f"target_parameters={peft_config.target_parameters} matched no "
+                                                "parameter of the model and target_modules no module.")
+            warnings.warn(f"target_parameters={peft_config.target_parameters} were set but no parameter was matched.",
+                          RuntimeWarning)
+        if not target_keys and not parameter_targets:
             raise NoMatchingPeftModuleError(
                 f"Target modules {peft_config.target_modules} not found in the base model. Please check the target "
                 "modules and try again."
@@ -403,9 +435,27 @@ class BaseTuner(nn.Module, ABC):
                 self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
                 if getattr(parent, target_name) is not target:
                     replaced.append((parent, target_name, target))
+            for outer, parameter_name, key in parameter_targets:
+                parent, target, target_name = _get_submodules(model, outer)
+                existing = _wrapper_of_parameter(target, parameter_name)
+                if existing is not None:
+                    updated.append(existing)
+                elif isinstance(target, BaseTunerLayer) and type(target).__name__ != "ParamWrapper":
+                    raise ValueError(
+                        f"Trying to wrap an `nn.Parameter` of layer '{outer}' of type {type(target).__name__}, which "
+                        "is not a valid target. Make sure that this layer is not also targeted with `target_modules`."
+                    )
+                self._create_and_replace(peft_config, adapter_name, existing or target, target_name, parent,
+                                         current_key=key, parameter_name=parameter_name)
+                if getattr(parent, target_name) is not target:
+                    replaced.append((parent, target_name, target))
             self._mark_only_adapters_as_trainable(model)
             modules_to_save = getattr(peft_config, "modules_to_save", None)
             _set_trainable(model, adapter_name, modules_to_save, inference_mode=peft_config.inference_mode)
+            if getattr(peft_config, "trainable_token_indices", None) is not None:
+                from .trainable_tokens.wrapping import wrap_trainable_tokens
+
+                wrap_trainable_tokens(model, peft_config, adapter_name, self.get_model_config(model))
         except Exception:
             # leave the model exactly as it was: original modules back, the half-made adapter gone
             for parent, name, original in reversed(replaced):
@@ -413,14 +463,13 @@ class BaseTuner(nn.Module, ABC):
             for layer in updated:
                 if adapter_name in layer._all_available_adapter_names():
                     layer.delete_adapter(adapter_name)
-            for module in model.modules():
-                if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                    module.delete_adapter(adapter_name, module.active_adapters)
+            _unwrap_modules_to_save(model, adapter_name)
             for param, flag in requires_grad_before:
                 param.requires_grad = flag
             raise
 
         self.targeted_module_names.extend(target_keys)
+        self.targeted_parameter_names.extend(key for _, _, key in parameter_targets)
         self.set_adapter(self.active_adapters, inference_mode=peft_config.inference_mode)
         if peft_config.inference_mode:
             for n, p in model.named_parameters():
@@ -498,7 +547,11 @@ class BaseTuner(nn.Module, ABC):
                 parent, target, target_name = _get_submodules(self.model, key)
             except AttributeError:
                 continue
-            if isinstance(target, ModulesToSaveWrapper):
+            if isinstance(target, AuxiliaryTrainingWrapper):
+                self._replace_module(
+                    parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names), target
+                )
+            elif hasattr(target, "unload_and_optionally_merge_module"):  # e.g. nested parameter wrappers
                 self._replace_module(
                     parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names), target
                 )
@@ -536,7 +589,7 @@ class BaseTuner(nn.Module, ABC):
 
     def _set_adapter_layers(self, enabled: bool = True) -> None:
         for module in self.model.modules():
-            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
                 module.enable_adapters(enabled)
 
     def enable_adapter_layers(self) -> None:
@@ -555,11 +608,11 @@ class BaseTuner(nn.Module, ABC):
             if isinstance(target, BaseTunerLayer):
                 target.delete_adapter(adapter_name)
                 if not target._all_available_adapter_names():
+                    setattr(parent, target_name, target.base_layer)  # (one level: nested wrappers may keep theirs)
+            elif isinstance(target, AuxiliaryTrainingWrapper):
+                target.delete_adapter(adapter_name, [a for a in target.active_adapters if a != adapter_name])
+                if not target._get_available_adapters():
                     setattr(parent, target_name, target.get_base_layer())
-            elif isinstance(target, ModulesToSaveWrapper):
-                target.delete_adapter(adapter_name, target.active_adapters)
-                if len(target.modules_to_save) == 0:
-                    setattr(parent, target_name, target.original_module)
         self.peft_config.pop(adapter_name, None)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -571,15 +624,41 @@ class BaseTuner(nn.Module, ABC):
         for module in self.model.modules():
             if isinstance(module, BaseTunerLayer):
                 module.delete_adapter(adapter_name)
-                if new_adapter is None:
+                # (the tuner's own layers say which adapter is active now, not a trainable-tokens layer)
+                if new_adapter is None and isinstance(module, self.tuner_layer_cls):
                     new_adapter = module.active_adapters[:]
         remaining = new_adapter or [a for a in self.active_adapters if a != adapter_name]
         for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
+            if isinstance(module, AuxiliaryTrainingWrapper):
                 module.delete_adapter(adapter_name, remaining)
         self.active_adapter = remaining if len(remaining) != 1 else remaining[0]
         if not remaining:
             self.active_adapter = []
+
+
+def _strip_base_layer(name: str) -> str:
+    """A module's name in the bare model: every '.base_layer' an adapter layer inserted removed."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def _is_base_model_module(model: nn.Module, name: str) -> bool:
+    """Whether module `name` belongs to the base model (below an adapter layer only its base_layer does; nothing
+    inside a modules_to_save / trainable-tokens wrapper counts)."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        holder = model.get_submodule(".".join(parts[:i]))
+        if isinstance(holder, AuxiliaryTrainingWrapper) or (isinstance(holder, BaseTunerLayer) and parts[i] != "base_layer"):
+            return False
+    return True
+
+
+def _wrapper_of_parameter(module: nn.Module, parameter_name: str) -> Optional["BaseTunerLayer"]:
+    """The ParamWrapper for `parameter_name` in the chain of wrappers `module` starts, if there is one."""
+    while isinstance(module, BaseTunerLayer) and type(module).__name__ == "ParamWrapper":
+        if module.parameter_name == parameter_name:
+            return module
+        module = module.base_layer
+    return None
 
 
 def _proper_prefixes(key: str):

@@ -52,32 +52,57 @@ def _get_input_embeddings_name(model: nn.Module) -> Optional[str]:
     return None
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """Keeps the original module frozen and one fully trainable copy of it per adapter (PEFT's `modules_to_save`)."""
+# module-name segments a PEFT wrapper inserts above the module it wraps (stripped to get the model's own names)
+_WRAPPER_SEGMENT = re.compile(r"\.(base_layer|token_adapter|original_module|modules_to_save\.[^.]+)(?=\.|$)")
 
-    # what get_layer_status reads, as on an adapter layer
-    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+
+def get_module_names_tied_with_embedding(model: nn.Module) -> list[str]:
+    """The names (as in the bare model) of the modules that share the input embedding's weight, the embedding
+    itself left out: ['lm_head'] for a causal LM with tie_word_embeddings. Read from the parameters themselves (the
+    same tensor object), so it holds for transformers 4 and 5 alike and for a model that already has adapters;
+    [] when the config turns tying off."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if hasattr(model, "tuner_layer_cls"):
+        model = model.model
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:
+        return []
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
+    if embedding is None:
+        return []
+    base = embedding
+    while hasattr(base, "get_base_layer") and base.get_base_layer() is not base:
+        base = base.get_base_layer()
+    weight = getattr(base, "_parameters", {}).get("weight")
+    if weight is None:
+        return []
+    owners = {_WRAPPER_SEGMENT.sub("", "." + name).lstrip(".").rpartition(".")[0]
+              for name, param in model.named_parameters(remove_duplicate=False) if param is weight}
+    owners.discard(_WRAPPER_SEGMENT.sub("", "." + (_module_name(model, embedding) or "")).lstrip("."))
+    return sorted(owners)
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> Optional[str]:
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+class AuxiliaryTrainingWrapper(nn.Module):
+    """A module of the base model that an adapter trains besides its adapter layers: wholly (modules_to_save,
+    ModulesToSaveWrapper) or a few rows of it (trainable_token_indices, TrainableTokensWrapper). Keeps which
+    adapters it has and which is active (one at a time), and runs a batch that mixes adapters per sample."""
+
+    # what get_layer_status and the adapter-file code read, as on an adapter layer
+    adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
     merged_adapters: list[str] = []
+    # the submodule under which the wrapped module's own tensors live (the base model's state-dict keys)
+    wrapped_attribute: str = ""
 
-    def _get_available_adapters(self) -> set[str]:
-        return set(self.modules_to_save.keys())
-
-    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+    def __init__(self):
         super().__init__()
-        self.original_module = module_to_save
-        self.modules_to_save = nn.ModuleDict({})
-        self._active_adapter = [adapter_name]
+        self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self.update(adapter_name)
-        self.check_module()
-
-    def check_module(self) -> None:
-        forbidden = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
-        if isinstance(self.original_module, forbidden):
-            raise TypeError(
-                f"modules_to_save cannot be applied to modules of type {type(self.original_module).__name__}"
-            )
 
     @property
     def disable_adapters(self) -> bool:
@@ -91,12 +116,97 @@ class ModulesToSaveWrapper(nn.Module):
     def active_adapters(self) -> list[str]:
         return list(self._active_adapter)
 
+    def _get_available_adapters(self) -> set[str]:
+        raise NotImplementedError  # each wrapper knows where its adapters live
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self._get_available_adapters()
+
+    def _forward_adapter(self, adapter_name: Optional[str], x: torch.Tensor, *args, **kwargs):
+        """The output with adapter `adapter_name` (None: the base module's)."""
+        raise NotImplementedError
+
+    def _active_name(self) -> Optional[str]:
+        if self._disable_adapters:
+            return None
+        return next((name for name in self._active_adapter if self.has_adapter(name)), None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None and not self._disable_adapters:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        return self._forward_adapter(self._active_name(), x, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        results = [None] * len(x)
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            adapter = name if name != BASE_ADAPTER_NAME and self.has_adapter(name) else None
+            out = self._forward_adapter(adapter, x[rows], *args, **kwargs)
+            for j, i in enumerate(rows):
+                results[i] = out[j]
+        return torch.stack(results)
+
+    def get_base_layer(self) -> nn.Module:
+        raise NotImplementedError
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make the one adapter of `adapter_names` that this module has the active one ([]: none)."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        if len(adapter_names) > 1:
+            raise ValueError(f"Attempted to set multiple ({adapter_names}) adapters at once for "
+                             f"{self._error_message_name()}.")
+        if adapter_names and not self.has_adapter(adapter_names[0]):
+            raise ValueError(f"Adapter {adapter_names[0]} not found in {sorted(self._get_available_adapters())}")
+        self._set_trainable_adapter(adapter_names[0] if adapter_names else None, inference_mode)
+        self._active_adapter = list(adapter_names)
+
+    def _set_trainable_adapter(self, adapter_name: Optional[str], inference_mode: bool) -> None:
+        raise NotImplementedError
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+        active = self._active_name() if enabled else None
+        self._set_trainable_adapter(active, inference_mode=False)
+
+    def _error_message_name(self) -> str:
+        return "modules_to_save"
+
+
+class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
+    """Keeps the original module frozen and one fully trainable copy of it per adapter (PEFT's `modules_to_save`)."""
+
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    wrapped_attribute = "original_module"
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.modules_to_save.keys())
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter = [adapter_name]
+        self.update(adapter_name)
+        self.check_module()
+
+    def check_module(self) -> None:
+        forbidden = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+        if isinstance(self.original_module, forbidden):
+            raise TypeError(
+                f"modules_to_save cannot be applied to modules of type {type(self.original_module).__name__}"
+            )
+
     @property
     def weight(self):
-        active = [a for a in self._active_adapter if a in self.modules_to_save]
-        if self._disable_adapters or not active:
-            return self.original_module.weight
-        return self.modules_to_save[active[0]].weight
+        active = self._active_name()
+        return self.original_module.weight if active is None else self.modules_to_save[active].weight
 
     def __getattr__(self, name: str):
         try:
@@ -114,64 +224,15 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_name in self._active_adapter:
             self.modules_to_save[adapter_name].requires_grad_(True)
 
-    def _active_copy(self) -> Optional[nn.Module]:
-        if self._disable_adapters:
-            return None
-        for name in self._active_adapter:
-            if name in self.modules_to_save:
-                return self.modules_to_save[name]
-        return None
+    def _forward_adapter(self, adapter_name: Optional[str], x: torch.Tensor, *args, **kwargs):
+        module = self.original_module if adapter_name is None else self.modules_to_save[adapter_name]
+        return module(x, *args, **kwargs)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is not None and not self._disable_adapters:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        module = self._active_copy()
-        return (module or self.original_module)(x, *args, **kwargs)
-
-    def _mixed_batch_forward(self, x, *args, adapter_names: list[str], **kwargs):
-        if len(x) != len(adapter_names):
-            raise ValueError(
-                "Length of `adapter_names` should be the same as the number of inputs, but got "
-                f"{len(adapter_names)} and {len(x)} respectively."
-            )
-        results = [None] * len(x)
-        for name in dict.fromkeys(adapter_names):
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            module = self.original_module
-            if name != BASE_ADAPTER_NAME and name in self.modules_to_save:
-                module = self.modules_to_save[name]
-            out = module(x[rows], *args, **kwargs)
-            for j, i in enumerate(rows):
-                results[i] = out[j]
-        return torch.stack(results)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        if enabled:
-            self.original_module.requires_grad_(False)
-            for name in self._active_adapter:
-                if name in self.modules_to_save:
-                    self.modules_to_save[name].requires_grad_(True)
-            self._disable_adapters = False
-        else:
-            self.original_module.requires_grad_(False)
-            self.modules_to_save.requires_grad_(False)
-            self._disable_adapters = True
-
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        if isinstance(adapter_names, str):
-            adapter_names = [adapter_names]
-        if len(adapter_names) > 1:
-            raise ValueError(f"Attempted to set multiple ({adapter_names}) adapters at once for modules_to_save.")
-        if not adapter_names:
-            self._active_adapter = []
-            return
-        name = adapter_names[0]
-        if name not in self.modules_to_save:
-            raise ValueError(f"Adapter {name} not found in {list(self.modules_to_save)}")
+    def _set_trainable_adapter(self, adapter_name: Optional[str], inference_mode: bool) -> None:
+        self.original_module.requires_grad_(False)
         self.modules_to_save.requires_grad_(False)
-        self.modules_to_save[name].requires_grad_(not inference_mode)
-        self._active_adapter = [name]
+        if adapter_name is not None:
+            self.modules_to_save[adapter_name].requires_grad_(not inference_mode)
 
     def delete_adapter(self, adapter_name: str, new_active_adapters: Optional[list[str]] = None) -> None:
         if adapter_name not in self.modules_to_save:
@@ -185,8 +246,8 @@ class ModulesToSaveWrapper(nn.Module):
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
         """Return the module that replaces this wrapper on unload: the active copy, or the original when none."""
-        module = self._active_copy()
-        return module if module is not None else self.original_module
+        active = self._active_name()
+        return self.original_module if active is None else self.modules_to_save[active]
 
     def adapter_state_dict(self, adapter_name: str, state_dict: dict) -> dict:
         """Saved keys are the original module's own keys (what PEFT ≥ 0.15 writes)."""
@@ -197,39 +258,142 @@ class ModulesToSaveWrapper(nn.Module):
         return {k: f"modules_to_save.{adapter_name}.{k}" for k, _ in self.modules_to_save[adapter_name].state_dict().items()}
 
 
-def _set_trainable(model: nn.Module, adapter_name: str, module_names, inference_mode: bool = False) -> list[str]:
-    """Wrap every module whose name ends with one of `module_names` in a ModulesToSaveWrapper (or update it)."""
+class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
+    """A module (an input embedding, or an LM head tied to it) of which an adapter trains a few rows: LoraConfig's
+    `trainable_token_indices`. The rows live in a TrainableTokensLayer (`token_adapter`); an LM head tied to the
+    embedding gets one tied to the embedding's, so both follow the same rows and only the embedding's are saved."""
+
+    adapter_layer_names: tuple[str, ...] = ("token_adapter.trainable_tokens_delta",)
+    other_param_names: tuple[str, ...] = ("token_adapter.token_indices", "token_adapter.trainable_tokens_original")
+    wrapped_attribute = "token_adapter"
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, token_indices: list[int], tied_adapter=None):
+        from ..tuners.trainable_tokens import TrainableTokensLayer
+
+        super().__init__()
+        self.token_adapter = TrainableTokensLayer(module_to_save, adapter_name, tied_adapter=tied_adapter)
+        self._active_adapter = [adapter_name]
+        self.update(adapter_name, token_indices=token_indices)
+
+    @property
+    def original_module(self) -> nn.Module:
+        return self.token_adapter.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as the model sees it: the base weight with the active adapter's rows in place."""
+        return self.token_adapter.get_merged_weights(self.token_adapter.active_adapters)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        if "_modules" not in self.__dict__ or "token_adapter" not in self._modules:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return getattr(self._modules["token_adapter"].base_layer, name)
+
+    def _get_available_adapters(self) -> set[str]:
+        return set(self.token_adapter.trainable_tokens_delta.keys())
+
+    def _error_message_name(self) -> str:
+        return "trainable_token_indices"
+
+    def update(self, adapter_name: str, **kwargs) -> None:
+        if adapter_name not in self._get_available_adapters():
+            self.token_adapter.update_layer(adapter_name, **kwargs)
+
+    def _forward_adapter(self, adapter_name: Optional[str], x: torch.Tensor, *args, **kwargs):
+        if adapter_name is None:
+            return self.token_adapter.base_layer(x, *args, **kwargs)
+        return self.token_adapter.forward_adapters(x, [adapter_name])
+
+    def _set_trainable_adapter(self, adapter_name: Optional[str], inference_mode: bool) -> None:
+        names = [] if adapter_name is None else [adapter_name]
+        self.token_adapter.set_adapter(names, inference_mode=inference_mode)  # (requires_grad of the rows too)
+        self.token_adapter._disable_adapters = self._disable_adapters
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        # a model's other adapters may train no tokens: only the one this module has is set, if any
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        present = [n for n in names if self.has_adapter(n)]
+        if len(present) > 1:
+            raise ValueError(f"Only one adapter can be set at a time for trainable_token_indices, got {len(present)}")
+        super().set_adapter(present, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str, new_active_adapters: Optional[list[str]] = None) -> None:
+        if self.has_adapter(adapter_name):
+            self.token_adapter.delete_adapter(adapter_name)
+        remaining = [a for a in (new_active_adapters or []) if self.has_adapter(a)]
+        self.set_adapter(remaining[:1])
+
+    def get_base_layer(self) -> nn.Module:
+        return self.token_adapter.base_layer
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        """The wrapped module, with the adapter's rows merged into it when `merge`."""
+        if merge:
+            self.token_adapter.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.token_adapter.base_layer
+
+    def adapter_state_dict(self, adapter_name: str, state_dict: dict) -> dict:
+        """The rows under PEFT's key `token_adapter.trainable_tokens_delta`; nothing for a tied module (the
+        embedding's rows are its rows)."""
+        if self.token_adapter.tied_adapter is not None:
+            return {}
+        key = f"token_adapter.trainable_tokens_delta.{adapter_name}"
+        return {"token_adapter.trainable_tokens_delta": state_dict[key]} if key in state_dict else {}
+
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict:
+        if self.token_adapter.tied_adapter is not None:
+            return {}
+        return {"token_adapter.trainable_tokens_delta": f"token_adapter.trainable_tokens_delta.{adapter_name}"}
+
+
+def _set_trainable(model: nn.Module, adapter_name: str, module_names, inference_mode: bool = False,
+                   wrapper_cls: type = ModulesToSaveWrapper, strict_module_check: bool = False,
+                   **wrapper_kwargs) -> list[str]:
+    """Wrap every module whose name ends with one of `module_names` in a `wrapper_cls` (or give the wrapper that is
+    there the adapter). strict_module_check: a name that matches no module is a ValueError."""
     if not module_names:
         return []
     wrapped = []
-    key_list = [key for key, _ in model.named_modules()]
+    key_list = [key for key, _ in model.named_modules(remove_duplicate=False)]
     for key in key_list:
         if not any(key == name or key.endswith(f".{name}") for name in module_names):
             continue
-        parent, target, target_name = _get_submodules(model, key)
-        if isinstance(target, ModulesToSaveWrapper):
-            target.update(adapter_name)  # which copy is active is settled by the tuner's set_adapter afterwards
-        elif any(isinstance(m, ModulesToSaveWrapper) for m in _parents(model, key)):
+        try:
+            parent, target, target_name = _get_submodules(model, key)
+        except AttributeError:  # under a module replaced earlier in this loop
+            continue
+        if isinstance(target, wrapper_cls):
+            target.update(adapter_name, **wrapper_kwargs)  # which adapter is active is settled by set_adapter later
+        elif isinstance(target, AuxiliaryTrainingWrapper):
+            raise ValueError(f"{key} is already trained through {target._error_message_name()}; it cannot also be "
+                             f"wrapped for {wrapper_cls.__name__}")
+        elif any(isinstance(m, AuxiliaryTrainingWrapper) for m in _parents(model, key)):
             continue
         else:
-            new_module = ModulesToSaveWrapper(target, adapter_name)
+            new_module = wrapper_cls(target, adapter_name, **wrapper_kwargs)
             new_module.set_adapter(adapter_name, inference_mode)
             setattr(parent, target_name, new_module)
         wrapped.append(key)
+    if strict_module_check and not wrapped:
+        raise ValueError(f"Target modules {module_names} not found in the base model. Please check the target "
+                         "modules and try again.")
     return wrapped
 
 
 def _unwrap_modules_to_save(model: nn.Module, adapter_name: str) -> None:
-    """Drop `adapter_name`'s copy from every ModulesToSaveWrapper; a wrapper left without copies is replaced by its
-    original module (undoing _set_trainable of a failed add)."""
-    for key, module in list(model.named_modules()):
-        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save:
+    """Drop `adapter_name` from every modules_to_save / trainable-tokens wrapper; a wrapper left without adapters is
+    replaced by the module it wraps (undoing _set_trainable of a failed add)."""
+    for key, module in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(module, AuxiliaryTrainingWrapper) or not module.has_adapter(adapter_name):
             continue
-        del module.modules_to_save[adapter_name]
-        module._active_adapter = [a for a in module._active_adapter if a != adapter_name]
-        if len(module.modules_to_save) == 0:
+        module.delete_adapter(adapter_name, [a for a in module.active_adapters if a != adapter_name])
+        if not module._get_available_adapters():
             parent, _, target_name = _get_submodules(model, key)
-            setattr(parent, target_name, module.original_module)
+            setattr(parent, target_name, module.get_base_layer())
 
 
 def _parents(model: nn.Module, key: str):
@@ -239,15 +403,12 @@ def _parents(model: nn.Module, key: str):
 
 
 def _set_adapter(model: nn.Module, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-    """Point every ModulesToSaveWrapper of `model` at `adapter_name` (those that have it)."""
+    """Point every modules_to_save / trainable-tokens wrapper of `model` at `adapter_name` (those that have it)."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            present = [n for n in names if n in module.modules_to_save]
-            if present:
-                module.set_adapter(present[0], inference_mode=inference_mode)
-            else:
-                module.set_adapter([], inference_mode)
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            present = [n for n in names if module.has_adapter(n)]
+            module.set_adapter(present[:1], inference_mode=inference_mode)
 
 
 def prepare_model_for_kbit_training(

@@ -11,7 +11,8 @@ import torch
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .atomic_save import recover_interrupted_save
-from .other import ModulesToSaveWrapper, infer_device
+from .other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, infer_device
+from .peft_types import PeftType
 
 _MODEL_PREFIX = "base_model.model."
 # In-memory adapter containers whose next key segment is the adapter name.
@@ -19,6 +20,7 @@ _ADAPTER_CONTAINERS = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "trainable_tokens_delta",
 )
 _DORA_IN_MEMORY = "lora_magnitude_vector.weight"
 _DORA_ON_DISK = "lora_magnitude_vector"
@@ -102,16 +104,19 @@ def get_peft_model_state_dict(
         to_return = _adapter_state(config, adapter_name, state_dict)
 
     for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+        if isinstance(module, AuxiliaryTrainingWrapper) and module.has_adapter(adapter_name):
             prefix = f"{name}."
             sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
             to_return.update({f"{name}.{k}": v for k, v in module.adapter_state_dict(adapter_name, sub).items()})
 
     embedding_targeted = _embedding_is_targeted(model, config)
     if save_embedding_layers == "auto":
-        if embedding_targeted:
+        # trained token rows are saved as such: no whole embedding matrix for them
+        trains_tokens = config.peft_type == PeftType.TRAINABLE_TOKENS or \
+            getattr(config, "trainable_token_indices", None) is not None
+        save_embedding_layers = embedding_targeted and not trains_tokens
+        if save_embedding_layers:
             warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.")
-        save_embedding_layers = embedding_targeted
     if save_embedding_layers:
         to_return.update(_embedding_state(model, state_dict, embedding_targeted))
 
@@ -304,7 +309,7 @@ def _original_key(root: torch.nn.Module, key: str) -> Optional[str]:
     module = root
     for i, part in enumerate(parts):
         wrapped = "base_layer" if isinstance(module, BaseTunerLayer) else \
-            "original_module" if isinstance(module, ModulesToSaveWrapper) else None
+            module.wrapped_attribute if isinstance(module, AuxiliaryTrainingWrapper) else None
         if wrapped is not None:  # a PEFT wrapper: its base module's segment goes, anything else is the adapter's
             if part != wrapped:
                 return None

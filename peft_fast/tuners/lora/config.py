@@ -15,7 +15,6 @@ from ...utils.peft_types import PeftType
 # files round-trip byte for byte; a non-default value is refused with a clear error instead of being ignored.
 _UNSUPPORTED_FIELDS = {
     "megatron_config": None,
-    "trainable_token_indices": None,
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
@@ -24,11 +23,9 @@ _UNSUPPORTED_FIELDS = {
     "use_qalora": False,
     "monteclora_config": None,
     "layer_replication": None,
-    "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
-    "ensure_weight_tying": False,
 }
 
 SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
@@ -66,7 +63,11 @@ class LoraConfig(PeftConfig):
     alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Per-module alpha overrides."})
     megatron_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     megatron_core: Optional[str] = field(default="megatron.core", metadata={"help": "Not used by peft_fast."})
-    trainable_token_indices: Optional[Union[list[int], dict]] = field(default=None, metadata={"help": "Unsupported."})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Embedding rows to train besides the LoRA layers: a list of token indices (the input "
+                          "embedding) or a dict of layer name to indices."},
+    )
     loftq_config: Union[dict, object] = field(default_factory=dict, metadata={"help": "Not supported by peft_fast."})
     eva_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     corda_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
@@ -79,11 +80,18 @@ class LoraConfig(PeftConfig):
     monteclora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     layer_replication: Optional[list[tuple[int, int]]] = field(default=None, metadata={"help": "Not supported."})
     lora_bias: bool = field(default=False, metadata={"help": "Train a bias on lora_B."})
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    target_parameters: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Parameters (not modules) to adapt, by name or name suffix, e.g. MoE expert weights "
+                          "('feed_forward.experts.gate_up_proj'); 2-D and 3-D (experts × in × out) parameters."},
+    )
     use_bdlora: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     arrow_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     kasa_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
-    ensure_weight_tying: bool = field(default=False, metadata={"help": "Not supported by peft_fast."})
+    ensure_weight_tying: bool = field(
+        default=False,
+        metadata={"help": "Keep layers tied to the input embedding (tie_word_embeddings) tied in the adapter."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -104,6 +112,14 @@ class LoraConfig(PeftConfig):
             value = getattr(self, name)
             if value != default and value not in (None, {}, []):
                 raise ValueError(f"LoraConfig.{name}={value!r} is not supported by peft_fast.")
+        _check_trainable_token_indices(self.trainable_token_indices)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(isinstance(t, str) for t in self.target_parameters):
+                raise ValueError(f"`target_parameters` must be a list of parameter names, got "
+                                 f"{self.target_parameters!r}")
+            self.target_parameters = list(self.target_parameters)
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}")
         if self.loftq_config:
             raise ValueError("LoraConfig.loftq_config (LoftQ initialization) is not supported by peft_fast.")
         if not _is_int(self.r) or self.r <= 0:
@@ -153,6 +169,20 @@ class LoraConfig(PeftConfig):
                 if bad:
                     kind = "positive integers" if pattern_name == "rank_pattern" else "numbers"
                     raise ValueError(f"`{pattern_name}` values must be {kind}, got {bad!r}")
+
+
+def _check_trainable_token_indices(value) -> None:
+    if value is None:
+        return
+    from ..trainable_tokens.config import check_token_indices
+
+    if isinstance(value, dict):
+        for name, indices in value.items():
+            if not isinstance(name, str):
+                raise ValueError(f"`trainable_token_indices` keys must be layer names, got {name!r}")
+            check_token_indices(indices, f"trainable_token_indices[{name!r}]")
+    else:
+        check_token_indices(value, "trainable_token_indices")
 
 
 def _is_int(value) -> bool:

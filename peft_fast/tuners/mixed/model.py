@@ -12,7 +12,7 @@ from typing import Optional, Union
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from ...utils.other import ModulesToSaveWrapper, _get_submodules
+from ...utils.other import AuxiliaryTrainingWrapper, _get_submodules
 from ...utils.peft_types import PeftType
 from ..loha import LoHaConfig, LoHaModel
 from ..lokr import LoKrConfig, LoKrModel
@@ -98,7 +98,7 @@ class MixedModel(BaseTuner):
                         layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                     layer = layer.base_layer
                 setattr(parent, target_name, target.get_base_layer())
-            elif isinstance(target, ModulesToSaveWrapper):
+            elif isinstance(target, AuxiliaryTrainingWrapper):
                 setattr(parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names))
         if "peft_config" in self.model.__dict__:
             del self.model.__dict__["peft_config"]
