@@ -459,6 +459,9 @@ class BaseTuner(nn.Module, ABC):
         except Exception:
             # leave the model exactly as it was: original modules back, the half-made adapter gone
             for parent, name, original in reversed(replaced):
+                new = getattr(parent, name)
+                if hasattr(new, "unload_and_optionally_merge_module"):  # gives back what it changed inside (MHA)
+                    new.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
                 setattr(parent, name, original)
             for layer in updated:
                 if adapter_name in layer._all_available_adapter_names():
@@ -503,12 +506,13 @@ class BaseTuner(nn.Module, ABC):
         """Merge the given (default: active) adapters into the base weights of every adapter layer."""
         self._check_merge_allowed()
         for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
+            # (a layer owned by another one, e.g. a MultiheadAttention's out_proj, is merged by its owner)
+            if isinstance(module, BaseTunerLayer) and not getattr(module, "_owned_by_parent", False):
                 module.merge(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         for module in self.model.modules():
-            if isinstance(module, BaseTunerLayer):
+            if isinstance(module, BaseTunerLayer) and not getattr(module, "_owned_by_parent", False):
                 module.unmerge()
 
     def _unloading_checks(self, adapter_names: Optional[list[str]]) -> None:

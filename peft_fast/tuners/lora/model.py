@@ -26,6 +26,7 @@ from .config import LoraConfig
 from .bnb import dispatch_bnb
 from . import weighted
 from .layer import LoraLayer, dispatch_default
+from .multihead_attention import MultiheadAttention
 from .param_wrapper import ParamWrapper
 
 
@@ -98,13 +99,16 @@ class LoraModel(BaseTuner):
     def _create_new_module(lora_config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs) -> nn.Module:
         # bitsandbytes layers subclass nn.Linear: they must be recognised first
         new_module = dispatch_bnb(target, adapter_name, lora_config=lora_config, **kwargs)
+        base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+        if new_module is None and isinstance(base, nn.MultiheadAttention):
+            new_module = MultiheadAttention(target, adapter_name, lora_config, **kwargs)
         if new_module is None:
             new_module = dispatch_default(target, adapter_name, lora_config=lora_config, **kwargs)
         if new_module is None:
             raise ValueError(
                 f"Target module {target} is not supported. Currently, only the following modules are supported: "
                 "`torch.nn.Linear`, `torch.nn.Embedding`, bitsandbytes `Linear4bit` / `Linear8bitLt`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `torch.nn.Conv3d`, "
-                "`transformers.pytorch_utils.Conv1D`."
+                "`transformers.pytorch_utils.Conv1D`, `torch.nn.MultiheadAttention`."
             )
         return new_module
 
