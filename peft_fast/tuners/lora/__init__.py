@@ -1,5 +1,5 @@
-from .config import LoraConfig
+from .config import CordaConfig, LoraConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
-__all__ = ["LoraConfig", "LoraLayer", "Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "LoraModel"]
+__all__ = ["LoraConfig", "CordaConfig", "LoraLayer", "Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "LoraModel"]

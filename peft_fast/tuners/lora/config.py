@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
 from ...config import PeftConfig
@@ -16,7 +16,6 @@ from ...utils.peft_types import PeftType
 _UNSUPPORTED_FIELDS = {
     "megatron_config": None,
     "eva_config": None,
-    "corda_config": None,
     "lora_ga_config": None,
     "velora_config": None,
     "alora_invocation_tokens": None,
@@ -28,7 +27,34 @@ _UNSUPPORTED_FIELDS = {
     "kasa_config": None,
 }
 
-SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora")
+SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda")
+
+
+@dataclass
+class CordaConfig:
+    """CorDA initialisation (`init_lora_weights="corda"`; run `peft_fast.tuners.lora.corda.preprocess_corda` first).
+
+    Args:
+        cache_file: where to keep the per-layer SVD results (reused when it exists: no calibration run needed).
+        covariance_file: where to keep the per-layer input covariances (reusable for other ranks).
+        corda_method: "ipm" (instruction-previewed: the adapter takes the largest context-weighted singular
+            directions, for fastest fine-tuning) or "kpm" (knowledge-preserved: the smallest, so the pre-trained
+            behaviour is kept in the residual weight).
+        verbose: show progress while collecting the SVDs.
+        use_float16_for_covariance: accumulate covariances in fp16 (half the memory, less stable).
+        prune_temporary_fields: drop the covariances and per-layer settings from the modules afterwards.
+    """
+
+    cache_file: Optional[str] = field(default=None, metadata={"help": "File to store the SVD cache."})
+    covariance_file: Optional[str] = field(default=None, metadata={"help": "File to store the covariances."})
+    corda_method: Literal["ipm", "kpm"] = field(default="ipm", metadata={"help": "'ipm' or 'kpm'."})
+    verbose: bool = field(default=False, metadata={"help": "Print progress."})
+    use_float16_for_covariance: bool = field(default=False, metadata={"help": "fp16 covariance matrices."})
+    prune_temporary_fields: bool = field(default=True, metadata={"help": "Drop temporary fields afterwards."})
+
+    def __post_init__(self):
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ValueError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
 
 
 @dataclass
@@ -70,7 +96,9 @@ class LoraConfig(PeftConfig):
     )
     loftq_config: Union[dict, object] = field(default_factory=dict, metadata={"help": "Not supported by peft_fast."})
     eva_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
-    corda_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    corda_config: Optional[CordaConfig] = field(
+        default=None, metadata={"help": "CorDA settings, with init_lora_weights='corda'."}
+    )
     lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-Decomposed Low-Rank Adaptation (DoRA)."})
     velora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
@@ -102,6 +130,15 @@ class LoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
 
+    def _check_corda_config(self) -> None:
+        self.corda_config = _corda_config(self.corda_config)
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
+                          "config.")
+            self.corda_config = CordaConfig()
+        elif self.init_lora_weights != "corda" and self.corda_config is not None:
+            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
+
     def _validate(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -120,6 +157,7 @@ class LoraConfig(PeftConfig):
             self.target_parameters = list(self.target_parameters)
         if not isinstance(self.ensure_weight_tying, bool):
             raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}")
+        self._check_corda_config()
         if self.loftq_config:
             raise ValueError("LoraConfig.loftq_config (LoftQ initialization) is not supported by peft_fast.")
         if not _is_int(self.r) or self.r <= 0:
@@ -169,6 +207,19 @@ class LoraConfig(PeftConfig):
                 if bad:
                     kind = "positive integers" if pattern_name == "rank_pattern" else "numbers"
                     raise ValueError(f"`{pattern_name}` values must be {kind}, got {bad!r}")
+
+
+def _corda_config(value) -> Optional[CordaConfig]:
+    """corda_config as a CordaConfig (adapter_config.json holds it as a dict), or a clear error."""
+    if value is None or isinstance(value, CordaConfig):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(CordaConfig)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            warnings.warn(f"Unknown corda_config keys {unknown} are ignored.")
+        return CordaConfig(**{k: v for k, v in value.items() if k in known})
+    raise TypeError(f"`corda_config` must be a CordaConfig, a dict, or None, got {type(value).__name__}")
 
 
 def _check_trainable_token_indices(value) -> None:

@@ -103,6 +103,8 @@ class LoraLayer(BaseTunerLayer):
         init = config.init_lora_weights
         if isinstance(init, str) and init.startswith("pissa"):
             self.pissa_init(adapter_name, init)
+        elif init == "corda":
+            self.corda_init(adapter_name)
         elif isinstance(init, str) and init.lower() == "olora":
             self.olora_init(adapter_name)
         elif init:
@@ -163,6 +165,39 @@ class LoraLayer(BaseTunerLayer):
         self.lora_B[adapter_name].weight.data = lora_B
         residual = w.data - s * lora_B @ lora_A
         self.get_base_layer().weight.data = transpose(residual.to(dtype), self.fan_in_fan_out)
+
+    def corda_init(self, adapter_name: str) -> None:
+        """CorDA: A = √S' Vᵀ, B = U √S' (S' = S / scaling) from the triplets preprocess_corda attached to the base
+        layer (`eigens`, consumed here); W keeps W − s·BA."""
+        if adapter_name not in self.lora_A:
+            raise ValueError("init_lora_weights='corda' is only supported for Linear layers.")
+        base = self.get_base_layer()
+        if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError("Please initialize CorDA under float32, float16, or bfloat16. Subsequently, re-quantize "
+                            "the residual model to help minimize quantization errors.")
+        eigens = getattr(base, "eigens", None)
+        if eigens is None:
+            raise ValueError("`eigens` attribute not found for layer, please run `preprocess_corda` first "
+                             "(peft_fast.tuners.lora.corda.preprocess_corda).")
+        u, s_values, v = eigens.U_WC, eigens.S_WC, eigens.V_WC
+        r, scale = self.r[adapter_name], self.scaling[adapter_name]
+        if not all(torch.isfinite(t).all() for t in (u, s_values, v)):
+            raise ValueError("CorDA's singular vectors / values hold NaN or Inf; check the calibration inputs.")
+        weight = transpose(base.weight.data.to(torch.float32), self.fan_in_fan_out)  # out × in
+        expected = {"U": (weight.shape[0], r), "S": (r,), "V": (weight.shape[1], r)}
+        for name, tensor in (("U", u), ("S", s_values), ("V", v)):
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"CorDA matrix {name} has shape {tuple(tensor.shape)}, the layer needs "
+                                 f"{expected[name]}: preprocess_corda must see the same model and LoRA rank (and a "
+                                 "cache must come from them)")
+        root = (s_values / scale).sqrt()
+        lora_A = (v.t() * root.view(-1, 1)).contiguous()
+        lora_B = (u * root).contiguous()
+        self.lora_A[adapter_name].weight.data = lora_A
+        self.lora_B[adapter_name].weight.data = lora_B
+        residual = weight - scale * lora_B @ lora_A
+        base.weight.data = transpose(residual, self.fan_in_fan_out).to(base.weight.dtype)
+        del base.eigens
 
     def olora_init(self, adapter_name: str) -> None:
         """OLoRA: A, B from the QR decomposition of W; W keeps W − s·BA."""
