@@ -260,10 +260,41 @@ def test_low_cpu_mem_usage_and_state_dict_round_trip(tmp_path):
     assert os.path.exists(tmp_path / "adapter_config.json")
 
 
-def test_ensure_weight_tying_of_a_whole_embedding_is_refused_clearly():
-    base = llama()
-    with pytest.raises(ValueError, match="ensure_weight_tying=True with the tied embedding"):
-        pf.get_peft_model(base, pf.LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
-                                              ensure_weight_tying=True))
-    assert type(base.model.embed_tokens) is nn.Embedding and type(base.model.layers[0].self_attn.q_proj) is nn.Linear
-    assert all(p.requires_grad for p in base.parameters())
+
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+    dict(target_modules=["q_proj", "embed_tokens"]),
+    dict(target_modules=["q_proj", "lm_head"]),
+], ids=["modules_to_save", "target-embedding", "target-lm_head"])
+def test_ensure_weight_tying_of_a_whole_embedding_or_its_lora_as_peft(kw, tmp_path):
+    """ensure_weight_tying with the tied embedding in modules_to_save / target_modules: the same layers, trainable
+    tensors, config edits and files as HF PEFT, and the same model after a training step (the tie holds)."""
+    results = {}
+    for lib in (ref, pf):
+        model = lib.get_peft_model(llama(), lib.LoraConfig(ensure_weight_tying=True, init_lora_weights=False, **kw))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(ids()).logits.pow(2).mean().backward()
+        optimizer.step()
+        folder = tmp_path / lib.__name__
+        model.save_pretrained(folder)
+        config = model.peft_config["default"]
+        results[lib.__name__] = (
+            model(ids()).logits.detach(),
+            sorted(n for n, p in model.named_parameters() if p.requires_grad),
+            load_file(folder / "adapter_model.safetensors"),
+            (sorted(config.target_modules) if config.target_modules else None, sorted(config.modules_to_save or [])),
+        )
+    (out_ref, names_ref, file_ref, config_ref), (out, names, file, config) = results["peft"], results["peft_fast"]
+    assert names == names_ref and config == config_ref
+    assert sorted(file) == sorted(file_ref)
+    for key in file:
+        torch.testing.assert_close(file[key], file_ref[key])
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_tying_warnings_as_peft():
+    with pytest.warns(UserWarning, match="ensure_weight_tying` is not set to True"):
+        pf.get_peft_model(llama(), pf.LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    with pytest.warns(UserWarning, match="no tied modules were found"):
+        pf.get_peft_model(llama(False), pf.LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                      ensure_weight_tying=True))

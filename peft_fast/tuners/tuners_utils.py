@@ -361,6 +361,11 @@ class BaseTuner(nn.Module, ABC):
                 continue
             if self._check_target_module_exists(peft_config, key):
                 keys.append(key)
+        # layers tied to a targeted embedding (ensure_weight_tying) come last: their adapters are views of its own
+        tied = getattr(peft_config, "target_modules_to_tie", None)
+        if tied:
+            is_tied = [k for k, _ in model.named_modules() if k and any(k == t or k.endswith(f".{t}") for t in tied)]
+            keys = [k for k in keys if k not in is_tied] + is_tied
         return keys
 
     def _find_parameter_targets(self, peft_config: PeftConfig, model: nn.Module) -> list[tuple[str, str, str]]:
@@ -452,6 +457,11 @@ class BaseTuner(nn.Module, ABC):
             self._mark_only_adapters_as_trainable(model)
             modules_to_save = getattr(peft_config, "modules_to_save", None)
             _set_trainable(model, adapter_name, modules_to_save, inference_mode=peft_config.inference_mode)
+            modules_to_tie = getattr(peft_config, "modules_to_tie", None)
+            if modules_to_tie:  # ensure_weight_tying: the tied layers' copies share the embedding copy's weight
+                tied_module = model.get_input_embeddings().modules_to_save[adapter_name]
+                _set_trainable(model, adapter_name, modules_to_tie, inference_mode=peft_config.inference_mode,
+                               tied_module=tied_module)
             if getattr(peft_config, "trainable_token_indices", None) is not None:
                 from .trainable_tokens.wrapping import wrap_trainable_tokens
 

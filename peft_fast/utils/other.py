@@ -188,12 +188,12 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     def _get_available_adapters(self) -> set[str]:
         return set(self.modules_to_save.keys())
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str):
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, tied_module: Optional[nn.Module] = None):
         super().__init__()
         self.original_module = module_to_save
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter = [adapter_name]
-        self.update(adapter_name)
+        self.update(adapter_name, tied_module=tied_module)
         self.check_module()
 
     def check_module(self) -> None:
@@ -217,9 +217,17 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
         return getattr(self._modules["original_module"], name)
 
-    def update(self, adapter_name: str) -> None:
+    def update(self, adapter_name: str, tied_module: Optional[nn.Module] = None) -> None:
+        """Give `adapter_name` its trainable copy; with `tied_module` (ensure_weight_tying: an output layer tied to
+        the embedding's copy) a Linear over that copy's very weight Parameter, as PEFT makes it."""
         if adapter_name not in self.modules_to_save:
-            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+            if tied_module is not None:
+                linear = nn.Linear(*tied_module.weight.shape, bias=False)  # (its random init: PEFT's draws)
+                linear.weight = tied_module.weight
+                linear.out_features, linear.in_features = tied_module.weight.shape
+                self.modules_to_save[adapter_name] = linear
+            else:
+                self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.original_module.requires_grad_(False)
         if adapter_name in self._active_adapter:
             self.modules_to_save[adapter_name].requires_grad_(True)

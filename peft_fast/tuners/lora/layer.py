@@ -95,6 +95,10 @@ class LoraLayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self._create_adapter_weights(adapter_name, r, lora_bias)
+        tied = kwargs.get("tied_adapter")
+        if tied:  # ensure_weight_tying: an output layer's factors are views of the input embedding's (as PEFT ties)
+            self.lora_A[adapter_name].weight = nn.Parameter(tied["lora_A"])
+            self.lora_B[adapter_name].weight = nn.Parameter(tied["lora_B"])
         self.lora_bias[adapter_name] = lora_bias
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         self.use_rslora[adapter_name] = config.use_rslora
@@ -447,7 +451,7 @@ class _LoraModule(nn.Module, LoraLayer):
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
         self._check_base_layer(base_layer, r, config)
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def _check_base_layer(self, base_layer: nn.Module, r: int, config: LoraConfig) -> None:
         """Refuse (or adjust for) base layers this layer class cannot adapt; runs before the adapter is built."""

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from functools import partial
 from typing import Optional
 
 from torch import nn
 
-from ...utils.constants import (
-    BASE_ADAPTER_NAME,
-    EMBEDDING_LAYER_NAMES,
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-)
+from ...utils.constants import BASE_ADAPTER_NAME, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.other import (
     AuxiliaryTrainingWrapper,
     _freeze_adapter,
-    get_module_names_tied_with_embedding,
     get_pattern_key,
 )
 from ..tuners_utils import BaseTuner
 from .config import LoraConfig
 from .bnb import dispatch_bnb
-from . import weighted
+from . import tying, weighted
 from .layer import LoraLayer, dispatch_default
 from .multihead_attention import MultiheadAttention
 from .param_wrapper import ParamWrapper
@@ -57,13 +51,9 @@ class LoraModel(BaseTuner):
                 f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias to "
                 "'none' for all adapters."
             )
-        if config.ensure_weight_tying and _trains_whole_embedding(config) and \
-                get_module_names_tied_with_embedding(self.model):
-            raise ValueError(
-                "ensure_weight_tying=True with the tied embedding in modules_to_save or target_modules is not "
-                "supported by peft_fast (it ties trainable_token_indices); train the embedding rows with "
-                "trainable_token_indices, or pass ensure_weight_tying=False."
-            )
+
+    def _prepare_model(self, peft_config: LoraConfig, model: nn.Module) -> None:
+        tying.prepare_weight_tying(peft_config, model)
 
     @staticmethod
     def _prepare_adapter_config(peft_config: LoraConfig, model_config: dict) -> LoraConfig:
@@ -84,13 +74,15 @@ class LoraModel(BaseTuner):
         r = lora_config.rank_pattern.get(r_key, lora_config.r)
         alpha = lora_config.alpha_pattern.get(alpha_key, lora_config.lora_alpha)
         parameter_name = kw.get("parameter_name")
+        extra = {"tied_adapter": tying.tied_lora_factors(self.model, adapter_name)} \
+            if tying.is_tied_target(lora_config, current_key) else {}
         if isinstance(target, LoraLayer) and getattr(target, "parameter_name", None) == parameter_name:
-            target.update_layer(adapter_name, r, lora_alpha=alpha, config=lora_config)
+            target.update_layer(adapter_name, r, lora_alpha=alpha, config=lora_config, **extra)
             return
         if parameter_name is not None:  # target_parameters: a wrapper around the module holding the parameter
             new_module = ParamWrapper(target, adapter_name, parameter_name, lora_config, r=r, lora_alpha=alpha)
         else:
-            new_module = self._create_new_module(lora_config, adapter_name, target, r=r, lora_alpha=alpha)
+            new_module = self._create_new_module(lora_config, adapter_name, target, r=r, lora_alpha=alpha, **extra)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -215,11 +207,3 @@ class LoraModel(BaseTuner):
             for handle in handles:
                 handle.remove()
 
-
-def _trains_whole_embedding(config: LoraConfig) -> bool:
-    """Whether modules_to_save or target_modules name an embedding layer (by PEFT's list of embedding names)."""
-    target = config.target_modules
-    if isinstance(target, str) and any(re.fullmatch(target, e) for e in EMBEDDING_LAYER_NAMES):
-        return True
-    names = list(config.modules_to_save or []) + ([] if isinstance(target, str) else list(target or []))
-    return any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in names)
