@@ -37,7 +37,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         peft_config: the configuration of the first adapter.
         adapter_name: its name (default "default").
         autocast_adapter_dtype: keep adapter weights of fp16/bf16 models in fp32 (default True).
-        low_cpu_mem_usage: accepted for PEFT compatibility; adapters are created on the base weights' device.
+        low_cpu_mem_usage: create the adapter weights on the meta device (to be loaded in place; PEFT's meaning).
     """
 
     def __init__(
@@ -406,7 +406,8 @@ class PeftModel(PromptLearningMixin, nn.Module):
                               low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
-                                    autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
+                                    autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage, **kwargs)
         except Exception:
             peft_model._remove_adapter(adapter_name, before)
             if "peft_config" in model.__dict__:

@@ -387,6 +387,32 @@ class BaseTuner(nn.Module, ABC):
                     found.append((outer, parameter_name, key))
         return found
 
+    def _create_adapter_layers(self, peft_config, adapter_name: str, model: nn.Module, target_keys: list[str],
+                               parameter_targets: list[tuple[str, str, str]], replaced: list, updated: list) -> None:
+        """The adapter layers of `adapter_name` on the targeted modules and parameters; what was replaced or updated
+        is recorded in `replaced` / `updated` for the caller's rollback."""
+        for key in target_keys:
+            parent, target, target_name = _get_submodules(model, key)
+            if isinstance(target, BaseTunerLayer):
+                updated.append(target)
+            self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
+            if getattr(parent, target_name) is not target:
+                replaced.append((parent, target_name, target))
+        for outer, parameter_name, key in parameter_targets:
+            parent, target, target_name = _get_submodules(model, outer)
+            existing = _wrapper_of_parameter(target, parameter_name)
+            if existing is not None:
+                updated.append(existing)
+            elif isinstance(target, BaseTunerLayer) and type(target).__name__ != "ParamWrapper":
+                raise ValueError(
+                    f"Trying to wrap an `nn.Parameter` of layer '{outer}' of type {type(target).__name__}, which "
+                    "is not a valid target. Make sure that this layer is not also targeted with `target_modules`."
+                )
+            self._create_and_replace(peft_config, adapter_name, existing or target, target_name, parent,
+                                     current_key=key, parameter_name=parameter_name)
+            if getattr(parent, target_name) is not target:
+                replaced.append((parent, target_name, target))
+
     def inject_adapter(
         self,
         model: nn.Module,
@@ -432,28 +458,13 @@ class BaseTuner(nn.Module, ABC):
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[BaseTunerLayer] = []
         requires_grad_before = [(p, p.requires_grad) for p in model.parameters()]
+        # low_cpu_mem_usage: the adapter's weights are made on the meta device (no memory, no init), to be loaded
+        # in place (set_peft_model_state_dict(..., low_cpu_mem_usage=True) / load_adapter)
+        empty = adapter_weights_on_meta() if low_cpu_mem_usage else contextlib.nullcontext()
         try:
-            for key in target_keys:
-                parent, target, target_name = _get_submodules(model, key)
-                if isinstance(target, BaseTunerLayer):
-                    updated.append(target)
-                self._create_and_replace(peft_config, adapter_name, target, target_name, parent, current_key=key)
-                if getattr(parent, target_name) is not target:
-                    replaced.append((parent, target_name, target))
-            for outer, parameter_name, key in parameter_targets:
-                parent, target, target_name = _get_submodules(model, outer)
-                existing = _wrapper_of_parameter(target, parameter_name)
-                if existing is not None:
-                    updated.append(existing)
-                elif isinstance(target, BaseTunerLayer) and type(target).__name__ != "ParamWrapper":
-                    raise ValueError(
-                        f"Trying to wrap an `nn.Parameter` of layer '{outer}' of type {type(target).__name__}, which "
-                        "is not a valid target. Make sure that this layer is not also targeted with `target_modules`."
-                    )
-                self._create_and_replace(peft_config, adapter_name, existing or target, target_name, parent,
-                                         current_key=key, parameter_name=parameter_name)
-                if getattr(parent, target_name) is not target:
-                    replaced.append((parent, target_name, target))
+            with empty:
+                self._create_adapter_layers(peft_config, adapter_name, model, target_keys, parameter_targets,
+                                            replaced, updated)
             self._mark_only_adapters_as_trainable(model)
             modules_to_save = getattr(peft_config, "modules_to_save", None)
             _set_trainable(model, adapter_name, modules_to_save, inference_mode=peft_config.inference_mode)
@@ -648,6 +659,24 @@ class BaseTuner(nn.Module, ABC):
         self.active_adapter = remaining if len(remaining) != 1 else remaining[0]
         if not remaining:
             self.active_adapter = []
+
+
+@contextlib.contextmanager
+def adapter_weights_on_meta():
+    """Parameters registered inside the block are created on the meta device (PEFT's init_empty_weights for
+    low_cpu_mem_usage): the base model's own parameters, registered before, are not touched."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _strip_base_layer(name: str) -> str:

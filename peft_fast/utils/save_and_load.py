@@ -216,10 +216,41 @@ def set_peft_model_state_dict(
         for k, _, _ in mismatched:
             del remapped[k]
     remapped = {k: _sharded_like(v, model_state.get(k)) for k, v in remapped.items()}
+    if low_cpu_mem_usage:  # assigned, not copied: in the dtype the adapter was made in (as a copy would give)
+        remapped = {k: v.to(model_state[k].dtype) if k in model_state and v.is_floating_point() else v
+                    for k, v in remapped.items()}
     result = model.load_state_dict(remapped, strict=False, assign=low_cpu_mem_usage)
+    if low_cpu_mem_usage:
+        _place_adapter(model, adapter_name)
     if prompt_embeddings is not None:
         model.prompt_encoder[adapter_name].embedding.load_state_dict({"weight": prompt_embeddings}, strict=True)
     return result
+
+
+def _place_adapter(model, adapter_name: str) -> None:
+    """Adapter tensors assigned from a file (low_cpu_mem_usage) onto their base layer's device, dtype kept; any left on
+    the meta device (the file lacked them) is an error naming them."""
+    from ..tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        base = module.get_base_layer()
+        weight = next((getattr(base, n) for n in ("weight", "qweight") if isinstance(getattr(base, n, None), torch.Tensor)),
+                      None)
+        if weight is None or weight.device.type == "meta":
+            continue
+        for attr in module.adapter_layer_names:
+            holder = getattr(module, attr, None)
+            if isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and adapter_name in holder:
+                item = holder[adapter_name]
+                tensors = item.parameters() if isinstance(item, torch.nn.Module) else [item]
+                if all(t.device.type != "meta" for t in tensors):
+                    holder[adapter_name] = item.to(weight.device)
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta" and f".{adapter_name}" in n]
+    if still_empty:
+        raise ValueError(f"The adapter '{adapter_name}' was made without weights (low_cpu_mem_usage=True) and the "
+                         f"state dict lacks {len(still_empty)} of them, e.g. {still_empty[:3]}")
 
 
 def _summary(found: list[tuple[str, object, object]], what: str, shown: int = 3) -> str:
