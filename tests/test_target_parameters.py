@@ -167,3 +167,24 @@ def test_parameters_unmatched_beside_matched_modules_warn():
     assert any("no parameter was matched" in str(w.message) for w in caught)
     with pytest.raises(ValueError, match="target_parameters"):
         pf.LoraConfig(target_parameters="experts.gate_up_proj")
+
+
+def test_a_failed_load_of_a_second_adapter_leaves_every_wrapper_as_it_was(tmp_path):
+    """Nested parameter wrappers, trainable tokens and LoRA layers of a half-loaded adapter all go again."""
+    from safetensors.torch import save_file
+
+    kw = dict(target_modules=["q_proj"], target_parameters=EXPERT_PARAMS, trainable_token_indices=[1, 2])
+    saved = pf.get_peft_model(mixtral(), pf.LoraConfig(init_lora_weights=False, **kw))
+    saved.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    key = next(k for k in state if "q_proj.lora_A" in k)
+    state[key] = torch.zeros(3, 3)  # a wrong shape: the load fails after the adapter was made
+    save_file(state, tmp_path / "adapter_model.safetensors")
+    model = pf.get_peft_model(mixtral(), pf.LoraConfig(target_modules=["k_proj"]))
+    before = sorted(model.state_dict())
+    structure = [type(m).__name__ for m in model.modules()]
+    with pytest.raises(ValueError, match="wrong shape"):
+        model.load_adapter(tmp_path, adapter_name="other")
+    assert sorted(model.state_dict()) == before
+    assert [type(m).__name__ for m in model.modules()] == structure
+    assert list(model.peft_config) == ["default"]

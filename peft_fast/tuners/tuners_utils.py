@@ -572,11 +572,8 @@ class BaseTuner(nn.Module, ABC):
                 parent, target, target_name = _get_submodules(self.model, key)
             except AttributeError:
                 continue
-            if isinstance(target, AuxiliaryTrainingWrapper):
-                self._replace_module(
-                    parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names), target
-                )
-            elif hasattr(target, "unload_and_optionally_merge_module"):  # e.g. nested parameter wrappers
+            # wrappers that unload themselves: modules_to_save / trainable tokens, nested parameter wrappers, MHA
+            if hasattr(target, "unload_and_optionally_merge_module"):
                 self._replace_module(
                     parent, target_name, target.unload_and_optionally_merge_module(merge, safe_merge, adapter_names), target
                 )
@@ -625,12 +622,12 @@ class BaseTuner(nn.Module, ABC):
 
     def _remove_adapter_layers(self, adapter_name: str) -> None:
         """Undo the injection of `adapter_name`: layers and wrappers left with no adapter give back their base module."""
-        for key in [k for k, _ in self.model.named_modules()]:
+        for key in reversed([k for k, _ in self.model.named_modules()]):  # inner wrappers first
             try:
                 parent, target, target_name = _get_submodules(self.model, key)
             except AttributeError:
                 continue
-            if isinstance(target, BaseTunerLayer):
+            if isinstance(target, BaseTunerLayer) and not isinstance(parent, AuxiliaryTrainingWrapper):
                 target.delete_adapter(adapter_name)
                 if not target._all_available_adapter_names():
                     setattr(parent, target_name, target.base_layer)  # (one level: nested wrappers may keep theirs)
