@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ft.add_argument("--out", default="peft_fast_out/adapter", help="where the adapter is saved (default: %(default)s)")
     bench = sub.add_parser("bench", help="time peft_fast against HF PEFT and the bare base (table, JSON, plot)")
-    bench.add_argument("--suite", default="all", help="all | layer | qlora | model | decode (default: all)")
+    bench.add_argument("--suite", default="all", help="all | layer | qlora | model | decode | consumer (the 7B QLoRA case: minutes) (default: all)")
     bench.add_argument("--quick", action="store_true", help="fewer and smaller cases")
     bench.add_argument("--out", default="peft_fast_bench", help="directory for bench.json and bench.png (default: peft_fast_bench)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

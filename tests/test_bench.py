@@ -182,3 +182,25 @@ def test_dequantize_linears_computes_what_the_4bit_layers_compute():
         assert all(type(m) is nn.Linear for m in (twin[0], twin[2])) and twin[0].weight.dtype == torch.float32
         torch.testing.assert_close(twin(x), expected, rtol=1e-4, atol=1e-4)
         assert (twin(x) - original(x)).abs().max() > 1e-3  # the twin holds the rounded NF4 values, not the originals
+
+
+def test_consumer_qlora_case_runs_both_libraries_and_reports_memory_budgets(tmp_path):
+    """The 7B consumer-GPU QLoRA case, at its CPU size: each library prepares its own quantized model, peft_fast is
+    checked against its torch path, and budget results (measured on CUDA only) are printed per library."""
+    pytest.importorskip("bitsandbytes")
+    from dataclasses import asdict
+
+    from peft_fast.benchmark import report, run_case
+    from peft_fast.benchmark.consumer import LLAMA_7B, consumer_cases
+
+    (case,) = consumer_cases(torch.device("cpu"), quick=True)
+    result = run_case(case, torch.device("cpu"), torch.float32, repeats=2)
+    assert set(result.impls) == {"peft", "peft_fast"} and not result.wrong
+    assert result.impls["peft_fast"].ok is True and result.impls["peft"].units_per_s > 0
+    # the GPU cases are the 7B shape at sequence 2048, batch 1 and 4
+    gpu = consumer_cases(torch.device("cuda"), quick=False)
+    assert [c.batch for c in gpu] == [1, 4] and all(c.shape == LLAMA_7B and c.seq == 2048 for c in gpu)
+    payload = asdict(result)
+    payload["impls"]["peft"]["fits"] = {"16": False, "24": True}
+    (line,) = report.throughput_lines([payload])
+    assert "peft 16 GiB does not fit 24 GiB fits" in line

@@ -646,5 +646,8 @@ def suites(device: torch.device, quick: bool) -> dict[str, list]:
         model = [ModelTrainCase(LLAMA_TINY, 2, 32 if quick else 64)]
         qlora.append(QLoraTrainCase(LLAMA_TINY, 2, 32))
         decode = [DecodeCase(LLAMA_TINY, prompt=8, new_tokens=4 if quick else 8)]
-    return {"layer": layer, "qlora": qlora, "model": model, "decode": decode,
-            "all": layer + qlora + model + decode}
+    from .consumer import consumer_cases
+
+    consumer = consumer_cases(device, quick)
+    return {"layer": layer, "qlora": qlora, "model": model, "decode": decode, "consumer": consumer,
+            "all": layer + qlora + model + decode + ([] if quick and device.type == "cuda" else consumer)}

@@ -87,6 +87,11 @@ def throughput_lines(cases: list[dict]) -> list[str]:
         rates = {n: i.get("units_per_s") for n, i in c["impls"].items() if i.get("units_per_s")}
         if rates:
             parts = ", ".join(f"{n} {_rate(v)} tok/s" for n, v in rates.items())
+            fits = {n: i["fits"] for n, i in c["impls"].items() if i.get("fits")}
+            if fits:  # whether a step ran under each memory budget (GiB)
+                parts += "; " + ", ".join(
+                    f"{n} " + " ".join(f"{gib} GiB {'fits' if ok else 'does not fit'}" for gib, ok in f.items())
+                    for n, f in fits.items())
             out.append(f"- {c['id']}: {parts}")
     return out
 

@@ -26,6 +26,7 @@ class ImplResult:
     ok: Optional[bool] = None  # None: not checked (the bare base)
     check_detail: Optional[str] = None  # what the correctness check measured, when the case says (model cases)
     units_per_s: Optional[float] = None
+    fits: Optional[dict] = None  # memory budget (GiB) → whether a step ran within it (cases with memory_budgets)
     error: Optional[str] = None
 
 
@@ -48,6 +49,27 @@ def _free(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+
+
+def fits_in(step: Callable[[int], None], device: torch.device, gib: float) -> bool:
+    """Whether one `step(0)` runs on a card of `gib` GiB: torch's allocator is limited to that size less what this
+    process already holds outside it (the CUDA context, cuBLAS workspaces), and an out-of-memory error means no."""
+    _free(device)
+    free, total = torch.cuda.mem_get_info(device)
+    outside = (total - free) - torch.cuda.memory_reserved(device)  # the context etc., which a real card holds too
+    budget = gib * 2**30 - outside
+    if budget <= torch.cuda.memory_allocated(device):
+        return False
+    torch.cuda.set_per_process_memory_fraction(budget / total, device)
+    try:
+        step(0)
+        torch.cuda.synchronize(device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        _free(device)
 
 
 def impl_names(case, device: torch.device) -> tuple[str, ...]:
@@ -91,6 +113,8 @@ def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, 
                         res.saved_bytes = impl.saved_bytes()
                     if impl.units:
                         res.units_per_s = impl.units / (res.median_ms / 1e3)
+                    if impl.extra.get("memory_budgets") and device.type == "cuda":
+                        res.fits = {str(gib): fits_in(impl.step, device, gib) for gib in impl.extra["memory_budgets"]}
                 result.out_bytes = impl.extra.get("out_bytes", result.out_bytes)
                 del impl
             except Exception as exc:  # one broken implementation must not hide the others' numbers
