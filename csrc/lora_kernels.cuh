@@ -320,6 +320,9 @@ struct RowsConfig {
 
 template <typename T, typename TA, int R, int BM, bool BWD>
 __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // never launched there: lora_kernels_support refuses GPUs below sm_80 (bf16 WMMA)
+#else
     using Cfg = RowsConfig<T, TA, R, BM, BWD>;
     constexpr int BK = Cfg::BK, BN = Cfg::BN;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -499,6 +502,7 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
         if (t + 1 < t_end) w2t.store(w2s + (buf ^ 1) * Cfg::W2_ELEMS);
         __syncthreads();
     }
+#endif
 }
 
 template <typename T, typename TA, int R, int BM, bool BWD>
@@ -574,6 +578,9 @@ struct ReduceConfig {
 
 template <typename T, typename TO, int R>
 __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs args, LoraReducePlan plan) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // never launched there: lora_kernels_support refuses GPUs below sm_80 (bf16 WMMA)
+#else
     using Cfg = ReduceConfig<T, R>;
     constexpr int BC = Cfg::BC, BMR = Cfg::BMR;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -688,6 +695,7 @@ __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs ar
         for (int q = 0; q < plan.splits; ++q) v += __ldcg(parts + static_cast<int64_t>(q) * BC * R + c * R + j);
         write(c, j, v);
     }
+#endif
 }
 
 template <typename T, typename TO, int R>

@@ -27,7 +27,7 @@ fi
 } > "$OUT/gpu.txt" 2>&1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}"
-python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -30 "$OUT/install.log"; exit 1; }
+PEFT_FAST_REQUIRE_EXTENSION=1 python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -30 "$OUT/install.log"; exit 1; }
 { echo "link: $(grep -E -- ' -shared ' "$OUT/install.log" | tail -1 | cut -c1-400)"
   for so in peft_fast/_C*.so; do [ -e "$so" ] && echo "$so defines: $(nm -D --defined-only "$so" | grep -c -E ' (__gxx_personality_v0|__cxa_throw)$') C++ runtime symbols (want 0)"; done
 } | tee -a "$OUT/gpu.txt"

@@ -29,6 +29,16 @@ def test_cuda_source_compiles_for_hopper(source, tmp_path):
     assert max(spills) <= 32, spills
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("source", sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))), ids=os.path.basename)
+def test_cuda_source_compiles_for_turing(source, tmp_path):
+    """A user's build for a T4 (sm_75, no bf16 tensor cores) must not fail: the fused LoRA kernels compile to a trap
+    there and lora_kernels_support refuses GPUs below sm_80, so the node keeps its ATen route."""
+    proc = subprocess.run(["nvcc", "-c", "-arch=sm_75", "-O1", source, "-o", str(tmp_path / "k.o")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _cuda_include():
     nvcc = shutil.which("nvcc")
     candidates = ([os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include")] if nvcc else [])
