@@ -9,7 +9,7 @@
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
 #   qmprof  the same for the QLoRA model case
 #   ab | qab  scripts/ab_model_step.py [--qlora]: PEFT vs peft_fast model steps interleaved (noisy hosts)
-#   layer | qlora | model | decode | all   that `peft-fast bench` suite (JSON + PNG + table)
+#   layer | qlora | model | decode | consumer | all   that `peft-fast bench` suite (JSON + PNG + table)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
 # Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset).
@@ -47,7 +47,7 @@ for step in "${steps[@]}"; do
     kprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_kernels.py ${KPROBE:-} 2>&1 | tee "$OUT/kprobe.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
-    layer|qlora|model|decode|all)
+    layer|qlora|model|decode|consumer|all)
       timeout "$STEP_TIMEOUT" peft-fast bench --suite "$step" --out "$OUT/bench_$step" --no-progress ${BENCH_ARGS:-} 2>&1 \
         | tee "$OUT/bench_$step.log" | grep -v "^\s*$" | tail -40 || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;

@@ -55,6 +55,7 @@ def fits_in(step: Callable[[int], None], device: torch.device, gib: float) -> bo
     """Whether one `step(0)` runs on a card of `gib` GiB: torch's allocator is limited to that size less what this
     process already holds outside it (the CUDA context, cuBLAS workspaces), and an out-of-memory error means no."""
     _free(device)
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     free, total = torch.cuda.mem_get_info(device)
     outside = (total - free) - torch.cuda.memory_reserved(device)  # the context etc., which a real card holds too
     budget = gib * 2**30 - outside
