@@ -315,3 +315,34 @@ def test_the_flat_eager_path_makes_the_general_paths_call(state, force_backend, 
             assert fast is None, name
         with ops.use_backend("torch"):  # a forced backend always takes the general path
             assert cuda_lora.eager_node_args(layer, x) is None
+
+
+def test_failing_fused_kernels_turn_off_only_the_kernels(autograd_node, monkeypatch):
+    """A node call whose fused kernels raise (a GPU they were not built for) runs again on the node's ATen route:
+    the same numbers, one warning, the kernels off from then on — and the cuda backend still on."""
+    if autograd_node != "cpp-node":
+        pytest.skip("the C++ node's kernels argument")
+    real, calls = cuda_lora.CPP_LORA_LINEAR, []
+
+    def node(*args):
+        calls.append(args[-1])
+        if args[-1]:
+            raise RuntimeError("peft_fast LoRA kernel (forward) failed: no kernel image is available")
+        return real(*args)
+
+    monkeypatch.setattr(cuda_lora, "CPP_LORA_LINEAR", node)
+    monkeypatch.setattr(dispatch, "_KERNELS_FAILED", None)
+    layer = _layer(nn.Linear(16, 8), 4, 0.0)
+    x = torch.randn(5, 16)
+    want = _run(layer, x, "torch")
+    assert dispatch.fused_kernels_for(x, 8, 4)
+    with pytest.warns(UserWarning, match="fused CUDA LoRA kernels failed here.*no kernel image"):
+        got = _run(layer, x, "cuda")
+    assert calls == [True, False] and not dispatch.fused_kernels_for(x, 8, 4)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b)
+    _run(layer, x, "cuda")
+    assert calls == [True, False, False]  # no second try of the kernels, no second warning
+    assert ("linear_with_lora", "cuda") not in dispatch._FAILED
+    with dispatch.use_cuda_kernels("on"), pytest.raises(RuntimeError, match="no kernel image"):
+        _run(layer, x, "cuda")  # kernels forced on: their own error, not hidden

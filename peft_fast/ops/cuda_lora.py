@@ -170,7 +170,7 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
             not torch._C._are_functorch_transforms_active():
         # the node casts to `dtype` and reshapes inside (no autograd node around it); no graph node without grads
         kernels = dispatch.fused_kernels_for(x, weight.shape[1] if kn else weight.shape[0], lora_a.shape[0])
-        return CPP_LORA_LINEAR(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels)
+        return dispatch.call_node(CPP_LORA_LINEAR, x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels)
     k = x.shape[-1]
     x2 = _as(x.reshape(-1, k), dtype)
     if x2.stride(-1) != 1:
@@ -214,7 +214,7 @@ def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
     if args is None:
         return None
     try:
-        return CPP_LORA_LINEAR(*args)
+        return dispatch.call_node(CPP_LORA_LINEAR, *args)
     except Exception:  # noqa: BLE001 - the general path retries on torch and takes the backend off (dispatch.call)
         return None
 

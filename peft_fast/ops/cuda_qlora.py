@@ -113,7 +113,7 @@ def _base_then_lora_node(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]
     if lora_bias is not None:
         result = result + lora_bias
     kernels = dispatch.fused_kernels_for(x, lora_b.shape[0], lora_a.shape[0])
-    return CPP_LORA_ADD(x, result, lora_a, lora_b, scale, terms[0].dropout_p, dtype, kernels)
+    return dispatch.call_node(CPP_LORA_ADD, x, result, lora_a, lora_b, scale, terms[0].dropout_p, dtype, kernels)
 
 
 def _gemv(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tensor:

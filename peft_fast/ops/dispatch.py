@@ -24,7 +24,9 @@ a Triton compile error) does not stop the job: the call is run again on torch, a
 the backend is taken off that op for the rest of the process, with one warning naming the error. When torch
 fails as well the call itself was bad: torch's exception is raised and nothing is taken off. Forced backends and
 traced calls (torch.compile) are not retried, so a developer sees the kernel's own error. (This covers the op
-call itself, i.e. the forward; an error inside a fused backward surfaces from `backward()`.)
+call itself, i.e. the forward; an error inside a fused backward surfaces from `backward()`.) One level below, the
+cuda backend's node retries a call whose fused kernels fail on its ATen route (`call_node`): only the kernels are
+then turned off, not the backend. GPUs below sm_80 never take the kernels (csrc: lora_kernels_support).
 """
 
 from __future__ import annotations
@@ -138,8 +140,31 @@ def fused_kernels(m: int, k: int, n: int, r: int) -> bool:
     node still falls back to ATen where the kernels cannot take the call: dtype, rank > 128, widths)."""
     mode = CUDA_KERNELS
     if mode == "auto":
-        return r <= FUSED_ANY_SIZE_RANK or m * (k + n) * r <= FUSED_MAX_WORK
+        return _KERNELS_FAILED is None and (r <= FUSED_ANY_SIZE_RANK or m * (k + n) * r <= FUSED_MAX_WORK)
     return mode == "on"
+
+
+# set when the fused kernels failed at run time in auto mode (the node's ATen route then runs every call)
+_KERNELS_FAILED: Optional[str] = None
+
+
+def call_node(node, *args):
+    """node(*args) for a cuda-backend C++ node whose last argument says whether to take the fused kernels. If they
+    fail in auto kernel mode (a GPU they were not built for, too little shared memory …) the same call runs on
+    the node's ATen route, and when that succeeds the kernels are off for the rest of the process, with one
+    warning naming the error; the cuda backend itself stays on. Kernels forced "on" are not retried."""
+    global _KERNELS_FAILED
+    try:
+        return node(*args)
+    except Exception as err:  # noqa: BLE001 - any kernel failure, see the docstring
+        if not args[-1] or CUDA_KERNELS != "auto":
+            raise
+        out = node(*args[:-1], False)  # raises (for the caller) if the call itself is bad
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        _KERNELS_FAILED = f"{type(err).__name__}: {first_line}"
+        warnings.warn(f"peft_fast: the fused CUDA LoRA kernels failed here ({_KERNELS_FAILED}); the cuda backend "
+                      "runs its ATen route from now on")
+        return out
 
 
 @contextlib.contextmanager
