@@ -6,6 +6,7 @@ import copy
 import inspect
 import re
 import warnings
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
@@ -87,7 +88,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> Optional[str]:
     return next((name for name, m in model.named_modules() if m is module), None)
 
 
-class AuxiliaryTrainingWrapper(nn.Module):
+class AuxiliaryTrainingWrapper(nn.Module, ABC):
     """A module of the base model that an adapter trains besides its adapter layers: wholly (modules_to_save,
     ModulesToSaveWrapper) or a few rows of it (trainable_token_indices, TrainableTokensWrapper). Keeps which
     adapters it has and which is active (one at a time), and runs a batch that mixes adapters per sample."""
@@ -116,15 +117,32 @@ class AuxiliaryTrainingWrapper(nn.Module):
     def active_adapters(self) -> list[str]:
         return list(self._active_adapter)
 
+    @abstractmethod
     def _get_available_adapters(self) -> set[str]:
-        raise NotImplementedError  # each wrapper knows where its adapters live
+        """The adapters this wrapper holds."""
+
+    @abstractmethod
+    def update(self, adapter_name: str, **kwargs) -> None:
+        """Give `adapter_name` what it trains here (a no-op when it has it)."""
+
+    @abstractmethod
+    def delete_adapter(self, adapter_name: str, new_active_adapters: Optional[list[str]] = None) -> None:
+        """Drop `adapter_name`; the first of `new_active_adapters` this wrapper has becomes the active one."""
+
+    @abstractmethod
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        """The module that replaces this wrapper when the model is unloaded."""
+
+    @abstractmethod
+    def adapter_state_dict(self, adapter_name: str, state_dict: dict) -> dict:
+        """`adapter_name`'s tensors under their file keys, from this wrapper's state dict `state_dict`."""
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self._get_available_adapters()
 
+    @abstractmethod
     def _forward_adapter(self, adapter_name: Optional[str], x: torch.Tensor, *args, **kwargs):
         """The output with adapter `adapter_name` (None: the base module's)."""
-        raise NotImplementedError
 
     def _active_name(self) -> Optional[str]:
         if self._disable_adapters:
@@ -152,8 +170,9 @@ class AuxiliaryTrainingWrapper(nn.Module):
                 results[i] = out[j]
         return torch.stack(results)
 
+    @abstractmethod
     def get_base_layer(self) -> nn.Module:
-        raise NotImplementedError
+        """The wrapped module."""
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Make the one adapter of `adapter_names` that this module has the active one ([]: none)."""
@@ -167,8 +186,9 @@ class AuxiliaryTrainingWrapper(nn.Module):
         self._set_trainable_adapter(adapter_names[0] if adapter_names else None, inference_mode)
         self._active_adapter = list(adapter_names)
 
+    @abstractmethod
     def _set_trainable_adapter(self, adapter_name: Optional[str], inference_mode: bool) -> None:
-        raise NotImplementedError
+        """Only `adapter_name`'s tensors train (none when None, or in inference mode)."""
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
