@@ -90,8 +90,9 @@ def test_random_lora_configs_work_like_the_torch_path_or_raise_clearly(r, alpha,
 @_settings("state_dict")
 @given(drop=st.lists(st.integers(0, 7), max_size=3), extra=st.booleans(),
        reshape=st.one_of(st.none(), st.integers(0, 7)), dtype=st.sampled_from([None, torch.float16, torch.int64]),
-       poison=st.sampled_from([None, float("nan"), float("inf")]))
-def test_random_adapter_state_dicts_load_exactly_or_raise_clearly(drop, extra, reshape, dtype, poison):
+       poison=st.sampled_from([None, float("nan"), float("inf")]), low_cpu=st.booleans())
+def test_random_adapter_state_dicts_load_exactly_or_raise_clearly(drop, extra, reshape, dtype, poison, low_cpu):
+    """Also into an adapter made without weights (low_cpu_mem_usage=True), where a dict lacking some is refused."""
     config = pf.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
     source = pf.get_peft_model(_mlp(), copy.deepcopy(config))
     state = {k: v.clone() for k, v in pf.get_peft_model_state_dict(source).items()}
@@ -109,14 +110,19 @@ def test_random_adapter_state_dicts_load_exactly_or_raise_clearly(drop, extra, r
     if poison is not None and state:
         k = sorted(state)[-1]
         state[k] = state[k].clone().view(-1).index_fill_(0, torch.tensor([0]), poison).view(state[k].shape)
-    target = pf.get_peft_model(_mlp(), copy.deepcopy(config))
-    snapshot = _snapshot(target)
+    target = pf.get_peft_model(_mlp(), copy.deepcopy(config), low_cpu_mem_usage=low_cpu)
+    snapshot = _snapshot(target) if not low_cpu else None
     try:
-        pf.set_peft_model_state_dict(target, state)
+        pf.set_peft_model_state_dict(target, state, low_cpu_mem_usage=low_cpu)
     except Exception as exc:  # noqa: BLE001
         _assert_clear(exc)
-        assert _same(target, snapshot), "a refused state dict left the model changed"
+        if low_cpu:  # nothing assigned: every adapter weight still empty
+            assert all(p.device.type == "meta" for n, p in target.named_parameters() if "lora_" in n)
+        else:
+            assert _same(target, snapshot), "a refused state dict left the model changed"
         return
+    if low_cpu:
+        assert all(p.device.type == "cpu" for p in target.parameters())
     event("loaded")
     loaded = pf.get_peft_model_state_dict(target)
     for k, v in state.items():  # what was accepted is exactly what was given (NaN included)
@@ -169,3 +175,45 @@ def test_random_layer_inputs_match_the_torch_path_or_raise_the_same(lead, layout
     torch.testing.assert_close(out_c.float(), out_t.float(), rtol=tol, atol=tol)
     if g_t is not None:
         torch.testing.assert_close(g_c.float(), g_t.float(), rtol=tol, atol=tol)
+
+
+NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "self_attn.q_proj",
+         "layers.0.mlp.up_proj", "mlp", "nope", "lm_head", "embed_tokens"]
+REGEXES = [r".*\.q_proj", r".*(q|v)_proj", r"model\.layers\.0\..*", r".*mlp.*", r"q_proj", "all-linear", r".*_proj$",
+           r"model\.layers\.1\.self_attn\.(k|v)_proj", r".*layers\.\d+\.mlp\.(up|down)_proj"]
+EXAMPLES["targets"] = 60
+
+
+@_settings("targets")
+@given(target=st.one_of(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3), st.sampled_from(REGEXES)),
+       exclude=st.one_of(st.none(), st.lists(st.sampled_from(NAMES), min_size=1, max_size=2),
+                         st.sampled_from(REGEXES[:5])),
+       layers=st.one_of(st.none(), st.integers(0, 2), st.lists(st.integers(0, 1), min_size=1, max_size=2)),
+       pattern=st.sampled_from([None, "layers"]))
+def test_random_target_and_exclude_patterns_pick_the_modules_hf_peft_picks(target, exclude, layers, pattern):
+    """Module matching is what users' configs rely on most: target_modules / exclude_modules as names, suffixes or
+    regexes, with layers_to_transform / layers_pattern, pick exactly HF PEFT's modules, or both refuse."""
+    import peft as ref
+    from models import tiny_llama
+
+    if pattern is not None and layers is None:
+        pattern = None  # (both refuse it at config time: not what this property is about)
+
+    def picked(lib):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        try:
+            config = lib.LoraConfig(r=2, target_modules=target, exclude_modules=exclude, layers_to_transform=layers,
+                                    layers_pattern=pattern)
+            peft_model = lib.get_peft_model(model, config)
+        except (ValueError, TypeError, KeyError) as exc:
+            return type(exc).__name__
+        return sorted(n for n, m in peft_model.named_modules() if type(m).__name__ in ("Linear", "Embedding")
+                      and "lora_" not in n and type(m).__module__.endswith("lora.layer"))
+
+    ours, theirs = picked(pf), picked(ref)
+    event("both refused" if isinstance(theirs, str) and isinstance(ours, str) else "both picked")
+    if isinstance(theirs, str):
+        assert isinstance(ours, str), f"HF PEFT refused ({theirs}), peft_fast picked {ours}"
+    else:
+        assert ours == theirs

@@ -217,6 +217,11 @@ def set_peft_model_state_dict(
             del remapped[k]
     remapped = {k: _sharded_like(v, model_state.get(k)) for k, v in remapped.items()}
     if low_cpu_mem_usage:  # assigned, not copied: in the dtype the adapter was made in (as a copy would give)
+        empty = [k for k, v in model_state.items() if v.device.type == "meta" and f".{adapter_name}" in k]
+        lacking = [k for k in empty if k not in remapped]
+        if lacking:  # checked before anything is assigned: the model stays as it was
+            raise ValueError(f"The adapter '{adapter_name}' was made without weights (low_cpu_mem_usage=True) and "
+                             f"the state dict lacks {len(lacking)} of them, e.g. {lacking[:3]}")
         remapped = {k: v.to(model_state[k].dtype) if k in model_state and v.is_floating_point() else v
                     for k, v in remapped.items()}
     result = model.load_state_dict(remapped, strict=False, assign=low_cpu_mem_usage)
@@ -228,8 +233,7 @@ def set_peft_model_state_dict(
 
 
 def _place_adapter(model, adapter_name: str) -> None:
-    """Adapter tensors assigned from a file (low_cpu_mem_usage) onto their base layer's device, dtype kept; any left on
-    the meta device (the file lacked them) is an error naming them."""
+    """Adapter tensors assigned from a file (low_cpu_mem_usage) onto their base layer's device, dtype kept."""
     from ..tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():
@@ -247,10 +251,6 @@ def _place_adapter(model, adapter_name: str) -> None:
                 tensors = item.parameters() if isinstance(item, torch.nn.Module) else [item]
                 if all(t.device.type != "meta" for t in tensors):
                     holder[adapter_name] = item.to(weight.device)
-    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta" and f".{adapter_name}" in n]
-    if still_empty:
-        raise ValueError(f"The adapter '{adapter_name}' was made without weights (low_cpu_mem_usage=True) and the "
-                         f"state dict lacks {len(still_empty)} of them, e.g. {still_empty[:3]}")
 
 
 def _summary(found: list[tuple[str, object, object]], what: str, shown: int = 3) -> str:
