@@ -226,3 +226,9 @@ def test_add_adapter_all_linear_on_a_wrapped_model_matches_peft():
         targets.append(sorted(model.peft_config["second"].target_modules))
     assert states[0] == states[1] and len(states[1]) == 28
     assert targets[0] == targets[1]
+
+
+def test_an_exclude_pattern_that_excludes_nothing_warns_as_peft_does():
+    for lib in (ref, pf):
+        with pytest.warns(UserWarning, match=r"exclude_modules=\{'nope'\} but no modules were excluded"):
+            lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["q_proj"], exclude_modules=["nope"]))

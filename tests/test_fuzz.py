@@ -217,3 +217,4 @@ def test_random_target_and_exclude_patterns_pick_the_modules_hf_peft_picks(targe
         assert isinstance(ours, str), f"HF PEFT refused ({theirs}), peft_fast picked {ours}"
     else:
         assert ours == theirs
+

@@ -351,7 +351,7 @@ class BaseTuner(nn.Module, ABC):
 
     # ------------------------------------------------------------------ injection
     def _find_targets(self, peft_config: PeftConfig, model: nn.Module) -> list[str]:
-        keys = []
+        keys, excluded = [], False
         for key, module in model.named_modules():
             if not key or isinstance(module, AuxiliaryTrainingWrapper):
                 continue
@@ -359,8 +359,14 @@ class BaseTuner(nn.Module, ABC):
             if any(isinstance(model.get_submodule(p), (BaseTunerLayer, AuxiliaryTrainingWrapper))
                    for p in _proper_prefixes(key)):
                 continue
-            if self._check_target_module_exists(peft_config, key):
+            matched = self._check_target_module_exists(peft_config, key)
+            excluded = excluded or isinstance(matched, _ExcludedModule)
+            if matched:
                 keys.append(key)
+        exclude = getattr(peft_config, "exclude_modules", None)
+        if exclude and not excluded:
+            warnings.warn(f"You have passed exclude_modules={exclude} but no modules were excluded. Please check that "
+                          "exclude_modules was set correctly.")
         # layers tied to a targeted embedding (ensure_weight_tying) come last: their adapters are views of its own
         tied = getattr(peft_config, "target_modules_to_tie", None)
         if tied:
