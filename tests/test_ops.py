@@ -1,6 +1,7 @@
 """The ops layer: dispatch rules and the torch reference against the LoRA formula of DESIGN.md §2."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -247,3 +248,17 @@ def test_a_kernel_failing_at_run_time_falls_back_to_torch_once_with_one_warning(
             dispatch.call("_probe_op", 4)
     finally:
         dispatch._REGISTRY.pop("_probe_op")
+
+
+def test_a_gpu_below_sm80_gets_one_warning_and_no_fused_kernels(monkeypatch):
+    """On a T4 (7.5) the fused kernels are off (the C++ side refuses such GPUs too), with one warning naming the GPU;
+    an A100-class GPU (8.0) takes them."""
+    monkeypatch.setattr(dispatch, "_CAPABLE", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5) if index == 0 else (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4" if index == 0 else "A100")
+    with pytest.warns(UserWarning, match=r"need compute capability 8.0.*Tesla T4 has 7.5"):
+        assert dispatch.kernels_run_on(torch.device("cuda", 0)) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked once per device: no second warning
+        assert dispatch.kernels_run_on(torch.device("cuda", 0)) is False
+        assert dispatch.kernels_run_on(torch.device("cuda", 1)) is True

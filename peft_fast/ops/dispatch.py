@@ -26,7 +26,8 @@ fails as well the call itself was bad: torch's exception is raised and nothing i
 traced calls (torch.compile) are not retried, so a developer sees the kernel's own error. (This covers the op
 call itself, i.e. the forward; an error inside a fused backward surfaces from `backward()`.) One level below, the
 cuda backend's node retries a call whose fused kernels fail on its ATen route (`call_node`): only the kernels are
-then turned off, not the backend. GPUs below sm_80 never take the kernels (csrc: lora_kernels_support).
+then turned off, not the backend. GPUs below sm_80 never take the kernels (`kernels_run_on` warns once per such
+GPU; csrc's lora_kernels_support refuses them as well).
 """
 
 from __future__ import annotations
@@ -132,7 +133,28 @@ FUSED_MAX_WORK = 1 << 29
 def fused_kernels_for(x: torch.Tensor, n: int, r: int) -> bool:
     """fused_kernels for input x (…×K rows) of a layer with N outputs and total rank r."""
     k = x.shape[-1]
+    if x.is_cuda and not kernels_run_on(x.device):
+        return False
     return fused_kernels(x.numel() // max(k, 1), k, n, r)
+
+
+_CAPABLE: dict[int, bool] = {}  # CUDA device index → whether the fused kernels run there
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether peft_fast's fused CUDA kernels run on this GPU: compute capability 8.0 or newer (bf16 tensor cores;
+    csrc/lora_kernels refuses older GPUs as well). A T4 or V100 gets one warning naming it and keeps the cuda
+    backend's ATen route."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capable = _CAPABLE.get(index)
+    if capable is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        capable = _CAPABLE[index] = major >= 8
+        if not capable:
+            warnings.warn(f"peft_fast: the fused CUDA LoRA kernels need compute capability 8.0 or newer (bf16 tensor "
+                          f"cores); {torch.cuda.get_device_name(index)} has {major}.{minor}, so the cuda backend runs "
+                          "its ATen route there")
+    return capable
 
 
 def fused_kernels(m: int, k: int, n: int, r: int) -> bool:
