@@ -233,11 +233,6 @@ class LycorisTuner(BaseTuner):
             f"Target module of type {type(target)} not supported, currently only adapters for {supported} are supported"
         )
 
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
-
     def set_scale(self, adapter: str, scale: float) -> None:
         for module in self.model.modules():
             if isinstance(module, LycorisLayer):

@@ -334,8 +334,12 @@ class BaseTuner(nn.Module, ABC):
         self, peft_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None: ...
 
-    @abstractmethod
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None: ...
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """Freeze every parameter but the adapters' (those under the tuner's prefix); tuners with more rules (LoRA's
+        bias) override it."""
+        for name, param in model.named_parameters():
+            if self.prefix not in name:
+                param.requires_grad = False
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         pass

@@ -55,8 +55,3 @@ class TrainableTokensModel(BaseTuner):
         new_module = TrainableTokensLayer(target, adapter_name, config=peft_config, tied_adapter=tied_adapter)
         new_module.update_layer(adapter_name, config=peft_config, tied_adapter=tied_adapter)
         return new_module
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
