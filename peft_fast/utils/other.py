@@ -174,6 +174,16 @@ class AuxiliaryTrainingWrapper(nn.Module, ABC):
     def get_base_layer(self) -> nn.Module:
         """The wrapped module."""
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks are the wrapped module's (num_embeddings, in_features …), as in PEFT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        if "_modules" not in self.__dict__ or self.wrapped_attribute not in self._modules:  # (being built)
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return getattr(self.get_base_layer(), name)
+
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Make the one adapter of `adapter_names` that this module has the active one ([]: none)."""
         if isinstance(adapter_names, str):
@@ -227,15 +237,6 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     def weight(self):
         active = self._active_name()
         return self.original_module.weight if active is None else self.modules_to_save[active].weight
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        if "_modules" not in self.__dict__ or "original_module" not in self._modules:
-            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
-        return getattr(self._modules["original_module"], name)
 
     def update(self, adapter_name: str, tied_module: Optional[nn.Module] = None) -> None:
         """Give `adapter_name` its trainable copy; with `tied_module` (ensure_weight_tying: an output layer tied to
@@ -305,21 +306,12 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
 
     @property
     def original_module(self) -> nn.Module:
-        return self.token_adapter.base_layer
+        return self.get_base_layer()
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight as the model sees it: the base weight with the active adapter's rows in place."""
         return self.token_adapter.get_merged_weights(self.token_adapter.active_adapters)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        if "_modules" not in self.__dict__ or "token_adapter" not in self._modules:
-            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
-        return getattr(self._modules["token_adapter"].base_layer, name)
 
     def _get_available_adapters(self) -> set[str]:
         return set(self.token_adapter.trainable_tokens_delta.keys())
@@ -333,7 +325,7 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
 
     def _forward_adapter(self, adapter_name: Optional[str], x: torch.Tensor, *args, **kwargs):
         if adapter_name is None:
-            return self.token_adapter.base_layer(x, *args, **kwargs)
+            return self.get_base_layer()(x, *args, **kwargs)
         return self.token_adapter.forward_adapters(x, [adapter_name])
 
     def _set_trainable_adapter(self, adapter_name: Optional[str], inference_mode: bool) -> None:
@@ -362,7 +354,7 @@ class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
         """The wrapped module, with the adapter's rows merged into it when `merge`."""
         if merge:
             self.token_adapter.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        return self.token_adapter.base_layer
+        return self.get_base_layer()
 
     def adapter_state_dict(self, adapter_name: str, state_dict: dict) -> dict:
         """The rows under PEFT's key `token_adapter.trainable_tokens_delta`; nothing for a tied module (the
