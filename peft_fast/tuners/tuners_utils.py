@@ -18,7 +18,14 @@ from torch import nn
 from ..config import PeftConfig
 from ..utils.error import NoMatchingPeftModuleError
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
-from ..utils.other import AuxiliaryTrainingWrapper, _get_submodules, _set_adapter, _set_trainable, _unwrap_modules_to_save
+from ..utils.other import (
+    AuxiliaryTrainingWrapper,
+    _get_submodules,
+    _set_adapter,
+    _set_trainable,
+    _unwrap_modules_to_save,
+    names_module,
+)
 from ..utils.peft_types import TaskType
 
 
@@ -374,7 +381,7 @@ class BaseTuner(nn.Module, ABC):
         # layers tied to a targeted embedding (ensure_weight_tying) come last: their adapters are views of its own
         tied = getattr(peft_config, "target_modules_to_tie", None)
         if tied:
-            is_tied = [k for k, _ in model.named_modules() if k and any(k == t or k.endswith(f".{t}") for t in tied)]
+            is_tied = [k for k, _ in model.named_modules() if k and any(names_module(k, t) for t in tied)]
             keys = [k for k in keys if k not in is_tied] + is_tied
         return keys
 
@@ -393,7 +400,7 @@ class BaseTuner(nn.Module, ABC):
             outer = _strip_base_layer(module_name)
             for parameter_name, _ in module.named_parameters(recurse=False):
                 key = f"{outer}.{parameter_name}"
-                if any(key == name or key.endswith(f".{name}") for name in names):
+                if any(names_module(key, name) for name in names):
                     found.append((outer, parameter_name, key))
         return found
 

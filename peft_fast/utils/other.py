@@ -46,11 +46,16 @@ def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
 def _get_input_embeddings_name(model: nn.Module) -> Optional[str]:
     if not hasattr(model, "get_input_embeddings"):
         return None
-    input_embeddings = model.get_input_embeddings()
-    for name, module in model.named_modules():
-        if module is input_embeddings:
-            return name
-    return None
+    return _module_name(model, model.get_input_embeddings())
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> Optional[str]:
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def names_module(key: str, name: str) -> bool:
+    """Whether module name `name` (as a config gives it) names module `key`: the whole name or its last segments."""
+    return key == name or key.endswith(f".{name}")
 
 
 # module-name segments a PEFT wrapper inserts above the module it wraps (stripped to get the model's own names)
@@ -82,10 +87,6 @@ def get_module_names_tied_with_embedding(model: nn.Module) -> list[str]:
               for name, param in model.named_parameters(remove_duplicate=False) if param is weight}
     owners.discard(_WRAPPER_SEGMENT.sub("", "." + (_module_name(model, embedding) or "")).lstrip("."))
     return sorted(owners)
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> Optional[str]:
-    return next((name for name, m in model.named_modules() if m is module), None)
 
 
 class AuxiliaryTrainingWrapper(nn.Module, ABC):
@@ -380,7 +381,7 @@ def _set_trainable(model: nn.Module, adapter_name: str, module_names, inference_
     wrapped = []
     key_list = [key for key, _ in model.named_modules(remove_duplicate=False)]
     for key in key_list:
-        if not any(key == name or key.endswith(f".{name}") for name in module_names):
+        if not any(names_module(key, name) for name in module_names):
             continue
         try:
             parent, target, target_name = _get_submodules(model, key)

@@ -18,7 +18,7 @@ import warnings
 from torch import nn
 
 from ...utils.constants import EMBEDDING_LAYER_NAMES
-from ...utils.other import get_module_names_tied_with_embedding
+from ...utils.other import _get_input_embeddings_name, get_module_names_tied_with_embedding, names_module
 from .config import LoraConfig
 
 _NOT_ENSURED = (
@@ -30,11 +30,6 @@ _NOT_ENSURED = (
 
 def _is_embedding_name(name: str) -> bool:
     return name.split(".")[-1] in EMBEDDING_LAYER_NAMES
-
-
-def _embedding_name(model: nn.Module) -> str:
-    embedding = model.get_input_embeddings()
-    return next(name for name, module in model.named_modules() if module is embedding)
 
 
 def _without_tied(names, tied: set[str]) -> list:
@@ -65,14 +60,14 @@ def prepare_weight_tying(config: LoraConfig, model: nn.Module) -> None:
     if not tied:
         warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model")
         return
+    name = _get_input_embeddings_name(model)
     if embedding_to_save:
         config.modules_to_tie = tied
-        if _embedding_name(model) not in to_save:
-            to_save.append(_embedding_name(model))
+        if name not in to_save:
+            to_save.append(name)
         config.modules_to_save = _without_tied(to_save, tied)
     elif embedding_targeted:
         config.target_modules_to_tie = tied
-        name = _embedding_name(model)
         if isinstance(target, str):  # a regex: the embedding joins it, the tied layers come separately
             config.target_modules = rf"(?:{target}|^{re.escape(name)}$)"
         else:
@@ -84,7 +79,7 @@ def prepare_weight_tying(config: LoraConfig, model: nn.Module) -> None:
 
 def is_tied_target(config: LoraConfig, key: str) -> bool:
     tied = getattr(config, "target_modules_to_tie", None) or ()
-    return any(key == name or key.endswith(f".{name}") for name in tied)
+    return any(names_module(key, name) for name in tied)
 
 
 def tied_lora_factors(model: nn.Module, adapter_name: str) -> dict:

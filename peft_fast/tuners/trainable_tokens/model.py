@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...utils.other import _get_input_embeddings_name, _get_submodules, get_module_names_tied_with_embedding
+from ...utils.other import (
+    _get_input_embeddings_name,
+    _get_submodules,
+    get_module_names_tied_with_embedding,
+    names_module,
+)
 from ..tuners_utils import BaseTuner
 from .layer import TrainableTokensLayer
 
@@ -34,7 +39,7 @@ class TrainableTokensModel(BaseTuner):
         # targets may have made of its own)
         peft_config = self.peft_config[adapter_name]
         for name, module in list(model.named_modules(remove_duplicate=False)):
-            if not any(name == key or name.endswith(f".{key}") for key in tied):
+            if not any(names_module(name, key) for key in tied):
                 continue
             parent, target, target_name = _get_submodules(model, name)
             base = target.base_layer if isinstance(target, TrainableTokensLayer) else target

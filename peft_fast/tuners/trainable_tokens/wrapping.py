@@ -12,11 +12,8 @@ from ...utils.other import (
     _get_input_embeddings_name,
     _set_trainable,
     get_module_names_tied_with_embedding,
+    names_module,
 )
-
-
-def _names_match(name: str, key: str) -> bool:
-    return name == key or name.endswith(f".{key}")
 
 
 def wrap_trainable_tokens(model: nn.Module, peft_config, adapter_name: str, model_config: dict) -> None:
@@ -43,7 +40,7 @@ def wrap_trainable_tokens(model: nn.Module, peft_config, adapter_name: str, mode
     mismatch, skipped = False, set()
     if len(targets) > 1 and tied_names:
         tied_targets = [t for t in targets
-                        if _names_match(embedding_name, t) or any(_names_match(n, t) for n in tied_names)]
+                        if names_module(embedding_name, t) or any(names_module(n, t) for n in tied_names)]
         if len(tied_targets) >= 2:
             first = list(targets[tied_targets[0]])
             mismatch = any(list(targets[t]) != first for t in tied_targets[1:])
@@ -55,7 +52,7 @@ def wrap_trainable_tokens(model: nn.Module, peft_config, adapter_name: str, mode
                     "ensure_weight_tying=False."
                 )
             if not mismatch:  # the tied layers are wrapped below, tied to the embedding's adapter
-                skipped = {t for t in tied_targets if not _names_match(embedding_name, t)}
+                skipped = {t for t in tied_targets if not names_module(embedding_name, t)}
 
     for name, token_indices in targets.items():
         if name not in skipped:
