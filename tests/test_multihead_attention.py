@@ -138,3 +138,15 @@ def test_hf_peft_adds_the_out_proj_delta_twice():
     files = {f"base_model.model.{k}" if not k.startswith("base_model") else k: v for k, v in files.items()}
     torch.testing.assert_close(theirs(X), by_hand(files, 4.0, out_proj_times=2)(X))
     torch.testing.assert_close(adapted(pf)(X), by_hand(files, 4.0, out_proj_times=1)(X))
+
+
+def test_adapters_follow_the_attention_modules_device_and_dtype_as_peft():
+    """The layer has no `weight`: its adapters follow in_proj_weight (bf16 here, kept so without autocast), as
+    PEFT's follow the module's weights; before, they stayed where nn.Linear made them (fp32, and on the CPU)."""
+    dtypes = {}
+    for lib in (ref, pf):
+        model = lib.get_peft_model(net().to(torch.bfloat16), lib.LoraConfig(target_modules=["attn"]),
+                                   autocast_adapter_dtype=False)
+        dtypes[lib.__name__] = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert dtypes["peft_fast"] == dtypes["peft"]
+    assert set(dtypes["peft_fast"].values()) == {torch.bfloat16}

@@ -226,18 +226,27 @@ class BaseTunerLayer(ABC):
                     )
                     self.set_adapter(remaining[0])
 
+    def _base_weight(self) -> Optional[torch.Tensor]:
+        """The tensor whose device (and dtype) the adapter's weights follow: the base layer's weight (qweight for
+        GPTQ), None where it has neither; layers over other tensors (a bare parameter, an attention module's
+        in_proj_weight) say theirs."""
+        base_layer = self.get_base_layer()
+        for weight_name in ("weight", "qweight"):
+            weight = getattr(base_layer, weight_name, None)
+            if weight is not None:
+                return weight
+        return None
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Put the adapter's weights on the base layer's device, and in its floating dtype."""
+        """Put the adapter's weights on the base layer's device, and in its floating dtype (with `device` given: on
+        that device, dtype kept)."""
         base_layer = self.get_base_layer()
         dtype = None
         if device is None:
-            for weight_name in ("weight", "qweight"):
-                weight = getattr(base_layer, weight_name, None)
-                if weight is not None:
-                    device, dtype = weight.device, weight.dtype
-                    break
-            else:
+            weight = self._base_weight()
+            if weight is None:
                 return
+            device, dtype = weight.device, weight.dtype
             if hasattr(base_layer, "compute_dtype"):  # bnb Linear4bit: adapters start in its compute dtype
                 dtype = base_layer.compute_dtype
         meta = torch.device("meta")

@@ -239,18 +239,9 @@ def _place_adapter(model, adapter_name: str) -> None:
     for module in model.modules():
         if not isinstance(module, BaseTunerLayer):
             continue
-        base = module.get_base_layer()
-        weight = next((getattr(base, n) for n in ("weight", "qweight") if isinstance(getattr(base, n, None), torch.Tensor)),
-                      None)
-        if weight is None or weight.device.type == "meta":
-            continue
-        for attr in module.adapter_layer_names:
-            holder = getattr(module, attr, None)
-            if isinstance(holder, (torch.nn.ModuleDict, torch.nn.ParameterDict)) and adapter_name in holder:
-                item = holder[adapter_name]
-                tensors = item.parameters() if isinstance(item, torch.nn.Module) else [item]
-                if all(t.device.type != "meta" for t in tensors):
-                    holder[adapter_name] = item.to(weight.device)
+        weight = module._base_weight()
+        if weight is not None and weight.device.type != "meta":
+            module._move_adapter_to_device_of_base_layer(adapter_name, device=weight.device)
 
 
 def _summary(found: list[tuple[str, object, object]], what: str, shown: int = 3) -> str:

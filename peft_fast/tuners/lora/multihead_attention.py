@@ -57,6 +57,10 @@ class MultiheadAttention(_LoraModule):
 
     get_delta_weight = Linear.get_delta_weight  # s · B A of the stacked q/k/v projection (fan_in_fan_out is False)
 
+    def _base_weight(self) -> torch.Tensor:
+        """The stacked q/k/v projection: the adapter follows its device and dtype (the module has no `weight`)."""
+        return self.get_base_layer().in_proj_weight
+
     @property
     def _attention(self) -> nn.MultiheadAttention:
         return self.get_base_layer()

@@ -72,7 +72,12 @@ class ParamWrapper(_LoraModule):
     def get_param(self) -> nn.Parameter:
         return getattr(self.get_base_layer(), self.parameter_name)
 
+    def _base_weight(self) -> torch.Tensor:
+        return self.get_param()
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        if device is not None:  # an explicit device: moved there, dtype kept (the general rule)
+            return super()._move_adapter_to_device_of_base_layer(adapter_name, device)
         param = self.get_param()
         if param.device.type == "meta":
             return
