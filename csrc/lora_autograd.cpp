@@ -161,13 +161,13 @@ struct RowsShape {
 };
 
 // y2 (M×N, preallocated) = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend); hs (M×r) and, with dropout, the bit mask (M×K/8)
-// come back for backward
+// come back for backward (keep = false, an inference call: neither is made, the kernel writes neither)
 void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& addend,
-                   double s, double p, Tensor& y2, Tensor& hs, Tensor& mask, RowsShape shape = {}) {
+                   double s, double p, Tensor& y2, Tensor& hs, Tensor& mask, bool keep = true, RowsShape shape = {}) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
-    hs = at::empty({m, r}, x.options());
-    if (p > 0.0) mask = at::empty({m, k / 8}, x.options().dtype(torch::kUInt8));
+    if (keep) hs = at::empty({m, r}, x.options());
+    if (keep && p > 0.0) mask = at::empty({m, k / 8}, x.options().dtype(torch::kUInt8));
     LoraRowsArgs args{};
     args.in = x.data_ptr();
     args.w1 = a.data_ptr();
@@ -175,7 +175,7 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     args.bias = bias.defined() ? bias.data_ptr() : nullptr;
     args.addend = addend.defined() ? addend.data_ptr() : nullptr;
     args.out = y2.data_ptr();
-    args.small = hs.data_ptr();
+    args.small = hs.defined() ? hs.data_ptr() : nullptr;
     args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
     args.m = static_cast<int>(m);
     args.k1 = static_cast<int>(k);
@@ -292,49 +292,65 @@ void save_common(AutogradContext* ctx, const Tensor& x_in, const Tensor& lora_a,
     ctx->saved_data["b_dtype"] = lora_b.scalar_type();
 }
 
+// What a forward computes: y and, for a call that keeps the graph, what backward needs (empty for an inference call)
+struct Forward {
+    Tensor y;
+    std::vector<Tensor> saved;
+    bool fused = false;
+};
+
+// LoraLinearFn's forward arithmetic. keep = false (no gradient will be asked for: grad mode off or no input needing
+// one): nothing is saved, the fused kernel writes neither hs nor the mask, and no autograd node is made at all.
+Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::optional<Tensor>& bias_in,
+                       const Tensor& lora_a, const Tensor& lora_b, double scale, double p, bool kn, c10::ScalarType dt,
+                       bool kernels, bool keep) {
+    // everything below is cast to dt explicitly; autocast's wrapper around each op would only cost host time
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const int64_t k = x_in.size(-1);
+    Tensor x = rows(x_in, k, dt);
+    const Tensor w = as(weight, dt);
+    const Tensor w_kn = kn ? w : w.t();
+    const int64_t n = w_kn.size(1);
+    const Tensor bias = bias_in.has_value() ? as(*bias_in, dt) : Tensor();
+    // y is made in its final shape, so the node returns no view (an in-place op on a view made inside a
+    // custom node is an error in autograd)
+    Forward out;
+    out.y = at::empty(with_last(x_in.sizes(), n), x.options());
+    Tensor y2 = out.y.view({-1, n});
+#ifdef PEFT_FAST_CUDA_KERNELS
+    if (kernels && x.is_cuda()) x = x.contiguous();
+    if (kernels && fused_takes(x, lora_a, lora_b, p, dt) && (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
+        Tensor hs, mask;
+        fused_forward(x, lora_a, lora_b, bias, Tensor(), scale, p, y2, hs, mask, keep);
+        y2.addmm_(x, w_kn);
+        if (keep) out.saved = {x, w, lora_a, lora_b, hs, mask};
+        out.fused = true;
+        return out;
+    }
+#endif
+    const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
+    auto [h, mask] = shrink(x, a, p);
+    if (bias.defined()) at::addmm_out(y2, bias, h, bs.t());
+    else at::mm_out(y2, h, bs.t());
+    y2.addmm_(x, w_kn);
+    if (keep) out.saved = {x, w, a, bs, h, mask};
+    return out;
+}
+
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     // The reshape to M×K and back happens here, not in Python: a view outside the node is an autograd node of its
     // own, in forward and backward (two ViewBackward nodes cost ~40 µs of host time per layer on a CPU).
     static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight,
                           const c10::optional<Tensor>& bias_in, const Tensor& lora_a, const Tensor& lora_b, double scale,
                           double p, bool kn, c10::ScalarType dt, bool kernels) {
-        // everything below is cast to dt explicitly; autocast's wrapper around each op would only cost host time
-        c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-        const int64_t k = x_in.size(-1);
-        Tensor x = rows(x_in, k, dt);
-        const Tensor w = as(weight, dt);
-        const Tensor w_kn = kn ? w : w.t();
-        const int64_t n = w_kn.size(1);
-        const Tensor bias = bias_in.has_value() ? as(*bias_in, dt) : Tensor();
-        // y is made in its final shape, so the node returns no view (an in-place op on a view made inside a
-        // custom node is an error in autograd)
-        Tensor y = at::empty(with_last(x_in.sizes(), n), x.options());
-        Tensor y2 = y.view({-1, n});
-        bool fused = false;
-#ifdef PEFT_FAST_CUDA_KERNELS
-        if (kernels && x.is_cuda()) x = x.contiguous();
-        if (kernels && fused_takes(x, lora_a, lora_b, p, dt) && (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
-            Tensor hs, mask;
-            fused_forward(x, lora_a, lora_b, bias, Tensor(), scale, p, y2, hs, mask);
-            y2.addmm_(x, w_kn);
-            ctx->save_for_backward({x, w, lora_a, lora_b, hs, mask});
-            fused = true;
-        }
-#endif
-        if (!fused) {
-            const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
-            auto [h, mask] = shrink(x, a, p);
-            if (bias.defined()) at::addmm_out(y2, bias, h, bs.t());
-            else at::mm_out(y2, h, bs.t());
-            y2.addmm_(x, w_kn);
-            ctx->save_for_backward({x, w, a, bs, h, mask});
-        }
-        save_common(ctx, x_in, lora_a, lora_b, scale, p, fused);
+        Forward out = linear_forward(x_in, weight, bias_in, lora_a, lora_b, scale, p, kn, dt, kernels, true);
+        ctx->save_for_backward(out.saved);
+        save_common(ctx, x_in, lora_a, lora_b, scale, p, out.fused);
         ctx->saved_data["kn"] = kn;
         ctx->saved_data["w_dtype"] = weight.scalar_type();
         ctx->saved_data["has_bias"] = bias_in.has_value();
         if (bias_in.has_value()) ctx->saved_data["bias_dtype"] = bias_in->scalar_type();
-        return y;
+        return out.y;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -374,43 +390,49 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     }
 };
 
+// LoraAddFn's forward arithmetic (keep: as linear_forward's)
+Forward add_forward(const Tensor& x_in, const Tensor& base_out, const Tensor& lora_a, const Tensor& lora_b,
+                    double scale, double p, c10::ScalarType dt, bool kernels, bool keep) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    Tensor x = rows(x_in, x_in.size(-1), dt);
+    const int64_t n = lora_b.size(0);
+    Forward out;
+#ifdef PEFT_FAST_CUDA_KERNELS
+    if (kernels && x.is_cuda()) x = x.contiguous();
+    const Tensor base2 = kernels && base_out.scalar_type() == dt ? base_out.reshape({-1, n}) : Tensor();
+    if (base2.defined() && fused_takes(x, lora_a, lora_b, p, dt, base2)) {
+        Tensor hs, mask;
+        out.y = at::empty(base_out.sizes(), x.options());
+        Tensor y2 = out.y.view({-1, n});
+        fused_forward(x, lora_a, lora_b, Tensor(), base2, scale, p, y2, hs, mask, keep);
+        if (keep) out.saved = {x, lora_a, lora_b, hs, mask};
+        out.fused = true;
+        return out;
+    }
+#endif
+    const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
+    auto [h, mask] = shrink(x, a, p);
+    // a new tensor (base_out may be a view made inside its own autograd Function: not modifiable in place)
+    if (base_out.scalar_type() == dt) {
+        out.y = at::empty(base_out.sizes(), x.options());
+        Tensor y2 = out.y.view({-1, n});
+        at::addmm_out(y2, rows(base_out, n, dt), h, bs.t());
+    } else {  // e.g. an fp32 base output under bf16 autocast: the sum in the promoted dtype, as HF PEFT adds
+        out.y = at::add(base_out, at::mm(h, bs.t()).view(base_out.sizes()));
+    }
+    if (keep) out.saved = {x, a, bs, h, mask};
+    return out;
+}
+
 // y = base_out + s · drop(x) Aᵀ Bᵀ: the LoRA term of a layer whose base output comes from its own autograd node (a
 // bitsandbytes 4-bit / 8-bit linear). The same formulas as LoraLinearFn without W; dy reaches base_out unchanged.
 struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
     static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& base_out, const Tensor& lora_a,
                           const Tensor& lora_b, double scale, double p, c10::ScalarType dt, bool kernels) {
-        c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-        Tensor x = rows(x_in, x_in.size(-1), dt);
-        const int64_t n = lora_b.size(0);
-        Tensor y;
-        bool fused = false;
-#ifdef PEFT_FAST_CUDA_KERNELS
-        if (kernels && x.is_cuda()) x = x.contiguous();
-        const Tensor base2 = kernels && base_out.scalar_type() == dt ? base_out.reshape({-1, n}) : Tensor();
-        if (base2.defined() && fused_takes(x, lora_a, lora_b, p, dt, base2)) {
-            Tensor hs, mask;
-            y = at::empty(base_out.sizes(), x.options());
-            Tensor y2 = y.view({-1, n});
-            fused_forward(x, lora_a, lora_b, Tensor(), base2, scale, p, y2, hs, mask);
-            ctx->save_for_backward({x, lora_a, lora_b, hs, mask});
-            fused = true;
-        }
-#endif
-        if (!fused) {
-            const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
-            auto [h, mask] = shrink(x, a, p);
-            // a new tensor (base_out may be a view made inside its own autograd Function: not modifiable in place)
-            if (base_out.scalar_type() == dt) {
-                y = at::empty(base_out.sizes(), x.options());
-                Tensor y2 = y.view({-1, n});
-                at::addmm_out(y2, rows(base_out, n, dt), h, bs.t());
-            } else {  // e.g. an fp32 base output under bf16 autocast: the sum in the promoted dtype, as HF PEFT adds
-                y = at::add(base_out, at::mm(h, bs.t()).view(base_out.sizes()));
-            }
-            ctx->save_for_backward({x, a, bs, h, mask});
-        }
-        save_common(ctx, x_in, lora_a, lora_b, scale, p, fused);
-        return y;
+        Forward out = add_forward(x_in, base_out, lora_a, lora_b, scale, p, dt, kernels, true);
+        ctx->save_for_backward(out.saved);
+        save_common(ctx, x_in, lora_a, lora_b, scale, p, out.fused);
+        return out.y;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -445,13 +467,29 @@ struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
 
 }  // namespace
 
+namespace {
+// Whether a call must record an autograd node: grad mode on and some input needing a gradient. Otherwise (decode,
+// evaluation under no_grad / inference_mode, frozen inputs) the forward runs bare: no node, nothing saved.
+bool records_graph(std::initializer_list<const Tensor*> inputs) {
+    if (!at::GradMode::is_enabled()) return false;
+    for (const Tensor* t : inputs)
+        if (t->defined() && t->requires_grad()) return true;
+    return false;
+}
+}  // namespace
+
 Tensor lora_add(const Tensor& x, const Tensor& base_out, const Tensor& lora_a, const Tensor& lora_b, double scale,
                 double p, c10::ScalarType dtype, bool kernels) {
+    if (!records_graph({&x, &base_out, &lora_a, &lora_b}))
+        return add_forward(x, base_out, lora_a, lora_b, scale, p, dtype, kernels, false).y;
     return LoraAddFn::apply(x, base_out, lora_a, lora_b, scale, p, dtype, kernels);
 }
 
 Tensor lora_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& lora_a,
                    const Tensor& lora_b, double scale, double p, bool kn, c10::ScalarType dtype, bool kernels) {
+    const Tensor& b = bias.has_value() ? *bias : x;
+    if (!records_graph({&x, &weight, &b, &lora_a, &lora_b}))
+        return linear_forward(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels, false).y;
     return LoraLinearFn::apply(x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels);
 }
 
@@ -485,7 +523,7 @@ std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, 
     require_rows(bias, "bias", x, {n});
     require_rows(addend, "addend", x, {m, n});
     Tensor y = at::empty({m, n}, x.options()), hs, mask;
-    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, hs, mask,
+    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, hs, mask, true,
                   rows_shape(block_rows, column_splits));
     return {y, hs, mask.defined() ? mask : at::empty({0}, x.options().dtype(torch::kUInt8))};
 }

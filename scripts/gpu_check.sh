@@ -6,6 +6,7 @@
 #   throw   scripts/probe_cxx_throw.py (toolchain facts; does a C++ throw in an extension reach Python?)
 #   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
 #   kprobe  scripts/probe_lora_kernels.py $KPROBE (the fused kernels vs the ATen route: host, layer, pieces, model)
+#   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
 #   qmprof  the same for the QLoRA model case
 #   ab | qab  scripts/ab_model_step.py [--qlora]: PEFT vs peft_fast model steps interleaved (noisy hosts)
@@ -45,6 +46,7 @@ for step in "${steps[@]}"; do
     qmprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --qlora 2>&1 | tee "$OUT/qmprof.log" | grep -v Warning || rc=1 ;;
     ab|qab) timeout "$STEP_TIMEOUT" python3 scripts/ab_model_step.py $([ "$step" = qab ] && echo --qlora) 2>&1 | tee "$OUT/$step.log" | grep -v Warning || rc=1 ;;
     kprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_kernels.py ${KPROBE:-} 2>&1 | tee "$OUT/kprobe.log" | grep -v Warning || rc=1 ;;
+    dprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_decode.py 2>&1 | tee "$OUT/dprobe.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
     layer|qlora|model|decode|consumer|all)

@@ -230,6 +230,35 @@ def test_eager_calls_take_the_cpp_node_when_it_is_there(autograd_node, force_bac
         assert "View" in y.grad_fn.name() and "FusedLoraLinear" in y.grad_fn.next_functions[0][0].name()
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cpp_node_records_no_graph_when_no_gradient_can_be_asked_for(p, cpp_lora_linear, cpp_lora_add):
+    """Under no_grad, inference_mode or with every input frozen, the C++ entry points run the forward bare (no
+    autograd node, nothing saved: a decode step's host time) and give the recording call's numbers, dropout included
+    (same seed, same mask)."""
+    torch.manual_seed(3)
+    x, w, bias = torch.randn(2, 5, 16), torch.randn(12, 16), torch.randn(12)
+    a, b = torch.randn(4, 16), torch.randn(12, 4)
+    base_out = torch.randn(2, 5, 12)
+
+    def both(**grads):
+        xs = {k: v.clone().requires_grad_(grads.get(k, False)) for k, v in dict(x=x, a=a).items()}
+        torch.manual_seed(11)
+        y = cpp_lora_linear(xs["x"], w, bias, xs["a"], b, 0.5, p, False, torch.float32, False)
+        torch.manual_seed(11)
+        z = cpp_lora_add(xs["x"], base_out, xs["a"], b, 0.5, p, torch.float32, False)
+        return y, z
+
+    want_y, want_z = both(a=True)
+    assert want_y.grad_fn is not None and want_z.grad_fn is not None
+    for context, grads in ((torch.no_grad, dict(a=True)), (torch.inference_mode, dict(x=True)),
+                           (contextlib.nullcontext, {})):
+        with context():
+            y, z = both(**grads)
+        assert y.grad_fn is None and z.grad_fn is None, context
+        torch.testing.assert_close(y, want_y.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(z, want_z.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_torch_compile_of_the_cuda_path_keeps_the_scale(bias, autograd_node, force_backend):
     """Traced, the path is plain torch ops; torch.add(base, low, alpha=scale) once compiled to base + low (scale

@@ -202,8 +202,8 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
 def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """A LoRA Linear layer's whole unmerged forward for the common case, or None for the general path.
 
-    The common case: one plain LoRA adapter (no DoRA, no lora_B bias) on an nn.Linear / Conv1D base without hooks,
-    x on CUDA, auto policy, eager mode. There the general path (the layer's checks → dispatch.call → supports →
+    The common case: one plain LoRA adapter (no DoRA, no lora_B bias), adapters enabled and not merged, on an
+    nn.Linear / Conv1D base without hooks, x on CUDA, auto policy, eager mode. There the general path (the layer's checks → dispatch.call → supports →
     linear_with_lora above) always ends in one CPP_LORA_LINEAR call; this function makes the same decisions and the
     same call from one flat function: on the lent hosts each Python call level costs ~1 µs and a LoRA model issues
     hundreds of layers a step (tests/test_cuda_lora.py checks that both paths hand the node the same arguments).
@@ -225,6 +225,8 @@ def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     if not dispatch.auto_goes_straight_to("linear_with_lora", "cuda"):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    if layer._disable_adapters or layer.merged_adapters:  # the base layer alone
         return None
     modules = layer._modules
     name = layer._active_adapter

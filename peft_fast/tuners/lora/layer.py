@@ -495,13 +495,18 @@ class Linear(_LoraModule):
         factor = self.lora_magnitude_vector[adapter].weight / weight_norm
         return transpose(factor.view(-1, 1), self.fan_in_fan_out)
 
-    def _unmerged_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Plain LoRA adapters go to ops as one call covering the base layer too (fused on the Triton backend);
-        DoRA, extra base-layer arguments and disabled input casting keep the step-by-step path."""
-        if not args and not kwargs:  # the common case on CUDA in one flat function (same decisions, same call)
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # the common case on CUDA (one active plain adapter, not merged, eager) in one flat function that makes the
+        # general path's decisions and its call: each Python level costs host time a decode step pays per layer
+        if not args and not kwargs:
             out = cuda_lora.eager_layer_call(self, x)
             if out is not None:
                 return out
+        return LoraLayer.forward(self, x, *args, **kwargs)
+
+    def _unmerged_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Plain LoRA adapters go to ops as one call covering the base layer too (fused on the Triton backend);
+        DoRA, extra base-layer arguments and disabled input casting keep the step-by-step path."""
         # (every forward runs this: module attributes are read from _modules, not through nn.Module.__getattr__)
         lora_a = self._modules["lora_A"]._modules
         active = [a for a in self.active_adapters if a in lora_a]
