@@ -281,16 +281,38 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
 }
 #endif  // PEFT_FAST_CUDA_KERNELS
 
-// saved_data common to both nodes
-void save_common(AutogradContext* ctx, const Tensor& x_in, const Tensor& lora_a, const Tensor& lora_b, double scale,
-                 double p, bool fused) {
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["fused"] = fused;
-    ctx->saved_data["x_sizes"] = x_in.sizes();
-    ctx->saved_data["a_dtype"] = lora_a.scalar_type();
-    ctx->saved_data["b_dtype"] = lora_b.scalar_type();
-}
+// A node's non-tensor state. It travels as three saved_data entries (the two doubles and one packed int64: flags
+// and dtypes) plus x's sizes, because each entry is a hash-map insert and an IValue: host time every layer pays.
+struct NodeState {
+    double scale = 1.0, p = 0.0;
+    bool fused = false, kn = false, has_bias = false;
+    c10::ScalarType a_dtype = torch::kFloat, b_dtype = torch::kFloat, w_dtype = torch::kFloat,
+                    bias_dtype = torch::kFloat;
+
+    void save(AutogradContext* ctx, const Tensor& x_in) const {
+        ctx->saved_data["scale"] = scale;
+        ctx->saved_data["p"] = p;
+        ctx->saved_data["state"] = static_cast<int64_t>(fused) | static_cast<int64_t>(kn) << 1 |
+                                   static_cast<int64_t>(has_bias) << 2 | code(a_dtype) << 8 | code(b_dtype) << 16 |
+                                   code(w_dtype) << 24 | code(bias_dtype) << 32;
+        ctx->saved_data["x_sizes"] = x_in.sizes();
+    }
+
+    static NodeState load(AutogradContext* ctx) {
+        NodeState st;
+        st.scale = ctx->saved_data["scale"].toDouble();
+        st.p = ctx->saved_data["p"].toDouble();
+        const int64_t bits = ctx->saved_data["state"].toInt();
+        st.fused = bits & 1, st.kn = bits >> 1 & 1, st.has_bias = bits >> 2 & 1;
+        st.a_dtype = dtype(bits >> 8), st.b_dtype = dtype(bits >> 16), st.w_dtype = dtype(bits >> 24),
+        st.bias_dtype = dtype(bits >> 32);
+        return st;
+    }
+
+  private:
+    static int64_t code(c10::ScalarType t) { return static_cast<int64_t>(t) & 0xff; }
+    static c10::ScalarType dtype(int64_t bits) { return static_cast<c10::ScalarType>(bits & 0xff); }
+};
 
 // What a forward computes: y and, for a call that keeps the graph, what backward needs (empty for an inference call)
 struct Forward {
@@ -345,11 +367,11 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
                           double p, bool kn, c10::ScalarType dt, bool kernels) {
         Forward out = linear_forward(x_in, weight, bias_in, lora_a, lora_b, scale, p, kn, dt, kernels, true);
         ctx->save_for_backward(out.saved);
-        save_common(ctx, x_in, lora_a, lora_b, scale, p, out.fused);
-        ctx->saved_data["kn"] = kn;
-        ctx->saved_data["w_dtype"] = weight.scalar_type();
-        ctx->saved_data["has_bias"] = bias_in.has_value();
-        if (bias_in.has_value()) ctx->saved_data["bias_dtype"] = bias_in->scalar_type();
+        NodeState st;
+        st.scale = scale, st.p = p, st.fused = out.fused, st.kn = kn, st.has_bias = bias_in.has_value();
+        st.a_dtype = lora_a.scalar_type(), st.b_dtype = lora_b.scalar_type(), st.w_dtype = weight.scalar_type();
+        if (bias_in.has_value()) st.bias_dtype = bias_in->scalar_type();
+        st.save(ctx, x_in);
         return out.y;
     }
 
@@ -358,11 +380,11 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         // (ATen route: a and b are A and s·B in the compute dtype, h unscaled; fused route: the adapters themselves
         // and h = s·drop(x)Aᵀ)
         const Tensor &x = saved[0], &w = saved[1], &a = saved[2], &b = saved[3], &h = saved[4], &mask = saved[5];
-        const double s = ctx->saved_data["scale"].toDouble(), p = ctx->saved_data["p"].toDouble();
-        const bool kn = ctx->saved_data["kn"].toBool(), fused = ctx->saved_data["fused"].toBool();
-        const auto a_dtype = ctx->saved_data["a_dtype"].toScalarType(), b_dtype = ctx->saved_data["b_dtype"].toScalarType();
+        const NodeState st = NodeState::load(ctx);
+        const double s = st.scale, p = st.p;
+        const bool kn = st.kn, fused = st.fused;
         // needs_input_grad counts graph edges, which exist only for tensor arguments: no bias, no edge 2
-        const size_t e = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
+        const size_t e = st.has_bias ? 1 : 0;
         const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
                    need_bias = e && ctx->needs_input_grad(2), need_a = ctx->needs_input_grad(2 + e),
                    need_b = ctx->needs_input_grad(3 + e);
@@ -378,14 +400,14 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         }
 #endif
         if (!fused) {
-            LowRankGrads g = low_rank_grads(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, a_dtype, b_dtype);
+            LowRankGrads g = low_rank_grads(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, st.a_dtype, st.b_dtype);
             grad_a = g.grad_a;
             grad_b = g.grad_b;
             if (need_x) grad_x = g.dx_low.addmm_(dy, kn ? w.t() : w).view(x_sizes);  // the engine casts it to x's dtype
         }
         if (need_w)  // only when the user trains the base weight too
-            grad_w = as(kn ? at::mm(x.t(), dy) : at::mm(dy.t(), x), ctx->saved_data["w_dtype"].toScalarType());
-        if (need_bias) grad_bias = as(dy.sum(0), ctx->saved_data["bias_dtype"].toScalarType());
+            grad_w = as(kn ? at::mm(x.t(), dy) : at::mm(dy.t(), x), st.w_dtype);
+        if (need_bias) grad_bias = as(dy.sum(0), st.bias_dtype);
         return {grad_x, grad_w, grad_bias, grad_a, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
@@ -431,15 +453,19 @@ struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
                           const Tensor& lora_b, double scale, double p, c10::ScalarType dt, bool kernels) {
         Forward out = add_forward(x_in, base_out, lora_a, lora_b, scale, p, dt, kernels, true);
         ctx->save_for_backward(out.saved);
-        save_common(ctx, x_in, lora_a, lora_b, scale, p, out.fused);
+        NodeState st;
+        st.scale = scale, st.p = p, st.fused = out.fused;
+        st.a_dtype = lora_a.scalar_type(), st.b_dtype = lora_b.scalar_type();
+        st.save(ctx, x_in);
         return out.y;
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const auto saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &a = saved[1], &b = saved[2], &h = saved[3], &mask = saved[4];
-        const double s = ctx->saved_data["scale"].toDouble(), p = ctx->saved_data["p"].toDouble();
-        const bool fused = ctx->saved_data["fused"].toBool();
+        const NodeState st = NodeState::load(ctx);
+        const double s = st.scale, p = st.p;
+        const bool fused = st.fused;
         const bool need_x = ctx->needs_input_grad(0), need_base = ctx->needs_input_grad(1),
                    need_a = ctx->needs_input_grad(2), need_b = ctx->needs_input_grad(3);
         const int64_t n = b.size(0);
@@ -453,9 +479,8 @@ struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
         }
 #endif
         if (!fused) {
-            LowRankGrads g = low_rank_grads(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b,
-                                            ctx->saved_data["a_dtype"].toScalarType(),
-                                            ctx->saved_data["b_dtype"].toScalarType());
+            LowRankGrads g = low_rank_grads(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, st.a_dtype,
+                                            st.b_dtype);
             grad_a = g.grad_a;
             grad_b = g.grad_b;
             if (need_x) grad_x = g.dx_low.view(x_sizes);

@@ -8,7 +8,7 @@
 #   kprobe  scripts/probe_lora_kernels.py $KPROBE (the fused kernels vs the ATen route: host, layer, pieces, model)
 #   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
-#   qmprof  the same for the QLoRA model case
+#   qmprof  the same for the QLoRA model case;  cprof  for the 7B consumer QLoRA case, by GPU kernel time
 #   ab | qab  scripts/ab_model_step.py [--qlora]: PEFT vs peft_fast model steps interleaved (noisy hosts)
 #   layer | qlora | model | decode | consumer | all   that `peft-fast bench` suite (JSON + PNG + table)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
@@ -43,6 +43,7 @@ for step in "${steps[@]}"; do
     profile) timeout "$STEP_TIMEOUT" python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
     throw) timeout "$STEP_TIMEOUT" python3 scripts/probe_cxx_throw.py 2>&1 | tee "$OUT/throw.log" || rc=1 ;;
     mprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py 2>&1 | tee "$OUT/mprof.log" | grep -v Warning || rc=1 ;;
+    cprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --consumer 2>&1 | tee "$OUT/cprof.log" | grep -v Warning || rc=1 ;;
     qmprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --qlora 2>&1 | tee "$OUT/qmprof.log" | grep -v Warning || rc=1 ;;
     ab|qab) timeout "$STEP_TIMEOUT" python3 scripts/ab_model_step.py $([ "$step" = qab ] && echo --qlora) 2>&1 | tee "$OUT/$step.log" | grep -v Warning || rc=1 ;;
     kprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_kernels.py ${KPROBE:-} 2>&1 | tee "$OUT/kprobe.log" | grep -v Warning || rc=1 ;;

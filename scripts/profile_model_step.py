@@ -4,8 +4,10 @@ The model suite is host-bound (wall time far above GPU kernel time), so the ques
 its time issuing. Builds the bench's quick model case (1B Llama, 2×1024, LoRA r16 on all projections, dropout 0.05,
 bf16 autocast, AdamW), warms up, then profiles a few steps with torch.profiler and prints, per implementation, the
 step's wall time, the ops by self CPU time and how many ops and kernel launches one step issues.
-    python3 scripts/profile_model_step.py [--qlora] [base peft peft_fast]
---qlora profiles the bench's QLoRA model case instead (NF4 base, bitsandbytes needed).
+    python3 scripts/profile_model_step.py [--qlora | --consumer] [base peft peft_fast]
+--qlora profiles the bench's QLoRA model case instead (NF4 base, bitsandbytes needed); --consumer the 7B-shaped
+QLoRA case (NF4 + double quantization, checkpointing, 1×2048; peft and peft_fast), which is GPU-bound: its table
+is sorted by GPU kernel time instead.
 """
 
 import sys
@@ -15,13 +17,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from peft_fast.benchmark.cases import LLAMA_1B, ModelTrainCase, QLoraTrainCase
+from peft_fast.benchmark.consumer import ConsumerQLoraCase
 
 STEPS = 3
 
 
-def main(names, qlora=False):
+def main(names, qlora=False, consumer=False):
     device = torch.device("cuda")
-    case = (QLoraTrainCase if qlora else ModelTrainCase)(LLAMA_1B, 2, 1024)
+    case = ConsumerQLoraCase() if consumer else (QLoraTrainCase if qlora else ModelTrainCase)(LLAMA_1B, 2, 1024)
     case.prepare(device, torch.bfloat16)
     for name in names:
         impl = case.build(name)
@@ -43,13 +46,14 @@ def main(names, qlora=False):
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel"))
         print(f"\n=== {name}: step {wall:.1f} ms wall, host returns after {host:.1f} ms; per step "
               f"{sum(e.count for e in cpu_ops) / STEPS:.0f} aten ops, {launches / STEPS:.0f} kernel launches")
-        print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        sort = "self_cuda_time_total" if consumer else "self_cpu_time_total"
+        print(events.table(sort_by=sort, row_limit=25, max_name_column_width=60))
         del impl
         torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    qlora = "--qlora" in args
-    names = [a for a in args if a != "--qlora"]
-    main(names or ["base", "peft", "peft_fast"], qlora)
+    qlora, consumer = "--qlora" in args, "--consumer" in args
+    names = [a for a in args if not a.startswith("--")]
+    main(names or (["peft", "peft_fast"] if consumer else ["base", "peft", "peft_fast"]), qlora, consumer)

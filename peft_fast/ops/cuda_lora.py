@@ -258,8 +258,9 @@ def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     weight, bias = params["weight"], params.get("bias")
     a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
     w_dtype = weight.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    device_type = "cuda" if x.is_cuda else x.device.type  # (x.device builds a torch.device each time)
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
     elif x.dtype != w_dtype:
         return None
     else:

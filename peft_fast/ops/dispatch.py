@@ -133,9 +133,7 @@ FUSED_MAX_WORK = 1 << 29
 def fused_kernels_for(x: torch.Tensor, n: int, r: int) -> bool:
     """fused_kernels for input x (…×K rows) of a layer with N outputs and total rank r."""
     k = x.shape[-1]
-    if x.is_cuda and not kernels_run_on(x.device):
-        return False
-    return fused_kernels(x.numel() // max(k, 1), k, n, r)
+    return fused_kernels(x.numel() // max(k, 1), k, n, r) and (not x.is_cuda or kernels_run_on(x.device))
 
 
 _CAPABLE: dict[int, bool] = {}  # CUDA device index → whether the fused kernels run there
