@@ -131,6 +131,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("lora_add", &lora_add, "base_out + the LoRA term, fwd (+ bwd via autograd) as one C++ autograd node",
           py::arg("x"), py::arg("base_out"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"),
           py::arg("dtype"), py::arg("kernels") = true);
+    m.def("qlora_linear", &qlora_linear, "LoRA linear over a 4-bit bitsandbytes weight as one C++ autograd node",
+          py::arg("x"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("packed"), py::arg("code"),
+          py::arg("absmax"), py::arg("absmax2"), py::arg("code2"), py::arg("offset"), py::arg("n"), py::arg("k"),
+          py::arg("blocksize"), py::arg("blocksize2"), py::arg("scale"), py::arg("p"), py::arg("dtype"),
+          py::arg("dequant_kernel") = true, py::arg("kernels") = true);
 #ifdef PEFT_FAST_CUDA_KERNELS
     m.def("lora_kernels_forward", &lora_kernels_forward, "the fused LoRA forward kernel alone (tests)", py::arg("x"),
           py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"), py::arg("bias") = py::none(),

@@ -20,6 +20,7 @@
 
 #include <mutex>
 
+#include "dequant4.h"
 #include "lora_kernels.h"
 #endif
 
@@ -359,6 +360,44 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
     return out;
 }
 
+struct Needs {
+    bool x, w, bias, a, b;  // which inputs want a gradient
+};
+
+struct LinearGrads {
+    Tensor x, w, bias, a, b;
+};
+
+// LoraLinearFn's backward arithmetic, from what linear_forward saved ({x, w, a, b, h, mask}; the ATen route's a and
+// b are A and s·B in the compute dtype and h is unscaled, the fused route's the adapters themselves and
+// h = s·drop(x)Aᵀ) and the base weight w in the compute dtype (saved[1], or dequantized again by the QLoRA node;
+// read only for dx)
+LinearGrads linear_backward(const NodeState& st, const variable_list& saved, const Tensor& w, const Tensor& dy_in,
+                            const Needs& need, at::IntArrayRef x_sizes) {
+    const Tensor &x = saved[0], &a = saved[2], &b = saved[3], &h = saved[4], &mask = saved[5];
+    const double s = st.scale, p = st.p;
+    const bool kn = st.kn;
+    Tensor dy = rows(dy_in, b.size(0), x.scalar_type());  // (B is N×r on both routes)
+    LinearGrads g;
+#ifdef PEFT_FAST_CUDA_KERNELS
+    if (st.fused) {
+        FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, need.x, need.a, need.b, x_sizes);
+        dy = f.dy, g.x = f.grad_x, g.a = f.grad_a, g.b = f.grad_b;
+        if (need.x) g.x.view({-1, x.size(1)}).addmm_(dy, kn ? w.t() : w);
+    }
+#endif
+    if (!st.fused) {
+        LowRankGrads l = low_rank_grads(dy, x, a, b, h, mask, s, p, need.x, need.a, need.b, st.a_dtype, st.b_dtype);
+        g.a = l.grad_a;
+        g.b = l.grad_b;
+        if (need.x) g.x = l.dx_low.addmm_(dy, kn ? w.t() : w).view(x_sizes);  // the engine casts it to x's dtype
+    }
+    if (need.w)  // only when the user trains the base weight too
+        g.w = as(kn ? at::mm(x.t(), dy) : at::mm(dy.t(), x), st.w_dtype);
+    if (need.bias) g.bias = as(dy.sum(0), st.bias_dtype);
+    return g;
+}
+
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     // The reshape to M×K and back happens here, not in Python: a view outside the node is an autograd node of its
     // own, in forward and backward (two ViewBackward nodes cost ~40 µs of host time per layer on a CPU).
@@ -377,38 +416,13 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
 
     static variable_list backward(AutogradContext* ctx, variable_list grads) {
         const auto saved = ctx->get_saved_variables();
-        // (ATen route: a and b are A and s·B in the compute dtype, h unscaled; fused route: the adapters themselves
-        // and h = s·drop(x)Aᵀ)
-        const Tensor &x = saved[0], &w = saved[1], &a = saved[2], &b = saved[3], &h = saved[4], &mask = saved[5];
         const NodeState st = NodeState::load(ctx);
-        const double s = st.scale, p = st.p;
-        const bool kn = st.kn, fused = st.fused;
         // needs_input_grad counts graph edges, which exist only for tensor arguments: no bias, no edge 2
         const size_t e = st.has_bias ? 1 : 0;
-        const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1),
-                   need_bias = e && ctx->needs_input_grad(2), need_a = ctx->needs_input_grad(2 + e),
-                   need_b = ctx->needs_input_grad(3 + e);
-        const int64_t n = kn ? w.size(1) : w.size(0);
-        Tensor dy = rows(grads[0], n, x.scalar_type());
-        Tensor grad_x, grad_w, grad_bias, grad_a, grad_b;
-        const auto x_sizes = ctx->saved_data["x_sizes"].toIntVector();
-#ifdef PEFT_FAST_CUDA_KERNELS
-        if (fused) {
-            FusedGrads g = fused_backward(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, x_sizes);
-            dy = g.dy, grad_x = g.grad_x, grad_a = g.grad_a, grad_b = g.grad_b;
-            if (need_x) grad_x.view({-1, x.size(1)}).addmm_(dy, kn ? w.t() : w);
-        }
-#endif
-        if (!fused) {
-            LowRankGrads g = low_rank_grads(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, st.a_dtype, st.b_dtype);
-            grad_a = g.grad_a;
-            grad_b = g.grad_b;
-            if (need_x) grad_x = g.dx_low.addmm_(dy, kn ? w.t() : w).view(x_sizes);  // the engine casts it to x's dtype
-        }
-        if (need_w)  // only when the user trains the base weight too
-            grad_w = as(kn ? at::mm(x.t(), dy) : at::mm(dy.t(), x), st.w_dtype);
-        if (need_bias) grad_bias = as(dy.sum(0), st.bias_dtype);
-        return {grad_x, grad_w, grad_bias, grad_a, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        const Needs need{ctx->needs_input_grad(0), ctx->needs_input_grad(1), e && ctx->needs_input_grad(2),
+                         ctx->needs_input_grad(2 + e), ctx->needs_input_grad(3 + e)};
+        LinearGrads g = linear_backward(st, saved, saved[1], grads[0], need, ctx->saved_data["x_sizes"].toIntVector());
+        return {g.x, g.w, g.bias, g.a, g.b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
 
@@ -490,6 +504,154 @@ struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
     }
 };
 
+// ---- QLoRA: the LoRA linear over a bitsandbytes 4-bit base weight, dequantized inside the node
+
+// A bitsandbytes 4-bit weight (N×K) as peft_fast/ops/cuda_qlora.py hands it over: the packed bytes, the 16 code
+// values, the fp32 absmax per block, or under double quantization its uint8 codes with absmax2, code2 and offset
+struct Quant4 {
+    Tensor packed, code, absmax, absmax2, code2, offset;
+    int64_t n = 0, k = 0, blocksize = 0, blocksize2 = 0;
+    bool nested() const { return absmax2.defined(); }
+};
+
+// per-block values repeated over their blocks' elements (the last block may be short)
+Tensor per_element(const Tensor& per_block, int64_t numel, int64_t blocksize) {
+    return per_block.reshape({-1, 1}).expand({per_block.numel(), blocksize}).reshape({-1}).slice(0, 0, numel);
+}
+
+Tensor packed_bytes(const Tensor& packed) {
+    Tensor flat = packed.reshape({-1});
+    return flat.scalar_type() == torch::kByte ? flat : flat.view(torch::kByte);
+}
+
+// W = code[nibble] · absmax of its block in fp32, rounded once to dt (bitsandbytes' arithmetic) from ATen ops
+Tensor dequant4_aten(const Quant4& q, c10::ScalarType dt) {
+    const int64_t numel = q.n * q.k;
+    const Tensor bytes = packed_bytes(q.packed);
+    const Tensor nibbles = at::stack({at::bitwise_right_shift(bytes, 4), at::bitwise_and(bytes, 15)}, 1)
+                               .reshape({-1}).slice(0, 0, numel).to(torch::kLong);
+    Tensor absmax = q.absmax.reshape({-1});
+    if (q.nested())  // dequantize_blockwise, then + offset: two roundings in fp32
+        absmax = q.code2.to(torch::kFloat).index_select(0, absmax.to(torch::kLong))
+                     .mul(per_element(q.absmax2.to(torch::kFloat), absmax.numel(), q.blocksize2))
+                     .add(q.offset.to(torch::kFloat).reshape({}));
+    else
+        absmax = absmax.to(torch::kFloat);
+    const Tensor values = q.code.to(torch::kFloat).index_select(0, nibbles).mul(per_element(absmax, numel, q.blocksize));
+    return values.view({q.n, q.k}).to(dt);
+}
+
+#ifdef PEFT_FAST_CUDA_KERNELS
+bool dequant4_kernel_takes(const Quant4& q, c10::ScalarType dt) {
+    auto f32 = [&](const Tensor& t, int64_t numel) {
+        return t.scalar_type() == torch::kFloat && t.is_contiguous() && t.device() == q.packed.device() &&
+               (numel < 0 || t.numel() == numel);
+    };
+    if (!q.packed.is_cuda() || !q.packed.is_contiguous() || reinterpret_cast<uintptr_t>(q.packed.data_ptr()) % 4 != 0)
+        return false;
+    if ((dt != torch::kBFloat16 && dt != torch::kHalf) || !f32(q.code, 16)) return false;
+    if (!dequant4_supports(q.n * q.k, static_cast<int>(q.blocksize), static_cast<int>(q.blocksize2), q.nested()))
+        return false;
+    if (!q.nested()) return f32(q.absmax, -1);
+    return q.absmax.scalar_type() == torch::kByte && q.absmax.is_contiguous() && q.absmax.device() == q.packed.device() &&
+           f32(q.absmax2, -1) && f32(q.code2, 256) && f32(q.offset, 1);
+}
+#endif
+
+// W (N×K, dt): the kernel of dequant4.cu where it takes the weight and `kernel` allows it, else ATen ops
+Tensor dequant4(const Quant4& q, c10::ScalarType dt, bool kernel) {
+#ifdef PEFT_FAST_CUDA_KERNELS
+    if (kernel && dequant4_kernel_takes(q, dt)) {
+        const c10::cuda::CUDAGuard guard(q.packed.device());
+        Tensor w = at::empty({q.n, q.k}, q.packed.options().dtype(dt));
+        Dequant4Args args{};
+        args.packed = packed_bytes(q.packed).data_ptr<uint8_t>();
+        args.code = q.code.data_ptr<float>();
+        args.absmax = q.nested() ? nullptr : q.absmax.data_ptr<float>();
+        if (q.nested()) {
+            args.qabsmax = q.absmax.data_ptr<uint8_t>();
+            args.absmax2 = q.absmax2.data_ptr<float>();
+            args.code2 = q.code2.data_ptr<float>();
+            args.offset = q.offset.data_ptr<float>();
+        }
+        args.out = w.data_ptr();
+        args.n = q.n * q.k;
+        args.blocksize = static_cast<int>(q.blocksize);
+        args.blocksize2 = static_cast<int>(q.blocksize2);
+        args.bf16 = dt == torch::kBFloat16;
+        check(launch_dequant4(args, c10::cuda::getCurrentCUDAStream()), "dequantize 4-bit");
+        return w;
+    }
+#endif
+    return dequant4_aten(q, dt);
+}
+
+// The checks a QLoRA call gets before anything runs: sizes that disagree would otherwise read out of bounds
+void check_quant4(const Quant4& q, const Tensor& x, const Tensor& a, const Tensor& b) {
+    TORCH_CHECK(q.n > 0 && q.k > 0 && q.blocksize > 0, "qlora_linear: n, k and blocksize must be positive, got ", q.n,
+                ", ", q.k, ", ", q.blocksize);
+    const int64_t numel = q.n * q.k, blocks = (numel + q.blocksize - 1) / q.blocksize;
+    TORCH_CHECK(q.packed.numel() * q.packed.element_size() == (numel + 1) / 2, "qlora_linear: the packed weight holds ",
+                q.packed.numel() * q.packed.element_size(), " bytes; ", q.n, "×", q.k, " needs ", (numel + 1) / 2);
+    TORCH_CHECK(q.code.numel() == 16, "qlora_linear: code must hold the 16 code values, got ", q.code.numel());
+    TORCH_CHECK(q.absmax.numel() == blocks, "qlora_linear: absmax must hold one value per block of ", q.blocksize,
+                " (", blocks, "), got ", q.absmax.numel());
+    if (q.nested()) {
+        TORCH_CHECK(q.blocksize2 > 0 && q.code2.defined() && q.code2.numel() == 256 && q.offset.defined() &&
+                        q.offset.numel() == 1 && q.absmax2.numel() == (blocks + q.blocksize2 - 1) / q.blocksize2,
+                    "qlora_linear: double quantization needs absmax2 (one value per ", q.blocksize2,
+                    " blocks), code2 (256 values) and offset (one value)");
+        TORCH_CHECK(q.absmax.scalar_type() == torch::kByte, "qlora_linear: a double-quantized absmax holds uint8 codes");
+    }
+    TORCH_CHECK(x.size(-1) == q.k, "qlora_linear: x has ", x.size(-1), " features, the weight ", q.k);
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == q.k && b.size(0) == q.n && b.size(1) == a.size(0),
+                "qlora_linear: lora_a must be r×", q.k, " and lora_b ", q.n, "×r, got ", a.sizes(), " and ", b.sizes());
+}
+
+// y = x Wᵀ (+ bias) + s·drop(x) Aᵀ Bᵀ with W dequantized from 4 bits into a buffer that lives for the one GEMM:
+// LoraLinearFn's arithmetic, W made again in backward for dx (as bitsandbytes' own backward does) and never kept.
+struct QLoraLinearFn : public torch::autograd::Function<QLoraLinearFn> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const c10::optional<Tensor>& bias_in,
+                          const Tensor& lora_a, const Tensor& lora_b, const Tensor& packed, const Tensor& code,
+                          const Tensor& absmax, const c10::optional<Tensor>& absmax2,
+                          const c10::optional<Tensor>& code2, const c10::optional<Tensor>& offset, int64_t n, int64_t k,
+                          int64_t blocksize, int64_t blocksize2, double scale, double p, c10::ScalarType dt,
+                          bool dequant_kernel, bool kernels) {
+        const Quant4 q{packed, code, absmax, absmax2.value_or(Tensor()), code2.value_or(Tensor()),
+                       offset.value_or(Tensor()), n, k, blocksize, blocksize2};
+        Forward out = linear_forward(x_in, dequant4(q, dt, dequant_kernel), bias_in, lora_a, lora_b, scale, p, false,
+                                     dt, kernels, true);
+        out.saved[1] = Tensor();  // the dequantized W is not kept
+        out.saved.insert(out.saved.end(), {packed, code, absmax, q.absmax2, q.code2, q.offset});
+        ctx->save_for_backward(out.saved);
+        NodeState st;
+        st.scale = scale, st.p = p, st.fused = out.fused, st.has_bias = bias_in.has_value();
+        st.a_dtype = lora_a.scalar_type(), st.b_dtype = lora_b.scalar_type();
+        if (bias_in.has_value()) st.bias_dtype = bias_in->scalar_type();
+        st.save(ctx, x_in);
+        ctx->saved_data["quant"] = std::vector<int64_t>{n, k, blocksize, blocksize2, dequant_kernel};
+        return out.y;
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads) {
+        const auto saved = ctx->get_saved_variables();
+        const NodeState st = NodeState::load(ctx);
+        const size_t e = st.has_bias ? 1 : 0;  // (edges: x, bias if given, A, B; the quantized weight has none)
+        const Needs need{ctx->needs_input_grad(0), false, e && ctx->needs_input_grad(1), ctx->needs_input_grad(1 + e),
+                         ctx->needs_input_grad(2 + e)};
+        Tensor w;
+        if (need.x) {
+            const auto qs = ctx->saved_data["quant"].toIntVector();
+            const Quant4 q{saved[6], saved[7], saved[8], saved[9], saved[10], saved[11], qs[0], qs[1], qs[2], qs[3]};
+            w = dequant4(q, saved[0].scalar_type(), qs[4] != 0);
+        }
+        LinearGrads g = linear_backward(st, saved, w, grads[0], need, ctx->saved_data["x_sizes"].toIntVector());
+        variable_list out(19);
+        out[0] = g.x, out[1] = g.bias, out[2] = g.a, out[3] = g.b;
+        return out;
+    }
+};
+
 }  // namespace
 
 namespace {
@@ -508,6 +670,22 @@ Tensor lora_add(const Tensor& x, const Tensor& base_out, const Tensor& lora_a, c
     if (!records_graph({&x, &base_out, &lora_a, &lora_b}))
         return add_forward(x, base_out, lora_a, lora_b, scale, p, dtype, kernels, false).y;
     return LoraAddFn::apply(x, base_out, lora_a, lora_b, scale, p, dtype, kernels);
+}
+
+Tensor qlora_linear(const Tensor& x, const c10::optional<Tensor>& bias, const Tensor& lora_a, const Tensor& lora_b,
+                    const Tensor& packed, const Tensor& code, const Tensor& absmax,
+                    const c10::optional<Tensor>& absmax2, const c10::optional<Tensor>& code2,
+                    const c10::optional<Tensor>& offset, int64_t n, int64_t k, int64_t blocksize, int64_t blocksize2,
+                    double scale, double p, c10::ScalarType dtype, bool dequant_kernel, bool kernels) {
+    const Quant4 q{packed, code, absmax, absmax2.value_or(Tensor()), code2.value_or(Tensor()),
+                   offset.value_or(Tensor()), n, k, blocksize, blocksize2};
+    check_quant4(q, x, lora_a, lora_b);
+    const Tensor& b = bias.has_value() ? *bias : x;
+    if (!records_graph({&x, &b, &lora_a, &lora_b}))
+        return linear_forward(x, dequant4(q, dtype, dequant_kernel), bias, lora_a, lora_b, scale, p, false, dtype,
+                              kernels, false).y;
+    return QLoraLinearFn::apply(x, bias, lora_a, lora_b, packed, code, absmax, absmax2, code2, offset, n, k, blocksize,
+                                blocksize2, scale, p, dtype, dequant_kernel, kernels);
 }
 
 Tensor lora_linear(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias, const Tensor& lora_a,

@@ -17,6 +17,18 @@ torch::Tensor lora_linear(const torch::Tensor& x, const torch::Tensor& weight, c
 torch::Tensor lora_add(const torch::Tensor& x, const torch::Tensor& base_out, const torch::Tensor& lora_a,
                        const torch::Tensor& lora_b, double scale, double p, c10::ScalarType dtype, bool kernels);
 
+// lora_linear over a bitsandbytes 4-bit weight (N×K: packed bytes, 16 code values, absmax per block; under double
+// quantization absmax holds uint8 codes and absmax2 / code2 / offset dequantize them), which is dequantized into a
+// buffer for each GEMM, in forward and again in backward (only for dx), and never kept. `dequant_kernel`: take the
+// kernel of dequant4.h where it applies (CUDA builds), else ATen ops. Same numbers as bitsandbytes' dequantization.
+torch::Tensor qlora_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
+                           const torch::Tensor& lora_a, const torch::Tensor& lora_b, const torch::Tensor& packed,
+                           const torch::Tensor& code, const torch::Tensor& absmax,
+                           const c10::optional<torch::Tensor>& absmax2, const c10::optional<torch::Tensor>& code2,
+                           const c10::optional<torch::Tensor>& offset, int64_t n, int64_t k, int64_t blocksize,
+                           int64_t blocksize2, double scale, double p, c10::ScalarType dtype, bool dequant_kernel,
+                           bool kernels);
+
 #ifdef PEFT_FAST_CUDA_KERNELS
 // The fused kernels' two halves on their own, for tests that check them against torch with the kernels' own dropout
 // bits. Forward: {y = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend), hs = s·drop(x)Aᵀ, mask (M×K/8 keep bits; empty when

@@ -57,7 +57,7 @@ def cpp_lora_module(tmp_path_factory):
     binding = build / "binding.cpp"
     binding.write_text('#include "lora_autograd.h"\n'
                        'PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("lora_linear", &lora_linear); '
-                       'm.def("lora_add", &lora_add); }\n')
+                       'm.def("lora_add", &lora_add); m.def("qlora_linear", &qlora_linear); }\n')
     module = cpp_extension.load("peft_fast_lora_cpp", [os.path.join(csrc, "lora_autograd.cpp"), str(binding)],
                                 extra_include_paths=[csrc], extra_cflags=["-O1"], build_directory=str(build))
     return module
@@ -71,3 +71,8 @@ def cpp_lora_linear(cpp_lora_module):
 @pytest.fixture(scope="session")
 def cpp_lora_add(cpp_lora_module):
     return cpp_lora_module.lora_add
+
+
+@pytest.fixture(scope="session")
+def cpp_qlora_linear(cpp_lora_module):
+    return cpp_lora_module.qlora_linear

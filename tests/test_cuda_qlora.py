@@ -2,7 +2,6 @@
 the LoRA term as one C++ autograd node (csrc/lora_autograd.cpp `lora_add`), built here for the CPU and forced,
 against the torch path (PEFT's arithmetic) on the same quantized model. The GPU tests run it at real sizes."""
 
-import copy
 
 import pytest
 import torch
@@ -112,3 +111,114 @@ def test_not_taken_on_cpu_in_auto_mode_nor_without_the_extension(monkeypatch):
     monkeypatch.setattr(cuda_qlora, "CPP_LORA_ADD", None)
     with ops.use_backend("cuda"):
         assert dispatch.choose("quantized_linear_with_lora", x, layer.base_layer, terms) == "torch"
+
+
+# ---- the flat QLoRA node (ops/cuda_qlora.py eager_qlora_call: one C++ node for a whole Linear4bit layer), here its
+# CPU build (ATen route: dequantization from ATen ops); the GPU tests run its kernels
+QUANT4 = {"nf4": dict(quant_type="nf4", compute_dtype=torch.bfloat16),
+          "nf4-double": dict(quant_type="nf4", compute_dtype=torch.bfloat16, compress_statistics=True),
+          "fp4-double": dict(quant_type="fp4", compute_dtype=torch.bfloat16, compress_statistics=True)}
+
+
+def _q_layer(quant, p=0.0, bias=False, k=96, n=80):
+    torch.manual_seed(0)
+    base = quantize_linears(torch.nn.Sequential(torch.nn.Linear(k, n, bias=bias)), bits=4, **quant)
+    model = pf.get_peft_model(base, pf.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=p))
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.3)  # a clear share of y
+    return layer
+
+
+@pytest.fixture
+def qlora_node(cpp_qlora_linear, monkeypatch):
+    monkeypatch.setattr(cuda_qlora, "CPP_QLORA_LINEAR", cpp_qlora_linear)
+    return cpp_qlora_linear
+
+
+@pytest.mark.parametrize("quant", list(QUANT4.values()), ids=list(QUANT4))
+def test_qlora_node_dequantizes_as_bitsandbytes(quant, qlora_node, monkeypatch):
+    """y = I·Wᵀ with no LoRA term is W itself: bit for bit bitsandbytes' dequantization (peft_fast's copy of it)."""
+    from peft_fast.quantization import dequantize_4bit
+
+    layer = _q_layer(quant)
+    layer.lora_B["default"].weight.data.zero_()
+    monkeypatch.setattr(dispatch, "QLORA_NODE_MIN_ROWS", 1)
+    x = torch.eye(96, dtype=torch.bfloat16)
+    args = cuda_qlora.qlora_node_args(layer, x)
+    assert args is not None
+    weight = layer.base_layer.weight
+    want = dequantize_4bit(weight.data, weight.quant_state, torch.bfloat16)
+    assert torch.equal(qlora_node(*args).t(), want)
+
+
+@pytest.mark.parametrize("case", ["bf16", "bf16-dropout", "fp32-input-autocast"])
+@pytest.mark.parametrize("quant", list(QUANT4.values()), ids=list(QUANT4))
+def test_qlora_node_matches_the_torch_path(quant, case, qlora_node):
+    """Output and the gradients of x, A and B against the torch path (PEFT's arithmetic over bitsandbytes), with a
+    bias, dropout, and a prepared model's fp32 input under bf16 autocast; under no_grad the same output, no node."""
+    layer = _q_layer(quant, p=0.25 if case == "bf16-dropout" else 0.0, bias=True)
+    layer.train()
+    x_dtype = torch.float32 if case == "fp32-input-autocast" else torch.bfloat16
+    x = torch.randn(2, 300, 96, dtype=x_dtype)  # 600 rows: over QLORA_NODE_MIN_ROWS
+    dy = torch.randn(2, 300, 80, dtype=x_dtype)
+
+    def run(node: bool):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=x_dtype == torch.float32):
+            torch.manual_seed(5)
+            if node:
+                args = cuda_qlora.qlora_node_args(layer, xi)
+                assert args is not None and args[16] == torch.bfloat16
+                y = qlora_node(*args).to(x_dtype)
+            else:
+                with ops.use_backend("torch"):
+                    y = layer(xi)
+        y.backward(dy)
+        out = (y.detach().float(), xi.grad.float(), layer.lora_A["default"].weight.grad.clone(),
+               layer.lora_B["default"].weight.grad.clone())
+        layer.zero_grad(set_to_none=True)
+        return out
+
+    got, want = run(True), run(False)
+    for name, a, b in zip(("y", "dx", "dA", "dB"), got, want):
+        assert rel_err(a, b) < 2e-2, name
+    if case == "bf16":
+        with torch.no_grad():
+            y = qlora_node(*cuda_qlora.qlora_node_args(layer, x))
+        assert y.grad_fn is None and torch.equal(y.float(), got[0])
+
+
+def test_qlora_node_is_taken_only_in_the_common_case(qlora_node):
+    layer = _q_layer(QUANT4["nf4-double"])
+    x = torch.randn(600, 96, dtype=torch.bfloat16)
+    assert cuda_qlora.qlora_node_args(layer, x) is not None
+    assert cuda_qlora.qlora_node_args(layer, x[:dispatch.QLORA_NODE_MIN_ROWS - 1]) is None  # decode: bitsandbytes
+    assert cuda_qlora.qlora_node_args(layer, x.float()) is None  # fp32 compute, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cuda_qlora.qlora_node_args(layer, x.float())[16] == torch.bfloat16
+    with ops.use_backend("cuda"):  # a forced backend takes the general path
+        assert cuda_qlora.qlora_node_args(layer, x) is None
+    layer.enable_adapters(False)
+    assert cuda_qlora.qlora_node_args(layer, x) is None
+    layer.enable_adapters(True)
+    with pytest.warns(UserWarning, match="rounding errors"):
+        layer.merge()
+    assert cuda_qlora.qlora_node_args(layer, x) is None
+    layer.unmerge()
+    assert cuda_qlora.qlora_node_args(layer, x) is not None
+    layer.base_layer.compute_dtype = torch.float32  # bitsandbytes would compute x·Wᵀ in fp32 without autocast
+    assert cuda_qlora.qlora_node_args(layer, x) is None
+    int8 = _model(QUANT["int8"]).base_model.model.model.layers[0].self_attn.q_proj
+    assert cuda_qlora.qlora_node_args(int8, torch.randn(600, int8.in_features)) is None
+
+
+def test_qlora_node_refuses_inconsistent_arguments(qlora_node, monkeypatch):
+    layer = _q_layer(QUANT4["nf4-double"])
+    x = torch.randn(600, 96, dtype=torch.bfloat16)
+    args = list(cuda_qlora.qlora_node_args(layer, x))
+    for index, value, message in ((10, 81, "packed weight holds"), (6, args[6][:-1], "absmax must hold"),
+                                  (0, x[:, :95], "x has 95 features"), (9, None, "double quantization needs")):
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=message):
+            qlora_node(*bad)

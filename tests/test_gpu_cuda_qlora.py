@@ -1,6 +1,8 @@
-"""QLoRA training on the GPU as auto mode runs it (ops/cuda_qlora.py: bitsandbytes' base output + the LoRA term as one
-C++ node): against the torch path (PEFT's arithmetic) at real sizes with and without dropout, no device sync, and a
-tiny Llama's training losses against HF PEFT + bitsandbytes. `pytest -m gpu` on the device machine."""
+"""QLoRA training on the GPU as auto mode runs it (ops/cuda_qlora.py: from QLORA_NODE_MIN_ROWS rows one C++ node for the
+whole layer, W dequantized by csrc/dequant4.cu; below it bitsandbytes' base output + the LoRA term as one C++ node):
+against the torch path (PEFT's arithmetic) at real sizes with and without dropout, the dequantization bit for bit
+against bitsandbytes', no device sync, and a tiny Llama's training losses against HF PEFT + bitsandbytes.
+`pytest -m gpu` on the device machine."""
 
 import copy
 
@@ -50,8 +52,15 @@ def test_auto_runs_the_node_and_matches_the_torch_path(p, x_dtype):
     terms = [layer._adapter_term("default")]
     assert dispatch.choose("quantized_linear_with_lora", x, layer.base_layer, terms) == "cuda"
     dy = torch.randn(2, 1024, 4096, device="cuda", dtype=torch.bfloat16 if x_dtype == torch.bfloat16 else x_dtype)
-    with ops.use_cuda_kernels(p == 0):  # (dropout: the ATen route, torch's mask; test_gpu_lora_kernels.py checks
-        got = _fwd_bwd(layer, x, dy, "auto")  # the fused kernels' own bits)
+    calls = []
+    real = cuda_qlora.CPP_QLORA_LINEAR
+    cuda_qlora.CPP_QLORA_LINEAR = lambda *a: calls.append(a[-2]) or real(*a)
+    try:
+        with ops.use_cuda_kernels(p == 0):  # (dropout: the ATen route, torch's mask; test_gpu_lora_kernels.py checks
+            got = _fwd_bwd(layer, x, dy, "auto")  # the fused kernels' own bits)
+    finally:
+        cuda_qlora.CPP_QLORA_LINEAR = real
+    assert calls == [p == 0]  # the whole layer as one node (dequantization kernel on where the kernels are)
     want = _fwd_bwd(layer, x, dy, "torch")
     for name, a, b in zip(("y", "dx", "dA", "dB"), got, want):
         assert a.dtype == b.dtype, name
@@ -66,12 +75,13 @@ def test_qlora_forward_and_backward_never_synchronize():
     assert_steps_never_synchronize(layer, x)
 
 
-def test_tiny_llama_qlora_training_tracks_peft_and_bitsandbytes():
+@pytest.mark.parametrize("seq", [32, 256], ids=["bnb-base-output", "qlora-node"])  # 2×256 rows: the flat node
+def test_tiny_llama_qlora_training_tracks_peft_and_bitsandbytes(seq):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = quantize_linears(tiny_llama().to(torch.bfloat16), compute_dtype=torch.bfloat16, compress_statistics=True,
                             device="cuda").cuda()
-    ids = [torch.randint(0, base.config.vocab_size, (2, 32), device="cuda") for _ in range(4)]
+    ids = [torch.randint(0, base.config.vocab_size, (2, seq), device="cuda") for _ in range(4)]
     losses = {}
     for lib in (peft, pf):
         torch.manual_seed(1)
@@ -92,3 +102,41 @@ def test_tiny_llama_qlora_training_tracks_peft_and_bitsandbytes():
     ours, theirs = torch.tensor(losses["peft_fast"]), torch.tensor(losses["peft"])
     assert (ours - theirs).abs().max() < 2e-2 * theirs.abs().max(), (ours, theirs)
     assert ours[4] != ours[0]  # the same batch after four updates: the adapters were trained
+
+
+QUANT4 = {"nf4-bf16": (dict(quant_type="nf4"), torch.bfloat16),
+          "nf4-double-bf16": (dict(quant_type="nf4", compress_statistics=True), torch.bfloat16),
+          "fp4-double-fp16": (dict(quant_type="fp4", compress_statistics=True), torch.float16)}
+
+
+@pytest.mark.skipif(cuda_qlora.CPP_QLORA_LINEAR is None, reason="peft_fast._C not built")
+@pytest.mark.parametrize("quant", list(QUANT4), ids=list(QUANT4))
+def test_qlora_node_dequantizes_bit_for_bit_as_bitsandbytes(quant, monkeypatch):
+    """y = I·Wᵀ with no LoRA term is W: csrc/dequant4.cu's W, bit for bit bitsandbytes' dequantize_4bit, and the
+    node's ATen route gives the same."""
+    import bitsandbytes.functional as bnbf
+
+    kwargs, dtype = QUANT4[quant]
+    base = quantize_linears(nn.Sequential(nn.Linear(1024, 768, bias=False)), compute_dtype=dtype, device="cuda",
+                            **kwargs)
+    layer = pf.get_peft_model(base, pf.LoraConfig(r=8, target_modules=["0"])).base_model.model[0].cuda()
+    x = torch.eye(1024, device="cuda", dtype=dtype)  # 1024 rows: the node's size
+    args = cuda_qlora.qlora_node_args(layer, x)
+    assert args is not None and args[-2]  # the dequantization kernel
+    weight = layer.base_layer.weight
+    want = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    assert torch.equal(cuda_qlora.CPP_QLORA_LINEAR(*args).t(), want)
+    aten = args[:-2] + (False, False)
+    assert torch.equal(cuda_qlora.CPP_QLORA_LINEAR(*aten).t(), want)
+
+
+@pytest.mark.skipif(cuda_qlora.CPP_QLORA_LINEAR is None, reason="peft_fast._C not built")
+def test_qlora_node_raises_on_bad_arguments():
+    layer = _layer(512, 256, 8, 0.0)
+    x = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
+    args = cuda_qlora.qlora_node_args(layer, x)
+    assert args is not None
+    with pytest.raises(RuntimeError, match="absmax must hold"):
+        cuda_qlora.CPP_QLORA_LINEAR(*args[:6], args[6][:-1], *args[7:])
+    with pytest.raises(RuntimeError, match="x has 511 features"):
+        cuda_qlora.CPP_QLORA_LINEAR(x[:, :511], *args[1:])

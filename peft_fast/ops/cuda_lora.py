@@ -219,11 +219,11 @@ def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
         return None
 
 
-def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
-    """CPP_LORA_LINEAR's arguments for `layer(x)` in the common case (see eager_layer_call), None otherwise. Device-
-    blind, so the CPU suite can compare it with the general path."""
-    if not dispatch.auto_goes_straight_to("linear_with_lora", "cuda"):
-        return None
+def single_plain_adapter(layer: nn.Module) -> Optional[tuple]:
+    """(base layer, A's weight, B's weight, scale, dropout p) of a LoRA layer's one active plain adapter, for the
+    flat eager paths (here and ops/cuda_qlora.py); None where the general path must run: traced or under a functorch
+    transform, adapters disabled or merged, several active adapters, DoRA, a lora_B bias, a tensor scale, a dropout
+    module of another kind, input casting off, hooks on the base layer."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
     if layer._disable_adapters or layer.merged_adapters:  # the base layer alone
@@ -239,8 +239,7 @@ def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     base = modules["base_layer"]
     if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_b._parameters["bias"] is not None:
         return None
-    kn = type(base) is not nn.Linear
-    if (kn and type(base) is not CONV1D) or base._forward_hooks or base._forward_pre_hooks:
+    if base._forward_hooks or base._forward_pre_hooks:
         return None
     if not layer.cast_input_dtype_enabled or layer.use_dora.get(name, False):
         return None
@@ -254,9 +253,23 @@ def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
         p = dropout.p if dropout.training else 0.0
     else:
         return None
+    return base, lora_a._parameters["weight"], lora_b._parameters["weight"], scale, p
+
+
+def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
+    """CPP_LORA_LINEAR's arguments for `layer(x)` in the common case (see eager_layer_call), None otherwise. Device-
+    blind, so the CPU suite can compare it with the general path."""
+    if not dispatch.auto_goes_straight_to("linear_with_lora", "cuda"):
+        return None
+    adapter = single_plain_adapter(layer)
+    if adapter is None:
+        return None
+    base, a, b, scale, p = adapter
+    kn = type(base) is not nn.Linear
+    if kn and type(base) is not CONV1D:
+        return None
     params = base._parameters
     weight, bias = params["weight"], params.get("bias")
-    a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
     w_dtype = weight.dtype
     device_type = "cuda" if x.is_cuda else x.device.type  # (x.device builds a torch.device each time)
     if torch.is_autocast_enabled(device_type):

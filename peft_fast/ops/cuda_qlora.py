@@ -8,6 +8,14 @@
   autograd node; the bench's QLoRA step is bound by that host work (wall 4× the GPU kernel time, H200).
   Under autocast an fp32 base output (the inputs after a prepared model's fp32 norms) gets the term added in fp32,
   as PEFT adds it. Auto mode takes this path on CUDA, for training and inference.
+* The flat eager path of a LoRA Linear4bit layer (`eager_qlora_call`): one plain adapter, auto policy, at least
+  QLORA_NODE_MIN_ROWS rows (training and prefill). ONE C++ node for the whole layer (csrc/lora_autograd.cpp
+  `qlora_linear`): W dequantized from its 4 bits into a buffer for the one GEMM (csrc/dequant4.cu, bit-identical to
+  bitsandbytes), y = x Wᵀ (+ bias) + the LoRA term as in ops/cuda_lora.py, backward dequantizing again for dx as
+  bitsandbytes does, nothing in Python either way. It replaces bitsandbytes' Python autograd Function (forward and
+  backward) and the separate base output of the path above; at these sizes bitsandbytes itself dequantizes and
+  calls cuBLAS, so the GPU work is the same and the host's is what goes. Below the row threshold bitsandbytes' own
+  small-M kernels read the packed weight once, which a dequantized copy cannot beat.
 * Decode: the small-M 4-bit GEMV of csrc/qgemv.cu. Inference only, M ≤ 16 rows, bf16 / fp16 compute, NF4 / FP4
   weights with K and blocksize multiples of 32. It reads the packed weight once; the low-rank term rides in its
   epilogue (hs = s·x·Aᵀ is a tiny torch matmul). Auto mode does not take it until it is measured faster than
@@ -16,13 +24,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .common import compute_dtype, fold_terms, terms_reason
+from .common import FLOAT_DTYPES, compute_dtype, fold_terms, terms_reason
 from . import dispatch
+from .cuda_lora import single_plain_adapter
 from .dispatch import Skip, forced_backend, register
 from .extension import WHY_NO_EXTENSION, _C
 from .terms import LoraTerm
@@ -37,8 +47,9 @@ def _absmax_fp32(state) -> torch.Tensor:
     return cached(state)
 
 
-# the LoRA-term node (csrc/lora_autograd.cpp); the CPU tests set it to a CPU build
+# the LoRA-term node and the whole-layer QLoRA node (csrc/lora_autograd.cpp); the CPU tests set them to a CPU build
 CPP_LORA_ADD = getattr(_C, "lora_add", None)
+CPP_QLORA_LINEAR = getattr(_C, "qlora_linear", None)
 
 
 def _is_bnb_linear(base: nn.Module) -> bool:
@@ -134,3 +145,75 @@ def _gemv(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> torch.Tens
     y = _C.qgemv_lora(x2, qdata.contiguous(), state.code.float().contiguous(), _absmax_fp32(state), state.blocksize,
                       n, k, None if bias is None else bias.contiguous(), hs, lora_b)
     return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+# set when the QLoRA node failed in a way its ATen retry did not cover (its dequantization kernel): the flat path is
+# then off for the process, with one warning, and the path above (bitsandbytes + lora_add) runs every call
+_QLORA_NODE_FAILED: Optional[str] = None
+
+
+def eager_qlora_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A LoRA Linear4bit layer's whole forward as one CPP_QLORA_LINEAR call in the common case, None for the general
+    path (see the module docstring; tests/test_cuda_qlora.py checks both give the same numbers)."""
+    global _QLORA_NODE_FAILED
+    if CPP_QLORA_LINEAR is None or not x.is_cuda or _QLORA_NODE_FAILED is not None:
+        return None
+    args = qlora_node_args(layer, x)
+    if args is None:
+        return None
+    try:
+        out = dispatch.call_node(CPP_QLORA_LINEAR, *args)
+    except Exception as err:  # noqa: BLE001 - the general path runs this call and every later one
+        _QLORA_NODE_FAILED = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        warnings.warn(f"peft_fast: the QLoRA node failed here ({_QLORA_NODE_FAILED}); bitsandbytes computes the base "
+                      "output from now on")
+        return None
+    return out if out.dtype == x.dtype else out.to(x.dtype)  # bitsandbytes returns x's dtype
+
+
+def qlora_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
+    """CPP_QLORA_LINEAR's arguments for `layer(x)`, None where the general path runs (device-blind, for the CPU
+    suite). Taken where it computes what bitsandbytes + HF PEFT compute, in bf16 or fp16: under autocast
+    bitsandbytes' GEMM (dequantize, then F.linear) runs in autocast's dtype whatever the layer's compute_dtype and
+    x's dtype (a prepared model's fp32 norms hand it fp32), and so does the LoRA term; without autocast both run in
+    x's dtype, which must then be the layer's compute_dtype. The output comes back in x's dtype, as bitsandbytes
+    returns it."""
+    if not dispatch.auto_goes_straight_to("quantized_linear_with_lora", "cuda"):
+        return None
+    adapter = single_plain_adapter(layer)
+    if adapter is None:
+        return None
+    base, a, b, scale, p = adapter
+    if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes"):
+        return None
+    weight = base._parameters["weight"]
+    state = getattr(weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
+        return None
+    n, k = int(state.shape[0]), int(state.shape[1])
+    if x.shape[-1] != k or x.numel() // k < dispatch.QLORA_NODE_MIN_ROWS:
+        return None
+    device_type = "cuda" if x.is_cuda else x.device.type
+    if torch.is_autocast_enabled(device_type):  # bitsandbytes' F.linear runs under autocast, whatever compute_dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        if not x.is_floating_point():
+            return None
+    else:  # bitsandbytes casts x to compute_dtype (None: x's own, once its first call has set it)
+        dtype = x.dtype
+        if base.compute_dtype not in (None, dtype):
+            return None
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
+        return None
+    nested = getattr(state, "state2", None) is not None
+    absmax2 = code2 = offset = None
+    blocksize2 = 0
+    if nested:
+        absmax2, code2, blocksize2, offset = state.state2.absmax, state.state2.code, state.state2.blocksize, state.offset
+        if not isinstance(offset, torch.Tensor):
+            return None
+    kernels = dispatch.fused_kernels_for(x, n, a.shape[0])
+    dequant_kernel = dispatch.CUDA_KERNELS != "off"
+    return (x, base._parameters.get("bias"), a, b, weight, state.code, state.absmax, absmax2, code2, offset, n, k,
+            state.blocksize, blocksize2, scale, p, dtype, dequant_kernel, kernels)

@@ -129,6 +129,11 @@ except ValueError as err:  # a typo in the variable must not break `import peft_
 FUSED_ANY_SIZE_RANK = 16
 FUSED_MAX_WORK = 1 << 29
 
+# A LoRA Linear4bit layer's flat eager path (ops/cuda_qlora.py eager_qlora_call: the whole layer as one C++ node that
+# dequantizes W for a cuBLAS GEMM) from this many rows up; below it bitsandbytes' own small-M kernels, which read the
+# packed weight once (bitsandbytes 0.50 itself takes dequantize + GEMM above ~512 rows on sm90 for these sizes).
+QLORA_NODE_MIN_ROWS = 512
+
 
 def fused_kernels_for(x: torch.Tensor, n: int, r: int) -> bool:
     """fused_kernels for input x (…×K rows) of a layer with N outputs and total rank r."""

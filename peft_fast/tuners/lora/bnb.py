@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ... import ops
+from ...ops import cuda_qlora
 from ..tuners_utils import check_adapters_to_merge
 from .config import LoraConfig
-from .layer import Linear
+from .layer import Linear, LoraLayer
 
 
 def _bnb():
@@ -38,6 +39,7 @@ class _BnbLinear(Linear):
     """Shared forward / merge of the quantized LoRA linears; subclasses dequantize and requantize."""
 
     _bits = 0
+    forward = LoraLayer.forward  # (not Linear's flat path: that one is for nn.Linear / Conv1D bases)
 
     def _check_base_layer(self, base_layer: nn.Module, r: int, config: LoraConfig) -> None:
         if config.use_dora:
@@ -96,6 +98,13 @@ class Linear4bit(_BnbLinear):
     """LoRA around `bitsandbytes.nn.Linear4bit` (NF4 / FP4, optionally double-quantized)."""
 
     _bits = 4
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs:  # the common training case on CUDA: one C++ node for the whole layer
+            out = cuda_qlora.eager_qlora_call(self, x)
+            if out is not None:
+                return out
+        return LoraLayer.forward(self, x, *args, **kwargs)
 
     def _dequantized_weight(self) -> torch.Tensor:
         weight = self.get_base_layer().weight
