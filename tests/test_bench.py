@@ -64,6 +64,30 @@ def test_a_wrong_implementation_is_caught_and_never_timed():
     assert "WRONG" in row
 
 
+def test_interleaved_cases_time_every_implementation_in_the_same_rounds(monkeypatch):
+    """A case with interleave = True (decode: host-bound) takes one sample of each implementation per round, so a
+    host that slows down mid-run slows them all; a wrong implementation is still never timed."""
+    calls = []
+
+    def logging(name, wrong=False):
+        def build(case, device, dtype):
+            layer = case.base.to(device, dtype)
+            return Impl(step=lambda i: calls.append(name) or layer(case.xs[i]),
+                        check=(lambda: 1.0) if wrong else None)
+        return build
+
+    case = LayerCase(48, 40, 40, 8, builders={"base": logging("base"), "peft": logging("peft"),
+                                              "peft_fast": logging("peft_fast", wrong=True)})
+    monkeypatch.setattr(LayerCase, "interleave", True, raising=False)
+    monkeypatch.setattr(LayerCase, "impl_names", ("base", "peft", "peft_fast"), raising=False)
+    result = run_case(case, torch.device("cpu"), torch.float32, repeats=4)
+    assert result.impls["peft_fast"].ok is False and result.impls["peft_fast"].median_ms is None
+    assert "peft_fast" not in calls
+    assert len(result.impls["base"].samples_ms) == len(result.impls["peft"].samples_ms) == 4
+    timed = calls[calls.index("peft", calls.index("peft") + 1) + 1:]  # after both warm-ups
+    assert timed[:8] == ["base", "peft"] * 4
+
+
 def test_compare_to_flags_a_regression(tmp_path, capsys):
     out = tmp_path / "now"
     assert cli.main(["bench", "--quick", "--suite", "layer", "--out", str(out), "--no-progress"]) == 0

@@ -577,6 +577,7 @@ class DecodeCase(_ModelCase):
     group: str = "decode"
     builders: dict = field(default_factory=dict)
     max_repeats = 5
+    interleave = True  # host-bound: every implementation timed in the same rounds (runner.run_case)
 
     @property
     def id(self) -> str:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from .cases import COMPILE_VARIANTS, IMPLS, hf_peft, tolerance
-from .timing import kernel_time_ms, peak_memory, time_fn
+from .timing import kernel_time_ms, peak_memory, time_fn, time_interleaved
 
 
 @dataclass
@@ -83,9 +83,14 @@ def impl_names(case, device: torch.device) -> tuple[str, ...]:
 
 def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, min_time_s: float = 0.0,
              on_impl: Optional[Callable[[str], None]] = None) -> CaseResult:
-    """Check, time and measure every implementation of `case`; the bare base first, as the ratios' denominator."""
+    """Check, time and measure every implementation of `case`; the bare base first, as the ratios' denominator.
+    One implementation at a time (built, checked, timed, measured, freed), or, for a case with `interleave = True`
+    (host-bound ones), all built and checked first and then timed in interleaved rounds (timing.time_interleaved)."""
     result = CaseResult(case.id, case.group, case.params, tolerance(dtype))
     case.prepare(device, dtype)
+    repeats = min(repeats, getattr(case, "max_repeats", repeats))
+    interleave = getattr(case, "interleave", False)
+    built: dict[str, object] = {}  # name → impl, interleaved cases only: timed together after every check
     try:
         for name in impl_names(case, device):
             if on_impl is not None:
@@ -95,39 +100,67 @@ def run_case(case, device: torch.device, dtype: torch.dtype, repeats: int = 20, 
                 impl = case.build(name)
                 if impl is None:  # HF PEFT not installed
                     continue
-                if impl.check is not None:  # before any timing: a wrong result never gets a time
-                    case.check_detail = None
-                    res.rel_err = impl.check()
-                    res.ok = bool(res.rel_err < result.tolerance)
-                    res.check_detail = case.check_detail
-                if res.ok is not False:
-                    recording_peak = None
-                    if impl.extra.get("peak_while_recording"):  # the first steps record the CUDA graphs
-                        recording_peak = peak_memory(lambda: [impl.step(i % case.n_inputs) for i in range(3)], device)
-                    timing = time_fn(impl.step, device, case.n_inputs, repeats=min(repeats, getattr(case, "max_repeats", repeats)),
-                                     min_time_s=min_time_s)
-                    res.samples_ms = [round(t, 5) for t in timing.samples_ms]
-                    res.median_ms = timing.median_ms
-                    res.peak_bytes = recording_peak or peak_memory(lambda: impl.step(0), device)
-                    res.kernel_ms = kernel_time_ms(lambda: impl.step(0), device)
-                    if impl.saved_bytes is not None:
-                        res.saved_bytes = impl.saved_bytes()
-                    if impl.units:
-                        res.units_per_s = impl.units / (res.median_ms / 1e3)
-                    if impl.extra.get("memory_budgets") and device.type == "cuda":
-                        res.fits = {str(gib): fits_in(impl.step, device, gib) for gib in impl.extra["memory_budgets"]}
+                _check(impl, res, case, result.tolerance)
                 result.out_bytes = impl.extra.get("out_bytes", result.out_bytes)
+                if res.ok is not False:
+                    if impl.extra.get("peak_while_recording"):  # the first steps record the CUDA graphs
+                        impl.extra["recording_peak"] = peak_memory(
+                            lambda: [impl.step(i % case.n_inputs) for i in range(3)], device)
+                    if interleave:
+                        built[name] = impl
+                    else:
+                        timing = time_fn(impl.step, device, case.n_inputs, repeats=repeats, min_time_s=min_time_s)
+                        _measure(impl, res, timing, case, device)
                 del impl
             except Exception as exc:  # one broken implementation must not hide the others' numbers
-                res.error = f"{type(exc).__name__}: {exc}"
-                res.ok = False
-                traceback.print_exc()
+                _record_error(res, exc)
             result.impls[name] = res
-            _free(device)
+            if not interleave:
+                _free(device)
+        if built:
+            try:
+                timings = time_interleaved({name: impl.step for name, impl in built.items()}, device, case.n_inputs,
+                                           repeats=repeats)
+                for name, impl in built.items():
+                    _measure(impl, result.impls[name], timings[name], case, device)
+            except Exception as exc:  # noqa: BLE001 - reported on every implementation timed together
+                for name in built:
+                    _record_error(result.impls[name], exc)
     finally:
+        built.clear()
         case.release()
         _free(device)
     return result
+
+
+def _check(impl, res: ImplResult, case, tol: float) -> None:
+    """Before any timing: a wrong result never gets a time."""
+    if impl.check is not None:
+        case.check_detail = None
+        res.rel_err = impl.check()
+        res.ok = bool(res.rel_err < tol)
+        res.check_detail = case.check_detail
+
+
+def _measure(impl, res: ImplResult, timing, case, device: torch.device) -> None:
+    """Fill res from a timing of impl and its memory, kernel time and throughput."""
+    recording_peak = impl.extra.get("recording_peak")  # (CUDA-graph impls: measured before the timing, in run_case)
+    res.samples_ms = [round(t, 5) for t in timing.samples_ms]
+    res.median_ms = timing.median_ms
+    res.peak_bytes = recording_peak or peak_memory(lambda: impl.step(0), device)
+    res.kernel_ms = kernel_time_ms(lambda: impl.step(0), device)
+    if impl.saved_bytes is not None:
+        res.saved_bytes = impl.saved_bytes()
+    if impl.units:
+        res.units_per_s = impl.units / (res.median_ms / 1e3)
+    if impl.extra.get("memory_budgets") and device.type == "cuda":
+        res.fits = {str(gib): fits_in(impl.step, device, gib) for gib in impl.extra["memory_budgets"]}
+
+
+def _record_error(res: ImplResult, exc: Exception) -> None:
+    res.error = f"{type(exc).__name__}: {exc}"
+    res.ok = False
+    traceback.print_exc()
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:

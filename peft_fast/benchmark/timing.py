@@ -56,6 +56,30 @@ def time_fn(fn: Callable[[int], None], device: torch.device, n_inputs: int, warm
     return timing
 
 
+def time_interleaved(fns: dict[str, Callable[[int], None]], device: torch.device, n_inputs: int, warmup: int = 2,
+                     repeats: int = 5) -> dict[str, Timing]:
+    """Median time of each `fns[name](i)`, timed in rounds that take one sample of every function in turn.
+
+    For host-bound cases (decode): the lent machines' host speed drifts over minutes, so timing one implementation
+    after another compares different hosts (the bench's decode rows put merged adapters, the very model of the bare
+    base, at 1.29× of it, H100, 2026-12-06; interleaved they came out at 1.00×)."""
+    cuda = device.type == "cuda"
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(i % n_inputs)
+    timings = {name: Timing() for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn(r % n_inputs)
+            if cuda:
+                torch.cuda.synchronize(device)
+            timings[name].samples_ms.append((time.perf_counter() - t0) * 1e3)
+    return timings
+
+
 def kernel_time_ms(fn: Callable[[], None], device: torch.device) -> Optional[float]:
     """GPU kernel time of one `fn()` (torch.profiler, all CUDA kernels summed), None on CPU. Beside the wall time
     it shows whether a step is bound by the GPU or by the host issuing the work."""
