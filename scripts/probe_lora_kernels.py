@@ -200,14 +200,20 @@ def shapes_table():
 
     print("\n=== rows kernel alone by forced shape (do_bench median µs; fwd = forward kernel, bwd = backward rows "
           "kernel only), bf16 x, fp32 adapters, p 0.1; auto = the launcher's rule", flush=True)
+    # the bench's layer sizes, then the 1B model step's and the 7B consumer step's projections at 2048 rows
     for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 14336, 16),
-                       (4096, 2048, 2048, 16), (2048, 2048, 8192, 16), (16, 4096, 4096, 16)]:
+                       (4096, 2048, 2048, 16), (2048, 2048, 8192, 16), (16, 4096, 4096, 16),
+                       (2048, 2048, 2048, 16), (2048, 2048, 5632, 16), (2048, 5632, 2048, 16),
+                       (2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 4096, 16)]:
         x = torch.randn(m, k, device="cuda", dtype=DT)
         a = torch.randn(r, k, device="cuda") / k**0.5
         b = torch.randn(n, r, device="cuda") / r**0.5
         dy = torch.randn(m, n, device="cuda", dtype=DT)
         _, hs, mask = _C.lora_kernels_forward(x, a, b, 2.0, 0.1)
-        cells = []
+        a16, b16 = a.to(DT), b.to(DT)  # the same call with bf16 adapters: what reading fp32 ones costs
+        f16 = triton.testing.do_bench(lambda: _C.lora_kernels_forward(x, a16, b16, 2.0, 0.1), return_mode="median")
+        floor = triton.testing.do_bench(lambda: torch.add(x[:, :1], 0).expand(m, n).clone(), return_mode="median")
+        cells = [f"bf16-adapters {f16 * 1e3:.0f}", f"write-y {floor * 1e3:.0f}"]
         for bm in (0, 16, 32, 64):
             for splits in (0, 1, 2, 4):
                 if bm == 0 and splits != 0:
