@@ -516,9 +516,18 @@ cudaError_t launch_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t str
     // (each recomputes phase 1, its rows then coming from L2) up to about two blocks per multiprocessor. Not above:
     // there the recomputed phase 1 costs more than the idle multiprocessors (H100, M8192 K=N=4096 r16 p0.1, 128
     // blocks of 64 rows: forward 239 µs split in 3, 114 µs unsplit; scripts/probe_lora_kernels.py shapes)
+    // Up to one wave of row blocks (the 1B and 7B training steps' 2048 rows at 16 a block: 128 blocks on 132
+    // multiprocessors) the columns go to two blocks as well: always backward, and forward where phase 2 is at
+    // least twice phase 1's width. H100, bf16 x, fp32 adapters, p 0.1, µs unsplit → split in 2 (scripts/
+    // probe_lora_kernels.py shapes, 2026-12-06 15:48 UTC):
+    //   M2048 K4096 N4096    fwd 48 → 49   bwd 49 → 42      M2048 K2048 N2048    fwd 27 → 28   bwd 28 → 24
+    //   M2048 K4096 N11008   fwd 76 → 71   bwd 86 → 73      M2048 K2048 N5632    fwd 41 → 39   bwd 47 → 40
+    //   M2048 K11008 N4096   fwd 90 → 98   bwd 95 → 71      M2048 K5632 N2048    fwd 49 → 53   bwd 49 → 39
+    //   (M4096 K=N=2048, 256 blocks: fwd 35 → 45, bwd 34 → 38: not above one wave)
     int y = 1;
     if (args.column_splits > 0) y = min(n_tiles, args.column_splits);
     else if (2 * m_blocks <= sm_count) y = max(1, min(n_tiles, (2 * sm_count + m_blocks - 1) / m_blocks));
+    else if (m_blocks <= sm_count && (BWD || args.n2 >= 2 * args.k1)) y = min(n_tiles, 2);
     lora_rows_kernel<T, TA, R, BM, BWD><<<dim3(m_blocks, y), kThreads, Cfg::SMEM, stream>>>(args);
     return cudaGetLastError();
 }
