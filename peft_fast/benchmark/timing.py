@@ -58,7 +58,8 @@ def time_fn(fn: Callable[[int], None], device: torch.device, n_inputs: int, warm
 
 def time_interleaved(fns: dict[str, Callable[[int], None]], device: torch.device, n_inputs: int, warmup: int = 2,
                      repeats: int = 5) -> dict[str, Timing]:
-    """Median time of each `fns[name](i)`, timed in rounds that take one sample of every function in turn.
+    """Median wall time of each `fns[name](i)` (perf_counter around a call the device is synchronized before and
+    after), timed in rounds that take one sample of every function in turn.
 
     For host-bound cases (decode): the lent machines' host speed drifts over minutes, so timing one implementation
     after another compares different hosts (the bench's decode rows put merged adapters, the very model of the bare
