@@ -222,3 +222,32 @@ def test_qlora_node_refuses_inconsistent_arguments(qlora_node, monkeypatch):
         bad[index] = value
         with pytest.raises(RuntimeError, match=message):
             qlora_node(*bad)
+
+
+def test_a_failing_qlora_node_hands_over_to_bitsandbytes_once_but_out_of_memory_propagates(monkeypatch):
+    """The flat path's safety net: a node error (say its dequantization kernel has no image for this GPU) warns once
+    and leaves every later call to the general path; running out of memory is the caller's to see."""
+    layer = _q_layer(QUANT4["nf4"])
+    x = torch.randn(600, 96, dtype=torch.bfloat16)
+    monkeypatch.setattr(cuda_qlora, "_QLORA_NODE_FAILED", None)
+    args = cuda_qlora.qlora_node_args(layer, x)
+    assert args is not None
+    monkeypatch.setattr(cuda_qlora, "qlora_node_args", lambda *a: args)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # (the flat path's first check)
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cuda_qlora, "CPP_QLORA_LINEAR", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        cuda_qlora.eager_qlora_call(layer, x)
+    assert cuda_qlora._QLORA_NODE_FAILED is None
+
+    def broken(*args):
+        raise RuntimeError("peft_fast LoRA kernel (dequantize 4-bit) failed: no kernel image is available")
+
+    monkeypatch.setattr(cuda_qlora, "CPP_QLORA_LINEAR", broken)
+    with pytest.warns(UserWarning, match="QLoRA node failed here.*no kernel image"):
+        assert cuda_qlora.eager_qlora_call(layer, x) is None
+    assert cuda_qlora.eager_qlora_call(layer, x) is None  # off from now on, no second warning needed
+    assert "no kernel image" in cuda_qlora._QLORA_NODE_FAILED

@@ -163,6 +163,8 @@ def eager_qlora_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
         return None
     try:
         out = dispatch.call_node(CPP_QLORA_LINEAR, *args)
+    except torch.OutOfMemoryError:  # the step does not fit: not the node's failure (the bench's fits check)
+        raise
     except Exception as err:  # noqa: BLE001 - the general path runs this call and every later one
         _QLORA_NODE_FAILED = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
         warnings.warn(f"peft_fast: the QLoRA node failed here ({_QLORA_NODE_FAILED}); bitsandbytes computes the base "
