@@ -346,6 +346,24 @@ def test_the_flat_eager_path_makes_the_general_paths_call(state, force_backend, 
             assert cuda_lora.eager_node_args(layer, x) is None
 
 
+def test_out_of_memory_in_the_node_is_not_a_kernel_failure(monkeypatch):
+    """call_node retries a failing kernel call on the ATen route and then turns the kernels off; running out of
+    memory is no such failure (the ATen route may well fit where the kernels did not): it propagates, and the
+    kernels stay on."""
+    monkeypatch.setattr(dispatch, "_KERNELS_FAILED", None)
+    calls = []
+
+    def node(*args):
+        calls.append(args[-1])
+        if args[-1]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.zeros(1)
+
+    with pytest.raises(torch.OutOfMemoryError):
+        dispatch.call_node(node, "x", True)
+    assert calls == [True] and dispatch._KERNELS_FAILED is None
+
+
 def test_failing_fused_kernels_turn_off_only_the_kernels(autograd_node, monkeypatch):
     """A node call whose fused kernels raise (a GPU they were not built for) runs again on the node's ATen route:
     the same numbers, one warning, the kernels off from then on — and the cuda backend still on."""

@@ -209,6 +209,27 @@ def test_dispatch_follows_the_rule_table_and_falls_back_with_one_warning(force_b
         dispatch._REGISTRY.pop("_probe_op")
 
 
+def test_out_of_memory_in_a_backend_propagates_and_disables_nothing(monkeypatch):
+    """A backend call that runs out of GPU memory is not a kernel that cannot run here: no retry on torch (which
+    might just fit and then take the backend off the op for good), the error reaches the caller."""
+    calls = []
+
+    def oom(v):
+        calls.append("triton")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    dispatch.register("_probe_op", "torch")(lambda v: calls.append("torch") or v)
+    dispatch.register("_probe_op", "triton")(oom)
+    monkeypatch.setitem(dispatch.AUTO_RULES, "_probe_op", (("triton", None),))
+    monkeypatch.setattr(dispatch, "_FAILED", set())
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            dispatch.call("_probe_op", 1)
+        assert calls == ["triton"] and dispatch._FAILED == set()
+    finally:
+        dispatch._REGISTRY.pop("_probe_op")
+
+
 def test_a_kernel_failing_at_run_time_falls_back_to_torch_once_with_one_warning(force_backend, monkeypatch):
     """Auto mode: a backend that raises (a GPU it cannot run on) is retried on torch and then left alone for the
     op, with one warning; a call that torch refuses too is the caller's error and disables nothing."""

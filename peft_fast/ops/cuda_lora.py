@@ -215,6 +215,8 @@ def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
         return None
     try:
         return dispatch.call_node(CPP_LORA_LINEAR, *args)
+    except torch.OutOfMemoryError:  # (dispatch.call would only run it twice more)
+        raise
     except Exception:  # noqa: BLE001 - the general path retries on torch and takes the backend off (dispatch.call)
         return None
 

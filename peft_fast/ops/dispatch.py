@@ -22,7 +22,8 @@ naming it) or a `Skip` (the call is simply not for this backend, e.g. a CPU tens
 A kernel call that fails in auto mode (a GPU it was never run on: no bf16 tensor cores, too little shared memory,
 a Triton compile error) does not stop the job: the call is run again on torch, and when torch succeeds
 the backend is taken off that op for the rest of the process, with one warning naming the error. When torch
-fails as well the call itself was bad: torch's exception is raised and nothing is taken off. Forced backends and
+fails as well the call itself was bad: torch's exception is raised and nothing is taken off. Running out of GPU memory
+is never taken for a kernel failure: it propagates at once, at both levels. Forced backends and
 traced calls (torch.compile) are not retried, so a developer sees the kernel's own error. (This covers the op
 call itself, i.e. the forward; an error inside a fused backward surfaces from `backward()`.) One level below, the
 cuda backend's node retries a call whose fused kernels fail on its ATen route (`call_node`): only the kernels are
@@ -181,6 +182,8 @@ def call_node(node, *args):
     global _KERNELS_FAILED
     try:
         return node(*args)
+    except torch.OutOfMemoryError:  # a step that does not fit, not a kernel that cannot run here
+        raise
     except Exception as err:  # noqa: BLE001 - any kernel failure, see the docstring
         if not args[-1] or CUDA_KERNELS != "auto":
             raise
@@ -289,6 +292,8 @@ def call(op: str, *args, **kwargs):
         return impls[backend].fn(*args, **kwargs)
     try:
         return impls[backend].fn(*args, **kwargs)
+    except torch.OutOfMemoryError:  # the call does not fit; the backend itself is fine
+        raise
     except Exception as err:  # noqa: BLE001 - any kernel failure: see the module docstring
         result = impls["torch"].fn(*args, **kwargs)  # raises (and so re-raises for the caller) if the call is bad
         _FAILED.add((op, backend))
