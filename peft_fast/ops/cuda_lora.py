@@ -221,11 +221,14 @@ def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
         return None
 
 
-def single_plain_adapter(layer: nn.Module) -> Optional[tuple]:
+def single_plain_adapter(layer: nn.Module, op: str) -> Optional[tuple]:
     """(base layer, A's weight, B's weight, scale, dropout p) of a LoRA layer's one active plain adapter, for the
-    flat eager paths (here and ops/cuda_qlora.py); None where the general path must run: traced or under a functorch
-    transform, adapters disabled or merged, several active adapters, DoRA, a lora_B bias, a tensor scale, a dropout
-    module of another kind, input casting off, hooks on the base layer."""
+    flat eager paths of `op` (here and ops/cuda_qlora.py); None where the general path must run: a policy that would
+    not send `op` straight to the cuda backend, traced or under a functorch transform, adapters disabled or merged,
+    several active adapters, DoRA, a lora_B bias, a tensor scale, a dropout module of another kind, input casting
+    off, hooks on the base layer."""
+    if not dispatch.auto_goes_straight_to(op, "cuda"):
+        return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
     if layer._disable_adapters or layer.merged_adapters:  # the base layer alone
@@ -261,9 +264,7 @@ def single_plain_adapter(layer: nn.Module) -> Optional[tuple]:
 def eager_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     """CPP_LORA_LINEAR's arguments for `layer(x)` in the common case (see eager_layer_call), None otherwise. Device-
     blind, so the CPU suite can compare it with the general path."""
-    if not dispatch.auto_goes_straight_to("linear_with_lora", "cuda"):
-        return None
-    adapter = single_plain_adapter(layer)
+    adapter = single_plain_adapter(layer, "linear_with_lora")
     if adapter is None:
         return None
     base, a, b, scale, p = adapter

@@ -52,8 +52,8 @@ CPP_LORA_ADD = getattr(_C, "lora_add", None)
 CPP_QLORA_LINEAR = getattr(_C, "qlora_linear", None)
 
 
-def _is_bnb_linear(base: nn.Module) -> bool:
-    return type(base).__name__ in ("Linear4bit", "Linear8bitLt") and type(base).__module__.startswith("bitsandbytes")
+def _is_bnb_linear(base: nn.Module, kinds: tuple[str, ...] = ("Linear4bit", "Linear8bitLt")) -> bool:
+    return type(base).__name__ in kinds and type(base).__module__.startswith("bitsandbytes")
 
 
 def lora_add_reason(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) -> Optional[str]:
@@ -166,7 +166,7 @@ def eager_qlora_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
     except torch.OutOfMemoryError:  # the step does not fit: not the node's failure (the bench's fits check)
         raise
     except Exception as err:  # noqa: BLE001 - the general path runs this call and every later one
-        _QLORA_NODE_FAILED = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        _QLORA_NODE_FAILED = dispatch.describe_failure(err)
         warnings.warn(f"peft_fast: the QLoRA node failed here ({_QLORA_NODE_FAILED}); bitsandbytes computes the base "
                       "output from now on")
         return None
@@ -180,13 +180,11 @@ def qlora_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     x's dtype (a prepared model's fp32 norms hand it fp32), and so does the LoRA term; without autocast both run in
     x's dtype, which must then be the layer's compute_dtype. The output comes back in x's dtype, as bitsandbytes
     returns it."""
-    if not dispatch.auto_goes_straight_to("quantized_linear_with_lora", "cuda"):
-        return None
-    adapter = single_plain_adapter(layer)
+    adapter = single_plain_adapter(layer, "quantized_linear_with_lora")
     if adapter is None:
         return None
     base, a, b, scale, p = adapter
-    if type(base).__name__ != "Linear4bit" or not type(base).__module__.startswith("bitsandbytes"):
+    if not _is_bnb_linear(base, ("Linear4bit",)):
         return None
     weight = base._parameters["weight"]
     state = getattr(weight, "quant_state", None)

@@ -170,6 +170,12 @@ def fused_kernels(m: int, k: int, n: int, r: int) -> bool:
     return mode == "on"
 
 
+def describe_failure(err: BaseException) -> str:
+    """A kernel failure in one line for a warning: its type and the first line of its message (at most 200 chars)."""
+    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"{type(err).__name__}: {first_line}"
+
+
 # set when the fused kernels failed at run time in auto mode (the node's ATen route then runs every call)
 _KERNELS_FAILED: Optional[str] = None
 
@@ -188,8 +194,7 @@ def call_node(node, *args):
         if not args[-1] or CUDA_KERNELS != "auto":
             raise
         out = node(*args[:-1], False)  # raises (for the caller) if the call itself is bad
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        _KERNELS_FAILED = f"{type(err).__name__}: {first_line}"
+        _KERNELS_FAILED = describe_failure(err)
         warnings.warn(f"peft_fast: the fused CUDA LoRA kernels failed here ({_KERNELS_FAILED}); the cuda backend "
                       "runs its ATen route from now on")
         return out
@@ -297,8 +302,7 @@ def call(op: str, *args, **kwargs):
     except Exception as err:  # noqa: BLE001 - any kernel failure: see the module docstring
         result = impls["torch"].fn(*args, **kwargs)  # raises (and so re-raises for the caller) if the call is bad
         _FAILED.add((op, backend))
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        _warn_once(op, backend, f"it failed here ({type(err).__name__}: {first_line}); torch runs this op from now on")
+        _warn_once(op, backend, f"it failed here ({describe_failure(err)}); torch runs this op from now on")
         return result
 
 
