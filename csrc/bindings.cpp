@@ -88,20 +88,18 @@ torch::Tensor qgemv_lora(torch::Tensor x, torch::Tensor qweight, torch::Tensor c
 
     const c10::cuda::CUDAGuard guard(x.device());
     auto y = torch::empty({x.size(0), n}, x.options());
-    QgemvArgs args{x.data_ptr(),
-                   qweight.data_ptr<uint8_t>(),
-                   code.data_ptr<float>(),
-                   absmax.data_ptr<float>(),
-                   bias.has_value() ? bias->data_ptr() : nullptr,
-                   hs.has_value() ? hs->data_ptr() : nullptr,
-                   lora_b.has_value() ? lora_b->data_ptr() : nullptr,
-                   y.data_ptr(),
-                   static_cast<int>(x.size(0)),
-                   static_cast<int>(n),
-                   static_cast<int>(k),
-                   static_cast<int>(r),
-                   static_cast<int>(blocksize),
-                   dtype == torch::kBFloat16};
+    QgemvArgs args{};
+    args.x = x.data_ptr();
+    args.w = qweight.data_ptr<uint8_t>();
+    args.code = code.data_ptr<float>();
+    args.absmax = absmax.data_ptr<float>();
+    args.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+    args.hs = hs.has_value() ? hs->data_ptr() : nullptr;
+    args.lora_b = lora_b.has_value() ? lora_b->data_ptr() : nullptr;
+    args.y = y.data_ptr();
+    args.m = static_cast<int>(x.size(0)), args.n = static_cast<int>(n), args.k = static_cast<int>(k);
+    args.r = static_cast<int>(r), args.blocksize = static_cast<int>(blocksize);
+    args.bf16 = dtype == torch::kBFloat16;
     const cudaError_t err = launch_qgemv_lora(args, c10::cuda::getCurrentCUDAStream());
     if (err != cudaSuccess) throw LaunchError(std::string("qgemv_lora: kernel launch failed: ") +
                                               cudaGetErrorString(err));

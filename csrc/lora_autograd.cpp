@@ -22,6 +22,7 @@
 
 #include "dequant4.h"
 #include "lora_kernels.h"
+#include "qgemv.h"
 #endif
 
 namespace {
@@ -322,6 +323,33 @@ struct Forward {
     bool fused = false;
 };
 
+// The low-rank half of a forward written into y2 (M×N rows, preallocated): y2 = s·drop(x)Aᵀ Bᵀ (+ bias), on the fused
+// kernels where they take the call (x is made contiguous for them), else ATen ops. What backward needs from it: the
+// adapters as that route reads them and h (the fused route's a, b are the adapters themselves and h = s·drop(x)Aᵀ;
+// the ATen route's A and s·B in the compute dtype and h unscaled), with the mask. keep = false: none of it is made.
+struct LowRank {
+    Tensor a, b, h, mask;
+    bool fused = false;
+};
+
+LowRank low_rank_into(Tensor& x, const Tensor& lora_a, const Tensor& lora_b, const Tensor& bias, double scale, double p,
+                      c10::ScalarType dt, bool kernels, bool keep, Tensor& y2) {
+    LowRank l;
+#ifdef PEFT_FAST_CUDA_KERNELS
+    if (kernels && x.is_cuda()) x = x.contiguous();
+    if (kernels && fused_takes(x, lora_a, lora_b, p, dt) && (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
+        fused_forward(x, lora_a, lora_b, bias, Tensor(), scale, p, y2, l.h, l.mask, keep);
+        l.a = lora_a, l.b = lora_b, l.fused = true;
+        return l;
+    }
+#endif
+    l.a = as(lora_a, dt), l.b = scaled_as(lora_b, scale, dt);
+    std::tie(l.h, l.mask) = shrink(x, l.a, p);
+    if (bias.defined()) at::addmm_out(y2, bias, l.h, l.b.t());
+    else at::mm_out(y2, l.h, l.b.t());
+    return l;
+}
+
 // LoraLinearFn's forward arithmetic. keep = false (no gradient will be asked for: grad mode off or no input needing
 // one): nothing is saved, the fused kernel writes neither hs nor the mask, and no autograd node is made at all.
 Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::optional<Tensor>& bias_in,
@@ -340,23 +368,10 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
     Forward out;
     out.y = at::empty(with_last(x_in.sizes(), n), x.options());
     Tensor y2 = out.y.view({-1, n});
-#ifdef PEFT_FAST_CUDA_KERNELS
-    if (kernels && x.is_cuda()) x = x.contiguous();
-    if (kernels && fused_takes(x, lora_a, lora_b, p, dt) && (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
-        Tensor hs, mask;
-        fused_forward(x, lora_a, lora_b, bias, Tensor(), scale, p, y2, hs, mask, keep);
-        y2.addmm_(x, w_kn);
-        if (keep) out.saved = {x, w, lora_a, lora_b, hs, mask};
-        out.fused = true;
-        return out;
-    }
-#endif
-    const Tensor a = as(lora_a, dt), bs = scaled_as(lora_b, scale, dt);
-    auto [h, mask] = shrink(x, a, p);
-    if (bias.defined()) at::addmm_out(y2, bias, h, bs.t());
-    else at::mm_out(y2, h, bs.t());
+    const LowRank l = low_rank_into(x, lora_a, lora_b, bias, scale, p, dt, kernels, keep, y2);
     y2.addmm_(x, w_kn);
-    if (keep) out.saved = {x, w, a, bs, h, mask};
+    if (keep) out.saved = {x, w, l.a, l.b, l.h, l.mask};
+    out.fused = l.fused;
     return out;
 }
 
@@ -586,6 +601,47 @@ Tensor dequant4(const Quant4& q, c10::ScalarType dt, bool kernel) {
     return dequant4_aten(q, dt);
 }
 
+#ifdef PEFT_FAST_CUDA_KERNELS
+// Decode (an inference call of at most kQgemvMaxRows rows): y = s·drop(x)Aᵀ Bᵀ (+ bias) as in linear_forward, then
+// y += x · deq(W)ᵀ by the 4-bit GEMM of qgemv.cu, which reads the packed weight once and dequantizes in registers (a
+// dequantized copy would write and read W in 16 bits: 8× the bytes of the packed weight). Undefined when the
+// kernel does not take the call (the caller then dequantizes).
+Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Tensor>& bias_in, const Tensor& lora_a,
+                     const Tensor& lora_b, double scale, double p, c10::ScalarType dt, bool kernels) {
+    const int64_t m = x_in.numel() / q.k;
+    if (!x_in.is_cuda() || x_in.device() != q.packed.device() || !dequant4_kernel_takes(q, dt) ||
+        !aligned16(q.packed) || !qgemv_supports(m, q.k, q.blocksize, q.nested(), q.blocksize2))
+        return Tensor();
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const c10::cuda::CUDAGuard guard(x_in.device());
+    Tensor x = rows(x_in, q.k, dt).contiguous();
+    if (!aligned16(x)) x = x.clone();
+    const Tensor bias = bias_in.has_value() ? as(*bias_in, dt) : Tensor();
+    Tensor y = at::empty(with_last(x_in.sizes(), q.n), x.options());
+    Tensor y2 = y.view({-1, q.n});
+    low_rank_into(x, lora_a, lora_b, bias, scale, p, dt, kernels, false, y2);
+    QgemvArgs args{};
+    args.x = x.data_ptr();
+    args.w = packed_bytes(q.packed).data_ptr<uint8_t>();
+    args.code = q.code.data_ptr<float>();
+    if (q.nested()) {
+        args.qabsmax = q.absmax.data_ptr<uint8_t>();
+        args.absmax2 = q.absmax2.data_ptr<float>();
+        args.code2 = q.code2.data_ptr<float>();
+        args.offset = q.offset.data_ptr<float>();
+    } else {
+        args.absmax = q.absmax.data_ptr<float>();
+    }
+    args.y = y.data_ptr();
+    args.m = static_cast<int>(m), args.n = static_cast<int>(q.n), args.k = static_cast<int>(q.k);
+    args.blocksize = static_cast<int>(q.blocksize), args.blocksize2 = static_cast<int>(q.blocksize2);
+    args.bf16 = dt == torch::kBFloat16;
+    args.accumulate = true;
+    check(launch_qgemv_lora(args, c10::cuda::getCurrentCUDAStream()), "4-bit GEMM");
+    return y;
+}
+#endif
+
 // The checks a QLoRA call gets before anything runs: sizes that disagree would otherwise read out of bounds
 void check_quant4(const Quant4& q, const Tensor& x, const Tensor& a, const Tensor& b) {
     TORCH_CHECK(q.n > 0 && q.k > 0 && q.blocksize > 0, "qlora_linear: n, k and blocksize must be positive, got ", q.n,
@@ -681,9 +737,16 @@ Tensor qlora_linear(const Tensor& x, const c10::optional<Tensor>& bias, const Te
                    offset.value_or(Tensor()), n, k, blocksize, blocksize2};
     check_quant4(q, x, lora_a, lora_b);
     const Tensor& b = bias.has_value() ? *bias : x;
-    if (!records_graph({&x, &b, &lora_a, &lora_b}))
+    if (!records_graph({&x, &b, &lora_a, &lora_b})) {
+#ifdef PEFT_FAST_CUDA_KERNELS
+        if (dequant_kernel && x.numel() <= kQgemvMaxRows * k) {
+            Tensor y = qgemv_forward(q, x, bias, lora_a, lora_b, scale, p, dtype, kernels);
+            if (y.defined()) return y;
+        }
+#endif
         return linear_forward(x, dequant4(q, dtype, dequant_kernel), bias, lora_a, lora_b, scale, p, false, dtype,
                               kernels, false).y;
+    }
     return QLoraLinearFn::apply(x, bias, lora_a, lora_b, packed, code, absmax, absmax2, code2, offset, n, k, blocksize,
                                 blocksize2, scale, p, dtype, dequant_kernel, kernels);
 }

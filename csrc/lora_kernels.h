@@ -74,6 +74,9 @@ struct LoraReducePlan {
     int counters;
 };
 
+// Whether the current GPU has what the kernels (and qgemv.cu) are written for: sm_80+, bf16 tensor cores; asked once
+// per device. Older GPUs (T4, V100) keep the ATen route of the autograd node.
+bool lora_device_supported();
 // Whether the kernels take this call (dtype pair, rank and widths); the caller checks devices, layout and alignment.
 bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64_t k, int64_t n);
 LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count);

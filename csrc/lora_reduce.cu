@@ -4,10 +4,7 @@
 cudaError_t launch_lora_rows_forward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_rows_backward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 
-namespace {
-// whether the current GPU has what the kernels are written for (sm_80+: bf16 tensor cores, cp.async-era shared
-// memory); asked once per device. Older GPUs (T4, V100) keep the ATen route of the autograd node.
-bool device_supported() {
+bool lora_device_supported() {
     static int majors[64] = {};
     int device = 0;
     if (cudaGetDevice(&device) != cudaSuccess) return false;
@@ -17,11 +14,10 @@ bool device_supported() {
     if (device < 64) majors[device] = major;
     return major >= 8;
 }
-}  // namespace
 
 bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64_t k, int64_t n) {
     if (dtype != LoraDtype::kBFloat16 && dtype != LoraDtype::kFloat16) return false;
-    if (!device_supported()) return false;
+    if (!lora_device_supported()) return false;
     if (adapter_dtype != dtype && adapter_dtype != LoraDtype::kFloat32) return false;
     return r >= 1 && r <= kLoraKernelMaxRank && k >= 8 && n >= 8 && k % 8 == 0 && n % 8 == 0 && k <= INT32_MAX &&
            n <= INT32_MAX;

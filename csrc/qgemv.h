@@ -1,4 +1,4 @@
-// Launcher of the small-M 4-bit GEMV with the LoRA term (qgemv.cu); plain pointers, no torch headers, so the
+// Launcher of the small-M 4-bit GEMM with the LoRA term (qgemv.cu); plain pointers, no torch headers, so the
 // kernel also compiles with a bare `nvcc -c` (CI checks that much without a GPU).
 #pragma once
 
@@ -8,16 +8,25 @@
 constexpr int kQgemvMaxRows = 16;
 
 struct QgemvArgs {
-    const void* x;         // M×K, contiguous, bf16 or fp16
-    const uint8_t* w;      // packed 4-bit weight, (N·K)/2 bytes
-    const float* code;     // 16 code values
-    const float* absmax;   // fp32 absmax per block of `blocksize` flat weights
-    const void* bias;      // N, or nullptr
-    const void* hs;        // M×R = s·x·Aᵀ, or nullptr
-    const void* lora_b;    // N×R, or nullptr
-    void* y;               // M×N output
-    int m, n, k, r, blocksize;
-    bool bf16;             // element type of x, bias, hs, lora_b, y: bf16 (true) or fp16
+    const void* x;          // M×K, contiguous, 16-byte aligned, bf16 or fp16
+    const uint8_t* w;       // packed 4-bit weight, (N·K)/2 bytes, 16-byte aligned (bitsandbytes' layout)
+    const float* code;      // 16 code values
+    const float* absmax;    // fp32 absmax per block of `blocksize` flat weights, or nullptr when double-quantized:
+    const uint8_t* qabsmax; //   absmax[b] = code2[qabsmax[b]] · absmax2[b / blocksize2] + *offset (bitsandbytes'
+    const float* absmax2;   //   two fp32 roundings, as dequant4.cu makes them)
+    const float* code2;     //   (256 values)
+    const float* offset;    //   (one value, read on the device)
+    const void* bias;       // N, or nullptr
+    const void* hs;         // M×R = s·x·Aᵀ, or nullptr
+    const void* lora_b;     // N×R, or nullptr
+    void* y;                // M×N output; with `accumulate` it holds a term already and the product is added to it
+    int m, n, k, r, blocksize, blocksize2;
+    bool bf16;              // element type of x, bias, hs, lora_b, y: bf16 (true) or fp16
+    bool accumulate;
 };
 
+// Whether the kernel takes these sizes on the current GPU (sm_80 or newer: bf16 mma), pointers aside
+bool qgemv_supports(int64_t m, int64_t k, int64_t blocksize, bool nested, int64_t blocksize2);
+
+// y (+)= x · deq(W)ᵀ (+ bias) (+ hs · lora_bᵀ), reading the packed weight once
 cudaError_t launch_qgemv_lora(const QgemvArgs& args, cudaStream_t stream);

@@ -192,7 +192,16 @@ def test_qlora_node_is_taken_only_in_the_common_case(qlora_node):
     layer = _q_layer(QUANT4["nf4-double"])
     x = torch.randn(600, 96, dtype=torch.bfloat16)
     assert cuda_qlora.qlora_node_args(layer, x) is not None
-    assert cuda_qlora.qlora_node_args(layer, x[:dispatch.QLORA_NODE_MIN_ROWS - 1]) is None  # decode: bitsandbytes
+    assert cuda_qlora.qlora_node_args(layer, x[:dispatch.QLORA_NODE_MIN_ROWS - 1]) is None  # prefill: bitsandbytes
+    # decode (≤ QLORA_GEMV_MAX_ROWS rows): the node's 4-bit GEMM, but only for a call that records no graph
+    decode = x[:dispatch.QLORA_GEMV_MAX_ROWS]
+    assert cuda_qlora.qlora_node_args(layer, decode) is None  # the adapters are trainable: a graph would be recorded
+    with torch.no_grad():
+        assert cuda_qlora.qlora_node_args(layer, decode) is not None
+        assert cuda_qlora.qlora_node_args(layer, decode[:1]) is not None
+        assert cuda_qlora.qlora_node_args(layer, x[:dispatch.QLORA_GEMV_MAX_ROWS + 1]) is None
+        with ops.use_cuda_kernels(False):  # the GEMM is a kernel: without kernels, bitsandbytes' own
+            assert cuda_qlora.qlora_node_args(layer, decode) is None
     assert cuda_qlora.qlora_node_args(layer, x.float()) is None  # fp32 compute, no autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert cuda_qlora.qlora_node_args(layer, x.float())[16] == torch.bfloat16

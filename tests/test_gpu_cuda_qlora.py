@@ -140,3 +140,54 @@ def test_qlora_node_raises_on_bad_arguments():
         cuda_qlora.CPP_QLORA_LINEAR(*args[:6], args[6][:-1], *args[7:])
     with pytest.raises(RuntimeError, match="x has 511 features"):
         cuda_qlora.CPP_QLORA_LINEAR(x[:, :511], *args[1:])
+
+
+@pytest.mark.skipif(cuda_qlora.CPP_QLORA_LINEAR is None, reason="peft_fast._C not built")
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("quant", list(QUANT4), ids=list(QUANT4))
+def test_decode_runs_the_4bit_gemm_and_matches_dequantize_then_matmul(quant, rows):
+    """An inference call of ≤ QLORA_GEMV_MAX_ROWS rows takes the node's decode route: the LoRA term, then
+    csrc/qgemv.cu's tensor-core GEMM over the packed weight (no dequantized copy: the dequantization kernel does not
+    run), against x·Wᵀ with W from bitsandbytes' dequantize_4bit plus the term, with a bias and K not a multiple of
+    128 (the kernel's step)."""
+    import bitsandbytes.functional as bnbf
+
+    kwargs, dtype = QUANT4[quant]
+    k, n, r = 4096 + 32, 3000, 16
+    base = quantize_linears(nn.Sequential(nn.Linear(k, n)), compute_dtype=dtype, device="cuda", **kwargs)
+    layer = pf.get_peft_model(base, pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"])).base_model.model[0]
+    layer = layer.cuda()
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)
+    layer.eval()
+    x = torch.randn(rows, k, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        assert cuda_qlora.qlora_node_args(layer, x) is not None
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            y = layer(x)
+            torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert "qgemv_lora_kernel" in names and "dequant4" not in names, names[:2000]
+    weight = layer.base_layer.weight
+    w = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype).double()
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    xd = x.double()
+    ref = xd @ w.T + layer.base_layer.bias.double() + 2.0 * (xd @ a.T) @ b.T
+    assert y.dtype == dtype and y.shape == (rows, n)
+    assert rel_err(y, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    lora_only = 2.0 * (xd @ a.T) @ b.T
+    assert rel_err(y - lora_only.to(dtype), ref - lora_only) < 2e-2  # the term is a clear share: not dropped
+
+
+@pytest.mark.skipif(cuda_qlora.CPP_QLORA_LINEAR is None, reason="peft_fast._C not built")
+def test_decode_gemm_matches_the_dequantizing_route_under_generate_like_calls():
+    """Batched decode rows (3-D x, 4 sequences × 1 token): the GEMM with the fused low-rank kernels, and with the ATen
+    low-rank route, give what the node's dequantize-then-GEMM route gives."""
+    layer = _layer(2048, 2048, 16, 0.0).eval()
+    x = torch.randn(4, 1, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        args = cuda_qlora.qlora_node_args(layer, x)
+        y = cuda_qlora.CPP_QLORA_LINEAR(*args)
+        aten_term = cuda_qlora.CPP_QLORA_LINEAR(*args[:-2], True, False)  # the GEMM, the LoRA term from ATen ops
+        dense = cuda_qlora.CPP_QLORA_LINEAR(*args[:-2], False, False)  # no kernels: ATen dequantization and term
+    assert y.shape == (4, 1, 2048)
+    assert rel_err(y, dense) < 1e-2 and rel_err(aten_term, dense) < 1e-2

@@ -632,7 +632,8 @@ def suites(device: torch.device, quick: bool) -> dict[str, list]:
                 for bwd in (False, True):
                     layer.append(LayerCase(m, k, n, r, p, bwd))
         layer += [LayerCase(16, 4096, 4096, 16, group="layer decode"), LayerCase(1, 4096, 4096, 16, group="layer decode")]
-        qlora = [QLoraLayerCase(8192, 4096, 4096, 16, 0.0, True), QLoraLayerCase(16, 4096, 4096, 16)]
+        qlora = [QLoraLayerCase(8192, 4096, 4096, 16, 0.0, True), QLoraLayerCase(16, 4096, 4096, 16),
+                 QLoraLayerCase(1, 4096, 4096, 16)]
         shape, batch, seq = (LLAMA_1B, 4, 2048) if not quick else (LLAMA_1B, 2, 1024)
         model = [ModelTrainCase(shape, batch, seq)]
         qlora.append(QLoraTrainCase(shape, batch, seq))

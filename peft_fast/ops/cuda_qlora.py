@@ -173,6 +173,18 @@ def eager_qlora_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
     return out if out.dtype == x.dtype else out.to(x.dtype)  # bitsandbytes returns x's dtype
 
 
+def _gemv_takes(x: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor, state) -> bool:
+    """Whether the node's decode GEMM (csrc/qgemv.cu) takes a call of ≤ QLORA_GEMV_MAX_ROWS rows: one that records no
+    graph, K and blocksize multiples of 32, the kernels allowed, an sm_80+ GPU (else bitsandbytes' kernels run it)."""
+    bias = base._parameters.get("bias")
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return False
+    if x.shape[-1] % 32 or state.blocksize % 32 or dispatch.CUDA_KERNELS == "off":
+        return False
+    return not x.is_cuda or dispatch.kernels_run_on(x.device)
+
+
 def qlora_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     """CPP_QLORA_LINEAR's arguments for `layer(x)`, None where the general path runs (device-blind, for the CPU
     suite). Taken where it computes what bitsandbytes + HF PEFT compute, in bf16 or fp16: under autocast
@@ -191,7 +203,11 @@ def qlora_node_args(layer: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     if state is None or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2:
         return None
     n, k = int(state.shape[0]), int(state.shape[1])
-    if x.shape[-1] != k or x.numel() // k < dispatch.QLORA_NODE_MIN_ROWS:
+    if x.shape[-1] != k:
+        return None
+    rows = x.numel() // k
+    if rows < dispatch.QLORA_NODE_MIN_ROWS and not (rows <= dispatch.QLORA_GEMV_MAX_ROWS and
+                                                     _gemv_takes(x, base, a, b, state)):
         return None
     device_type = "cuda" if x.is_cuda else x.device.type
     if torch.is_autocast_enabled(device_type):  # bitsandbytes' F.linear runs under autocast, whatever compute_dtype

@@ -134,6 +134,11 @@ FUSED_MAX_WORK = 1 << 29
 # dequantizes W for a cuBLAS GEMM) from this many rows up; below it bitsandbytes' own small-M kernels, which read the
 # packed weight once (bitsandbytes 0.50 itself takes dequantize + GEMM above ~512 rows on sm90 for these sizes).
 QLORA_NODE_MIN_ROWS = 512
+# … and for an inference call (no graph recorded) of at most this many rows (decode), where the node skips the
+# dequantized copy: csrc/qgemv.cu multiplies by the packed weight directly (tensor cores, one read of the 4 bits),
+# after the LoRA term; bitsandbytes' small-M kernels sit behind its Python op layer. K and blocksize must be
+# multiples of 32 (the kernel's chunks), the GPU sm_80+.
+QLORA_GEMV_MAX_ROWS = 16
 
 
 def fused_kernels_for(x: torch.Tensor, n: int, r: int) -> bool:
