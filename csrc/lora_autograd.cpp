@@ -323,32 +323,42 @@ struct Forward {
     bool fused = false;
 };
 
-// The low-rank half of a forward written into y2 (M×N rows, preallocated): y2 = s·drop(x)Aᵀ Bᵀ (+ bias), on the fused
-// kernels where they take the call (x is made contiguous for them), else ATen ops. What backward needs from it: the
-// adapters as that route reads them and h (the fused route's a, b are the adapters themselves and h = s·drop(x)Aᵀ;
-// the ATen route's A and s·B in the compute dtype and h unscaled), with the mask. keep = false: none of it is made.
+// The low-rank half of a forward written into y2 (M×N rows, preallocated): y2 = s·drop(x)Aᵀ Bᵀ + bias, or with `add`
+// y2 += s·drop(x)Aᵀ Bᵀ (y2 already holds the base output, bias included), on the fused kernels where they take the
+// call (x is made contiguous for them), else ATen ops. What backward needs from it: the adapters as that route reads
+// them and h (the fused route's a, b are the adapters themselves and h = s·drop(x)Aᵀ; the ATen route's A and s·B in
+// the compute dtype and h unscaled), with the mask. keep = false: none of it is made.
 struct LowRank {
     Tensor a, b, h, mask;
     bool fused = false;
 };
 
 LowRank low_rank_into(Tensor& x, const Tensor& lora_a, const Tensor& lora_b, const Tensor& bias, double scale, double p,
-                      c10::ScalarType dt, bool kernels, bool keep, Tensor& y2) {
+                      c10::ScalarType dt, bool kernels, bool keep, Tensor& y2, bool add) {
     LowRank l;
 #ifdef PEFT_FAST_CUDA_KERNELS
     if (kernels && x.is_cuda()) x = x.contiguous();
-    if (kernels && fused_takes(x, lora_a, lora_b, p, dt) && (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
-        fused_forward(x, lora_a, lora_b, bias, Tensor(), scale, p, y2, l.h, l.mask, keep);
+    if (kernels && fused_takes(x, lora_a, lora_b, p, dt, add ? y2 : Tensor()) &&
+        (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
+        // (with `add`, y2 is the kernel's addend and its output: each element is read once, then written, by one thread)
+        fused_forward(x, lora_a, lora_b, add ? Tensor() : bias, add ? y2 : Tensor(), scale, p, y2, l.h, l.mask, keep);
         l.a = lora_a, l.b = lora_b, l.fused = true;
         return l;
     }
 #endif
     l.a = as(lora_a, dt), l.b = scaled_as(lora_b, scale, dt);
     std::tie(l.h, l.mask) = shrink(x, l.a, p);
-    if (bias.defined()) at::addmm_out(y2, bias, l.h, l.b.t());
+    if (add) y2.addmm_(l.h, l.b.t());
+    else if (bias.defined()) at::addmm_out(y2, bias, l.h, l.b.t());
     else at::mm_out(y2, l.h, l.b.t());
     return l;
 }
+
+// Up to this many rows (decode) a forward issues the base GEMM first and adds the low-rank term onto its output:
+// the GEMM then runs while the host issues the term, and the last kernel is the short one. Above it the term goes
+// first and cuBLAS adds the GEMM onto it (beta = 1): reading y inside a compute-bound GEMM costs less than in the
+// memory-bound rows kernel.
+constexpr int64_t kGemmFirstMaxRows = 64;
 
 // LoraLinearFn's forward arithmetic. keep = false (no gradient will be asked for: grad mode off or no input needing
 // one): nothing is saved, the fused kernel writes neither hs nor the mask, and no autograd node is made at all.
@@ -368,8 +378,12 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
     Forward out;
     out.y = at::empty(with_last(x_in.sizes(), n), x.options());
     Tensor y2 = out.y.view({-1, n});
-    const LowRank l = low_rank_into(x, lora_a, lora_b, bias, scale, p, dt, kernels, keep, y2);
-    y2.addmm_(x, w_kn);
+    const bool gemm_first = x.size(0) <= kGemmFirstMaxRows;
+    if (gemm_first && bias.defined()) at::addmm_out(y2, bias, x, w_kn);
+    else if (gemm_first) at::mm_out(y2, x, w_kn);
+    const LowRank l = low_rank_into(x, lora_a, lora_b, gemm_first ? Tensor() : bias, scale, p, dt, kernels, keep, y2,
+                                    gemm_first);
+    if (!gemm_first) y2.addmm_(x, w_kn);
     if (keep) out.saved = {x, w, l.a, l.b, l.h, l.mask};
     out.fused = l.fused;
     return out;
@@ -602,10 +616,10 @@ Tensor dequant4(const Quant4& q, c10::ScalarType dt, bool kernel) {
 }
 
 #ifdef PEFT_FAST_CUDA_KERNELS
-// Decode (an inference call of at most kQgemvMaxRows rows): y = s·drop(x)Aᵀ Bᵀ (+ bias) as in linear_forward, then
-// y += x · deq(W)ᵀ by the 4-bit GEMM of qgemv.cu, which reads the packed weight once and dequantizes in registers (a
-// dequantized copy would write and read W in 16 bits: 8× the bytes of the packed weight). Undefined when the
-// kernel does not take the call (the caller then dequantizes).
+// Decode (an inference call of at most kQgemvMaxRows rows): y = x · deq(W)ᵀ (+ bias) by the 4-bit GEMM of qgemv.cu,
+// which reads the packed weight once and dequantizes in registers (a dequantized copy would write and read W in 16
+// bits: 8× the bytes of the packed weight), then y += s·drop(x)Aᵀ Bᵀ as in linear_forward. Undefined when the kernel
+// does not take the call (the caller then dequantizes).
 Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Tensor>& bias_in, const Tensor& lora_a,
                      const Tensor& lora_b, double scale, double p, c10::ScalarType dt, bool kernels) {
     const int64_t m = x_in.numel() / q.k;
@@ -616,10 +630,9 @@ Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Te
     const c10::cuda::CUDAGuard guard(x_in.device());
     Tensor x = rows(x_in, q.k, dt).contiguous();
     if (!aligned16(x)) x = x.clone();
-    const Tensor bias = bias_in.has_value() ? as(*bias_in, dt) : Tensor();
+    const Tensor bias = bias_in.has_value() ? as(*bias_in, dt).contiguous() : Tensor();
     Tensor y = at::empty(with_last(x_in.sizes(), q.n), x.options());
     Tensor y2 = y.view({-1, q.n});
-    low_rank_into(x, lora_a, lora_b, bias, scale, p, dt, kernels, false, y2);
     QgemvArgs args{};
     args.x = x.data_ptr();
     args.w = packed_bytes(q.packed).data_ptr<uint8_t>();
@@ -632,12 +645,13 @@ Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Te
     } else {
         args.absmax = q.absmax.data_ptr<float>();
     }
+    args.bias = bias.defined() ? bias.data_ptr() : nullptr;
     args.y = y.data_ptr();
     args.m = static_cast<int>(m), args.n = static_cast<int>(q.n), args.k = static_cast<int>(q.k);
     args.blocksize = static_cast<int>(q.blocksize), args.blocksize2 = static_cast<int>(q.blocksize2);
     args.bf16 = dt == torch::kBFloat16;
-    args.accumulate = true;
     check(launch_qgemv_lora(args, c10::cuda::getCurrentCUDAStream()), "4-bit GEMM");
+    low_rank_into(x, lora_a, lora_b, Tensor(), scale, p, dt, kernels, false, y2, true);
     return y;
 }
 #endif

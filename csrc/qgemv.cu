@@ -1,4 +1,4 @@
-// Small-M (decode) 4-bit GEMM with the LoRA term, on tensor cores: y (+)= x · deq(W)ᵀ (+ bias) (+ hs · Bᵀ), M ≤ 16.
+// Small-M (decode) 4-bit GEMM with the LoRA term, on tensor cores: y = x · deq(W)ᵀ (+ bias) (+ hs · Bᵀ), M ≤ 16.
 //
 // W is a bitsandbytes 4-bit weight (N×K, flattened row-major, two codes a byte, element 2i in the high nibble of
 // byte i), value = code[nibble] · absmax of its block, rounded once to T: exactly the W that bitsandbytes'
@@ -14,8 +14,8 @@
 // renaming, so every product pairs the right x with the right weight.
 //
 // A block: kWarps warps splitting K, each covering kTilesN tiles (16 output columns, sharing the x fragments); the
-// partial sums meet in shared memory in a fixed order (deterministic), and the epilogue adds bias, the LoRA term and,
-// with `accumulate`, what y already holds (the LoRA node writes s·x·AᵀBᵀ + bias there first).
+// partial sums meet in shared memory in a fixed order (deterministic), and the epilogue adds bias and the LoRA term
+// when given (the LoRA node adds its term afterwards, with its own kernels).
 //
 // Requirements (qgemv_supports; pointers checked by the launcher): 1 ≤ M ≤ 16, K % 32 == 0, blocksize % 32 == 0
 // (so a thread's 32 weights share one absmax), x and W 16-byte aligned, T in {bf16, fp16}, sm_80+.
@@ -160,9 +160,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_lora_kernel(const QgemvArgs
             if (bias != nullptr) v += to_float(bias[n]);
             if (hs != nullptr)
                 for (int r = 0; r < a.r; ++r) v += to_float(hs[m * a.r + r]) * to_float(lora_b[(int64_t)n * a.r + r]);
-            const int64_t at = (int64_t)m * a.n + n;
-            if (a.accumulate) v += to_float(y[at]);
-            y[at] = from_float<T>(v);
+            y[(int64_t)m * a.n + n] = from_float<T>(v);
         }
 }
 

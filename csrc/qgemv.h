@@ -19,14 +19,13 @@ struct QgemvArgs {
     const void* bias;       // N, or nullptr
     const void* hs;         // M×R = s·x·Aᵀ, or nullptr
     const void* lora_b;     // N×R, or nullptr
-    void* y;                // M×N output; with `accumulate` it holds a term already and the product is added to it
+    void* y;                // M×N output
     int m, n, k, r, blocksize, blocksize2;
     bool bf16;              // element type of x, bias, hs, lora_b, y: bf16 (true) or fp16
-    bool accumulate;
 };
 
 // Whether the kernel takes these sizes on the current GPU (sm_80 or newer: bf16 mma), pointers aside
 bool qgemv_supports(int64_t m, int64_t k, int64_t blocksize, bool nested, int64_t blocksize2);
 
-// y (+)= x · deq(W)ᵀ (+ bias) (+ hs · lora_bᵀ), reading the packed weight once
+// y = x · deq(W)ᵀ (+ bias) (+ hs · lora_bᵀ), reading the packed weight once
 cudaError_t launch_qgemv_lora(const QgemvArgs& args, cudaStream_t stream);

@@ -146,9 +146,8 @@ def test_qlora_node_raises_on_bad_arguments():
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("quant", list(QUANT4), ids=list(QUANT4))
 def test_decode_runs_the_4bit_gemm_and_matches_dequantize_then_matmul(quant, rows):
-    """An inference call of ≤ QLORA_GEMV_MAX_ROWS rows takes the node's decode route: the LoRA term, then
-    csrc/qgemv.cu's tensor-core GEMM over the packed weight (no dequantized copy: the dequantization kernel does not
-    run), against x·Wᵀ with W from bitsandbytes' dequantize_4bit plus the term, with a bias and K not a multiple of
+    """An inference call of ≤ QLORA_GEMV_MAX_ROWS rows takes the node's decode route: csrc/qgemv.cu's tensor-core
+    GEMM over the packed weight (no dequantized copy: the dequantization kernel does not run), then the LoRA term, against x·Wᵀ with W from bitsandbytes' dequantize_4bit plus the term, with a bias and K not a multiple of
     128 (the kernel's step)."""
     import bitsandbytes.functional as bnbf
 
