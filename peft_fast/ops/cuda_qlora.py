@@ -1,6 +1,7 @@
-"""CUDA backend of `quantized_linear_with_lora` (a LoRA layer over a bitsandbytes 4-bit / 8-bit linear), two paths:
+"""CUDA backend of `quantized_linear_with_lora` (a LoRA layer over a bitsandbytes 4-bit / 8-bit linear), and the flat
+eager path of a LoRA Linear4bit layer:
 
-* Training, and every call the GEMV below does not take: bitsandbytes computes the base output (its own dequantize +
+* Every call the flat path below does not take: bitsandbytes computes the base output (its own dequantize +
   GEMM and autograd), and the LoRA term is added by ONE C++ autograd node (csrc/lora_autograd.cpp, `lora_add`):
   h = drop(x) Aᵀ, y = base_out + h Bsᵀ (Bs = s·B), backward gs = dy Bs, dB = s·dyᵀh, dA = gsᵀ drop(x),
   dx = drop(gs A) — the formulas of ops/cuda_lora.py without W. HF PEFT runs the same term as two nn.Linear
@@ -8,18 +9,20 @@
   autograd node; the bench's QLoRA step is bound by that host work (wall 4× the GPU kernel time, H200).
   Under autocast an fp32 base output (the inputs after a prepared model's fp32 norms) gets the term added in fp32,
   as PEFT adds it. Auto mode takes this path on CUDA, for training and inference.
-* The flat eager path of a LoRA Linear4bit layer (`eager_qlora_call`): one plain adapter, auto policy, at least
-  QLORA_NODE_MIN_ROWS rows (training and prefill). ONE C++ node for the whole layer (csrc/lora_autograd.cpp
-  `qlora_linear`): W dequantized from its 4 bits into a buffer for the one GEMM (csrc/dequant4.cu, bit-identical to
-  bitsandbytes), y = x Wᵀ (+ bias) + the LoRA term as in ops/cuda_lora.py, backward dequantizing again for dx as
-  bitsandbytes does, nothing in Python either way. It replaces bitsandbytes' Python autograd Function (forward and
-  backward) and the separate base output of the path above; at these sizes bitsandbytes itself dequantizes and
-  calls cuBLAS, so the GPU work is the same and the host's is what goes. Below the row threshold bitsandbytes' own
-  small-M kernels read the packed weight once, which a dequantized copy cannot beat.
-* Decode: the small-M 4-bit GEMV of csrc/qgemv.cu. Inference only, M ≤ 16 rows, bf16 / fp16 compute, NF4 / FP4
-  weights with K and blocksize multiples of 32. It reads the packed weight once; the low-rank term rides in its
-  epilogue (hs = s·x·Aᵀ is a tiny torch matmul). Auto mode does not take it until it is measured faster than
-  bitsandbytes: PEFT_FAST_BACKEND=cuda / use_backend("cuda") selects it.
+* The flat eager path of a LoRA Linear4bit layer (`eager_qlora_call`): one plain adapter, auto policy, and either
+  at least QLORA_NODE_MIN_ROWS rows (training and prefill) or an inference call of at most QLORA_GEMV_MAX_ROWS rows
+  (decode). ONE C++ node for the whole layer (csrc/lora_autograd.cpp `qlora_linear`), nothing in Python either way:
+  - training / prefill: W dequantized from its 4 bits into a buffer for the one cuBLAS GEMM (csrc/dequant4.cu,
+    bit-identical to bitsandbytes), y = x Wᵀ (+ bias) + the LoRA term as in ops/cuda_lora.py, backward dequantizing
+    again for dx as bitsandbytes does. It replaces bitsandbytes' Python autograd Function (forward and backward) and
+    the separate base output of the path above; at these sizes bitsandbytes itself dequantizes and calls cuBLAS, so
+    the GPU work is the same and the host's is what goes.
+  - decode: no dequantized copy. csrc/qgemv.cu multiplies x by the packed weight on tensor cores (each 4-bit code
+    read once, the double-quantized absmax decoded in the kernel), then the LoRA term is added by the fused kernels.
+  Between the two (17 to QLORA_NODE_MIN_ROWS − 1 rows, or a decode call that records a graph) bitsandbytes' own
+  kernels + the LoRA-term node above.
+* The forced cuda backend (PEFT_FAST_BACKEND=cuda / use_backend("cuda")) runs decode calls through the same GEMV kernel
+  from Python (`_gemv`: `_C.qgemv_lora`, the LoRA term in its epilogue).
 """
 
 from __future__ import annotations
