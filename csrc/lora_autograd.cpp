@@ -168,24 +168,6 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
                    double s, double p, Tensor& y2, Tensor& hs, Tensor& mask, bool keep = true, RowsShape shape = {}) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
-    if (!keep && p == 0.0 && lora_decode_supports(static_cast<int>(std::min<int64_t>(m, INT32_MAX)), k, n, static_cast<int>(r))) {
-        // decode: K split over blocks (lora_decode.cu), the rows kernel's serial walk over K would be the whole call
-        const Tensor ws = at::empty({lora_decode_workspace_floats(static_cast<int>(m), k, static_cast<int>(r))},
-                                    x.options().dtype(torch::kFloat));
-        LoraDecodeArgs args{};
-        args.x = x.data_ptr(), args.a = a.data_ptr(), args.b = b.data_ptr();
-        args.bias = bias.defined() ? bias.data_ptr() : nullptr;
-        args.addend = addend.defined() ? addend.data_ptr() : nullptr;
-        args.out = y2.data_ptr();
-        args.workspace = ws.data_ptr<float>();
-        args.m = static_cast<int>(m), args.k = static_cast<int>(k), args.n = static_cast<int>(n);
-        args.r = static_cast<int>(r);
-        args.scale = static_cast<float>(s);
-        args.dtype = kernel_dtype(x.scalar_type());
-        args.adapter_dtype = kernel_dtype(a.scalar_type());
-        check(launch_lora_decode(args, c10::cuda::getCurrentCUDAStream()), "decode");
-        return;
-    }
     if (keep) hs = at::empty({m, r}, x.options());
     if (keep && p > 0.0) mask = at::empty({m, k / 8}, x.options().dtype(torch::kUInt8));
     LoraRowsArgs args{};

@@ -74,27 +74,6 @@ struct LoraReducePlan {
     int counters;
 };
 
-// The low-rank term of a decode call (lora_decode.cu): an inference call (nothing kept for backward) of at most
-// kLoraDecodeMaxRows rows without dropout: out = s·(x Aᵀ) Bᵀ (+ bias) (+ addend), K split over blocks.
-constexpr int kLoraDecodeMaxRows = 16;
-
-struct LoraDecodeArgs {
-    const void* x;        // M×K, compute dtype, contiguous
-    const void* a;        // A, r×K, adapter dtype, contiguous
-    const void* b;        // B, N×r, adapter dtype, contiguous
-    const void* bias;     // N, compute dtype, or null
-    const void* addend;   // M×N, compute dtype, or null (may be `out` itself)
-    void* out;            // M×N, compute dtype
-    float* workspace;     // lora_decode_workspace_floats(m, k, r) floats
-    int m, k, n, r;
-    float scale;
-    LoraDtype dtype, adapter_dtype;
-};
-
-bool lora_decode_supports(int m, int64_t k, int64_t n, int r);
-int64_t lora_decode_workspace_floats(int m, int64_t k, int r);
-cudaError_t launch_lora_decode(const LoraDecodeArgs& args, cudaStream_t stream);
-
 // Whether the current GPU has what the kernels (and qgemv.cu) are written for: sm_80+, bf16 tensor cores; asked once
 // per device. Older GPUs (T4, V100) keep the ATen route of the autograd node.
 bool lora_device_supported();

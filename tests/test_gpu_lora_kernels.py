@@ -170,31 +170,6 @@ def test_lora_linear_node_with_kernels_matches_the_aten_route(dt, fp32_adapters,
         assert rel_err(g, w) < 2 * TOL[dt], (name, rel_err(g, w))
 
 
-@pytest.mark.parametrize("dt,fp32_adapters", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, True)])
-@pytest.mark.parametrize("m,k,n,r,bias", [(1, 4096, 4096, 16, False), (16, 11008, 4096, 16, True),
-                                          (7, 520, 264, 12, True), (16, 2048, 2048, 128, False), (3, 8, 8, 1, False)])
-def test_decode_kernels_match_the_aten_route(dt, fp32_adapters, m, k, n, r, bias):
-    """An inference call of ≤ 16 rows without dropout takes the decode kernels (csrc/lora_decode.cu: K split over
-    blocks), not the rows kernel; same numbers as the node's ATen route, for odd widths and ranks too."""
-    from peft_fast import ops
-
-    layer = lora_linear_layer(k, n, r, 0.0, dt, fp32_adapters, bias).eval()
-    x = torch.randn(m, k, device="cuda", dtype=dt)
-    with torch.no_grad(), ops.use_backend("cuda"):
-        with ops.use_cuda_kernels(True), torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            got = layer(x)
-            torch.cuda.synchronize()
-        with ops.use_cuda_kernels(False):
-            want = layer(x)
-        base_only = layer.base_layer(x)
-    names = " ".join(e.name for e in prof.events())
-    assert "lora_decode_shrink" in names and "lora_decode_expand" in names and "lora_rows" not in names, names[:2000]
-    assert got.dtype == want.dtype and got.shape == (m, n)
-    assert rel_err(got, want) < 2 * TOL[dt], rel_err(got, want)
-    assert rel_err(base_only, want) > 5 * TOL[dt]  # the term is a clear share: a dropped term would fail
-
-
 @pytest.mark.parametrize("fp32_adapters", [True, False])
 def test_lora_linear_node_dropout_uses_one_mask_forward_and_backward(fp32_adapters):
     m, k, n, r, p, dt = 2048, 1024, 768, 16, 0.1, torch.bfloat16
