@@ -354,10 +354,10 @@ LowRank low_rank_into(Tensor& x, const Tensor& lora_a, const Tensor& lora_b, con
     return l;
 }
 
-// Up to this many rows (decode) a forward issues the base GEMM first and adds the low-rank term onto its output:
-// the GEMM then runs while the host issues the term, and the last kernel is the short one. Above it the term goes
-// first and cuBLAS adds the GEMM onto it (beta = 1): reading y inside a compute-bound GEMM costs less than in the
-// memory-bound rows kernel.
+// Up to this many rows (decode) a forward issues the base GEMM first and adds the low-rank term onto its output, as
+// the QLoRA decode route does after its 4-bit GEMM (for the bf16 LoRA layer the order measured the same: H100 decode
+// M16 0.060 ms against 0.059 term-first). Above it the term goes first and cuBLAS adds the GEMM onto it (beta = 1):
+// reading y inside a compute-bound GEMM costs less than in the memory-bound rows kernel.
 constexpr int64_t kGemmFirstMaxRows = 64;
 
 // LoraLinearFn's forward arithmetic. keep = false (no gradient will be asked for: grad mode off or no input needing

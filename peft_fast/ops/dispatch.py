@@ -136,8 +136,10 @@ FUSED_MAX_WORK = 1 << 29
 QLORA_NODE_MIN_ROWS = 512
 # … and for an inference call (no graph recorded) of at most this many rows (decode), where the node skips the
 # dequantized copy: csrc/qgemv.cu multiplies by the packed weight directly (tensor cores, one read of the 4 bits),
-# after the LoRA term; bitsandbytes' small-M kernels sit behind its Python op layer. K and blocksize must be
-# multiples of 32 (the kernel's chunks), the GPU sm_80+.
+# then the LoRA term is added. K and blocksize must be multiples of 32 (the kernel's chunks), the GPU sm_80+.
+# H100, bf16, NF4 + double quantization, 4096→4096 r16, bench qlora suite (wall ms, GPU kernel ms; bare bf16 layer
+# 0.037 / 0.009): M16 HF PEFT + bitsandbytes 0.218 (0.048), this route 0.053 (0.025); M1 0.179 (0.020) vs 0.049 (0.021).
+# bitsandbytes' own small-M kernel is as fast on the GPU at M1; its Python op layer is what costs.
 QLORA_GEMV_MAX_ROWS = 16
 
 
