@@ -21,6 +21,8 @@ torch::Tensor lora_add(const torch::Tensor& x, const torch::Tensor& base_out, co
 // quantization absmax holds uint8 codes and absmax2 / code2 / offset dequantize them), which is dequantized into a
 // buffer for each GEMM, in forward and again in backward (only for dx), and never kept. `dequant_kernel`: take the
 // kernel of dequant4.h where it applies (CUDA builds), else ATen ops. Same numbers as bitsandbytes' dequantization.
+// An inference call of at most kQgemvMaxRows rows skips the buffer where qgemv.h takes it (dequant_kernel on): the
+// 4-bit GEMM reads the packed weight, then the LoRA term is added.
 torch::Tensor qlora_linear(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
                            const torch::Tensor& lora_a, const torch::Tensor& lora_b, const torch::Tensor& packed,
                            const torch::Tensor& code, const torch::Tensor& absmax,
