@@ -7,6 +7,8 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   layer   per fwd+bwd at real sizes, dropout 0 and 0.1: wall µs (CUDA events, median) and GPU kernel µs
   pieces  the kernels alone (forward; backward rows + reduce) against one pass over x (x.clone)
   shapes  the rows kernel alone under each forced block shape (block_rows × column_splits) at the bench's sizes
+  qgemv   decode over a 4-bit weight (NF4, double quantization): csrc/qgemv.cu alone, the whole-layer node's decode
+          route (GEMM + LoRA term), bitsandbytes' gemm_4bit, dequantize + mm, the bf16 layer, the bytes' floor
   model   the bench's 1B Llama LoRA step (r16 all-linear, 2×1024, bf16 autocast, dropout 0.05, AdamW): tok/s, GPU ms
 Run on the device with the project built (scripts/gpu_check.sh kprobe):  python3 scripts/probe_lora_kernels.py [parts]
 """
@@ -229,6 +231,43 @@ def shapes_table():
         print(f"  M{m} K{k} N{n} r{r}: " + "  ".join(cells), flush=True)
 
 
+def qgemv_table():
+    import bitsandbytes.functional as bnbf
+    import triton.testing
+
+    from peft_fast.ops.cuda_qlora import CPP_QLORA_LINEAR
+
+    def us(fn):
+        return triton.testing.do_bench(fn, return_mode="median") * 1e3
+
+    print("\n=== decode over NF4 + double quantization, bf16 (do_bench median µs; floor = packed bytes at 3.35 TB/s)",
+          flush=True)
+    for k, n in [(4096, 4096), (4096, 11008), (11008, 4096)]:
+        w = torch.randn(n, k, device="cuda", dtype=DT) / k**0.5
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset  # fp32, for qgemv_lora
+        a = torch.randn(16, k, device="cuda") / k**0.5
+        b = torch.randn(n, 16, device="cuda") / 4
+        flat = packed.reshape(-1)
+        for m in (1, 4, 16):
+            x = torch.randn(m, k, device="cuda", dtype=DT)
+            node = (x, None, a, b, packed, state.code, state.absmax, state.state2.absmax, state.state2.code,
+                    state.offset, n, k, 64, state.state2.blocksize, 2.0, 0.0, DT, True, True)
+            with torch.no_grad():
+                cells = {
+                    "qgemv": us(lambda: _C.qgemv_lora(x, flat, state.code, absmax, 64, n, k, None, None, None)),
+                    "node decode": us(lambda: CPP_QLORA_LINEAR(*node)),
+                    "bnb gemm_4bit": us(lambda: torch.ops.bitsandbytes.gemm_4bit.default(
+                        x, packed, state.shape, state.state2.absmax, 64, "nf4", absmax_8bit=state.absmax,
+                        absmax_code=state.state2.code, absmax_offset=state.offset)),
+                    "dequant+mm": us(lambda: x @ bnbf.dequantize_4bit(packed, state).t()),
+                    "bf16 F.linear": us(lambda: F.linear(x, w)),
+                }
+            floor = n * k / 2 / 3.35e12 * 1e6
+            print(f"  M{m} K{k} N{n}: " + "  ".join(f"{name} {v:.1f}" for name, v in cells.items()) +
+                  f"  floor {floor:.1f}", flush=True)
+
+
 def model_table():
     import peft
     from transformers import LlamaForCausalLM
@@ -281,4 +320,4 @@ if __name__ == "__main__":
           flush=True)
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "pieces": pieces_table,
-         "shapes": shapes_table, "model": model_table}[part]()
+         "shapes": shapes_table, "qgemv": qgemv_table, "model": model_table}[part]()
