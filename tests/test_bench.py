@@ -228,3 +228,14 @@ def test_consumer_qlora_case_runs_both_libraries_and_reports_memory_budgets(tmp_
     payload["impls"]["peft"]["fits"] = {"16": False, "24": True}
     (line,) = report.throughput_lines([payload])
     assert "peft 16 GiB does not fit 24 GiB fits" in line
+
+
+def test_quick_qlora_suite_leaves_out_the_compiled_rows():
+    from peft_fast.benchmark.cases import LLAMA_TINY, ModelTrainCase, QLoraTrainCase, suites
+
+    assert QLoraTrainCase(LLAMA_TINY, 1, 16).impl_names == ModelTrainCase.impl_names
+    quick = [c for c in suites(torch.device("cpu"), quick=True)["qlora"] if isinstance(c, QLoraTrainCase)]
+    full = [c for c in suites(torch.device("cpu"), quick=False)["qlora"] if isinstance(c, QLoraTrainCase)]
+    assert quick and full
+    assert not any("compile" in n for c in quick for n in c.impl_names)
+    assert all("peft_fast compile" in c.impl_names for c in full)
