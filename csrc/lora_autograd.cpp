@@ -585,6 +585,21 @@ bool dequant4_kernel_takes(const Quant4& q, c10::ScalarType dt) {
     return q.absmax.scalar_type() == torch::kByte && q.absmax.is_contiguous() && q.absmax.device() == q.packed.device() &&
            f32(q.absmax2, -1) && f32(q.code2, 256) && f32(q.offset, 1);
 }
+
+// The code book and block scales of W as the kernels' argument structs take them (Dequant4Args, QgemvArgs): the
+// fp32 absmax, or under double quantization its uint8 codes with absmax2, code2 and the offset
+template <typename Args>
+void set_scales(Args& args, const Quant4& q) {
+    args.code = q.code.data_ptr<float>();
+    if (q.nested()) {
+        args.qabsmax = q.absmax.data_ptr<uint8_t>();
+        args.absmax2 = q.absmax2.data_ptr<float>();
+        args.code2 = q.code2.data_ptr<float>();
+        args.offset = q.offset.data_ptr<float>();
+    } else {
+        args.absmax = q.absmax.data_ptr<float>();
+    }
+}
 #endif
 
 // W (N×K, dt): the kernel of dequant4.cu where it takes the weight and `kernel` allows it, else ATen ops
@@ -595,14 +610,7 @@ Tensor dequant4(const Quant4& q, c10::ScalarType dt, bool kernel) {
         Tensor w = at::empty({q.n, q.k}, q.packed.options().dtype(dt));
         Dequant4Args args{};
         args.packed = packed_bytes(q.packed).data_ptr<uint8_t>();
-        args.code = q.code.data_ptr<float>();
-        args.absmax = q.nested() ? nullptr : q.absmax.data_ptr<float>();
-        if (q.nested()) {
-            args.qabsmax = q.absmax.data_ptr<uint8_t>();
-            args.absmax2 = q.absmax2.data_ptr<float>();
-            args.code2 = q.code2.data_ptr<float>();
-            args.offset = q.offset.data_ptr<float>();
-        }
+        set_scales(args, q);
         args.out = w.data_ptr();
         args.n = q.n * q.k;
         args.blocksize = static_cast<int>(q.blocksize);
@@ -636,15 +644,7 @@ Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Te
     QgemvArgs args{};
     args.x = x.data_ptr();
     args.w = packed_bytes(q.packed).data_ptr<uint8_t>();
-    args.code = q.code.data_ptr<float>();
-    if (q.nested()) {
-        args.qabsmax = q.absmax.data_ptr<uint8_t>();
-        args.absmax2 = q.absmax2.data_ptr<float>();
-        args.code2 = q.code2.data_ptr<float>();
-        args.offset = q.offset.data_ptr<float>();
-    } else {
-        args.absmax = q.absmax.data_ptr<float>();
-    }
+    set_scales(args, q);
     args.bias = bias.defined() ? bias.data_ptr() : nullptr;
     args.y = y.data_ptr();
     args.m = static_cast<int>(m), args.n = static_cast<int>(q.n), args.k = static_cast<int>(q.k);
@@ -722,9 +722,6 @@ struct QLoraLinearFn : public torch::autograd::Function<QLoraLinearFn> {
     }
 };
 
-}  // namespace
-
-namespace {
 // Whether a call must record an autograd node: grad mode on and some input needing a gradient. Otherwise (decode,
 // evaluation under no_grad / inference_mode, frozen inputs) the forward runs bare: no node, nothing saved.
 bool records_graph(std::initializer_list<const Tensor*> inputs) {
