@@ -198,47 +198,6 @@ struct RowTile {
                 *reinterpret_cast<uint4*>(s + (q / (COLS / 8)) * LD + 8 * (q % (COLS / 8))) = as_vec<T>(r[i]);
         }
     }
-
-    // store with the dropout mask applied: keep bits drawn here for rows [row0…) / columns [col0…) of x, written to
-    // mask (when not null) as one byte per 8 elements
-    __device__ __forceinline__ void store_dropped(T* s, int rows, int cols, int row0, int col0, uint64_t seed,
-                                                  uint64_t offset, uint32_t threshold, float inv_keep,
-                                                  uint8_t* mask) const {
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int q = threadIdx.x + i * kThreads;
-            if (q >= kChunks) continue;
-            const int row = row0 + q / (COLS / 8), col = col0 + 8 * (q % (COLS / 8));
-            float f[8];
-            to_floats(r[i], f);
-            if (row < rows && col < cols) {
-                const uint32_t bits = keep_bits(seed, offset, row, col / 8, threshold);
-                if (mask != nullptr) mask[static_cast<int64_t>(row) * (cols / 8) + col / 8] = static_cast<uint8_t>(bits);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) f[e] = (bits >> e) & 1u ? f[e] * inv_keep : 0.f;
-            }
-            *reinterpret_cast<uint4*>(s + (q / (COLS / 8)) * LD + 8 * (q % (COLS / 8))) = pack8<T>(f);
-        }
-    }
-
-    // store with a saved mask applied (the reduce kernel's drop(x))
-    __device__ __forceinline__ void store_masked(T* s, int rows, int cols, int row0, int col0, const uint8_t* mask,
-                                                 float inv_keep) const {
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int q = threadIdx.x + i * kThreads;
-            if (q >= kChunks) continue;
-            const int row = row0 + q / (COLS / 8), col = col0 + 8 * (q % (COLS / 8));
-            float f[8];
-            to_floats(r[i], f);
-            if (row < rows && col < cols) {
-                const uint32_t bits = mask[static_cast<int64_t>(row) * (cols / 8) + col / 8];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) f[e] = (bits >> e) & 1u ? f[e] * inv_keep : 0.f;
-            }
-            *reinterpret_cast<uint4*>(s + (q / (COLS / 8)) * LD + 8 * (q % (COLS / 8))) = pack8<T>(f);
-        }
-    }
 };
 
 // rows [row0, row0+ROWS) of a rows×r matrix (r ≤ R), all R columns (zeros past r), into s[ROWS][LD]; rows are r
@@ -273,6 +232,179 @@ struct RankTile {
     }
 };
 
+// ---------------------------------------------------------------------------------------------------------------
+// Multi-stage copies (cp.async, sm_80+): global → shared without registers, several tiles in flight per block. The
+// big operands (x, dy) are streamed once, so a block must keep enough bytes in flight to cover the memory latency:
+// with one register-staged tile per block the kernels ran at ~40% of HBM bandwidth (H100, M8192 K=N=4096 r16: rows
+// kernel 101/94 µs fwd/bwd against ~40 µs of bytes). Each thread copies whole 8-element chunks and afterwards
+// transforms only its own chunks in place (dropout, fp32 → T), which its own wait makes visible to it; one barrier
+// then publishes the stage.
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(src) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// until at most N of this thread's committed groups are still in flight
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// 8 elements of E (16 or 32 bytes) from src to dst (both 16-byte aligned); zeros without reading when !valid
+template <typename E>
+__device__ __forceinline__ void copy8_async(E* dst, const E* src, bool valid) {
+    constexpr int kPer = 16 / int(sizeof(E));  // elements a 16-byte piece
+#pragma unroll
+    for (int v = 0; v < 8 / kPer; ++v) cp_async16(dst + v * kPer, valid ? src + v * kPer : src, valid);
+}
+
+// chunk q's 8 elements at s as floats / written back as T (E: the stage's element type)
+template <typename E>
+__device__ __forceinline__ void read8(const E* s, float f[8]) {
+    if constexpr (std::is_same_v<E, float>) {
+        const float4 lo = reinterpret_cast<const float4*>(s)[0], hi = reinterpret_cast<const float4*>(s)[1];
+        f[0] = lo.x, f[1] = lo.y, f[2] = lo.z, f[3] = lo.w, f[4] = hi.x, f[5] = hi.y, f[6] = hi.z, f[7] = hi.w;
+    } else {
+        unpack8<E>(*reinterpret_cast<const uint4*>(s), f);
+    }
+}
+
+// ROWS × COLS (COLS % 8 == 0) of a row-major rows×cols matrix of E (cols % 8 == 0, rows 16-byte aligned), rows
+// [row0…) × columns [col0…), into s[ROWS][LD]; zeros outside the matrix
+template <typename E, int ROWS, int COLS, int LD>
+struct RowStage {
+    static constexpr int kChunks = ROWS * COLS / 8;
+    static constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
+
+    __device__ static __forceinline__ int at(int q) { return (q / (COLS / 8)) * LD + 8 * (q % (COLS / 8)); }
+
+    __device__ static __forceinline__ void issue(E* s, const E* src, int rows, int cols, int row0, int col0) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int q = threadIdx.x + i * kThreads;
+            if (q >= kChunks) continue;
+            const int row = row0 + q / (COLS / 8), col = col0 + 8 * (q % (COLS / 8));
+            const bool valid = row < rows && col < cols;
+            copy8_async(s + at(q), valid ? src + static_cast<int64_t>(row) * cols + col : src, valid);
+        }
+    }
+
+    // this thread's chunks of s (E) rounded into d (T), same layout
+    template <typename T>
+    __device__ static __forceinline__ void convert(const E* s, T* d) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int q = threadIdx.x + i * kThreads;
+            if (q >= kChunks) continue;
+            float f[8];
+            read8(s + at(q), f);
+            *reinterpret_cast<uint4*>(d + at(q)) = pack8<T>(f);
+        }
+    }
+
+    // dropout on this thread's chunks of s, in place: keep bits drawn for rows [row0…) / columns [col0…) of x and
+    // written to mask (when not null) as one byte per 8 elements
+    __device__ static __forceinline__ void drop(E* s, int rows, int cols, int row0, int col0, uint64_t seed,
+                                                uint64_t offset, uint32_t threshold, float inv_keep, uint8_t* mask) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int q = threadIdx.x + i * kThreads;
+            const int row = row0 + q / (COLS / 8), col = col0 + 8 * (q % (COLS / 8));
+            if (q >= kChunks || row >= rows || col >= cols) continue;
+            const uint32_t bits = keep_bits(seed, offset, row, col / 8, threshold);
+            if (mask != nullptr) mask[static_cast<int64_t>(row) * (cols / 8) + col / 8] = static_cast<uint8_t>(bits);
+            float f[8];
+            read8(s + at(q), f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) f[e] = (bits >> e) & 1u ? f[e] * inv_keep : 0.f;
+            *reinterpret_cast<uint4*>(s + at(q)) = pack8<E>(f);
+        }
+    }
+
+    // a saved mask on s's chunks, in place: keep[ROWS][COLS / 8] bytes in shared memory (any thread's copies:
+    // call after a barrier)
+    __device__ static __forceinline__ void apply_mask(E* s, const uint8_t* keep, float inv_keep) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int q = threadIdx.x + i * kThreads;
+            if (q >= kChunks) continue;
+            const uint32_t bits = keep[q];  // (row q / (COLS/8), byte q % (COLS/8): the same order)
+            float f[8];
+            read8(s + at(q), f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) f[e] = (bits >> e) & 1u ? f[e] * inv_keep : 0.f;
+            *reinterpret_cast<uint4*>(s + at(q)) = pack8<E>(f);
+        }
+    }
+};
+
+// ROWS × R of a rows×r matrix of E (r ≤ R; zeros past r), rows [row0…), into s[ROWS][LD]. Rows are r elements long:
+// copies only when r % 8 == 0 (every chunk then lies in one row, 16-byte aligned); otherwise plain loads and stores
+// (odd ranks pay the latency)
+template <typename E, int ROWS, int R, int LD>
+struct RankStage {
+    static constexpr int kChunks = ROWS * R / 8;
+    static constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
+
+    __device__ static __forceinline__ int at(int q) { return (q / (R / 8)) * LD + 8 * (q % (R / 8)); }
+
+    __device__ static __forceinline__ void issue(E* s, const E* src, int rows, int r, int row0) {
+        const bool vec = (r & 7) == 0;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int q = threadIdx.x + i * kThreads;
+            if (q >= kChunks) continue;
+            const int row = row0 + q / (R / 8), j0 = 8 * (q % (R / 8));
+            const bool valid = row < rows && j0 < r;
+            const E* p = src + static_cast<int64_t>(row) * r + j0;
+            if (vec || !valid) {
+                copy8_async(s + at(q), valid ? p : src, valid);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) s[at(q) + e] = j0 + e < r ? p[e] : from_float<E>(0.f);
+            }
+        }
+    }
+
+    template <typename T>
+    __device__ static __forceinline__ void convert(const E* s, T* d) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int q = threadIdx.x + i * kThreads;
+            if (q >= kChunks) continue;
+            float f[8];
+            read8(s + at(q), f);
+            *reinterpret_cast<uint4*>(d + at(q)) = pack8<T>(f);
+        }
+    }
+};
+
+// Stages that fit a budget: consumer GPUs (sm_86 / sm_89) give a block at most 99 KiB of shared memory
+constexpr int kSmemBudget = 96 * 1024;
+
+constexpr int stages_for(int stage_bytes, int fixed_bytes, int most) {
+    const int fit = (kSmemBudget - fixed_bytes) / stage_bytes;
+    return fit < 2 ? 2 : fit > most ? most : fit;
+}
+
 // Lets `kernel` (one instantiation) launch with BYTES of dynamic shared memory, once per device (the attribute
 // belongs to the device's context). Always, not only above 48 KiB: a kernel's static shared memory counts against
 // the same default limit (the reduce kernel's 1-byte flag beside exactly 48 KiB failed its launch, H100).
@@ -295,7 +427,8 @@ cudaError_t allow_dynamic_smem() {
 
 template <typename T, typename TA, int R, int BM, bool BWD>
 struct RowsConfig {
-    static constexpr int BK = R <= 32 ? 256 : (R == 64 ? 128 : 64);   // phase-1 columns per tile
+    static constexpr bool kSame = std::is_same_v<T, TA>;                // adapters in the compute dtype
+    static constexpr int BK = R <= 32 ? 128 : (R == 64 ? 64 : 32);    // phase-1 columns per stage
     static constexpr int BN = R <= 32 ? 256 : (R == 64 ? 128 : 64);   // phase-2 columns per tile
     static constexpr int LDX = BK + 8;
     // w1 tile: forward A[j][k] (rank-major: R rows of BK), backward B[n][j] (BK rows of R)
@@ -310,12 +443,19 @@ struct RowsConfig {
     static constexpr int FPW1 = FR1 >= kWarps ? FR1 / kWarps : 1;
     static constexpr int FR2 = (BM / 16) * (BN / 16);
     static constexpr int FPW2 = FR2 >= kWarps ? FR2 / kWarps : 1;   // (FR2 < kWarps: warps ≥ FR2 idle in MMA)
+    // phase 1's stages: x (T) and w1 as stored (TA); fp32 adapters are rounded into one of two T buffers
     static constexpr int X_ELEMS = BM * LDX, W1_ELEMS = W1_ROWS * LD1, W2_ELEMS = W2_ROWS * LD2;
-    static constexpr int P1_BYTES = 2 * (X_ELEMS + W1_ELEMS) * int(sizeof(T));
+    static constexpr int STAGE_BYTES = X_ELEMS * int(sizeof(T)) + W1_ELEMS * int(sizeof(TA));
+    static constexpr int W1T_BYTES = kSame ? 0 : 2 * W1_ELEMS * int(sizeof(T));
+    // more stages for fewer rows a block: decode's few blocks walk K alone (latency), training's keep 2–3 a multiprocessor
+    static constexpr int STAGES = stages_for(STAGE_BYTES, W1T_BYTES, BM == 16 ? 6 : BM == 32 ? 4 : 3);
+    static constexpr int P1_BYTES = STAGES * STAGE_BYTES + W1T_BYTES;
     static constexpr int F_FLOATS = cmax<KS1 * BM * LDR, kWarps * 16 * LDP>();
     static constexpr int P2_BYTES = (BM * LDH + 2 * W2_ELEMS) * int(sizeof(T)) + F_FLOATS * 4;
     static constexpr int SMEM = cmax<P1_BYTES, P2_BYTES>();
     static_assert(BK % (16 * KS1) == 0, "each k-split warp needs whole 16-wide steps");
+    static_assert(SMEM <= kSmemBudget, "a rows kernel configuration must fit consumer GPUs' shared memory");
+    static_assert(STAGE_BYTES % 32 == 0 && X_ELEMS * sizeof(T) % 32 == 0, "WMMA tiles start 32-byte aligned");
 };
 
 template <typename T, typename TA, int R, int BM, bool BWD>
@@ -324,11 +464,15 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     __trap();  // never launched there: lora_kernels_support refuses GPUs below sm_80 (bf16 WMMA)
 #else
     using Cfg = RowsConfig<T, TA, R, BM, BWD>;
-    constexpr int BK = Cfg::BK, BN = Cfg::BN;
+    constexpr int BK = Cfg::BK, BN = Cfg::BN, S = Cfg::STAGES;
     extern __shared__ __align__(128) unsigned char smem[];
-    // phase 1: Xs[2], W1s[2]; phase 2 (reusing the same bytes): Hs, W2s[2], floats (k-split sums, then Cs[2])
-    T* xs = reinterpret_cast<T*>(smem);
-    T* w1s = xs + 2 * Cfg::X_ELEMS;
+    // phase 1: S stages of (x tile, w1 tile as stored), then (fp32 adapters) two w1 tiles in T; phase 2 (reusing the
+    // same bytes): Hs, W2s[2], floats (k-split sums, then the warps' patches)
+    auto x_stage = [&](int st) { return reinterpret_cast<T*>(smem + st * Cfg::STAGE_BYTES); };
+    auto w1_stage = [&](int st) {
+        return reinterpret_cast<TA*>(smem + st * Cfg::STAGE_BYTES + Cfg::X_ELEMS * int(sizeof(T)));
+    };
+    T* w1t = reinterpret_cast<T*>(smem + S * Cfg::STAGE_BYTES);
     T* hs = reinterpret_cast<T*>(smem);
     T* w2s = hs + BM * Cfg::LDH;
     float* fs = reinterpret_cast<float*>(w2s + 2 * Cfg::W2_ELEMS);
@@ -354,22 +498,19 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     const float inv_keep = args.p > 0.f ? 1.f / (1.f - args.p) : 1.f;
     uint8_t* mask_out = dropout && first_y ? args.mask : nullptr;
 
-    // ---- phase 1: small = scale · in[m0:m0+BM] · w1 over K1
-    using XTile = RowTile<T, T, BM, BK, Cfg::LDX>;
-    using W1Tile = std::conditional_t<BWD, RankTile<T, TA, BK, R, Cfg::LD1>, RowTile<T, TA, R, BK, Cfg::LD1>>;
+    // ---- phase 1: small = scale · in[m0:m0+BM] · w1 over K1, S − 1 tiles in flight
+    using XStage = RowStage<T, BM, BK, Cfg::LDX>;
+    using W1Stage = std::conditional_t<BWD, RankStage<TA, BK, R, Cfg::LD1>, RowStage<TA, R, BK, Cfg::LD1>>;
     using B1Layout = std::conditional_t<BWD, wmma::row_major, wmma::col_major>;
-    XTile xt;
-    W1Tile wt;
-    auto load1 = [&](int k0) {
-        xt.load(in, M, K1, m0, k0);
-        if constexpr (BWD) wt.load(w1, K1, r, k0);  // B rows k0…: K1×r
-        else wt.load(w1, r, K1, 0, k0);             // A columns k0…: r×K1
-    };
-    auto store1 = [&](int buf, int k0) {
-        T* x_dst = xs + buf * Cfg::X_ELEMS;
-        if (dropout) xt.store_dropped(x_dst, M, K1, m0, k0, seed, offset, threshold, inv_keep, mask_out);
-        else xt.store(x_dst);
-        wt.store(w1s + buf * Cfg::W1_ELEMS);
+    const int tiles1 = (K1 + BK - 1) / BK;
+    auto issue = [&](int t) {  // tile t's copies into stage t % S; one commit group per call, empty past the end
+        if (t < tiles1) {
+            const int st = t % S, k0 = t * BK;
+            XStage::issue(x_stage(st), in, M, K1, m0, k0);
+            if constexpr (BWD) W1Stage::issue(w1_stage(st), w1, K1, r, k0);  // B rows k0…: K1×r
+            else W1Stage::issue(w1_stage(st), w1, r, K1, 0, k0);             // A columns k0…: r×K1
+        }
+        cp_async_commit();
     };
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc1[Cfg::FPW1];
@@ -377,15 +518,23 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     for (int i = 0; i < Cfg::FPW1; ++i) wmma::fill_fragment(acc1[i], 0.f);
     const int group = warp / Cfg::KS1, ks = warp % Cfg::KS1;
 
-    const int tiles1 = (K1 + BK - 1) / BK;
-    load1(0);
-    store1(0, 0);
-    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < S - 1; ++t) issue(t);
     for (int t = 0; t < tiles1; ++t) {
-        const int buf = t & 1;
-        if (t + 1 < tiles1) load1((t + 1) * BK);
-        const T* x_s = xs + buf * Cfg::X_ELEMS;
-        const T* w_s = w1s + buf * Cfg::W1_ELEMS;
+        cp_async_wait<S - 2>();  // this thread's copies of tile t have landed
+        const int st = t % S;
+        T* x_s = x_stage(st);
+        if (dropout) XStage::drop(x_s, M, K1, m0, t * BK, seed, offset, threshold, inv_keep, mask_out);
+        const T* w_s;
+        if constexpr (Cfg::kSame) {
+            w_s = w1_stage(st);
+        } else {  // (the buffer held tile t − 2, which every warp finished before the last barrier)
+            T* d = w1t + (t & 1) * Cfg::W1_ELEMS;
+            W1Stage::convert(w1_stage(st), d);
+            w_s = d;
+        }
+        __syncthreads();  // tile t visible to all; every warp is done with tile t − 1, whose stage the next copies take
+        issue(t + S - 1);
 #pragma unroll
         for (int s = ks; s < BK / 16; s += Cfg::KS1) {
 #pragma unroll
@@ -399,9 +548,9 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
                 wmma::mma_sync(acc1[i], a, b, acc1[i]);
             }
         }
-        if (t + 1 < tiles1) store1(buf ^ 1, (t + 1) * BK);
-        __syncthreads();
     }
+    cp_async_wait<0>();  // (only empty groups are left)
+    __syncthreads();     // every warp is done with the stages: the floats below reuse their bytes
 
     // k-split partial sums → shared floats → scale, round to T → Hs (and the global M×r copy)
 #pragma unroll
@@ -446,12 +595,31 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     const uint8_t* mask_in = BWD && args.p > 0.f ? args.mask : nullptr;
     float* patch = fs + warp * 16 * Cfg::LDP;
     const int lane = threadIdx.x % 32, prow = lane / 2, pcol = 8 * (lane % 2);  // each lane: 8 outputs of a row
+    const bool mma_warp = Cfg::FR2 >= kWarps || warp < Cfg::FR2;
     for (int t = t_begin; t < t_end; ++t) {
         const int buf = (t - t_begin) & 1;
         if (t + 1 < t_end) load2(t + 1);
         const T* w_s = w2s + buf * Cfg::W2_ELEMS;
-        if (Cfg::FR2 >= kWarps || warp < Cfg::FR2) {
-#pragma unroll 1
+        if (mma_warp) {
+            // what this lane adds to / masks its outputs with, for all of the warp's fragments, loaded before any
+            // of them is computed: one memory latency a tile, not one a fragment
+            uint4 extra[Cfg::FPW2];
+            uint32_t keep[Cfg::FPW2];
+#pragma unroll
+            for (int i = 0; i < Cfg::FPW2; ++i) {
+                const int f = warp * Cfg::FPW2 + i, mb = f / (BN / 16), nb = f % (BN / 16);
+                const int row = m0 + mb * 16 + prow, col = t * BN + nb * 16 + pcol;
+                const bool inside = row < M && col < N2;
+                const int64_t at = static_cast<int64_t>(row) * N2 + col;
+                extra[i] = make_uint4(0u, 0u, 0u, 0u);
+                keep[i] = 0xFFu;
+                if constexpr (BWD) {
+                    if (mask_in != nullptr && inside) keep[i] = mask_in[static_cast<int64_t>(row) * (N2 / 8) + col / 8];
+                } else {
+                    if (addend != nullptr && inside) extra[i] = __ldg(reinterpret_cast<const uint4*>(addend + at));
+                }
+            }
+#pragma unroll
             for (int i = 0; i < Cfg::FPW2; ++i) {
                 const int f = warp * Cfg::FPW2 + i, mb = f / (BN / 16), nb = f % (BN / 16);
                 wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -474,27 +642,25 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
                     const float4 hi = *reinterpret_cast<const float4*>(patch + prow * Cfg::LDP + pcol + 4);
                     v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z;
                     v[7] = hi.w;
-                    const int64_t at = static_cast<int64_t>(row) * N2 + col;
                     if constexpr (BWD) {
                         if (mask_in != nullptr) {
-                            const uint32_t bits = mask_in[static_cast<int64_t>(row) * (N2 / 8) + col / 8];
 #pragma unroll
-                            for (int e = 0; e < 8; ++e) v[e] = (bits >> e) & 1u ? v[e] * inv_keep : 0.f;
+                            for (int e = 0; e < 8; ++e) v[e] = (keep[i] >> e) & 1u ? v[e] * inv_keep : 0.f;
                         }
                     } else {
                         float g[8];
-                        if (bias != nullptr) {
+                        if (bias != nullptr) {  // (8 KiB at most, read by every row block: L1 / L2)
                             unpack8<T>(__ldg(reinterpret_cast<const uint4*>(bias + col)), g);
 #pragma unroll
                             for (int e = 0; e < 8; ++e) v[e] += g[e];
                         }
                         if (addend != nullptr) {
-                            unpack8<T>(__ldg(reinterpret_cast<const uint4*>(addend + at)), g);
+                            unpack8<T>(extra[i], g);
 #pragma unroll
                             for (int e = 0; e < 8; ++e) v[e] += g[e];
                         }
                     }
-                    *reinterpret_cast<uint4*>(out + at) = pack8<T>(v);
+                    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * N2 + col) = pack8<T>(v);
                 }
                 __syncwarp();  // the patch is read before the next fragment overwrites it
             }
@@ -573,16 +739,21 @@ cudaError_t launch_rows_dir(const LoraRowsArgs& args, int sm_count, cudaStream_t
 
 template <typename T, int R>
 struct ReduceConfig {
-    static constexpr int BC = 64, BMR = R <= 32 ? 128 : 64;  // rows a step: more bytes in flight where registers allow
+    static constexpr int BC = 64, BMR = R <= 32 ? 128 : 64;  // rows a step
     static constexpr int LDG = BC + 8, LDS = R + 8, LDR = R + 4;
     static constexpr int FR = (BC / 16) * (R / 16);
     static constexpr int KS = FR >= kWarps ? 1 : kWarps / FR;
     static constexpr int FPW = FR >= kWarps ? FR / kWarps : 1;
-    static constexpr int G_ELEMS = BMR * LDG, S_ELEMS = BMR * LDS;
-    static constexpr int LOOP_BYTES = 2 * (G_ELEMS + S_ELEMS) * int(sizeof(T));
+    // a stage: the big tile, the small tile and (dA with dropout) the tile's keep bytes
+    static constexpr int G_ELEMS = BMR * LDG, S_ELEMS = BMR * LDS, KEEP_BYTES = BMR * BC / 8;
+    static constexpr int STAGE_BYTES = (G_ELEMS + S_ELEMS) * int(sizeof(T)) + KEEP_BYTES;
+    static constexpr int STAGES = stages_for(STAGE_BYTES, 0, 4);
+    static constexpr int LOOP_BYTES = STAGES * STAGE_BYTES;
     static constexpr int RED_BYTES = KS * BC * LDR * 4;
     static constexpr int SMEM = cmax<LOOP_BYTES, RED_BYTES>();
     static_assert(BMR % (16 * KS) == 0, "each k-split warp needs whole 16-row steps");
+    static_assert(STAGE_BYTES % 32 == 0 && G_ELEMS * sizeof(T) % 32 == 0 && SMEM <= kSmemBudget,
+                  "WMMA tiles start 32-byte aligned; within consumer GPUs' shared memory");
 };
 
 template <typename T, typename TO, int R>
@@ -591,10 +762,13 @@ __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs ar
     __trap();  // never launched there: lora_kernels_support refuses GPUs below sm_80 (bf16 WMMA)
 #else
     using Cfg = ReduceConfig<T, R>;
-    constexpr int BC = Cfg::BC, BMR = Cfg::BMR;
+    constexpr int BC = Cfg::BC, BMR = Cfg::BMR, S = Cfg::STAGES;
     extern __shared__ __align__(128) unsigned char smem[];
-    T* gs_ = reinterpret_cast<T*>(smem);
-    T* ss_ = gs_ + 2 * Cfg::G_ELEMS;
+    auto big_stage = [&](int st) { return reinterpret_cast<T*>(smem + st * Cfg::STAGE_BYTES); };
+    auto small_stage = [&](int st) { return big_stage(st) + Cfg::G_ELEMS; };
+    auto keep_stage = [&](int st) {
+        return smem + st * Cfg::STAGE_BYTES + (Cfg::G_ELEMS + Cfg::S_ELEMS) * int(sizeof(T));
+    };
     float* red = reinterpret_cast<float*>(smem);  // after the loop
 
     const int job = blockIdx.x, split = blockIdx.y;
@@ -610,33 +784,52 @@ __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs ar
     const int row_begin = split * plan.rows_per_split;
     const int row_end = min(args.m, row_begin + plan.rows_per_split);
 
-    RowTile<T, T, BMR, BC, Cfg::LDG> gt;
-    RankTile<T, T, BMR, R, Cfg::LDS> st;
-    auto load = [&](int row0) {
-        gt.load(big, row_end, C, row0, c0);  // rows past this split's end read as zeros
-        st.load(small, row_end, r, row0);
-    };
-    auto store = [&](int buf, int row0) {
-        if (mask != nullptr) gt.store_masked(gs_ + buf * Cfg::G_ELEMS, row_end, C, row0, c0, mask, inv_keep);
-        else gt.store(gs_ + buf * Cfg::G_ELEMS);
-        st.store(ss_ + buf * Cfg::S_ELEMS);
+    using BigStage = RowStage<T, BMR, BC, Cfg::LDG>;
+    using SmallStage = RankStage<T, BMR, R, Cfg::LDS>;
+    // the keep bytes of a step: BMR rows of BC/8 bytes, copied 4 at a time where every row's run is 4-byte aligned
+    // (C % 32 == 0), else byte by byte
+    const bool keep_async = C % 32 == 0;
+    const int steps = (row_end - row_begin + BMR - 1) / BMR;
+    auto issue = [&](int t) {  // step t's copies into stage t % S; one commit group per call
+        if (t < steps) {
+            const int st = t % S, row0 = row_begin + t * BMR;
+            BigStage::issue(big_stage(st), big, row_end, C, row0, c0);  // rows past this split's end read as zeros
+            SmallStage::issue(small_stage(st), small, row_end, r, row0);
+            if (mask != nullptr) {
+                uint8_t* keep = keep_stage(st);
+                for (int e = threadIdx.x; e < Cfg::KEEP_BYTES / 4; e += kThreads) {
+                    const int row = row0 + e / (BC / 32), b4 = 4 * (e % (BC / 32));
+                    const uint8_t* src = mask + static_cast<int64_t>(row) * (C / 8) + c0 / 8 + b4;
+                    const bool inside = row < row_end && c0 + 8 * b4 < C;
+                    if (keep_async && inside) {
+                        cp_async4(keep + 4 * e, src);
+                    } else {
+#pragma unroll
+                        for (int b = 0; b < 4; ++b) keep[4 * e + b] = inside && c0 + 8 * (b4 + b) < C ? src[b] : 0;
+                    }
+                }
+            }
+        }
+        cp_async_commit();
     };
 
     const int warp = threadIdx.x / 32, group = warp / Cfg::KS, ks = warp % Cfg::KS;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Cfg::FPW];
 #pragma unroll
     for (int i = 0; i < Cfg::FPW; ++i) wmma::fill_fragment(acc[i], 0.f);
-    const int steps = (row_end - row_begin + BMR - 1) / BMR;
-    if (steps > 0) {
-        load(row_begin);
-        store(0, row_begin);
-    }
-    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < S - 1; ++t) issue(t);
     for (int t = 0; t < steps; ++t) {
-        const int buf = t & 1;
-        if (t + 1 < steps) load(row_begin + (t + 1) * BMR);
-        const T* g_s = gs_ + buf * Cfg::G_ELEMS;
-        const T* s_s = ss_ + buf * Cfg::S_ELEMS;
+        cp_async_wait<S - 2>();  // this thread's copies of step t have landed
+        const int st = t % S;
+        T* g_s = big_stage(st);
+        const T* s_s = small_stage(st);
+        if (mask != nullptr) {  // the keep bytes are other threads' copies: a barrier first
+            __syncthreads();
+            BigStage::apply_mask(g_s, keep_stage(st), inv_keep);
+        }
+        __syncthreads();  // step t visible to all; every warp is done with step t − 1, whose stage the next copies take
+        issue(t + S - 1);
 #pragma unroll
         for (int s = ks; s < BMR / 16; s += Cfg::KS) {
 #pragma unroll
@@ -649,9 +842,9 @@ __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs ar
                 wmma::mma_sync(acc[i], a, b, acc[i]);
             }
         }
-        if (t + 1 < steps) store(buf ^ 1, row_begin + (t + 1) * BMR);
-        __syncthreads();
     }
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the stages: the sums below reuse their bytes
 #pragma unroll
     for (int i = 0; i < Cfg::FPW; ++i) {
         const int f = group * Cfg::FPW + i, cb = f / (R / 16), jb = f % (R / 16);
