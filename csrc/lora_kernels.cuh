@@ -678,36 +678,33 @@ cudaError_t launch_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t str
     if (err != cudaSuccess) return err;
     const int m_blocks = (args.m + BM - 1) / BM;
     const int n_tiles = args.out != nullptr ? (args.n2 + Cfg::BN - 1) / Cfg::BN : 1;
-    // row blocks for at most half the multiprocessors (decode, short prompts): split phase 2's columns over blocks
-    // (each recomputes phase 1, its rows then coming from L2) up to about two blocks per multiprocessor. Not above:
-    // there the recomputed phase 1 costs more than the idle multiprocessors (H100, M8192 K=N=4096 r16 p0.1, 128
-    // blocks of 64 rows: forward 239 µs split in 3, 114 µs unsplit; scripts/probe_lora_kernels.py shapes)
-    // Up to one wave of row blocks (the 1B and 7B training steps' 2048 rows at 16 a block: 128 blocks on 132
-    // multiprocessors) the columns go to two blocks as well: always backward, and forward where phase 2 is at
-    // least twice phase 1's width. H100, bf16 x, fp32 adapters, p 0.1, µs unsplit → split in 2 (scripts/
-    // probe_lora_kernels.py shapes, 2026-12-06 15:48 UTC):
-    //   M2048 K4096 N4096    fwd 48 → 49   bwd 49 → 42      M2048 K2048 N2048    fwd 27 → 28   bwd 28 → 24
-    //   M2048 K4096 N11008   fwd 76 → 71   bwd 86 → 73      M2048 K2048 N5632    fwd 41 → 39   bwd 47 → 40
-    //   M2048 K11008 N4096   fwd 90 → 98   bwd 95 → 71      M2048 K5632 N2048    fwd 49 → 53   bwd 49 → 39
-    //   (M4096 K=N=2048, 256 blocks: fwd 35 → 45, bwd 34 → 38: not above one wave)
+    // Row blocks for at most half the multiprocessors (decode, short prompts): phase 2's columns split over blocks
+    // (each recomputes phase 1, its rows then coming from L2) up to about two blocks per multiprocessor. Above
+    // that, no split: with phase 1 pipelined (several tiles in flight) a recomputed phase 1 is bandwidth, not idle
+    // multiprocessors. H100, bf16 x, fp32 adapters, p 0.1, µs fwd/bwd, bm16 unsplit vs split in 2 (scripts/
+    // probe_lora_kernels.py shapes, 2026-12-06 18:34 UTC):
+    //   M2048 K4096 N4096   47/46 vs 54/60      M2048 K4096 N11008  74/74 vs 74/114     M2048 K11008 N4096  85/81 vs 116/88
+    //   M2048 K2048 N8192   52/52 vs 50/83      M16 K=N=4096: unsplit 47/40, split over 16 blocks 31/21
     int y = 1;
     if (args.column_splits > 0) y = min(n_tiles, args.column_splits);
     else if (2 * m_blocks <= sm_count) y = max(1, min(n_tiles, (2 * sm_count + m_blocks - 1) / m_blocks));
-    else if (m_blocks <= sm_count && (BWD || args.n2 >= 2 * args.k1)) y = min(n_tiles, 2);
     lora_rows_kernel<T, TA, R, BM, BWD><<<dim3(m_blocks, y), kThreads, Cfg::SMEM, stream>>>(args);
     return cudaGetLastError();
 }
 
 // rank padded to a multiple of 16 (R ∈ {16, 32, 64, 128}); rows per block (unless args.block_rows forces 16, 32 or
-// 64): 16 until 32-row blocks would fill every multiprocessor, then 32 at rank ≤ 32 and 64 above. H100, bf16, fp32
-// adapters, p 0.1, µs forward / backward rows kernel (scripts/probe_lora_kernels.py shapes, 2026-12-06):
-//   M8192 K=N=4096 r16     bm16 115/106   bm32 101/94    bm64 114/99      (unsplit)
-//   M8192 K=N=4096 r64     bm16 237/232   bm32 181/222   bm64 187/162
-//   M8192 K4096 N14336 r16 bm16 247/190   bm32 210/160   bm64 225/164
-//   M4096 K=N=2048 r16     bm16 34/34     bm32 40/37     bm64 58/49
+// 64): the largest that still gives nearly every multiprocessor (90%) a block, 64 only above rank 32.
+// H100, bf16, fp32 adapters, p 0.1, µs forward / backward rows kernel, unsplit (scripts/probe_lora_kernels.py shapes,
+// 2026-12-06 18:34 UTC, the pipelined kernels):
+//   M8192 K=N=4096 r16     bm16 127/141   bm32 104/109   bm64 118/109
+//   M8192 K=N=4096 r64     bm16 275/294   bm32 191/196   bm64 193/171
+//   M8192 K4096 N14336 r16 bm16 257/288   bm32 215/212   bm64 249/200
+//   M4096 K=N=2048 r16     bm16 38/44     bm32 39/35     bm64 59/52       (128 blocks of 32 rows)
+//   M2048 K=N=2048 r16     bm16 27/26     bm32 38/31     bm64 59/52       (64 blocks of 32 rows)
 template <typename T, typename TA, bool BWD>
 cudaError_t launch_rows_for(const LoraRowsArgs& args, int sm_count, cudaStream_t stream) {
-    const int bm = args.block_rows > 0 ? args.block_rows : (args.m + 31) / 32 < sm_count ? 16 : args.r <= 32 ? 32 : 64;
+    auto fills = [&](int rows) { return 10 * ((args.m + rows - 1) / rows) >= 9 * sm_count; };
+    const int bm = args.block_rows > 0 ? args.block_rows : args.r > 32 && fills(64) ? 64 : fills(32) ? 32 : 16;
     if (bm != 16 && bm != 32 && bm != 64) return cudaErrorInvalidValue;
     const int r = args.r;
 #define PEFT_FAST_ROWS(RR)                                                                                   \

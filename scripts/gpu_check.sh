@@ -7,6 +7,7 @@
 #   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
 #   kprobe  scripts/probe_lora_kernels.py $KPROBE (the fused kernels vs the ATen route: host, layer, pieces, shapes,
 #           qgemv, model)
+#   ncu     Nsight Compute over the fused kernels, each launched once at M8192 (speed of light, occupancy, stalls)
 #   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
 #   qmprof  the same for the QLoRA model case;  cprof  for the 7B consumer QLoRA case, by GPU kernel time
@@ -48,6 +49,10 @@ for step in "${steps[@]}"; do
     qmprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --qlora 2>&1 | tee "$OUT/qmprof.log" | grep -v Warning || rc=1 ;;
     ab|qab) timeout "$STEP_TIMEOUT" python3 scripts/ab_model_step.py $([ "$step" = qab ] && echo --qlora) 2>&1 | tee "$OUT/$step.log" | grep -v Warning || rc=1 ;;
     kprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_kernels.py ${KPROBE:-} 2>&1 | tee "$OUT/kprobe.log" | grep -v Warning || rc=1 ;;
+    ncu) timeout "$STEP_TIMEOUT" ncu --clock-control none -k regex:lora_ --section SpeedOfLight --section Occupancy \
+           --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+           python3 scripts/probe_lora_kernels.py once > "$OUT/ncu.log" 2>&1 || rc=1
+         grep -E "lora_|Duration|DRAM Through|Memory Through|L2 Cache Through|Compute \(SM\)|Achieved Occ|Theoretical Occ|Registers Per|Stall|Block Limit" "$OUT/ncu.log" | head -120 ;;
     dprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_decode.py 2>&1 | tee "$OUT/dprobe.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;

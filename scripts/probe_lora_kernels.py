@@ -9,6 +9,7 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   shapes  the rows kernel alone under each forced block shape (block_rows × column_splits) at the bench's sizes
   qgemv   decode over a 4-bit weight (NF4, double quantization): csrc/qgemv.cu alone, the whole-layer node's decode
           route (GEMM + LoRA term), bitsandbytes' gemm_4bit, dequantize + mm, the bf16 layer, the bytes' floor
+  once    each fused kernel launched once at M8192 K=N=4096 r16, p 0 and 0.1 (for ncu: scripts/gpu_check.sh ncu)
   model   the bench's 1B Llama LoRA step (r16 all-linear, 2×1024, bf16 autocast, dropout 0.05, AdamW): tok/s, GPU ms
 Run on the device with the project built (scripts/gpu_check.sh kprobe):  python3 scripts/probe_lora_kernels.py [parts]
 """
@@ -268,6 +269,19 @@ def qgemv_table():
                   f"  floor {floor:.1f}", flush=True)
 
 
+def once():
+    m, k, n, r = 8192, 4096, 4096, 16
+    x = torch.randn(m, k, device="cuda", dtype=DT)
+    a = torch.randn(r, k, device="cuda") / k**0.5
+    b = torch.randn(n, r, device="cuda") / r**0.5
+    dy = torch.randn(m, n, device="cuda", dtype=DT)
+    for p in (0.0, 0.1):
+        _, hs, mask = _C.lora_kernels_forward(x, a, b, 2.0, p)
+        _C.lora_kernels_backward(dy, x, a, b, hs, mask, 2.0, p)
+    torch.cuda.synchronize()
+    print("launched: rows fwd, rows bwd, reduce at p 0 then p 0.1", flush=True)
+
+
 def model_table():
     import peft
     from transformers import LlamaForCausalLM
@@ -320,4 +334,4 @@ if __name__ == "__main__":
           flush=True)
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "pieces": pieces_table,
-         "shapes": shapes_table, "qgemv": qgemv_table, "model": model_table}[part]()
+         "shapes": shapes_table, "qgemv": qgemv_table, "once": once, "model": model_table}[part]()
