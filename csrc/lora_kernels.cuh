@@ -1,11 +1,12 @@
 // Kernel templates of lora_kernels.h, shared by lora_rows_fwd.cu, lora_rows_bwd.cu and lora_reduce.cu (one
 // translation unit each, so that ninja builds them in parallel).
 //
-// Tensor-core work goes through WMMA (16×16×16 bf16/fp16 tiles, fp32 accumulation). Every tile is staged through
-// registers into double-buffered shared memory: the next tile's global loads are in flight while the current tile
-// is multiplied, one __syncthreads per tile. Adapter weights are read in their own dtype (fp32 under PEFT's
-// default autocast_adapter_dtype) and rounded to the compute dtype on the way into shared memory, as autocast
-// rounds them for cuBLAS; the rank is zero-padded to R (a multiple of 16) there.
+// Tensor-core work goes through WMMA (16×16×16 bf16/fp16 tiles, fp32 accumulation). The streamed operands (x, dy:
+// the rows kernel's phase 1, the reduce kernel) go through multi-stage cp.async pipelines, several tiles in flight
+// per block and one __syncthreads per tile; the small per-tile operands of the rows kernel's phase 2 are staged
+// through registers into double-buffered shared memory. Adapter weights are read in their own dtype (fp32 under
+// PEFT's default autocast_adapter_dtype) and rounded to the compute dtype in shared memory, as autocast rounds them
+// for cuBLAS; the rank is zero-padded to R (a multiple of 16) there.
 #pragma once
 
 #include <cuda_bf16.h>
