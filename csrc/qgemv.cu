@@ -33,7 +33,6 @@ namespace {
 constexpr int kWarps = 8;                   // warps per block: they split K
 constexpr int kTilesN = 2;                  // 8-column tiles of the output per block
 constexpr int kColumns = 8 * kTilesN;       // output columns (rows of W) per block
-constexpr int kPrefetch = 4;                // steps of a warp whose weights are loaded before their mmas
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -99,53 +98,42 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_lora_kernel(const QgemvArgs
 #pragma unroll
     for (int t = 0; t < kTilesN; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
 
-    // a warp's steps go kPrefetch at a time: the packed words and scales of all of them are loaded before any mma,
-    // so their latencies (under double quantization a chain: qabsmax, then code2) overlap instead of adding up
-    for (int s0 = warp; s0 < steps; s0 += kWarps * kPrefetch) {
-        uint4 packed[kPrefetch][kTilesN];
-        float scale[kPrefetch][kTilesN];
+    for (int s = warp; s < steps; s += kWarps) {
+        const int c = 4 * s + q;  // this thread's chunk: k = 32c .. 32c + 31
+        const bool in_k = c < chunks;
+        uint32_t xlo[16], xhi[16];
+        load_x(xlo, x + (int64_t)g * a.k + 32 * c, in_k && g < a.m);
+        if constexpr (kUpper) load_x(xhi, x + (int64_t)(g + 8) * a.k + 32 * c, in_k && g + 8 < a.m);
+        uint4 packed[kTilesN];
+        float scale[kTilesN];
 #pragma unroll
-        for (int d = 0; d < kPrefetch; ++d) {
-            const int c = 4 * (s0 + d * kWarps) + q;  // this thread's chunk of step d: k = 32c .. 32c + 31
-#pragma unroll
-            for (int t = 0; t < kTilesN; ++t) {
-                const int n = n0 + 8 * t + g;
-                packed[d][t] = make_uint4(0, 0, 0, 0);
-                scale[d][t] = 0.f;  // a missing row or chunk contributes code · 0
-                if (c < chunks && n < a.n) {
-                    const int64_t flat = (int64_t)n * a.k + 32 * c;
-                    packed[d][t] = __ldg(reinterpret_cast<const uint4*>(a.w + flat / 2));
-                    const int64_t block = flat / a.blocksize;
-                    scale[d][t] = a.absmax != nullptr
-                                      ? __ldg(a.absmax + block)
-                                      : __fadd_rn(__fmul_rn(__ldg(a.code2 + __ldg(a.qabsmax + block)),
-                                                            __ldg(a.absmax2 + block / a.blocksize2)),
-                                                  offset);
-                }
+        for (int t = 0; t < kTilesN; ++t) {
+            const int n = n0 + 8 * t + g;
+            packed[t] = make_uint4(0, 0, 0, 0);
+            scale[t] = 0.f;  // a missing row or chunk contributes code · 0
+            if (in_k && n < a.n) {
+                const int64_t flat = (int64_t)n * a.k + 32 * c;
+                packed[t] = __ldg(reinterpret_cast<const uint4*>(a.w + flat / 2));
+                const int64_t block = flat / a.blocksize;
+                scale[t] = a.absmax != nullptr
+                               ? __ldg(a.absmax + block)
+                               : __fadd_rn(__fmul_rn(__ldg(a.code2 + __ldg(a.qabsmax + block)),
+                                                     __ldg(a.absmax2 + block / a.blocksize2)),
+                                           offset);
             }
         }
 #pragma unroll
-        for (int d = 0; d < kPrefetch; ++d) {
-            const int c = 4 * (s0 + d * kWarps) + q;
-            if (s0 + d * kWarps >= steps) break;  // (uniform across the warp)
-            const bool in_k = c < chunks;
-            uint32_t xlo[16], xhi[16];
-            load_x(xlo, x + (int64_t)g * a.k + 32 * c, in_k && g < a.m);
-            if constexpr (kUpper) load_x(xhi, x + (int64_t)(g + 8) * a.k + 32 * c, in_k && g + 8 < a.m);
+        for (int j = 0; j < 8; ++j) {
+            const uint32_t a0 = xlo[2 * j], a2 = xlo[2 * j + 1];
+            const uint32_t a1 = kUpper ? xhi[2 * j] : 0u, a3 = kUpper ? xhi[2 * j + 1] : 0u;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const uint32_t a0 = xlo[2 * j], a2 = xlo[2 * j + 1];
-                const uint32_t a1 = kUpper ? xhi[2 * j] : 0u, a3 = kUpper ? xhi[2 * j + 1] : 0u;
-#pragma unroll
-                for (int t = 0; t < kTilesN; ++t) {
-                    const uint32_t word = (&packed[d][t].x)[j / 2];
-                    const uint32_t b01 = word >> (16 * (j % 2));  // byte 2j (k 4j, 4j+1), byte 2j+1 (4j+2, 4j+3)
-                    const uint32_t lo = b01 & 0xff, hi = b01 >> 8 & 0xff;
-                    const float sc = scale[d][t];
-                    const uint32_t b0 = pack2<T>(__fmul_rn(s_code[lo >> 4], sc), __fmul_rn(s_code[lo & 15], sc));
-                    const uint32_t b1 = pack2<T>(__fmul_rn(s_code[hi >> 4], sc), __fmul_rn(s_code[hi & 15], sc));
-                    mma16816<T>(acc[t], a0, a1, a2, a3, b0, b1);
-                }
+            for (int t = 0; t < kTilesN; ++t) {
+                const uint32_t word = (&packed[t].x)[j / 2];
+                const uint32_t b01 = word >> (16 * (j % 2));  // byte 2j (k 4j, 4j+1) then byte 2j+1 (4j+2, 4j+3)
+                const uint32_t lo = b01 & 0xff, hi = b01 >> 8 & 0xff;
+                const uint32_t b0 = pack2<T>(__fmul_rn(s_code[lo >> 4], scale[t]), __fmul_rn(s_code[lo & 15], scale[t]));
+                const uint32_t b1 = pack2<T>(__fmul_rn(s_code[hi >> 4], scale[t]), __fmul_rn(s_code[hi & 15], scale[t]));
+                mma16816<T>(acc[t], a0, a1, a2, a3, b0, b1);
             }
         }
     }
