@@ -287,6 +287,25 @@ __device__ __forceinline__ void read8(const E* s, float f[8]) {
     }
 }
 
+// the 8 elements of one chunk under its keep bits (bit e keeps element e, scaled by 1/(1−p))
+__device__ __forceinline__ void apply_keep(float f[8], uint32_t bits, float inv_keep) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = (bits >> e) & 1u ? f[e] * inv_keep : 0.f;
+}
+
+// this thread's chunks of a stage (elements E, laid out by Stage::at) rounded into d (T), same layout
+template <typename Stage, typename E, typename T>
+__device__ __forceinline__ void convert_own_chunks(const E* s, T* d) {
+#pragma unroll
+    for (int i = 0; i < Stage::kPerThread; ++i) {
+        const int q = threadIdx.x + i * kThreads;
+        if (q >= Stage::kChunks) continue;
+        float f[8];
+        read8(s + Stage::at(q), f);
+        *reinterpret_cast<uint4*>(d + Stage::at(q)) = pack8<T>(f);
+    }
+}
+
 // ROWS × COLS (COLS % 8 == 0) of a row-major rows×cols matrix of E (cols % 8 == 0, rows 16-byte aligned), rows
 // [row0…) × columns [col0…), into s[ROWS][LD]; zeros outside the matrix
 template <typename E, int ROWS, int COLS, int LD>
@@ -309,16 +328,7 @@ struct RowStage {
 
     // this thread's chunks of s (E) rounded into d (T), same layout
     template <typename T>
-    __device__ static __forceinline__ void convert(const E* s, T* d) {
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int q = threadIdx.x + i * kThreads;
-            if (q >= kChunks) continue;
-            float f[8];
-            read8(s + at(q), f);
-            *reinterpret_cast<uint4*>(d + at(q)) = pack8<T>(f);
-        }
-    }
+    __device__ static __forceinline__ void convert(const E* s, T* d) { convert_own_chunks<RowStage, E, T>(s, d); }
 
     // dropout on this thread's chunks of s, in place: keep bits drawn for rows [row0…) / columns [col0…) of x and
     // written to mask (when not null) as one byte per 8 elements
@@ -333,8 +343,7 @@ struct RowStage {
             if (mask != nullptr) mask[static_cast<int64_t>(row) * (cols / 8) + col / 8] = static_cast<uint8_t>(bits);
             float f[8];
             read8(s + at(q), f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) f[e] = (bits >> e) & 1u ? f[e] * inv_keep : 0.f;
+            apply_keep(f, bits, inv_keep);
             *reinterpret_cast<uint4*>(s + at(q)) = pack8<E>(f);
         }
     }
@@ -349,8 +358,7 @@ struct RowStage {
             const uint32_t bits = keep[q];  // (row q / (COLS/8), byte q % (COLS/8): the same order)
             float f[8];
             read8(s + at(q), f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) f[e] = (bits >> e) & 1u ? f[e] * inv_keep : 0.f;
+            apply_keep(f, bits, inv_keep);
             *reinterpret_cast<uint4*>(s + at(q)) = pack8<E>(f);
         }
     }
@@ -385,16 +393,7 @@ struct RankStage {
     }
 
     template <typename T>
-    __device__ static __forceinline__ void convert(const E* s, T* d) {
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int q = threadIdx.x + i * kThreads;
-            if (q >= kChunks) continue;
-            float f[8];
-            read8(s + at(q), f);
-            *reinterpret_cast<uint4*>(d + at(q)) = pack8<T>(f);
-        }
-    }
+    __device__ static __forceinline__ void convert(const E* s, T* d) { convert_own_chunks<RankStage, E, T>(s, d); }
 };
 
 // Stages that fit a budget: consumer GPUs (sm_86 / sm_89) give a block at most 99 KiB of shared memory
@@ -648,10 +647,7 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
                     v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z;
                     v[7] = hi.w;
                     if constexpr (BWD) {
-                        if (mask_in != nullptr) {
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) v[e] = (keep[i] >> e) & 1u ? v[e] * inv_keep : 0.f;
-                        }
+                        if (mask_in != nullptr) apply_keep(v, keep[i], inv_keep);
                     } else {
                         float g[8];
                         if (bias != nullptr) {  // (8 KiB at most, read by every row block: L1 / L2)
