@@ -4,6 +4,7 @@ under DDP (one process per rank, gloo) and checkpoints it. argv: output folder."
 import sys
 
 import torch
+import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import peft_fast
@@ -27,6 +28,11 @@ def main(out: str) -> None:
     assert trainer.args.world_size == 2, trainer.args.world_size
     trainer.train()
     trainer.save_model(out + "/final")
+    # Trainer leaves the process group up; a rank that exits with gloo's threads still running can abort in its
+    # destructors ("terminate called without an active exception", seen once in CI): both ranks finish, then close it
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
