@@ -29,9 +29,9 @@ LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool gr
     plan.tiles_a = grad_a ? (k + bc - 1) / bc : 0;
     plan.tiles_b = grad_b ? (n + bc - 1) / bc : 0;
     const int tiles = plan.tiles_a + plan.tiles_b;
-    // one wave of two blocks per multiprocessor (what shared memory allows: each block keeps two steps in flight,
-    // lora_kernels.cuh ReduceConfig), each summing at least 128 rows; counted as if both gradients were asked for,
-    // so that each one's summation order (its bits) does not depend on whether the other is computed
+    // one wave of two blocks per multiprocessor (what shared memory allows: each block keeps two or three steps in
+    // flight, lora_kernels.cuh ReduceConfig), each summing at least 128 rows; counted as if both gradients were asked
+    // for, so that each one's summation order (its bits) does not depend on whether the other is computed
     const int all_tiles = (k + bc - 1) / bc + (n + bc - 1) / bc;
     int splits = 2 * sm_count / all_tiles;
     splits = std::max(1, std::min(splits, (m + 127) / 128));
