@@ -15,7 +15,8 @@
 #   layer | qlora | model | decode | consumer | all   that `peft-fast bench` suite (JSON + PNG + table)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
-# Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset).
+# Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset); a table of the steps (result, wall
+# time) ends the output and is kept as $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -38,8 +39,10 @@ STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
 rc=0
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests layer)
+summary=()
 for step in "${steps[@]}"; do
   echo "=== $step ($(date +%T))"
+  start=$SECONDS prev=$rc rc=0
   case "$step" in
     tests) timeout "$STEP_TIMEOUT" python3 -m pytest -v -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
     profile) timeout "$STEP_TIMEOUT" python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
@@ -61,5 +64,10 @@ for step in "${steps[@]}"; do
         | tee "$OUT/bench_$step.log" | grep -v "^\s*$" | tail -40 || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
+  summary+=("$(printf '%-9s %-7s %5d s' "$step" "$([ $rc -eq 0 ] && echo ok || echo FAILED)" $((SECONDS - start)))")
+  [ "$prev" -gt "$rc" ] && rc=$prev
 done
+# (a step cut off by STEP_TIMEOUT shows as FAILED; its log under $OUT says where it stopped)
+{ echo "=== summary: step, result, wall time (logs and results in $OUT)"; printf '%s\n' "${summary[@]}"; } \
+  | tee "$OUT/summary.txt"
 exit $rc
