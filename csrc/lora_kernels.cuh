@@ -348,18 +348,24 @@ struct RowStage {
         }
     }
 
-    // a saved mask on s's chunks, in place: keep[ROWS][COLS / 8] bytes in shared memory (any thread's copies:
-    // call after a barrier)
-    __device__ static __forceinline__ void apply_mask(E* s, const uint8_t* keep, float inv_keep) {
+    // a saved mask on s's chunks, in place, zeroing the dropped 16-bit elements with integer ANDs (no float round
+    // trip; the 1/(1−p) of the kept ones is left to the caller, applied once to the fp32 sums): keep[ROWS][COLS / 8]
+    // bytes in shared memory (any thread's copies: call after a barrier)
+    __device__ static __forceinline__ void zero_dropped(E* s, const uint8_t* keep) {
+        static_assert(sizeof(E) == 2, "16-bit elements: two a word");
 #pragma unroll
         for (int i = 0; i < kPerThread; ++i) {
             const int q = threadIdx.x + i * kThreads;
             if (q >= kChunks) continue;
             const uint32_t bits = keep[q];  // (row q / (COLS/8), byte q % (COLS/8): the same order)
-            float f[8];
-            read8(s + at(q), f);
-            apply_keep(f, bits, inv_keep);
-            *reinterpret_cast<uint4*>(s + at(q)) = pack8<E>(f);
+            uint4 v = *reinterpret_cast<const uint4*>(s + at(q));
+            uint32_t* w = &v.x;
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {  // word h holds elements 2h (low half) and 2h + 1 (high half)
+                const uint32_t two = bits >> (2 * h);
+                w[h] &= ((two & 1u) ? 0x0000FFFFu : 0u) | ((two & 2u) ? 0xFFFF0000u : 0u);
+            }
+            *reinterpret_cast<uint4*>(s + at(q)) = v;
         }
     }
 };
@@ -824,7 +830,7 @@ __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs ar
         const T* s_s = small_stage(st);
         if (mask != nullptr) {  // the keep bytes are other threads' copies: a barrier first
             __syncthreads();
-            BigStage::apply_mask(g_s, keep_stage(st), inv_keep);
+            BigStage::zero_dropped(g_s, keep_stage(st));
         }
         __syncthreads();  // step t visible to all; every warp is done with step t − 1, whose stage the next copies take
         issue(t + S - 1);
@@ -859,7 +865,7 @@ __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs ar
     auto write = [&](int c, int j, float v) {
         if (j >= r || c0 + c >= C) return;
         const int64_t at = is_a ? static_cast<int64_t>(j) * C + c0 + c : static_cast<int64_t>(c0 + c) * r + j;
-        out[at] = from_float<TO>(v);
+        out[at] = from_float<TO>(mask != nullptr ? v * inv_keep : v);  // (dA under dropout: the kept x's 1/(1−p))
     };
     if (plan.splits == 1) {
         for (int e = threadIdx.x; e < BC * R; e += kThreads) {
