@@ -103,6 +103,22 @@ LoraDtype kernel_dtype(c10::ScalarType t) {
 
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
+// bytes rounded up to the allocator's 256-byte alignment, so that pieces of one allocation keep it
+constexpr int64_t kAlign = 256;
+int64_t padded(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// A contiguous tensor of `sizes` and `dtype` over buf's bytes from byte `at` (a multiple of the element size): one
+// allocation cut into the several tensors a call keeps, each made directly rather than by a chain of view ops, which
+// would each pass the dispatcher (host time every layer pays). Not an autograd view: scratch that needs no gradient.
+Tensor carve(const Tensor& buf, int64_t at, at::IntArrayRef sizes, c10::ScalarType dtype) {
+    Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(buf.storage()), buf.key_set(),
+                                                        c10::scalarTypeToTypeMeta(dtype));
+    t.unsafeGetTensorImpl()->set_storage_offset((buf.storage_offset() * buf.element_size() + at) /
+                                                 static_cast<int64_t>(c10::elementSize(dtype)));
+    t.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+    return t;
+}
+
 // Whether the kernels take this call: x (M×K, contiguous, compute dtype dt) and `other` (base_out, if defined) on
 // one GPU with the adapters, a supported dtype pair and rank, dropout below 1.
 bool fused_takes(const Tensor& x, const Tensor& a, const Tensor& b, double p, c10::ScalarType dt,
@@ -162,21 +178,42 @@ struct RowsShape {
     int block_rows = 0, column_splits = 0;
 };
 
-// y2 (M×N, preallocated) = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend); hs (M×r) and, with dropout, the bit mask (M×K/8)
-// come back for backward (keep = false, an inference call: neither is made, the kernel writes neither)
+// What a forward leaves for backward beside y: hs (M×r), with dropout the bit mask (M×K/8), and with adapters in
+// another dtype than x (fp32) their copies rounded to x's dtype, which the backward rows kernel reads (else a, b
+// are the adapters themselves)
+struct FusedSaved {
+    Tensor hs, mask, a, b;
+};
+
+// y2 (M×N, preallocated) = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend), and what backward needs (keep = false, an inference
+// call: none of it is made, the kernel writes none of it)
 void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& addend,
-                   double s, double p, Tensor& y2, Tensor& hs, Tensor& mask, bool keep = true, RowsShape shape = {}) {
+                   double s, double p, Tensor& y2, FusedSaved& saved, bool keep = true, RowsShape shape = {}) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
-    if (keep) hs = at::empty({m, r}, x.options());
-    if (keep && p > 0.0) mask = at::empty({m, k / 8}, x.options().dtype(torch::kUInt8));
+    Tensor& hs = saved.hs;
+    Tensor& mask = saved.mask;
+    saved.a = a, saved.b = b;
+    if (keep) {  // one allocation for all of it: hs, the bits, A's copy (r×K), B's (N×r; 16-byte aligned: K % 8 == 0)
+        const c10::ScalarType dt = x.scalar_type();
+        const bool copies = a.scalar_type() != dt && y2.defined();  // (B's copy is written by the expansion)
+        const int64_t e = x.element_size(), hs_bytes = padded(m * r * e), mask_bytes = p > 0.0 ? padded(m * k / 8) : 0;
+        const Tensor buf = at::empty({hs_bytes + mask_bytes + (copies ? r * (k + n) * e : 0)},
+                                     x.options().dtype(torch::kUInt8));
+        hs = carve(buf, 0, {m, r}, dt);
+        if (p > 0.0) mask = carve(buf, hs_bytes, {m, k / 8}, torch::kUInt8);
+        if (copies) {
+            saved.a = carve(buf, hs_bytes + mask_bytes, {r, k}, dt);
+            saved.b = carve(buf, hs_bytes + mask_bytes + r * k * e, {n, r}, dt);
+        }
+    }
     LoraRowsArgs args{};
     args.in = x.data_ptr();
     args.w1 = a.data_ptr();
     args.w2 = b.data_ptr();
     args.bias = bias.defined() ? bias.data_ptr() : nullptr;
     args.addend = addend.defined() ? addend.data_ptr() : nullptr;
-    args.out = y2.data_ptr();
+    args.out = y2.defined() ? y2.data_ptr() : nullptr;  // (undefined: hs alone, probes only)
     args.small = hs.defined() ? hs.data_ptr() : nullptr;
     args.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
     args.m = static_cast<int>(m);
@@ -191,6 +228,7 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     args.backward = false;
     args.block_rows = shape.block_rows;
     args.column_splits = shape.column_splits;
+    if (saved.a.data_ptr() != a.data_ptr()) args.w1_copy = saved.a.data_ptr(), args.w2_copy = saved.b.data_ptr();
     check(launch_lora_rows(args, sm_count(), c10::cuda::getCurrentCUDAStream()), "forward");
 }
 
@@ -199,10 +237,11 @@ struct FusedGrads {
     Tensor grad_x, grad_a, grad_b;  // grad_x (x's sizes) = drop(gs A), dA, dB in the adapters' dtype; where asked for
 };
 
-// the low-rank half of backward from dy (M×N rows) and what forward saved (x as M×K, the adapters, hs, the bits)
+// the low-rank half of backward from dy (M×N rows) and what forward saved (x as M×K, the adapters or their copies,
+// hs, the bits); dA and dB in grad_dtype (the adapters' own)
 FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& hs,
                           const Tensor& mask, double s, double p, bool need_x, bool need_a, bool need_b,
-                          at::IntArrayRef x_sizes, RowsShape shape = {}) {
+                          at::IntArrayRef x_sizes, c10::ScalarType grad_dtype, RowsShape shape = {}) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
     FusedGrads g;
@@ -223,8 +262,6 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
                                                                need_b, sms)
                                             : LoraReducePlan{};
     // gs (M×r), the reduce kernel's fp32 workspace and its counters: scratch of this call, one allocation
-    constexpr int64_t kAlign = 256;
-    auto padded = [](int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; };
     const int64_t gs_bytes = rows_pass ? padded(m * r * x.element_size()) : 0;
     const int64_t ws_bytes = padded(plan.workspace_floats * 4), counter_bytes = padded(int64_t{plan.counters} * 4);
     Tensor scratch;
@@ -258,8 +295,8 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
         check(launch_lora_rows(args, sms, stream), "backward rows");
     }
     if (!reduce_pass) return g;
-    if (need_a) g.grad_a = at::empty({r, k}, a.options());
-    if (need_b) g.grad_b = at::empty({n, r}, b.options());
+    if (need_a) g.grad_a = at::empty({r, k}, a.options().dtype(grad_dtype));
+    if (need_b) g.grad_b = at::empty({n, r}, b.options().dtype(grad_dtype));
     LoraReduceArgs args{};
     args.x = x.data_ptr();
     args.gs = gs;
@@ -277,7 +314,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     args.r = static_cast<int>(r);
     args.p = mask.defined() ? static_cast<float>(p) : 0.f;
     args.dtype = dt;
-    args.grad_dtype = adt;
+    args.grad_dtype = kernel_dtype(grad_dtype);
     check(launch_lora_reduce(args, plan, stream), "backward reduce");
     return g;
 }
@@ -341,8 +378,9 @@ LowRank low_rank_into(Tensor& x, const Tensor& lora_a, const Tensor& lora_b, con
     if (kernels && fused_takes(x, lora_a, lora_b, p, dt, add ? y2 : Tensor()) &&
         (!bias.defined() || (bias.is_contiguous() && aligned16(bias)))) {
         // (with `add`, y2 is the kernel's addend and its output: each element is read once, then written, by one thread)
-        fused_forward(x, lora_a, lora_b, add ? Tensor() : bias, add ? y2 : Tensor(), scale, p, y2, l.h, l.mask, keep);
-        l.a = lora_a, l.b = lora_b, l.fused = true;
+        FusedSaved f;
+        fused_forward(x, lora_a, lora_b, add ? Tensor() : bias, add ? y2 : Tensor(), scale, p, y2, f, keep);
+        l.a = f.a, l.b = f.b, l.h = f.hs, l.mask = f.mask, l.fused = true;
         return l;
     }
 #endif
@@ -410,7 +448,7 @@ LinearGrads linear_backward(const NodeState& st, const variable_list& saved, con
     LinearGrads g;
 #ifdef PEFT_FAST_CUDA_KERNELS
     if (st.fused) {
-        FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, need.x, need.a, need.b, x_sizes);
+        FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, need.x, need.a, need.b, x_sizes, st.a_dtype);
         dy = f.dy, g.x = f.grad_x, g.a = f.grad_a, g.b = f.grad_b;
         if (need.x) g.x.view({-1, x.size(1)}).addmm_(dy, kn ? w.t() : w);
     }
@@ -466,11 +504,11 @@ Forward add_forward(const Tensor& x_in, const Tensor& base_out, const Tensor& lo
     if (kernels && x.is_cuda()) x = x.contiguous();
     const Tensor base2 = kernels && base_out.scalar_type() == dt ? base_out.reshape({-1, n}) : Tensor();
     if (base2.defined() && fused_takes(x, lora_a, lora_b, p, dt, base2)) {
-        Tensor hs, mask;
+        FusedSaved f;
         out.y = at::empty(base_out.sizes(), x.options());
         Tensor y2 = out.y.view({-1, n});
-        fused_forward(x, lora_a, lora_b, Tensor(), base2, scale, p, y2, hs, mask, keep);
-        if (keep) out.saved = {x, lora_a, lora_b, hs, mask};
+        fused_forward(x, lora_a, lora_b, Tensor(), base2, scale, p, y2, f, keep);
+        if (keep) out.saved = {x, f.a, f.b, f.hs, f.mask};
         out.fused = true;
         return out;
     }
@@ -517,7 +555,7 @@ struct LoraAddFn : public torch::autograd::Function<LoraAddFn> {
         Tensor grad_x, grad_a, grad_b;
 #ifdef PEFT_FAST_CUDA_KERNELS
         if (fused) {
-            FusedGrads g = fused_backward(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, x_sizes);
+            FusedGrads g = fused_backward(dy, x, a, b, h, mask, s, p, need_x, need_a, need_b, x_sizes, st.a_dtype);
             grad_x = g.grad_x, grad_a = g.grad_a, grad_b = g.grad_b;
         }
 #endif
@@ -793,22 +831,27 @@ RowsShape rows_shape(int64_t block_rows, int64_t column_splits) {
 std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b, double scale,
                                          double p, const c10::optional<Tensor>& bias,
                                          const c10::optional<Tensor>& addend, int64_t block_rows,
-                                         int64_t column_splits) {
+                                         int64_t column_splits, bool copies, bool shrink_only) {
     TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), addend.value_or(Tensor())),
                 "lora_kernels_forward: the fused kernels do not take these arguments");
     const int64_t m = x.size(0), n = lora_b.size(0);
     require_rows(bias, "bias", x, {n});
     require_rows(addend, "addend", x, {m, n});
-    Tensor y = at::empty({m, n}, x.options()), hs, mask;
-    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, hs, mask, true,
+    TORCH_CHECK(!shrink_only || !(bias.has_value() || addend.has_value() || copies),
+                "lora_kernels_forward: shrink_only makes hs alone");
+    Tensor y = shrink_only ? Tensor() : at::empty({m, n}, x.options());
+    FusedSaved f;
+    fused_forward(x, lora_a, lora_b, bias.value_or(Tensor()), addend.value_or(Tensor()), scale, p, y, f, true,
                   rows_shape(block_rows, column_splits));
-    return {y, hs, mask.defined() ? mask : at::empty({0}, x.options().dtype(torch::kUInt8))};
+    const Tensor mask = f.mask.defined() ? f.mask : at::empty({0}, x.options().dtype(torch::kUInt8));
+    if (copies) return {y, f.hs, mask, f.a, f.b};
+    return {y, f.hs, mask};
 }
 
 std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
                                           const Tensor& hs, const c10::optional<Tensor>& mask, double scale, double p,
                                           bool need_x, bool need_a, bool need_b, int64_t block_rows,
-                                          int64_t column_splits) {
+                                          int64_t column_splits, bool fp32_grads) {
     TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), dy),
                 "lora_kernels_backward: the fused kernels do not take these arguments");
     const int64_t m = x.size(0), k = x.size(1), n = lora_b.size(0), r = lora_a.size(0);
@@ -820,6 +863,7 @@ std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, con
                 "lora_kernels_backward: mask must be the forward's contiguous uint8 M×K/8 bits on x's device");
     TORCH_CHECK(bits.defined() || p == 0.0, "lora_kernels_backward: dropout p > 0 needs the forward's mask");
     FusedGrads g = fused_backward(dy, x, lora_a, lora_b, hs, bits, scale, p, need_x, need_a, need_b, x.sizes(),
+                                  fp32_grads ? torch::kFloat : lora_a.scalar_type(),
                                   rows_shape(block_rows, column_splits));
     return {g.grad_x, g.grad_a, g.grad_b};
 }

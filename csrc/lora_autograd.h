@@ -35,15 +35,17 @@ torch::Tensor qlora_linear(const torch::Tensor& x, const c10::optional<torch::Te
 // The fused kernels' two halves on their own, for tests that check them against torch with the kernels' own dropout
 // bits. Forward: {y = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend), hs = s·drop(x)Aᵀ, mask (M×K/8 keep bits; empty when
 // p == 0)}. Backward: {drop(s·dy B A), dA, dB} (undefined where not asked for). x, dy, hs: 2-D, compute dtype.
-// block_rows / column_splits force the rows kernel's shape (0: the launcher's rule), for tests and probes.
+// block_rows / column_splits force the rows kernel's shape (0: the launcher's rule), for tests and probes. copies: the
+// forward also returns the adapters as backward reads them (fp32 ones: their rounded copies); shrink_only: y is not
+// computed (returned undefined), hs alone.
 std::vector<torch::Tensor> lora_kernels_forward(const torch::Tensor& x, const torch::Tensor& lora_a,
                                                 const torch::Tensor& lora_b, double scale, double p,
                                                 const c10::optional<torch::Tensor>& bias,
                                                 const c10::optional<torch::Tensor>& addend, int64_t block_rows,
-                                                int64_t column_splits);
+                                                int64_t column_splits, bool copies, bool shrink_only);
 std::vector<torch::Tensor> lora_kernels_backward(const torch::Tensor& dy, const torch::Tensor& x,
                                                  const torch::Tensor& lora_a, const torch::Tensor& lora_b,
                                                  const torch::Tensor& hs, const c10::optional<torch::Tensor>& mask,
                                                  double scale, double p, bool need_x, bool need_a, bool need_b,
-                                                 int64_t block_rows, int64_t column_splits);
+                                                 int64_t block_rows, int64_t column_splits, bool fp32_grads);
 #endif

@@ -1,12 +1,11 @@
 // Kernel templates of lora_kernels.h, shared by lora_rows_fwd.cu, lora_rows_bwd.cu and lora_reduce.cu (one
 // translation unit each, so that ninja builds them in parallel).
 //
-// Tensor-core work goes through WMMA (16×16×16 bf16/fp16 tiles, fp32 accumulation). The streamed operands (x, dy:
-// the rows kernel's phase 1, the reduce kernel) go through multi-stage cp.async pipelines, several tiles in flight
-// per block and one __syncthreads per tile; the small per-tile operands of the rows kernel's phase 2 are staged
-// through registers into double-buffered shared memory. Adapter weights are read in their own dtype (fp32 under
-// PEFT's default autocast_adapter_dtype) and rounded to the compute dtype in shared memory, as autocast rounds them
-// for cuBLAS; the rank is zero-padded to R (a multiple of 16) there.
+// Tensor-core work goes through WMMA (16×16×16 bf16/fp16 tiles, fp32 accumulation), except the rows kernel's phase 2,
+// on mma.sync with its accumulators written from registers. Every operand goes through multi-stage cp.async
+// pipelines, several tiles in flight per block and one __syncthreads per tile. Adapter weights are read in their own
+// dtype (fp32 under PEFT's default autocast_adapter_dtype) and rounded to the compute dtype in shared memory, as
+// autocast rounds them for cuBLAS; the rank is zero-padded to R (a multiple of 16) there.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,16 +30,7 @@ template <int A, int B>
 constexpr int cmax() { return A > B ? A : B; }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 8 consecutive elements: loading in any dtype, converting to the compute dtype T as one 16-byte vector
-
-template <typename TA>
-struct Raw8 {  // 16-bit: one 16-byte vector
-    uint4 v;
-};
-template <>
-struct Raw8<float> {
-    float4 lo, hi;
-};
+// Element conversions: 8 consecutive elements as one 16-byte vector of the compute dtype T
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -69,66 +59,6 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) e[i] = from_float<T>(f[i]);
     return u;
-}
-
-template <typename TA>
-__device__ __forceinline__ void zero(Raw8<TA>& r) {
-    if constexpr (std::is_same_v<TA, float>) {
-        r.lo = r.hi = make_float4(0.f, 0.f, 0.f, 0.f);
-    } else {
-        r.v = make_uint4(0u, 0u, 0u, 0u);
-    }
-}
-
-// 8 elements at p (16-byte aligned)
-template <typename TA>
-__device__ __forceinline__ Raw8<TA> load8(const TA* p) {
-    Raw8<TA> r;
-    if constexpr (std::is_same_v<TA, float>) {
-        r.lo = __ldg(reinterpret_cast<const float4*>(p));
-        r.hi = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    } else {
-        r.v = __ldg(reinterpret_cast<const uint4*>(p));
-    }
-    return r;
-}
-
-// elements j0 … j0+7 of a row of length r (any alignment; zeros past r)
-template <typename TA>
-__device__ __forceinline__ Raw8<TA> load8_partial(const TA* row, int j0, int r) {
-    TA e[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) e[i] = j0 + i < r ? row[j0 + i] : from_float<TA>(0.f);
-    Raw8<TA> out;
-    if constexpr (std::is_same_v<TA, float>) {
-        out.lo = make_float4(e[0], e[1], e[2], e[3]);
-        out.hi = make_float4(e[4], e[5], e[6], e[7]);
-    } else {
-        out.v = *reinterpret_cast<const uint4*>(e);
-    }
-    return out;
-}
-
-template <typename TA>
-__device__ __forceinline__ void to_floats(const Raw8<TA>& r, float f[8]) {
-    if constexpr (std::is_same_v<TA, float>) {
-        f[0] = r.lo.x, f[1] = r.lo.y, f[2] = r.lo.z, f[3] = r.lo.w;
-        f[4] = r.hi.x, f[5] = r.hi.y, f[6] = r.hi.z, f[7] = r.hi.w;
-    } else {
-        unpack8<TA>(r.v, f);
-    }
-}
-
-// the 8 elements as T, one 16-byte vector (a plain copy when TA is T)
-template <typename T, typename TA>
-__device__ __forceinline__ uint4 as_vec(const Raw8<TA>& r) {
-    if constexpr (std::is_same_v<T, TA>) {
-        return r.v;
-    } else {
-        float f[8];
-        to_floats(r, f);
-        return pack8<T>(f);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -168,70 +98,6 @@ __device__ __forceinline__ uint32_t keep_bits(uint64_t seed, uint64_t offset, ui
 __device__ __forceinline__ uint32_t keep_threshold(float p) {
     return static_cast<uint32_t>(fminf(fmaxf(rintf(p * 65536.f), 0.f), 65536.f));
 }
-
-// ---------------------------------------------------------------------------------------------------------------
-// Tile loaders: global → registers (load), registers → shared memory as T (store). Row-major sources only.
-
-// rows [row0, row0+ROWS) × columns [col0, col0+COLS) of a rows×cols matrix (cols % 8 == 0), into s[ROWS][LD]
-template <typename T, typename TA, int ROWS, int COLS, int LD>
-struct RowTile {
-    static constexpr int kChunks = ROWS * COLS / 8;
-    static constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
-    Raw8<TA> r[kPerThread];
-
-    __device__ __forceinline__ void load(const TA* src, int rows, int cols, int row0, int col0) {
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int q = threadIdx.x + i * kThreads;
-            const int row = row0 + q / (COLS / 8), col = col0 + 8 * (q % (COLS / 8));
-            if (q < kChunks && row < rows && col < cols)
-                r[i] = load8(src + static_cast<int64_t>(row) * cols + col);
-            else
-                zero(r[i]);
-        }
-    }
-
-    __device__ __forceinline__ void store(T* s) const {
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int q = threadIdx.x + i * kThreads;
-            if (q < kChunks)
-                *reinterpret_cast<uint4*>(s + (q / (COLS / 8)) * LD + 8 * (q % (COLS / 8))) = as_vec<T>(r[i]);
-        }
-    }
-};
-
-// rows [row0, row0+ROWS) of a rows×r matrix (r ≤ R), all R columns (zeros past r), into s[ROWS][LD]; rows are r
-// elements long, so vector loads only when r % 8 == 0 (then every chunk lies in one row and is 16-byte aligned)
-template <typename T, typename TA, int ROWS, int R, int LD>
-struct RankTile {
-    static constexpr int kChunks = ROWS * R / 8;
-    static constexpr int kPerThread = (kChunks + kThreads - 1) / kThreads;
-    Raw8<TA> v[kPerThread];
-
-    __device__ __forceinline__ void load(const TA* src, int rows, int r, int row0) {
-        const bool vec = (r & 7) == 0;
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int q = threadIdx.x + i * kThreads;
-            const int row = row0 + q / (R / 8), j0 = 8 * (q % (R / 8));
-            if (q < kChunks && row < rows && j0 < r) {
-                const TA* p = src + static_cast<int64_t>(row) * r;
-                v[i] = vec ? load8(p + j0) : load8_partial(p, j0, r);
-            } else {
-                zero(v[i]);
-            }
-        }
-    }
-
-    __device__ __forceinline__ void store(T* s) const {
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) {
-            const int q = threadIdx.x + i * kThreads;
-            if (q < kChunks) *reinterpret_cast<uint4*>(s + (q / (R / 8)) * LD + 8 * (q % (R / 8))) = as_vec<T>(v[i]);
-        }
-    }
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Multi-stage copies (cp.async, sm_80+): global → shared without registers, several tiles in flight per block, so
@@ -293,16 +159,18 @@ __device__ __forceinline__ void apply_keep(float f[8], uint32_t bits, float inv_
     for (int e = 0; e < 8; ++e) f[e] = (bits >> e) & 1u ? f[e] * inv_keep : 0.f;
 }
 
-// this thread's chunks of a stage (elements E, laid out by Stage::at) rounded into d (T), same layout
-template <typename Stage, typename E, typename T>
+// this thread's chunks of a stage (elements E, laid out by Src::at) rounded into d (T, laid out by Dst::at: the same
+// chunks, another padding)
+template <typename Src, typename Dst, typename E, typename T>
 __device__ __forceinline__ void convert_own_chunks(const E* s, T* d) {
+    static_assert(Src::kChunks == Dst::kChunks, "one chunk order");
 #pragma unroll
-    for (int i = 0; i < Stage::kPerThread; ++i) {
+    for (int i = 0; i < Src::kPerThread; ++i) {
         const int q = threadIdx.x + i * kThreads;
-        if (q >= Stage::kChunks) continue;
+        if (q >= Src::kChunks) continue;
         float f[8];
-        read8(s + Stage::at(q), f);
-        *reinterpret_cast<uint4*>(d + Stage::at(q)) = pack8<T>(f);
+        read8(s + Src::at(q), f);
+        *reinterpret_cast<uint4*>(d + Dst::at(q)) = pack8<T>(f);
     }
 }
 
@@ -328,7 +196,21 @@ struct RowStage {
 
     // this thread's chunks of s (E) rounded into d (T), same layout
     template <typename T>
-    __device__ static __forceinline__ void convert(const E* s, T* d) { convert_own_chunks<RowStage, E, T>(s, d); }
+    __device__ static __forceinline__ void convert(const E* s, T* d) {
+        convert_own_chunks<RowStage, RowStage, E, T>(s, d);
+    }
+
+    // this thread's chunks of s written to dst (rows×cols, row-major) at rows [row0…) / columns [col0…), where inside
+    __device__ static __forceinline__ void store_own(const E* s, E* dst, int rows, int cols, int row0, int col0) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int q = threadIdx.x + i * kThreads;
+            const int row = row0 + q / (COLS / 8), col = col0 + 8 * (q % (COLS / 8));
+            if (q < kChunks && row < rows && col < cols)
+                *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(row) * cols + col) =
+                    *reinterpret_cast<const uint4*>(s + at(q));
+        }
+    }
 
     // dropout on this thread's chunks of s, in place: keep bits drawn for rows [row0…) / columns [col0…) of x and
     // written to mask (when not null) as one byte per 8 elements
@@ -399,8 +281,86 @@ struct RankStage {
     }
 
     template <typename T>
-    __device__ static __forceinline__ void convert(const E* s, T* d) { convert_own_chunks<RankStage, E, T>(s, d); }
+    __device__ static __forceinline__ void convert(const E* s, T* d) {
+        convert_own_chunks<RankStage, RankStage, E, T>(s, d);
+    }
+
+    // this thread's chunks of s written to dst (rows×r, row-major) at rows [row0…), where inside
+    __device__ static __forceinline__ void store_own(const E* s, E* dst, int rows, int r, int row0) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+            const int q = threadIdx.x + i * kThreads;
+            const int row = row0 + q / (R / 8), j0 = 8 * (q % (R / 8));
+            if (q >= kChunks || row >= rows || j0 >= r) continue;
+            E* p = dst + static_cast<int64_t>(row) * r + j0;
+            if ((r & 7) == 0) {
+                *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(s + at(q));
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    if (j0 + e < r) p[e] = s[at(q) + e];
+            }
+        }
+    }
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Warp-level MMA (sm_80+): mma.sync m16n8k16 with fp32 accumulators, fragments loaded by ldmatrix, whose register
+// layouts are documented (PTX ISA, "Matrix fragments for mma.m16n8k16"), unlike WMMA's: an accumulator stays in
+// registers up to the global store. Lane l = 4g + q holds d0, d1 at (row g, columns 2q, 2q + 1), d2, d3 at row g + 8.
+
+// four 8×8 16-bit matrices; lanes 8i … 8i+7 give the row addresses of matrix i (16-byte aligned), register i gets
+// matrix i: lane 4g + q its row g, elements 2q, 2q+1 (.trans: its column g, elements 2q, 2q+1)
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(p));
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+#endif
+}
+
+// d += a · b: a 16×16 (row-major fragment, 4 registers), b 16×8 (column fragment, 2 registers), d 16×8 fp32
+template <typename T>
+__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                     "{%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// The 4 lanes of a quad (lane = 4g + q) each hold 4 pairs w[0…3]; afterwards lane q holds, in w[p], the pair w[q] that
+// lane p held (a 4×4 transpose over the quad: two exchange rounds, 8 shuffles)
+__device__ __forceinline__ void quad_transpose(float2 w[4]) {
+    const int q = threadIdx.x & 3;
+    auto swap = [](float2 v, int mask) {
+        return make_float2(__shfl_xor_sync(0xFFFFFFFFu, v.x, mask), __shfl_xor_sync(0xFFFFFFFFu, v.y, mask));
+    };
+    {  // lanes q, q ^ 2 trade the 2×2 blocks off the diagonal: pairs 2, 3 of the lower lane for 0, 1 of the upper
+        const bool up = q & 2;
+        const float2 a = swap(up ? w[0] : w[2], 2), b = swap(up ? w[1] : w[3], 2);
+        if (up) w[0] = a, w[1] = b;
+        else w[2] = a, w[3] = b;
+    }
+    {  // lanes q, q ^ 1 trade within the blocks: pairs 1, 3 of the lower lane for 0, 2 of the upper
+        const bool up = q & 1;
+        const float2 a = swap(up ? w[0] : w[1], 1), b = swap(up ? w[2] : w[3], 1);
+        if (up) w[0] = a, w[2] = b;
+        else w[1] = a, w[3] = b;
+    }
+}
 
 // Stages that fit a budget: consumer GPUs (sm_86 / sm_89) give a block at most 99 KiB of shared memory
 constexpr int kSmemBudget = 96 * 1024;
@@ -432,26 +392,28 @@ cudaError_t allow_dynamic_smem() {
 // Where the time goes at training sizes (ncu, H100, M8192 K=N=4096 r16, fp32 adapters, 32-row blocks, p 0; 2026-12-06):
 // forward 85 µs, backward 96 µs, DRAM at 40% / 36% of its bandwidth but L2 at 64% / 65% and L1 at 70% / 67%, 2 blocks
 // a multiprocessor (shared memory). Every row block reads the whole of both adapters (A in phase 1, B in phase 2:
-// 2 × 256 KiB in fp32), 128 MiB from L2 beside x's and y's 128 MiB from DRAM. Next: fewer re-reads (the adapters as
-// bf16 copies made once a call, bigger row blocks), and phase 2 without the shared-memory patch round trip.
+// 2 × 256 KiB in fp32), 128 MiB from L2 beside x's and y's 128 MiB from DRAM; phase 2 then staged one w2 tile at a time
+// through registers and round-tripped each WMMA fragment through a shared-memory patch to store it (now: a cp.async
+// pipeline and mma.sync fragments stored from registers; the backward reads the forward's bf16 copies of fp32
+// adapters).
 
 template <typename T, typename TA, int R, int BM, bool BWD>
 struct RowsConfig {
     static constexpr bool kSame = std::is_same_v<T, TA>;                // adapters in the compute dtype
     static constexpr int BK = R <= 32 ? 128 : (R == 64 ? 64 : 32);    // phase-1 columns per stage
-    static constexpr int BN = R <= 32 ? 256 : (R == 64 ? 128 : 64);   // phase-2 columns per tile
+    // phase-2 columns per tile: a w2 tile of 8192 elements at most (fp32 adapters: 4096, for the same 16 KiB)
+    static constexpr int BN = std::min(256, (kSame ? 8192 : 4096) / R);
     static constexpr int LDX = BK + 8;
     // w1 tile: forward A[j][k] (rank-major: R rows of BK), backward B[n][j] (BK rows of R)
     static constexpr int W1_ROWS = BWD ? BK : R, LD1 = BWD ? R + 8 : BK + 8;
-    // w2 tile: forward B[n][j] (BN rows of R), backward A[j][k] (R rows of BN)
+    // w2 tile: forward B[n][j] (BN rows of R), backward A[j][k] (R rows of BN); in T, padded for ldmatrix
     static constexpr int W2_ROWS = BWD ? R : BN, LD2 = BWD ? BN + 8 : R + 8;
     static constexpr int LDH = R + 8;
     static constexpr int LDR = R + 4;
-    static constexpr int LDP = 16 + 4;                              // a warp's 16×16 output patch (floats)
     static constexpr int FR1 = (BM / 16) * (R / 16);                // phase-1 output fragments
     static constexpr int KS1 = FR1 >= kWarps ? 1 : kWarps / FR1;    // warps splitting each tile's k-steps
     static constexpr int FPW1 = FR1 >= kWarps ? FR1 / kWarps : 1;
-    static constexpr int FR2 = (BM / 16) * (BN / 16);
+    static constexpr int FR2 = (BM / 16) * (BN / 16);               // phase-2 16×16 output units
     static constexpr int FPW2 = FR2 >= kWarps ? FR2 / kWarps : 1;   // (FR2 < kWarps: warps ≥ FR2 idle in MMA)
     // phase 1's stages: x (T) and w1 as stored (TA); fp32 adapters are rounded into one of two T buffers
     static constexpr int X_ELEMS = BM * LDX, W1_ELEMS = W1_ROWS * LD1, W2_ELEMS = W2_ROWS * LD2;
@@ -460,12 +422,22 @@ struct RowsConfig {
     // more stages for fewer rows a block: decode's few blocks walk K alone (latency), training's keep 2–3 a multiprocessor
     static constexpr int STAGES = stages_for(STAGE_BYTES, W1T_BYTES, BM == 16 ? 6 : BM == 32 ? 4 : 3);
     static constexpr int P1_BYTES = STAGES * STAGE_BYTES + W1T_BYTES;
-    static constexpr int F_FLOATS = cmax<KS1 * BM * LDR, kWarps * 16 * LDP>();
-    static constexpr int P2_BYTES = (BM * LDH + 2 * W2_ELEMS) * int(sizeof(T)) + F_FLOATS * 4;
-    static constexpr int SMEM = cmax<P1_BYTES, P2_BYTES>();
+    // phase 2, in the same bytes: Hs; S2 stages of w2 tiles as stored (fp32 ones unpadded: only the thread that
+    // copied a chunk reads it, to round it into T); the tail: (fp32 adapters) two w2 tiles in T, where phase 1's
+    // k-split sums lay before they became Hs. S2: what phase 1's bytes leave room for, 2 to 4.
+    static constexpr int W2R_LD = kSame ? LD2 : (BWD ? BN : R);
+    static constexpr int W2R_BYTES = W2_ROWS * W2R_LD * int(sizeof(TA));
+    static constexpr int HS_BYTES = (BM * LDH * int(sizeof(T)) + 127) / 128 * 128;
+    static constexpr int TAIL_BYTES = cmax<kSame ? 0 : 2 * W2_ELEMS * int(sizeof(T)), KS1 * BM * LDR * 4>();
+    static constexpr int S2 = std::clamp((P1_BYTES - HS_BYTES - TAIL_BYTES) / W2R_BYTES, 2, 4);
+    static constexpr int RAW_OFF = HS_BYTES, TAIL_OFF = HS_BYTES + S2 * W2R_BYTES;
+    static constexpr int SMEM = cmax<P1_BYTES, TAIL_OFF + TAIL_BYTES>();
     static_assert(BK % (16 * KS1) == 0, "each k-split warp needs whole 16-wide steps");
+    static_assert(FPW2 <= BN / 16, "a warp's phase-2 units share one 16-row block of Hs");
     static_assert(SMEM <= kSmemBudget, "a rows kernel configuration must fit consumer GPUs' shared memory");
-    static_assert(STAGE_BYTES % 32 == 0 && X_ELEMS * sizeof(T) % 32 == 0, "WMMA tiles start 32-byte aligned");
+    static_assert(STAGE_BYTES % 32 == 0 && X_ELEMS * sizeof(T) % 32 == 0 && W2R_BYTES % 32 == 0 &&
+                      TAIL_OFF % 32 == 0 && W2_ELEMS * sizeof(T) % 32 == 0,
+                  "WMMA tiles start 32-byte aligned, ldmatrix rows and cp.async chunks 16-byte aligned");
 };
 
 template <typename T, typename TA, int R, int BM, bool BWD>
@@ -476,16 +448,15 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     using Cfg = RowsConfig<T, TA, R, BM, BWD>;
     constexpr int BK = Cfg::BK, BN = Cfg::BN, S = Cfg::STAGES;
     extern __shared__ __align__(128) unsigned char smem[];
-    // phase 1: S stages of (x tile, w1 tile as stored), then (fp32 adapters) two w1 tiles in T; phase 2 (reusing the
-    // same bytes): Hs, W2s[2], floats (k-split sums, then the warps' patches)
+    // phase 1: S stages of (x tile, w1 tile as stored), then (fp32 adapters) two w1 tiles in T; phase 2 reuses the
+    // same bytes (RowsConfig: Hs, the w2 stages, the tail)
     auto x_stage = [&](int st) { return reinterpret_cast<T*>(smem + st * Cfg::STAGE_BYTES); };
     auto w1_stage = [&](int st) {
         return reinterpret_cast<TA*>(smem + st * Cfg::STAGE_BYTES + Cfg::X_ELEMS * int(sizeof(T)));
     };
     T* w1t = reinterpret_cast<T*>(smem + S * Cfg::STAGE_BYTES);
     T* hs = reinterpret_cast<T*>(smem);
-    T* w2s = hs + BM * Cfg::LDH;
-    float* fs = reinterpret_cast<float*>(w2s + 2 * Cfg::W2_ELEMS);
+    float* fs = reinterpret_cast<float*>(smem + Cfg::TAIL_OFF);
 
     const int warp = threadIdx.x / 32;
     const int m0 = blockIdx.x * BM;
@@ -542,6 +513,11 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
             T* d = w1t + (t & 1) * Cfg::W1_ELEMS;
             W1Stage::convert(w1_stage(st), d);
             w_s = d;
+            if constexpr (!BWD) {  // A's rounded copy: tile t from block t mod gridDim.x
+                using W1T = RowStage<T, R, BK, Cfg::LD1>;
+                if (args.w1_copy != nullptr && first_y && t % gridDim.x == blockIdx.x)
+                    W1T::store_own(d, static_cast<T*>(args.w1_copy), r, K1, 0, t * BK);
+            }
         }
         __syncthreads();  // tile t visible to all; every warp is done with tile t − 1, whose stage the next copies take
         issue(t + S - 1);
@@ -560,7 +536,28 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
         }
     }
     cp_async_wait<0>();  // (only empty groups are left)
-    __syncthreads();     // every warp is done with the stages: the floats below reuse their bytes
+    __syncthreads();     // every warp is done with the stages: phase 2's buffers below reuse their bytes
+
+    // ---- phase 2 starts its copies now: out[m0:m0+BM, cols] = Hs · w2 (+ bias + addend | masked), BN columns a
+    // tile, S2 − 1 tiles of w2 in flight, the first ones landing while Hs is made
+    const int tiles2 = (N2 + BN - 1) / BN;
+    const int per_y = (tiles2 + gridDim.y - 1) / gridDim.y;
+    const int t_begin = blockIdx.y * per_y, t_end = args.out != nullptr ? min(tiles2, t_begin + per_y) : t_begin;
+    constexpr int S2 = Cfg::S2;
+    using W2Raw = std::conditional_t<BWD, RowStage<TA, R, BN, Cfg::W2R_LD>, RankStage<TA, BN, R, Cfg::W2R_LD>>;
+    using W2T = std::conditional_t<BWD, RowStage<T, R, BN, Cfg::LD2>, RankStage<T, BN, R, Cfg::LD2>>;
+    auto w2_raw = [&](int st) { return reinterpret_cast<TA*>(smem + Cfg::RAW_OFF + st * Cfg::W2R_BYTES); };
+    auto issue2 = [&](int i) {  // tile t_begin + i into stage i % S2; one commit group per call
+        const int t = t_begin + i;
+        if (t < t_end) {
+            if constexpr (BWD) W2Raw::issue(w2_raw(i % S2), w2, r, N2, 0, t * BN);  // A columns: r×N2
+            else W2Raw::issue(w2_raw(i % S2), w2, N2, r, t * BN);                   // B rows: N2×r
+        }
+        cp_async_commit();
+    };
+    if (t_begin < t_end)
+#pragma unroll
+        for (int i = 0; i < S2 - 1; ++i) issue2(i);
 
     // k-split partial sums → shared floats → scale, round to T → Hs (and the global M×r copy)
 #pragma unroll
@@ -579,102 +576,108 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
         hs[m * Cfg::LDH + j] = h;
         if (small != nullptr && first_y && j < r && m0 + m < M) small[static_cast<int64_t>(m0 + m) * r + j] = h;
     }
-    if (args.out == nullptr) return;
+    if (t_begin >= t_end) return;  // (forward inference without out, backward without dx: Hs was the point)
+    __syncthreads();  // Hs complete; the k-split sums consumed (the w2 tiles in T take their bytes)
 
-    // ---- phase 2: out[m0:m0+BM, cols] = Hs · w2 (+ bias + addend | masked), BN columns a tile. Each warp finishes
-    // its own 16×16 fragments (through a private shared patch, in registers' stead: WMMA's layout is opaque), so
-    // the only block barrier per tile is the w2 double buffer's.
-    const int tiles2 = (N2 + BN - 1) / BN;
-    const int per_y = (tiles2 + gridDim.y - 1) / gridDim.y;
-    const int t_begin = blockIdx.y * per_y, t_end = min(tiles2, t_begin + per_y);
-    if (t_begin >= t_end) return;
-    using W2Tile = std::conditional_t<BWD, RowTile<T, TA, R, BN, Cfg::LD2>, RankTile<T, TA, BN, R, Cfg::LD2>>;
-    using B2Layout = std::conditional_t<BWD, wmma::row_major, wmma::col_major>;
-    W2Tile w2t;
-    auto load2 = [&](int t) {
-        if constexpr (BWD) w2t.load(w2, r, N2, 0, t * BN);  // A columns: r×N2
-        else w2t.load(w2, N2, r, t * BN);                   // B rows: N2×r
+    // Each warp owns FPW2 16×16 units of a tile, all in one 16-row block of Hs, whose A fragments it loads once. A
+    // unit is two m16n8k16 products a k-step; its accumulators go straight to global memory: a quad transpose gives
+    // each lane 8 consecutive outputs of one row (lane 4g + q: row g + 8·(q / 2), columns 8·(q % 2) …), stored as
+    // one 16-byte vector after the bias / addend / keep bits. No shared-memory round trip, no warp barrier.
+    const int lane = threadIdx.x % 32;
+    const bool mma_warp = Cfg::FR2 >= kWarps || warp < Cfg::FR2;
+    const int mb = warp * Cfg::FPW2 / (BN / 16), nb0 = warp * Cfg::FPW2 % (BN / 16);
+    const int prow = lane / 4 + 8 * ((lane & 3) >> 1), pcol = 8 * (lane & 1);  // this lane's outputs in a unit
+    uint32_t afrag[R / 16][4];
+    if (mma_warp)
+#pragma unroll
+        for (int js = 0; js < R / 16; ++js)
+            ldmatrix_x4<false>(afrag[js], hs + (mb * 16 + (lane & 15)) * Cfg::LDH + js * 16 + (lane >> 4) * 8);
+    // ldmatrix row addresses of a unit's w2 fragments (k-step js, unit column nb): register pairs (0, 1) and (2, 3)
+    // are the two n8 halves. Forward: B stored [n][j] (non-transposed load), backward: A stored [j][k] (transposed).
+    const int lm = lane >> 3, lr = lane & 7;
+    auto w2_row = [&](const T* w_s, int js, int nb) {
+        if constexpr (BWD) return w_s + (js * 16 + (lm & 1) * 8 + lr) * Cfg::LD2 + nb * 16 + (lm >> 1) * 8;
+        else return w_s + (nb * 16 + (lm >> 1) * 8 + lr) * Cfg::LD2 + js * 16 + (lm & 1) * 8;
     };
-    __syncthreads();  // Hs complete; the k-split floats consumed (the patches reuse them)
-    load2(t_begin);
-    w2t.store(w2s);
-    __syncthreads();
     T* out = static_cast<T*>(args.out);
     const T* bias = static_cast<const T*>(args.bias);
     const T* addend = static_cast<const T*>(args.addend);
     const uint8_t* mask_in = BWD && args.p > 0.f ? args.mask : nullptr;
-    float* patch = fs + warp * 16 * Cfg::LDP;
-    const int lane = threadIdx.x % 32, prow = lane / 2, pcol = 8 * (lane % 2);  // each lane: 8 outputs of a row
-    const bool mma_warp = Cfg::FR2 >= kWarps || warp < Cfg::FR2;
+    T* w2t = reinterpret_cast<T*>(smem + Cfg::TAIL_OFF);
     for (int t = t_begin; t < t_end; ++t) {
-        const int buf = (t - t_begin) & 1;
-        if (t + 1 < t_end) load2(t + 1);
-        const T* w_s = w2s + buf * Cfg::W2_ELEMS;
-        if (mma_warp) {
-            // what this lane adds to / masks its outputs with, for all of the warp's fragments, loaded before any
-            // of them is computed: one memory latency a tile, not one a fragment
-            uint4 extra[Cfg::FPW2];
-            uint32_t keep[Cfg::FPW2];
-#pragma unroll
-            for (int i = 0; i < Cfg::FPW2; ++i) {
-                const int f = warp * Cfg::FPW2 + i, mb = f / (BN / 16), nb = f % (BN / 16);
-                const int row = m0 + mb * 16 + prow, col = t * BN + nb * 16 + pcol;
-                const bool inside = row < M && col < N2;
-                const int64_t at = static_cast<int64_t>(row) * N2 + col;
-                extra[i] = make_uint4(0u, 0u, 0u, 0u);
-                keep[i] = 0xFFu;
-                if constexpr (BWD) {
-                    if (mask_in != nullptr && inside) keep[i] = mask_in[static_cast<int64_t>(row) * (N2 / 8) + col / 8];
-                } else {
-                    if (addend != nullptr && inside) extra[i] = __ldg(reinterpret_cast<const uint4*>(addend + at));
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < Cfg::FPW2; ++i) {
-                const int f = warp * Cfg::FPW2 + i, mb = f / (BN / 16), nb = f % (BN / 16);
-                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-                wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-                for (int js = 0; js < R / 16; ++js) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, B2Layout> b;
-                    wmma::load_matrix_sync(a, hs + mb * 16 * Cfg::LDH + js * 16, Cfg::LDH);
-                    if constexpr (BWD) wmma::load_matrix_sync(b, w_s + js * 16 * Cfg::LD2 + nb * 16, Cfg::LD2);
-                    else wmma::load_matrix_sync(b, w_s + nb * 16 * Cfg::LD2 + js * 16, Cfg::LD2);
-                    wmma::mma_sync(acc, a, b, acc);
-                }
-                wmma::store_matrix_sync(patch, acc, Cfg::LDP, wmma::mem_row_major);
-                __syncwarp();
-                const int row = m0 + mb * 16 + prow, col = t * BN + nb * 16 + pcol;
-                if (row < M && col < N2) {
-                    float v[8];
-                    const float4 lo = *reinterpret_cast<const float4*>(patch + prow * Cfg::LDP + pcol);
-                    const float4 hi = *reinterpret_cast<const float4*>(patch + prow * Cfg::LDP + pcol + 4);
-                    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z;
-                    v[7] = hi.w;
-                    if constexpr (BWD) {
-                        if (mask_in != nullptr) apply_keep(v, keep[i], inv_keep);
-                    } else {
-                        float g[8];
-                        if (bias != nullptr) {  // (8 KiB at most, read by every row block: L1 / L2)
-                            unpack8<T>(__ldg(reinterpret_cast<const uint4*>(bias + col)), g);
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) v[e] += g[e];
-                        }
-                        if (addend != nullptr) {
-                            unpack8<T>(extra[i], g);
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) v[e] += g[e];
-                        }
-                    }
-                    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * N2 + col) = pack8<T>(v);
-                }
-                __syncwarp();  // the patch is read before the next fragment overwrites it
+        const int i = t - t_begin;
+        cp_async_wait<S2 - 2>();  // this thread's copies of tile i have landed
+        const T* w_s;
+        if constexpr (Cfg::kSame) {
+            w_s = w2_raw(i % S2);
+        } else {  // (the buffer held tile i − 2, which every warp finished before the last barrier)
+            T* d = w2t + (i & 1) * Cfg::W2_ELEMS;
+            convert_own_chunks<W2Raw, W2T>(w2_raw(i % S2), d);
+            w_s = d;
+            if constexpr (!BWD) {  // B's rounded copy: tile t from block t mod gridDim.x (of the blocks that have it)
+                if (args.w2_copy != nullptr && t % gridDim.x == blockIdx.x)
+                    W2T::store_own(d, static_cast<T*>(args.w2_copy), N2, r, t * BN);
             }
         }
-        if (t + 1 < t_end) w2t.store(w2s + (buf ^ 1) * Cfg::W2_ELEMS);
-        __syncthreads();
+        // what this lane adds to / masks its outputs with, for all of the warp's units, loaded before any of them
+        // is computed: one memory latency a tile, not one a unit
+        uint4 extra[Cfg::FPW2];
+        uint32_t keep[Cfg::FPW2];
+        if (mma_warp) {
+#pragma unroll
+            for (int u = 0; u < Cfg::FPW2; ++u) {
+                const int row = m0 + mb * 16 + prow, col = t * BN + (nb0 + u) * 16 + pcol;
+                const bool inside = row < M && col < N2;
+                extra[u] = make_uint4(0u, 0u, 0u, 0u);
+                keep[u] = 0xFFu;
+                if constexpr (BWD) {
+                    if (mask_in != nullptr && inside) keep[u] = mask_in[static_cast<int64_t>(row) * (N2 / 8) + col / 8];
+                } else {
+                    if (addend != nullptr && inside)
+                        extra[u] = __ldg(reinterpret_cast<const uint4*>(addend + static_cast<int64_t>(row) * N2 + col));
+                }
+            }
+        }
+        __syncthreads();  // tile i visible to all; every warp is done with tile i − 1, whose stage the next copies take
+        issue2(i + S2 - 1);
+        if (!mma_warp) continue;
+#pragma unroll
+        for (int u = 0; u < Cfg::FPW2; ++u) {
+            const int nb = nb0 + u;
+            float acc[2][4] = {};
+#pragma unroll
+            for (int js = 0; js < R / 16; ++js) {
+                uint32_t b[4];
+                ldmatrix_x4<BWD>(b, w2_row(w_s, js, nb));
+                mma16816<T>(acc[0], afrag[js], b[0], b[1]);
+                mma16816<T>(acc[1], afrag[js], b[2], b[3]);
+            }
+            // pairs: (row g, half 0), (row g, half 1), (row g + 8, half 0), (row g + 8, half 1)
+            float2 w[4] = {make_float2(acc[0][0], acc[0][1]), make_float2(acc[1][0], acc[1][1]),
+                           make_float2(acc[0][2], acc[0][3]), make_float2(acc[1][2], acc[1][3])};
+            quad_transpose(w);
+            const int row = m0 + mb * 16 + prow, col = t * BN + nb * 16 + pcol;
+            if (row >= M || col >= N2) continue;
+            float v[8] = {w[0].x, w[0].y, w[1].x, w[1].y, w[2].x, w[2].y, w[3].x, w[3].y};
+            if constexpr (BWD) {
+                if (mask_in != nullptr) apply_keep(v, keep[u], inv_keep);
+            } else {
+                float g[8];
+                if (bias != nullptr) {  // (8 KiB at most, read by every row block: L1 / L2)
+                    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(bias + col)), g);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) v[e] += g[e];
+                }
+                if (addend != nullptr) {
+                    unpack8<T>(extra[u], g);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) v[e] += g[e];
+                }
+            }
+            *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * N2 + col) = pack8<T>(v);
+        }
     }
+    cp_async_wait<0>();  // (only empty groups are left)
 #endif
 }
 

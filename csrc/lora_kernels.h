@@ -9,7 +9,9 @@
 //             cuBLAS        dx += dy W                               (beta = 1)
 //             reduce kernel dA = gsᵀ drop(x)       dB = dyᵀ hs       (sums over M in a fixed order: deterministic)
 // The dropout mask is drawn once, in forward, from torch's Philox generator state, and kept bit-packed (1 bit per
-// element of x: M × K/8 bytes, 1/16 of x in bf16); backward reads those bits, it never regenerates them.
+// element of x: M × K/8 bytes, 1/16 of x in bf16); backward reads those bits, it never regenerates them. fp32 adapters
+// (PEFT's default) are rounded to the compute dtype as they are read; the forward writes those rounded copies on the
+// way, and backward reads them: half the bytes, which every row block reads again.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +47,10 @@ struct LoraRowsArgs {
     LoraPhilox philox;    // forward with p > 0 only
     LoraDtype dtype, adapter_dtype;
     bool backward;
+    // forward with fp32 adapters: A (r×K1) and B (N2×r) rounded to the compute dtype, written on the way (each tile by
+    // one block) for the backward kernels, which then read half the bytes (null: not wanted)
+    void* w1_copy = nullptr;
+    void* w2_copy = nullptr;
     int* zero = nullptr;  // zero_count ints the kernel sets to 0 before anything else (the reduce kernel's counters,
     int zero_count = 0;   // which runs next on the stream: no memset launch of their own)
     int block_rows = 0;     // rows per block (16, 32 or 64) and phase-2 column splits; 0: the launcher's rule

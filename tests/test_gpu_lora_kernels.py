@@ -53,8 +53,12 @@ def check_forward(m, k, n, r, dt, adt, p, **shape):
     bias = torch.randn(n, device="cuda").to(dt)
     addend = torch.randn(m, n, device="cuda").to(dt)
     poison_allocator()
-    y, hs, mask = _C.lora_kernels_forward(x, a, b, s, p, bias, addend, **shape)
+    y, hs, mask, a_copy, b_copy = _C.lora_kernels_forward(x, a, b, s, p, bias, addend, copies=True, **shape)
     assert y.shape == (m, n) and hs.shape == (m, r) and y.dtype == hs.dtype == dt
+    # fp32 adapters come back rounded to the compute dtype, every element written (the poison would show), for the
+    # backward kernels; adapters already in it come back as themselves
+    assert a_copy.dtype == b_copy.dtype == dt and torch.equal(a_copy, a.to(dt)) and torch.equal(b_copy, b.to(dt))
+    assert (a_copy.data_ptr() == a.data_ptr()) == (adt == dt)
     keep = keep_of(mask, k) if p > 0 else None
     assert mask.numel() == (m * k // 8 if p > 0 else 0)
     hs_ref = _dropped(x, keep, p, dt) @ a.to(dt).float().t() * s
@@ -69,12 +73,16 @@ def check_backward(m, k, n, r, dt, adt, p, **shape):
     """Both backward kernels against an fp32 reference (the forward's own bits); `shape` as in check_forward."""
     x, a, b = _inputs(m, k, n, r, dt, adt, seed=1)
     s = 0.5
-    _, hs, mask = _C.lora_kernels_forward(x, a, b, s, p)
+    _, hs, mask, a_copy, b_copy = _C.lora_kernels_forward(x, a, b, s, p, copies=True)
     keep = keep_of(mask, k) if p > 0 else None
     dy = torch.randn(m, n, device="cuda").to(dt)
     poison_allocator()  # also what the reduce kernel's per-tile counters start from unless they are cleared
     dx, da, db = _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, p, **shape)
     assert da.dtype == db.dtype == adt and dx.dtype == dt
+    if adt != dt:  # the node's way: the forward's rounded copies, gradients still in fp32, the same bits
+        got = _C.lora_kernels_backward(dy, x, a_copy, b_copy, hs, mask, s, p, fp32_grads=True, **shape)
+        assert got[1].dtype == got[2].dtype == torch.float32
+        assert all(torch.equal(u, v) for u, v in zip(got, (dx, da, db)))
     gs = (dy.float() @ b.to(dt).float() * s).to(dt).float()
     dx_ref = gs @ a.to(dt).float()
     if keep is not None:
