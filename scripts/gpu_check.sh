@@ -53,9 +53,10 @@ for step in "${steps[@]}"; do
     ab|qab) timeout "$STEP_TIMEOUT" python3 scripts/ab_model_step.py $([ "$step" = qab ] && echo --qlora) 2>&1 | tee "$OUT/$step.log" | grep -v Warning || rc=1 ;;
     kprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_kernels.py ${KPROBE:-} 2>&1 | tee "$OUT/kprobe.log" | grep -v Warning || rc=1 ;;
     ncu) timeout "$STEP_TIMEOUT" ncu --clock-control none -k regex:lora_ --section SpeedOfLight --section Occupancy \
-           --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+           --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
+           --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum" \
            python3 scripts/probe_lora_kernels.py once > "$OUT/ncu.log" 2>&1 || rc=1
-         grep -E "lora_|Duration|DRAM Through|Memory Through|L2 Cache Through|Compute \(SM\)|Achieved Occ|Theoretical Occ|Registers Per|Stall|Block Limit" "$OUT/ncu.log" | head -120 ;;
+         grep -E "lora_|Duration|DRAM Through|L2 Cache Through|Compute \(SM\)|Achieved Occ|Registers Per|Block Limit Sh|inst_executed|stalled_(long|short|barrier|mio|lg|wait|math|not_sel|no_inst|branch|dispatch)" "$OUT/ncu.log" | head -200 ;;
     dprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_decode.py 2>&1 | tee "$OUT/dprobe.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;

@@ -5,11 +5,14 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   split   where one LoRA linear's host time goes: the layer in auto mode (the flat eager path) and forced (the
           general path), the C++ node called directly, the Python paths alone (node stubbed), CPU ops of a fwd+bwd
   layer   per fwd+bwd at real sizes, dropout 0 and 0.1: wall µs (CUDA events, median) and GPU kernel µs
-  pieces  the kernels alone (forward; backward rows + reduce) against one pass over x (x.clone)
+  pieces  the kernels alone (forward; backward rows + reduce, on the forward's bf16 adapter copies as the node runs
+          it, and on the fp32 adapters) against one pass over x (x.clone)
+  merged  dropout 0: the fused kernels against a merged-weight design (W' = W + s·B·A remade each direction)
   shapes  the rows kernel alone under each forced block shape (block_rows × column_splits) at the bench's sizes
   qgemv   decode over a 4-bit weight (NF4, double quantization): csrc/qgemv.cu alone, the whole-layer node's decode
           route (GEMM + LoRA term), bitsandbytes' gemm_4bit, dequantize + mm, the bf16 layer, the bytes' floor
-  once    each fused kernel launched once at M8192 K=N=4096 r16, p 0 and 0.1 (for ncu: scripts/gpu_check.sh ncu)
+  once    each fused kernel launched once at M8192 K=N=4096 and M2048 K=N=2048, r16, p 0 and 0.1 (for ncu:
+          scripts/gpu_check.sh ncu)
   model   the bench's 1B Llama LoRA step (r16 all-linear, 2×1024, bf16 autocast, dropout 0.05, AdamW): tok/s, GPU ms
 Run on the device with the project built (scripts/gpu_check.sh kprobe):  python3 scripts/probe_lora_kernels.py [parts]
 """
@@ -185,17 +188,73 @@ def pieces_table():
         dy = torch.randn(m, n, device="cuda", dtype=DT)
         row = []
         for p in (0.0, 0.1):
-            y, hs, mask = _C.lora_kernels_forward(x, a, b, 2.0, p)
+            # backward as the node runs it: on the forward's bf16 copies of the adapters, fp32 gradients
+            y, hs, mask, ac, bc = _C.lora_kernels_forward(x, a, b, 2.0, p, copies=True)
             fwd = triton.testing.do_bench(lambda: _C.lora_kernels_forward(x, a, b, 2.0, p), return_mode="median")
-            bwd = triton.testing.do_bench(lambda: _C.lora_kernels_backward(dy, x, a, b, hs, mask, 2.0, p),
-                                          return_mode="median")
+            bwd = triton.testing.do_bench(
+                lambda: _C.lora_kernels_backward(dy, x, ac, bc, hs, mask, 2.0, p, fp32_grads=True),
+                return_mode="median")
+            bwd32 = triton.testing.do_bench(lambda: _C.lora_kernels_backward(dy, x, a, b, hs, mask, 2.0, p),
+                                            return_mode="median")
             red = triton.testing.do_bench(
-                lambda: _C.lora_kernels_backward(dy, x, a, b, hs, mask, 2.0, p, need_x=False), return_mode="median")
-            row.append(f"p{p}: fwd {fwd * 1e3:7.1f} bwd {bwd * 1e3:7.1f} (reduce+gs {red * 1e3:7.1f})")
+                lambda: _C.lora_kernels_backward(dy, x, ac, bc, hs, mask, 2.0, p, need_x=False, fp32_grads=True),
+                return_mode="median")
+            row.append(f"p{p}: fwd {fwd * 1e3:7.1f} bwd {bwd * 1e3:7.1f} (fp32 adapters {bwd32 * 1e3:7.1f}; "
+                       f"reduce+gs {red * 1e3:7.1f})")
         clone = triton.testing.do_bench(lambda: x.clone(), return_mode="median")
         mm = triton.testing.do_bench(lambda: torch.mm(x, x.new_empty(n, k).t()), return_mode="median")
         print(f"  M{m} K{k} N{n} r{r}: {' | '.join(row)} | x.clone {clone * 1e3:6.1f} | base GEMM {mm * 1e3:7.1f}",
               flush=True)
+
+
+def merged_table():
+    """Dropout 0: the fused kernels as the node runs them against a merged-weight design built from the same pieces
+    (W' = W + s·B·A by one cuBLAS addmm, remade in forward and in backward; one GEMM each way on W'; hs by the rows
+    kernel's shrink alone, gs + dA + dB by the backward kernels without dx): is it worth a route of its own?"""
+    import triton.testing
+
+    def us(fn):
+        return triton.testing.do_bench(fn, return_mode="median") * 1e3
+
+    print("\n=== merged-weight design vs the fused kernels, p 0, bf16, fp32 adapters (do_bench median µs, "
+          "fwd / bwd / both)", flush=True)
+    s = 2.0
+    for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (2048, 2048, 2048, 16),
+                       (2048, 2048, 5632, 16), (2048, 5632, 2048, 16)]:
+        x = torch.randn(m, k, device="cuda", dtype=DT)
+        w = torch.randn(n, k, device="cuda", dtype=DT) / k**0.5
+        a = torch.randn(r, k, device="cuda") / k**0.5
+        b = torch.randn(n, r, device="cuda") / r**0.5
+        dy = torch.randn(m, n, device="cuda", dtype=DT)
+        _, hs, mask, ac, bc = _C.lora_kernels_forward(x, a, b, s, 0.0, copies=True)
+
+        def fused_fwd():
+            y = _C.lora_kernels_forward(x, a, b, s, 0.0, copies=True)[0]
+            y.addmm_(x, w.t())
+
+        def fused_bwd():
+            dx = _C.lora_kernels_backward(dy, x, ac, bc, hs, mask, s, 0.0, fp32_grads=True)[0]
+            dx.addmm_(dy, w)
+
+        def merged_fwd():
+            wm = torch.addmm(w, bc, ac, alpha=s)  # (a merge kernel would read the fp32 adapters itself)
+            torch.mm(x, wm.t())
+            _C.lora_kernels_forward(x, a, b, s, 0.0, shrink_only=True)
+
+        def merged_bwd():
+            wm = torch.addmm(w, bc, ac, alpha=s)
+            torch.mm(dy, wm)
+            _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, 0.0, need_x=False)
+
+        cells = {
+            "base": (us(lambda: torch.mm(x, w.t())), us(lambda: torch.mm(dy, w))),
+            "fused": (us(fused_fwd), us(fused_bwd)),
+            "merged": (us(merged_fwd), us(merged_bwd)),
+        }
+        both = {name: f + b_ for name, (f, b_) in cells.items()}
+        print(f"  M{m} K{k} N{n} r{r}: " + "  ".join(
+            f"{name} {f:.0f}/{b_:.0f}/{both[name]:.0f} ({both[name] / both['base']:.2f}x)"
+            for name, (f, b_) in cells.items()), flush=True)
 
 
 def shapes_table():
@@ -270,16 +329,17 @@ def qgemv_table():
 
 
 def once():
-    m, k, n, r = 8192, 4096, 4096, 16
-    x = torch.randn(m, k, device="cuda", dtype=DT)
-    a = torch.randn(r, k, device="cuda") / k**0.5
-    b = torch.randn(n, r, device="cuda") / r**0.5
-    dy = torch.randn(m, n, device="cuda", dtype=DT)
-    for p in (0.0, 0.1):
-        _, hs, mask = _C.lora_kernels_forward(x, a, b, 2.0, p)
-        _C.lora_kernels_backward(dy, x, a, b, hs, mask, 2.0, p)
-    torch.cuda.synchronize()
-    print("launched: rows fwd, rows bwd, reduce at p 0 then p 0.1", flush=True)
+    # the bench's layer size, then a 1B model projection at the bench's 2×1024 tokens
+    for m, k, n, r in [(8192, 4096, 4096, 16), (2048, 2048, 2048, 16)]:
+        x = torch.randn(m, k, device="cuda", dtype=DT)
+        a = torch.randn(r, k, device="cuda") / k**0.5
+        b = torch.randn(n, r, device="cuda") / r**0.5
+        dy = torch.randn(m, n, device="cuda", dtype=DT)
+        for p in (0.0, 0.1):
+            _, hs, mask, ac, bc = _C.lora_kernels_forward(x, a, b, 2.0, p, copies=True)
+            _C.lora_kernels_backward(dy, x, ac, bc, hs, mask, 2.0, p, fp32_grads=True)
+        torch.cuda.synchronize()
+        print(f"launched at M{m} K{k} N{n} r{r}: rows fwd, rows bwd, reduce at p 0 then p 0.1", flush=True)
 
 
 def model_table():
@@ -334,4 +394,5 @@ if __name__ == "__main__":
           flush=True)
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "pieces": pieces_table,
-         "shapes": shapes_table, "qgemv": qgemv_table, "once": once, "model": model_table}[part]()
+         "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table, "once": once,
+         "model": model_table}[part]()
