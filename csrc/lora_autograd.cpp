@@ -194,9 +194,10 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     Tensor& hs = saved.hs;
     Tensor& mask = saved.mask;
     saved.a = a, saved.b = b;
+    // (B's copy is written by the expansion: none without y2)
+    const bool copies = keep && a.scalar_type() != x.scalar_type() && y2.defined();
     if (keep) {  // one allocation for all of it: hs, the bits, A's copy (r×K), B's (N×r; 16-byte aligned: K % 8 == 0)
         const c10::ScalarType dt = x.scalar_type();
-        const bool copies = a.scalar_type() != dt && y2.defined();  // (B's copy is written by the expansion)
         const int64_t e = x.element_size(), hs_bytes = padded(m * r * e), mask_bytes = p > 0.0 ? padded(m * k / 8) : 0;
         const Tensor buf = at::empty({hs_bytes + mask_bytes + (copies ? r * (k + n) * e : 0)},
                                      x.options().dtype(torch::kUInt8));
@@ -228,7 +229,7 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     args.backward = false;
     args.block_rows = shape.block_rows;
     args.column_splits = shape.column_splits;
-    if (saved.a.data_ptr() != a.data_ptr()) args.w1_copy = saved.a.data_ptr(), args.w2_copy = saved.b.data_ptr();
+    if (copies) args.w1_copy = saved.a.data_ptr(), args.w2_copy = saved.b.data_ptr();
     check(launch_lora_rows(args, sm_count(), c10::cuda::getCurrentCUDAStream()), "forward");
 }
 
