@@ -10,6 +10,7 @@
 #   ncu     Nsight Compute over the fused kernels, each launched once at M8192 (speed of light, occupancy, stalls)
 #   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
+#   phases  scripts/profile_model_step.py --phases (syncs a step makes; host issue vs GPU time per phase)
 #   qmprof  the same for the QLoRA model case;  cprof  for the 7B consumer QLoRA case, by GPU kernel time
 #   ab | qab  scripts/ab_model_step.py [--qlora]: PEFT vs peft_fast model steps interleaved (noisy hosts)
 #   layer | qlora | model | decode | consumer | all   that `peft-fast bench` suite (JSON + PNG + table)
@@ -47,6 +48,7 @@ for step in "${steps[@]}"; do
     tests) timeout "$STEP_TIMEOUT" python3 -m pytest -v -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
     profile) timeout "$STEP_TIMEOUT" python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
     throw) timeout "$STEP_TIMEOUT" python3 scripts/probe_cxx_throw.py 2>&1 | tee "$OUT/throw.log" || rc=1 ;;
+    phases) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --phases 2>&1 | tee "$OUT/phases.log" | grep -v Warning || rc=1 ;;
     mprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py 2>&1 | tee "$OUT/mprof.log" | grep -v Warning || rc=1 ;;
     cprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --consumer 2>&1 | tee "$OUT/cprof.log" | grep -v Warning || rc=1 ;;
     qmprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --qlora 2>&1 | tee "$OUT/qmprof.log" | grep -v Warning || rc=1 ;;
