@@ -5,6 +5,7 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   split   where one LoRA linear's host time goes: the layer in auto mode (the flat eager path) and forced (the
           general path), the C++ node called directly, the Python paths alone (node stubbed), CPU ops of a fwd+bwd
   layer   per fwd+bwd at real sizes, dropout 0 and 0.1: wall µs (CUDA events, median) and GPU kernel µs
+  qlayer  the same for the QLoRA layer (NF4 + double quantization): HF PEFT + bitsandbytes against the whole-layer node
   pieces  the kernels alone (forward; backward rows + reduce, on the forward's bf16 adapter copies as the node runs
           it, and on the fp32 adapters) against one pass over x (x.clone)
   merged  dropout 0: the fused kernels against a merged-weight design (W' = W + s·B·A remade each direction)
@@ -174,6 +175,48 @@ def layer_table():
             wall = wall_us(lambda: f(x), n=100, warm=10)
             gpu = kernel_time_ms(lambda: f(x), torch.device("cuda")) * 1e3
         print(f"  {name:28s} {wall:9.1f}   GPU {gpu:8.1f}", flush=True)
+
+
+def qlayer_table():
+    """The QLoRA layer (NF4, double quantization, bf16 compute) fwd+bwd as the bench times it: the bare bf16 layer, HF
+    PEFT + bitsandbytes, and the whole-layer node with its low-rank half on the fused kernels.
+    (A merged-weight route, W' = deq(W) + s·B·A made in the dequantization pass, measured no better: bench/RESULTS.md.)"""
+    import peft
+    from torch import nn
+
+    from peft_fast.benchmark.quantized import quantize_linears
+
+    for m, k, n, r in [(8192, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 4096, 16)]:
+        for p in (0.0, 0.1):
+            torch.manual_seed(0)
+            bare = nn.Linear(k, n, bias=False).cuda().to(DT).requires_grad_(False)
+            impls = {"bare F.linear": lambda x: F.linear(x, bare.weight)}
+            for name, lib in (("HF PEFT + bnb", peft), ("pf", peft_fast)):
+                q = quantize_linears(nn.Sequential(copy.deepcopy(bare)), compute_dtype=DT, compress_statistics=True,
+                                     device="cuda")
+                model = lib.get_peft_model(q, lib.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p,
+                                                             target_modules=["0"]))
+                layer = model.base_model.model[0].train()
+                if name == "pf":  # (kernels off would also turn the dequantization kernel off: not a row worth timing)
+                    impls["pf node, fused kernels"] = _pf(layer, True)
+                else:
+                    impls[name] = layer
+            xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
+            dy = torch.randn(m, n, device="cuda", dtype=DT)
+            print(f"\n=== QLoRA layer M{m} K{k} N{n} r{r} p{p} fwd+bwd: wall µs (median), GPU kernel µs", flush=True)
+            res = {}
+            for name, f in impls.items():
+                i = [0]
+
+                def step(f=f):
+                    i[0] ^= 1
+                    f(xs[i[0]]).backward(dy)
+                res[name] = (wall_us(step, n=30, warm=5), kernel_time_ms(step, torch.device("cuda")) * 1e3)
+            bw, bg = res["bare F.linear"]
+            for name, (wall, gpu) in res.items():
+                print(f"  {name:28s} {wall:9.1f} ({wall / bw:5.2f}x)   GPU {gpu:9.1f} ({gpu / bg:5.2f}x)", flush=True)
+            del impls, xs
+            torch.cuda.empty_cache()
 
 
 def pieces_table():
@@ -393,6 +436,7 @@ if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), "kernels built:", hasattr(_C, "lora_kernels_forward"),
           flush=True)
     for part in parts:
-        {"host": host_table, "split": split_table, "layer": layer_table, "pieces": pieces_table,
+        {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
+         "pieces": pieces_table,
          "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table, "once": once,
          "model": model_table}[part]()
