@@ -141,6 +141,22 @@ def split_table(rounds: int = 5):
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
 
 
+def print_fwd_bwd_table(impls, xs, dy):
+    """Wall µs (median) and GPU kernel µs of one fwd+bwd of each implementation, alternating the two inputs xs, with
+    their ratios to impls' "bare F.linear"."""
+    res = {}
+    for name, f in impls.items():
+        i = [0]
+
+        def step(f=f):
+            i[0] ^= 1
+            f(xs[i[0]]).backward(dy)
+        res[name] = (wall_us(step, n=30, warm=5), kernel_time_ms(step, torch.device("cuda")) * 1e3)
+    bw, bg = res["bare F.linear"]
+    for name, (wall, gpu) in res.items():
+        print(f"  {name:28s} {wall:9.1f} ({wall / bw:5.2f}x)   GPU {gpu:9.1f} ({gpu / bg:5.2f}x)", flush=True)
+
+
 def layer_table():
     cases = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 14336, 16), (4096, 2048, 2048, 16),
              (2048, 2048, 8192, 16)]
@@ -152,19 +168,7 @@ def layer_table():
             xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
             dy = torch.randn(m, n, device="cuda", dtype=DT)
             print(f"\n=== layer M{m} K{k} N{n} r{r} p{p} bf16 fwd+bwd: wall µs (median), GPU kernel µs", flush=True)
-            res = {}
-            for name, f in designs(layers).items():
-                i = [0]
-
-                def step(f=f):
-                    i[0] ^= 1
-                    f(xs[i[0]]).backward(dy)
-                wall = wall_us(step, n=30, warm=5)
-                gpu = kernel_time_ms(step, torch.device("cuda")) * 1e3
-                res[name] = (wall, gpu)
-            bw, bg = res["bare F.linear"]
-            for name, (wall, gpu) in res.items():
-                print(f"  {name:28s} {wall:9.1f} ({wall / bw:5.2f}x)   GPU {gpu:9.1f} ({gpu / bg:5.2f}x)", flush=True)
+            print_fwd_bwd_table(designs(layers), xs, dy)
             del layers, xs
             torch.cuda.empty_cache()
     print("\n=== decode M16 K4096 N4096 r16, fwd no_grad: wall µs, GPU µs", flush=True)
@@ -204,17 +208,7 @@ def qlayer_table():
             xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
             dy = torch.randn(m, n, device="cuda", dtype=DT)
             print(f"\n=== QLoRA layer M{m} K{k} N{n} r{r} p{p} fwd+bwd: wall µs (median), GPU kernel µs", flush=True)
-            res = {}
-            for name, f in impls.items():
-                i = [0]
-
-                def step(f=f):
-                    i[0] ^= 1
-                    f(xs[i[0]]).backward(dy)
-                res[name] = (wall_us(step, n=30, warm=5), kernel_time_ms(step, torch.device("cuda")) * 1e3)
-            bw, bg = res["bare F.linear"]
-            for name, (wall, gpu) in res.items():
-                print(f"  {name:28s} {wall:9.1f} ({wall / bw:5.2f}x)   GPU {gpu:9.1f} ({gpu / bg:5.2f}x)", flush=True)
+            print_fwd_bwd_table(impls, xs, dy)
             del impls, xs
             torch.cuda.empty_cache()
 
@@ -437,6 +431,5 @@ if __name__ == "__main__":
           flush=True)
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
-         "pieces": pieces_table,
-         "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table, "once": once,
+         "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table, "once": once,
          "model": model_table}[part]()

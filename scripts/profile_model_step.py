@@ -26,15 +26,26 @@ from peft_fast.benchmark.consumer import ConsumerQLoraCase
 STEPS = 3
 
 
-def main(names, qlora=False, consumer=False):
-    device = torch.device("cuda")
+def prepared_case(qlora=False, consumer=False):
+    """The bench case this script profiles, prepared on the GPU in bf16."""
     case = ConsumerQLoraCase() if consumer else (QLoraTrainCase if qlora else ModelTrainCase)(LLAMA_1B, 2, 1024)
-    case.prepare(device, torch.bfloat16)
+    case.prepare(torch.device("cuda"), torch.bfloat16)
+    return case
+
+
+def warm_impl(case, name):
+    """Implementation `name` of the case, after three steps (compiles, cuBLAS handles, the allocator's pools)."""
+    impl = case.build(name)
+    for i in range(3):
+        impl.step(i % case.n_inputs)
+    torch.cuda.synchronize()
+    return impl
+
+
+def main(names, qlora=False, consumer=False):
+    case = prepared_case(qlora, consumer)
     for name in names:
-        impl = case.build(name)
-        for i in range(3):
-            impl.step(i % case.n_inputs)
-        torch.cuda.synchronize()
+        impl = warm_impl(case, name)
         t0 = time.perf_counter()
         for i in range(STEPS):
             impl.step(i % case.n_inputs)
@@ -57,15 +68,10 @@ def main(names, qlora=False, consumer=False):
 
 
 def phases(names, qlora=False):
-    device = torch.device("cuda")
-    case = (QLoraTrainCase if qlora else ModelTrainCase)(LLAMA_1B, 2, 1024)
-    case.prepare(device, torch.bfloat16)
+    case = prepared_case(qlora)
     for name in names:
-        impl = case.build(name)
+        impl = warm_impl(case, name)
         model, opt = impl.extra["model"], impl.extra.get("optimizer")
-        for i in range(3):
-            impl.step(i % case.n_inputs)
-        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
