@@ -57,6 +57,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace):
     """Run the chosen suite; the JSON payload (None for an unknown suite)."""
     import datetime
+    import time
 
     import torch
     from tqdm import tqdm
@@ -74,11 +75,15 @@ def _run_bench(args: argparse.Namespace):
     repeats = 5 if args.quick and device.type == "cpu" else (50 if device.type == "cuda" else 20)
     results = []
     total = sum(len(impl_names(c, device)) for c in cases)
+    start = time.perf_counter()
     with tqdm(total=total, desc="bench", unit="impl", file=sys.stderr, disable=args.no_progress) as bar:
         for case in cases:
             def on_impl(name, case=case):
                 bar.set_postfix_str(f"{case.id} · {name}")
                 bar.update(1)
+                if args.no_progress:  # a log line instead (a run cut off by a time limit shows where it was)
+                    print(f"bench +{time.perf_counter() - start:.0f} s: {case.id} · {name}", file=sys.stderr,
+                          flush=True)
 
             results.append(run_case(case, device, dtype, repeats=repeats, on_impl=on_impl))
     payload = {

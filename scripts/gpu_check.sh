@@ -71,6 +71,10 @@ for step in "${steps[@]}"; do
   [ "$prev" -gt "$rc" ] && rc=$prev
 done
 # (a step cut off by STEP_TIMEOUT shows as FAILED; its log under $OUT says where it stopped)
+# the bench folders (JSON + PNG each) as one archive: the device returns at most 8 files
+if ls -d "$OUT"/bench_*/ >/dev/null 2>&1; then
+  (cd "$OUT" && tar czf bench_results.tgz bench_*/ && rm -rf bench_*/)
+fi
 { echo "=== summary: step, result, wall time (logs and results in $OUT)"; printf '%s\n' "${summary[@]}"; } \
   | tee "$OUT/summary.txt"
 exit $rc

@@ -92,6 +92,10 @@ def test_compare_to_flags_a_regression(tmp_path, capsys):
     out = tmp_path / "now"
     assert cli.main(["bench", "--quick", "--suite", "layer", "--out", str(out), "--no-progress"]) == 0
     now = json.loads((out / "bench.json").read_text())
+    # without the progress bar, one log line as each implementation starts (where a cut-off run stopped)
+    logged = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench +")]
+    assert len(logged) == sum(len(case["impls"]) for case in now["cases"])
+    assert logged[0].endswith(f"{now['cases'][0]['id']} · base")
     before = json.loads(json.dumps(now))
     slowed = before["cases"][0]
     for impl in before["cases"][0]["impls"].values():  # the earlier run was 3× faster on the first case
@@ -239,3 +243,14 @@ def test_quick_qlora_suite_leaves_out_the_compiled_rows():
     assert quick and full
     assert not any("compile" in n for c in quick for n in c.impl_names)
     assert all("peft_fast compile" in c.impl_names for c in full)
+
+
+def test_quick_gpu_qlora_suite_leaves_out_the_forced_triton_rows():
+    from peft_fast.benchmark.cases import QLoraLayerCase, suites
+
+    quick = [c for c in suites(torch.device("cuda"), quick=True)["qlora"] if isinstance(c, QLoraLayerCase)]
+    full = [c for c in suites(torch.device("cuda"), quick=False)["qlora"] if isinstance(c, QLoraLayerCase)]
+    assert len(quick) == len(full) == 3
+    assert not any(n.endswith("triton") for c in quick for n in c.impl_names)
+    assert all("peft_fast triton" in c.impl_names and "peft_fast" in c.impl_names for c in full)
+    assert all("peft_fast" in c.impl_names and "base" in c.impl_names for c in quick)
