@@ -12,6 +12,9 @@
 #include "lora_autograd.h"
 
 #include <ATen/ScalarOps.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
+#include <optional>
 
 #ifdef PEFT_FAST_CUDA_KERNELS
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -52,6 +55,37 @@ Tensor mm_into(const Tensor& a, const Tensor& b, double scale, c10::ScalarType d
 Tensor rows(const Tensor& t, int64_t k, c10::ScalarType dtype) {
     Tensor t2 = as(t.reshape({-1, k}), dtype);
     return t2.stride(-1) == 1 ? t2 : t2.contiguous();
+}
+
+// The cast of the last x that linear_forward cast (this thread's): sibling projections (q, k, v; gate, up) read one
+// input, which arrives in fp32 wherever the model's norms are fp32 (a prepare_model_for_kbit_training model, an fp32
+// model under autocast), and each node would otherwise round its own copy: GPU time, and the memory of each node's
+// saved copy. A hit needs the same tensor (held weakly: a freed tensor's address may come back), unchanged since
+// (its version counter), the same dtype, width and stream. Holds one rounded tensor alive until the next miss.
+struct SharedCast {
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> source;
+    int64_t version = 0;
+    c10::ScalarType dtype = c10::ScalarType::Undefined;
+    c10::Stream stream{c10::Stream::DEFAULT, c10::Device(c10::DeviceType::CPU)};
+    Tensor rows;
+};
+thread_local SharedCast shared_cast;
+
+// rows(x, k, dt), the cast shared with the call before where it was of the same x (SharedCast)
+Tensor rows_shared(const Tensor& x, int64_t k, c10::ScalarType dt) {
+    if (x.scalar_type() == dt || x.is_inference() || !x.has_storage()) return rows(x, k, dt);
+    const c10::Stream stream = x.is_cpu() ? c10::Stream(c10::Stream::DEFAULT, x.device())
+                                          : c10::impl::VirtualGuardImpl(x.device().type()).getStream(x.device());
+    const int64_t version = x._version();
+    SharedCast& c = shared_cast;
+    if (c.source.has_value() && c.version == version && c.dtype == dt && c.stream == stream &&
+        c.rows.size(-1) == k && c.source->lock().get() == x.unsafeGetTensorImpl())
+        return c.rows;
+    Tensor out = rows(x, k, dt);
+    c.rows = Tensor();  // (the old one goes before the new one is kept)
+    c.source.emplace(x.getIntrusivePtr());
+    c.version = version, c.dtype = dt, c.stream = stream, c.rows = out;
+    return out;
 }
 
 // t's sizes with the last one replaced by n
@@ -407,7 +441,7 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
     // everything below is cast to dt explicitly; autocast's wrapper around each op would only cost host time
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const int64_t k = x_in.size(-1);
-    Tensor x = rows(x_in, k, dt);
+    Tensor x = rows_shared(x_in, k, dt);
     const Tensor w = as(weight, dt);
     const Tensor w_kn = kn ? w : w.t();
     const int64_t n = w_kn.size(1);

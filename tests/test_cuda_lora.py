@@ -259,6 +259,45 @@ def test_cpp_node_records_no_graph_when_no_gradient_can_be_asked_for(p, cpp_lora
         torch.testing.assert_close(z, want_z.detach(), rtol=0, atol=0)
 
 
+def test_cpp_node_rounds_an_input_that_sibling_projections_share_once(autograd_node, cpp_lora_linear):
+    """q, k and v of one fp32 input under a bf16 compute dtype (a model whose norms are fp32, under autocast): the C++
+    node rounds x once and every node saves that one copy, with the numbers and gradients of separate inputs. x
+    changed in place, or another tensor, gets its own rounding."""
+    if autograd_node != "cpp-node":
+        pytest.skip("the C++ node's shared cast")
+    torch.manual_seed(5)
+    x = torch.randn(6, 32, requires_grad=True)
+    ws = [torch.randn(16, 32) for _ in range(3)]
+    a, b = torch.randn(4, 32, requires_grad=True), torch.randn(16, 4, requires_grad=True)
+
+    def node(inp, w):
+        return cpp_lora_linear(inp, w, None, a, b, 0.5, 0.0, False, torch.bfloat16, False)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ys = [node(x, w) for w in ws]
+    rounded = [t for t in saved if t.dtype == torch.bfloat16 and t.shape == (6, 32)]
+    assert len(rounded) == 3 and len({t.data_ptr() for t in rounded}) == 1
+    sum(y.float().sum() for y in ys).backward()
+    grad_x, grad_a = x.grad.clone(), a.grad.clone()
+
+    x.grad, a.grad, b.grad = None, None, None
+    xs = [x.detach().clone().requires_grad_(True) for _ in ws]
+    want = [node(xi, w) for xi, w in zip(xs, ws)]
+    sum(y.float().sum() for y in want).backward()
+    for got, ref in zip(ys, want):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x, sum(xi.grad for xi in xs), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_a, a.grad, rtol=1e-6, atol=1e-6)
+
+    with torch.no_grad():
+        before = node(x, ws[0])
+        x.mul_(-2)  # the same tensor, a new version: rounded afresh
+        after = node(x, ws[0])
+        torch.testing.assert_close(after, node(x.clone(), ws[0]), rtol=0, atol=0)
+    assert not torch.equal(before, after)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_torch_compile_of_the_cuda_path_keeps_the_scale(bias, autograd_node, force_backend):
     """Traced, the path is plain torch ops; torch.add(base, low, alpha=scale) once compiled to base + low (scale

@@ -111,16 +111,18 @@ QUANT4 = {"nf4-bf16": (dict(quant_type="nf4"), torch.bfloat16),
 
 @pytest.mark.skipif(cuda_qlora.CPP_QLORA_LINEAR is None, reason="peft_fast._C not built")
 @pytest.mark.parametrize("quant", list(QUANT4), ids=list(QUANT4))
-def test_qlora_node_dequantizes_bit_for_bit_as_bitsandbytes(quant, monkeypatch):
+@pytest.mark.parametrize("k, n", [(1024, 768), (1000, 776)], ids=["whole-blocks", "ragged"])
+def test_qlora_node_dequantizes_bit_for_bit_as_bitsandbytes(quant, k, n, monkeypatch):
     """y = I·Wᵀ with no LoRA term is W: csrc/dequant4.cu's W, bit for bit bitsandbytes' dequantize_4bit, and the
-    node's ATen route gives the same."""
+    node's ATen route gives the same. (1000×776: the kernel's last thread block is partly empty and the last
+    absmax2 block short.)"""
     import bitsandbytes.functional as bnbf
 
     kwargs, dtype = QUANT4[quant]
-    base = quantize_linears(nn.Sequential(nn.Linear(1024, 768, bias=False)), compute_dtype=dtype, device="cuda",
+    base = quantize_linears(nn.Sequential(nn.Linear(k, n, bias=False)), compute_dtype=dtype, device="cuda",
                             **kwargs)
     layer = pf.get_peft_model(base, pf.LoraConfig(r=8, target_modules=["0"])).base_model.model[0].cuda()
-    x = torch.eye(1024, device="cuda", dtype=dtype)  # 1024 rows: the node's size
+    x = torch.eye(k, device="cuda", dtype=dtype)  # ≥ 512 rows: the node's size
     args = cuda_qlora.qlora_node_args(layer, x)
     assert args is not None and args[-2]  # the dequantization kernel
     weight = layer.base_layer.weight
