@@ -12,6 +12,8 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   shapes  the rows kernel alone under each forced block shape (block_rows × column_splits) at the bench's sizes
   qgemv   decode over a 4-bit weight (NF4, double quantization): csrc/qgemv.cu alone, the whole-layer node's decode
           route (GEMM + LoRA term), bitsandbytes' gemm_4bit, dequantize + mm, the bf16 layer, the bytes' floor
+  dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
+          dequantize_4bit at the 7B step's weight shapes (NF4, double quantization): GPU µs and TB/s
   once    each fused kernel launched once at M8192 K=N=4096 and M2048 K=N=2048, r16, p 0 and 0.1 (for ncu:
           scripts/gpu_check.sh ncu)
   model   the bench's 1B Llama LoRA step (r16 all-linear, 2×1024, bf16 autocast, dropout 0.05, AdamW): tok/s, GPU ms
@@ -365,6 +367,46 @@ def qgemv_table():
                   f"  floor {floor:.1f}", flush=True)
 
 
+def dequant_table(reps: int = 20):
+    """Dequantization alone: the QLoRA node's kernel (profiled inside an inference call of the node at 512 rows, the
+    rows where the node dequantizes) and bitsandbytes' dequantize_4bit, each µs a call and the bandwidth of its
+    bytes (4 bits + absmax codes read, 16 bits written)."""
+    from torch import nn
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    import bitsandbytes.functional as bnbf
+    from peft_fast.benchmark.quantized import quantize_linears
+    from peft_fast.ops import cuda_qlora
+
+    def per_call_us(fn, kernel):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        return sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.device_type == DeviceType.CUDA and kernel in e.key) / reps
+
+    print("\n=== 4-bit dequantization (NF4, double quantization, bf16 out): GPU µs a call (TB/s)", flush=True)
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        torch.manual_seed(0)
+        q = quantize_linears(nn.Sequential(nn.Linear(k, n, bias=False).to(DT)), compute_dtype=DT,
+                             compress_statistics=True, device="cuda")
+        layer = peft_fast.get_peft_model(q, peft_fast.LoraConfig(r=16, target_modules=["0"])).base_model.model[0]
+        x = torch.randn(512, k, device="cuda", dtype=DT)
+        args = cuda_qlora.qlora_node_args(layer, x)
+        assert args is not None and args[-2], "the node's dequantization kernel does not take this weight"
+        weight = layer.base_layer.weight
+        gbytes = n * k * 2.5 / 1e9
+        with torch.no_grad():
+            ours = per_call_us(lambda: cuda_qlora.CPP_QLORA_LINEAR(*args), "dequant4")
+            theirs = per_call_us(lambda: bnbf.dequantize_4bit(weight.data, weight.quant_state), "Dequantize")
+        print(f"  W {n}x{k}: peft_fast {ours:7.1f} ({gbytes / ours * 1e3:.2f})   bitsandbytes {theirs:7.1f} "
+              f"({gbytes / theirs * 1e3:.2f})", flush=True)
+
+
 def once():
     # the bench's layer size, then a 1B model projection at the bench's 2×1024 tokens
     for m, k, n, r in [(8192, 4096, 4096, 16), (2048, 2048, 2048, 16)]:
@@ -431,5 +473,5 @@ if __name__ == "__main__":
           flush=True)
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
-         "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table, "once": once,
+         "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table, "dequant": dequant_table, "once": once,
          "model": model_table}[part]()
