@@ -65,6 +65,7 @@ Tensor rows(const Tensor& t, int64_t k, c10::ScalarType dtype) {
 struct SharedCast {
     std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> source;
     int64_t version = 0;
+    const void* data = nullptr;  // (with numel: metadata changed in place without a version bump, e.g. set_)
     c10::ScalarType dtype = c10::ScalarType::Undefined;
     c10::Stream stream{c10::Stream::DEFAULT, c10::Device(c10::DeviceType::CPU)};
     Tensor rows;
@@ -78,13 +79,14 @@ Tensor rows_shared(const Tensor& x, int64_t k, c10::ScalarType dt) {
                                           : c10::impl::VirtualGuardImpl(x.device().type()).getStream(x.device());
     const int64_t version = x._version();
     SharedCast& c = shared_cast;
-    if (c.source.has_value() && c.version == version && c.dtype == dt && c.stream == stream &&
-        c.rows.size(-1) == k && c.source->lock().get() == x.unsafeGetTensorImpl())
+    const void* data = x.data_ptr();
+    if (c.source.has_value() && c.version == version && c.data == data && c.dtype == dt && c.stream == stream &&
+        c.rows.size(-1) == k && c.rows.numel() == x.numel() && c.source->lock().get() == x.unsafeGetTensorImpl())
         return c.rows;
     Tensor out = rows(x, k, dt);
     c.rows = Tensor();  // (the old one goes before the new one is kept)
     c.source.emplace(x.getIntrusivePtr());
-    c.version = version, c.dtype = dt, c.stream = stream, c.rows = out;
+    c.version = version, c.data = data, c.dtype = dt, c.stream = stream, c.rows = out;
     return out;
 }
 
