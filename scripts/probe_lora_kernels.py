@@ -185,8 +185,8 @@ def layer_table():
 
 def qlayer_table():
     """The QLoRA layer (NF4, double quantization, bf16 compute) fwd+bwd as the bench times it: the bare bf16 layer, HF
-    PEFT + bitsandbytes, and the whole-layer node with its low-rank half on the fused kernels.
-    (A merged-weight route, W' = deq(W) + s·B·A made in the dequantization pass, measured no better: bench/RESULTS.md.)"""
+    PEFT + bitsandbytes, and the whole-layer node with its low-rank half on the fused kernels. (A merged-weight
+    route, W' = deq(W) + s·B·A made in the dequantization pass, measured no better: bench/RESULTS.md.)"""
     import peft
     from torch import nn
 
@@ -473,5 +473,5 @@ if __name__ == "__main__":
           flush=True)
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
-         "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table, "dequant": dequant_table, "once": once,
-         "model": model_table}[part]()
+         "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
+         "dequant": dequant_table, "once": once, "model": model_table}[part]()
