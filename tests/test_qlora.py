@@ -228,6 +228,25 @@ def test_dora_on_quantized_layers_matches_peft(quant, peft_dora_dequantizes_righ
         assert rel_err(pf_model(input_ids=ids).logits, logits_p) > 1e-3
 
 
+@pytest.mark.parametrize("quant", [QUANT_CASES[0], QUANT_CASES[3]], ids=["nf4", "int8"])
+def test_dora_with_dropout_on_quantized_layers_matches_peft(quant, peft_dora_dequantizes_right):
+    """With dropout in training, DoRA recomputes the base output from the dropped x and the dequantized weight."""
+    ref_model, pf_model = _pair(_base(**quant), use_dora=True, lora_dropout=0.3)
+    ids = _ids()
+    results = []
+    for model in (ref_model, pf_model):
+        torch.manual_seed(5)  # the same dropout masks
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (logits_r, grads_r), (logits_p, grads_p) = results
+    assert rel_err(logits_p, logits_r) < 1e-5
+    for key in grads_r:
+        assert rel_err(grads_p[key], grads_r[key]) < 1e-4, key
+    torch.manual_seed(6)  # other masks give other logits: the dropout is in the compared path
+    assert rel_err(pf_model(input_ids=ids).logits.detach(), logits_p) > 1e-4
+
+
 def test_4bit_dora_merge_requantizes_the_rescaled_sum():
     """merge = quantize(m / ‖W + ΔW‖ · (W + ΔW)) row-wise with W = dequantize(packed), unmerge = quantize(merged /
     that factor − ΔW), bit-exact, the factor computed here from the magnitude and the dequantized weight."""
