@@ -178,6 +178,9 @@ class LoraConfig(PeftConfig):
         self._check_corda_config()
         if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
             self.loftq_config = dict(vars(self.loftq_config))
+        if self.loftq_config is not None and not isinstance(self.loftq_config, dict):  # (None: as PEFT, none)
+            raise TypeError(f"`loftq_config` must be a LoftQConfig or a dict, got {type(self.loftq_config).__name__} "
+                            f"{self.loftq_config!r}")
         if self.init_lora_weights == "loftq":
             if not self.loftq_config:
                 raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
