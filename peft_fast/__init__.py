@@ -67,6 +67,7 @@ from .utils import (
     get_peft_model_state_dict,
     load_peft_weights,
     prepare_model_for_kbit_training,
+    replace_lora_weights_loftq,
     set_base_model_state_dict,
     set_peft_model_state_dict,
 )
@@ -128,6 +129,7 @@ __all__ = [
     "set_peft_model_state_dict",
     "load_peft_weights",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
     "cast_mixed_precision_params",
 ]
 

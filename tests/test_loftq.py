@@ -103,3 +103,89 @@ def test_loftq_on_an_already_quantized_base_is_refused_and_the_model_unchanged()
                                               loftq_config={"loftq_bits": 4}))
     assert [(n, type(m)) for n, m in base.named_modules()] == before
     assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+
+
+def _loftq_replaced_4bit_model(tmp_path, **save_kwargs):
+    """(full-precision model saved in tmp_path, its 4-bit copy with fresh LoRA adapters on q_proj / down_proj)."""
+    torch.manual_seed(0)
+    full = tiny_llama()
+    full.save_pretrained(tmp_path, **save_kwargs)
+    torch.manual_seed(1)
+    config = pf.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    return full, pf.get_peft_model(quantize_linears(copy.deepcopy(full), bits=4), config)
+
+
+def _adapters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_replace_lora_weights_loftq_makes_each_adapter_the_best_correction_of_its_4bit_weight(tmp_path, sharded):
+    full, model = _loftq_replaced_4bit_model(tmp_path, **({"max_shard_size": "40KB"} if sharded else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    pf.replace_lora_weights_loftq(model, str(tmp_path))
+    layers = [(n, m) for n, m in model.base_model.model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    assert len(layers) == 4
+    for name, layer in layers:
+        weight = full.get_submodule(name).weight.detach()
+        packed = layer.get_base_layer().weight
+        quantized = Q.dequantize_4bit(packed.data, packed.quant_state, dtype=torch.float32)
+        product = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        assert layer.lora_A["default"].weight.dtype == torch.float32
+        assert rel_err(product, _best_rank(weight - quantized, 4)) < 1e-4, name
+        assert torch.linalg.norm(weight - quantized - product) < 0.9 * torch.linalg.norm(weight - quantized), name
+
+
+def test_replace_lora_weights_loftq_reads_the_folder_the_model_was_loaded_from(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    full, model = _loftq_replaced_4bit_model(tmp_path)
+    loaded = quantize_linears(LlamaForCausalLM.from_pretrained(tmp_path), bits=4)
+    torch.manual_seed(1)
+    model = pf.get_peft_model(loaded, pf.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]))
+    pf.replace_lora_weights_loftq(model)
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    packed = layer.get_base_layer().weight
+    residual = full.model.layers[1].self_attn.q_proj.weight - Q.dequantize_4bit(packed.data, packed.quant_state)
+    product = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert rel_err(product, _best_rank(residual.detach(), 4)) < 1e-4
+
+
+def test_replace_lora_weights_loftq_rolls_back_where_the_callback_says_no(tmp_path):
+    _, model = _loftq_replaced_4bit_model(tmp_path)
+    before = _adapters(model)
+    seen = []
+
+    def keep_attention_only(peft_model, name):
+        assert peft_model is model
+        seen.append(name)
+        return "self_attn" in name
+
+    pf.replace_lora_weights_loftq(model, str(tmp_path / "model.safetensors"), callback=keep_attention_only)
+    assert seen == [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    after = _adapters(model)
+    for name, value in after.items():
+        assert torch.equal(value, before[name]) == ("down_proj" in name), name
+
+
+def test_replace_lora_weights_loftq_refuses_bad_input_and_leaves_the_model_unchanged(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, model = _loftq_replaced_4bit_model(tmp_path / "right")
+    before = _adapters(model)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    other.save_pretrained(tmp_path / "other")  # down_proj is 32×40 there, 32×48 in the model
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(32, 40\)"):
+        pf.replace_lora_weights_loftq(model, str(tmp_path / "other"))
+    with pytest.raises(FileNotFoundError, match="safetensors file of the model"):
+        pf.replace_lora_weights_loftq(model, str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="you must pass the model_path"):
+        pf.replace_lora_weights_loftq(model)  # built from a config: no folder to read
+    with pytest.raises(ValueError, match="Adapter 'other' is not a LoRA adapter"):
+        pf.replace_lora_weights_loftq(model, str(tmp_path / "right"), adapter_name="other")
+    after = _adapters(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    plain = pf.get_peft_model(tiny_llama(), pf.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="No bnb LoRA module found"):
+        pf.replace_lora_weights_loftq(plain, str(tmp_path / "right"))

@@ -8,6 +8,7 @@ from .constants import (
     WEIGHTS_NAME,
 )
 from .error import NoMatchingPeftModuleError, PeftError
+from .loftq_utils import replace_lora_weights_loftq
 from .other import (
     ModulesToSaveWrapper,
     id_tensor_storage,
@@ -48,6 +49,7 @@ __all__ = [
     "cast_mixed_precision_params",
     "infer_device",
     "prepare_model_for_kbit_training",
+    "replace_lora_weights_loftq",
     "transpose",
     "PeftType",
     "TaskType",
