@@ -7,10 +7,11 @@ per-adapter state (which adapters exist, which are active, what is merged). Arit
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -338,8 +339,9 @@ class BaseTuner(nn.Module, ABC):
     def _prepare_adapter_config(peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return peft_config
 
-    def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
-        pass
+    def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> Optional[Callable[[], None]]:
+        """Change the model's structure before injection; returns what undoes it if injection then fails (or None)."""
+        return None
 
     @staticmethod
     def _check_target_module_exists(peft_config: PeftConfig, key: str):
@@ -452,7 +454,17 @@ class BaseTuner(nn.Module, ABC):
         self._check_new_adapter_config(peft_config)
         model_config = self.get_model_config(model)
         peft_config = self._prepare_adapter_config(peft_config, model_config)
-        self._prepare_model(peft_config, model)
+        restore_model = self._prepare_model(peft_config, model)
+        try:
+            self._inject_into_prepared_model(model, adapter_name, peft_config, autocast_adapter_dtype,
+                                             low_cpu_mem_usage, state_dict)
+        except Exception:
+            if restore_model is not None:  # (e.g. layers replicated for this adapter)
+                restore_model()
+            raise
+
+    def _inject_into_prepared_model(self, model, adapter_name, peft_config, autocast_adapter_dtype, low_cpu_mem_usage,
+                                    state_dict) -> None:
         peft_config = _maybe_include_all_linear_layers(peft_config, model)
         self.peft_config[adapter_name] = peft_config
 
@@ -780,3 +792,77 @@ def _is_transformers_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def clone_module(module: nn.Module, share_weights: bool = False) -> nn.Module:
+    """A deep copy of `module`; with `share_weights`, its parameters are the very Parameter objects of `module`
+    (never copied, not even for a moment), its buffers copies."""
+    memo = {id(param): param for param in module.parameters()} if share_weights else None
+    return copy.deepcopy(module, memo)
+
+
+def _layer_stack(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
+    """(inner model, owner, attribute) of the transformer's ModuleList of layers, found where PEFT looks:
+    model[.model]*.layers (Llama-like), [.bert].encoder.layer (BERT), .h (Falcon)."""
+    while hasattr(model, "model"):
+        model = model.model
+    if hasattr(model, "bert"):  # some BERT variants nest the main model there
+        model = model.bert
+    if hasattr(model, "layers"):
+        owner, attribute = model, "layers"
+    elif hasattr(model, "encoder") and hasattr(model.encoder, "layer"):
+        owner, attribute = model.encoder, "layer"
+    elif hasattr(model, "h"):
+        owner, attribute = model, "h"
+    else:
+        owner, attribute = None, ""
+    if owner is None or not isinstance(getattr(owner, attribute), nn.ModuleList):
+        raise ValueError("Could not locate the layers attribute in the model. Expected Llama, Bert or Falcon "
+                         "compatible architectures.")
+    return model, owner, attribute
+
+
+def _replicate_layers(model: nn.Module, layer_map) -> Callable[[], None]:
+    """replicate_layers, returning a function that puts the original stack (and config) back."""
+    inner, owner, attribute = _layer_stack(model)
+    layers = getattr(owner, attribute)
+    count = len(layers)
+    order = []
+    for pair in layer_map:
+        start, end = pair if isinstance(pair, (list, tuple)) and len(pair) == 2 else (None, None)
+        if type(start) is not int or type(end) is not int or not 0 <= start < end <= count:
+            raise ValueError(f"layer_replication needs [start, end) pairs with 0 <= start < end <= {count} (the model's "
+                             f"layers), got {pair!r} in {layer_map!r}")
+        order.extend(range(start, end))
+    new_layers = []
+    for index in order:
+        layer = clone_module(layers[index], share_weights=True)
+        for submodule in layer.modules():  # transformers' attention layers index the KV cache by it
+            if hasattr(submodule, "layer_idx"):
+                submodule.layer_idx = len(new_layers)
+        new_layers.append(layer)
+    config = getattr(inner, "config", None)
+    saved = {name: getattr(config, name) for name in ("num_hidden_layers", "layer_types") if hasattr(config, name)}
+    setattr(owner, attribute, nn.ModuleList(new_layers))
+    if "num_hidden_layers" in saved:
+        config.num_hidden_layers = len(new_layers)
+    if isinstance(saved.get("layer_types"), list) and len(saved["layer_types"]) == count:
+        # (models such as Qwen2 pick each layer's attention mask from it: the stack's order, replicated)
+        config.layer_types = [saved["layer_types"][i] for i in order]
+
+    def restore() -> None:
+        setattr(owner, attribute, layers)
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+    return restore
+
+
+def replicate_layers(model: nn.Module, layer_map: list[tuple[int, int]]) -> None:
+    """Rebuild a transformer's layer stack from [start, end) ranges of its layers, the copies sharing their weights.
+
+    The stack is found at model[.model]*.layers, [.bert].encoder.layer or .h; `[[0, 4], [2, 5]]` turns layers
+    `[0, 1, 2, 3, 4]` into `[0, 1, 2, 3, 2, 3, 4]`. Every new layer is a clone whose parameters are the original's
+    (buffers copied), its `layer_idx` attributes renumbered; `config.num_hidden_layers` (and `config.layer_types`,
+    where the model has one per layer) follow. A range outside the stack raises with the model unchanged."""
+    _replicate_layers(model, layer_map)

@@ -21,7 +21,6 @@ _UNSUPPORTED_FIELDS = {
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
-    "layer_replication": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
@@ -124,7 +123,10 @@ class LoraConfig(PeftConfig):
     use_qalora: bool = field(default=False, metadata={"help": "Not supported by peft_fast."})
     qalora_group_size: int = field(default=16, metadata={"help": "Not used by peft_fast."})
     monteclora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
-    layer_replication: Optional[list[tuple[int, int]]] = field(default=None, metadata={"help": "Not supported."})
+    layer_replication: Optional[list[tuple[int, int]]] = field(default=None, metadata={"help": (
+        "Rebuild the model's layer stack from [start, end) ranges of its layers, e.g. [[0, 4], [2, 5]] turns layers "
+        "[0, 1, 2, 3, 4] into [0, 1, 2, 3, 2, 3, 4]; the copies share the base weights and each gets its own LoRA "
+        "adapters (Llama-, BERT- and Falcon-like layer stacks). Such a model cannot be merged.")})
     lora_bias: bool = field(default=False, metadata={"help": "Train a bias on lora_B."})
     target_parameters: Optional[list[str]] = field(
         default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -15,7 +15,7 @@ from ...utils.other import (
     _freeze_adapter,
     get_pattern_key,
 )
-from ..tuners_utils import BaseTuner
+from ..tuners_utils import BaseTuner, _replicate_layers
 from .config import LoraConfig
 from .bnb import dispatch_bnb
 from . import tying, weighted
@@ -52,8 +52,17 @@ class LoraModel(BaseTuner):
                 "'none' for all adapters."
             )
 
-    def _prepare_model(self, peft_config: LoraConfig, model: nn.Module) -> None:
+    def _prepare_model(self, peft_config: LoraConfig, model: nn.Module) -> Optional[Callable[[], None]]:
         tying.prepare_weight_tying(peft_config, model)
+        if peft_config.layer_replication:
+            return _replicate_layers(model, peft_config.layer_replication)
+        return None
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        # (replicated layers share one base weight: merging would add each copy's ΔW to all of them)
+        if any(getattr(config, "layer_replication", None) for config in self.peft_config.values()):
+            raise ValueError("Cannot merge LORA layers when base model layers are replicated")
 
     @staticmethod
     def _prepare_adapter_config(peft_config: LoraConfig, model_config: dict) -> LoraConfig:
