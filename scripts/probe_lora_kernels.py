@@ -377,7 +377,8 @@ def preround_table():
     import triton.testing
 
     before = _C.lora_kernels_preround_rows()
-    print("\n=== fp32 adapters rounded in the rows kernel vs first (bf16 x, p 0 | p 0.1): forward kernels µs", flush=True)
+    print("\n=== fp32 adapters rounded in the rows kernel vs first (bf16 x, p 0 | p 0.1): forward kernels µs",
+          flush=True)
     try:
         for m, k, n, r in [(2048, 2048, 2048, 16), (2048, 2048, 5632, 16), (2048, 5632, 2048, 16),
                            (2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 4096, 16),
