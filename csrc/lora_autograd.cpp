@@ -249,9 +249,13 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
             saved.b = carve(buf, hs_bytes + mask_bytes + r * k * e, {n, r}, dt);
         }
     }
-    // (prerounded: the copies are made here, and the kernel reads them as adapters of x's dtype)
+    // (prerounded: the copies, which lie back to back in buf, are made here by one launch, and the kernel reads them
+    // as adapters of x's dtype)
     const bool preround = copies && m >= preround_min_rows.load(std::memory_order_relaxed);
-    if (preround) saved.a.copy_(a), saved.b.copy_(b);
+    if (preround)
+        check(launch_lora_round_adapters(a.data_ptr<float>(), r * k, b.data_ptr<float>(), n * r, saved.a.data_ptr(),
+                                         kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+              "round adapters");
     LoraRowsArgs args{};
     args.in = x.data_ptr();
     args.w1 = preround ? saved.a.data_ptr() : a.data_ptr();

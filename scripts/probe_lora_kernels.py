@@ -13,7 +13,7 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   qgemv   decode over a 4-bit weight (NF4, double quantization): csrc/qgemv.cu alone, the whole-layer node's decode
           route (GEMM + LoRA term), bitsandbytes' gemm_4bit, dequantize + mm, the bf16 layer, the bytes' floor
   preround  the training forward with fp32 adapters: the rows kernel rounding them as it reads them (and writing
-          the copies backward reads) against two copy kernels rounding them first (lora_kernels_set_preround_rows),
+          the copies backward reads) against one kernel rounding both first (lora_kernels_set_preround_rows),
           kernels alone and the node's fwd+bwd, at the 1B / 7B steps' 2048-row shapes and the bench layer's
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
           dequantize_4bit at the 7B step's weight shapes (NF4, double quantization): GPU µs and TB/s
@@ -372,7 +372,7 @@ def qgemv_table():
 
 def preround_table():
     """fp32 adapters in a training forward: rounded inside the rows kernel (every row block reads them in fp32) or
-    rounded first by two copy kernels (every row block then reads half the bytes). The forward kernels alone (do_bench
+    rounded first by one small kernel (every row block then reads half the bytes). The forward kernels alone (do_bench
     median µs, the copies included) and the layer's fwd+bwd (wall, GPU kernel time) through the node."""
     import triton.testing
 

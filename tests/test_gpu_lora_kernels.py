@@ -189,8 +189,9 @@ def preround_rows():
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("m,k,n,r", [(2048, 2048, 2048, 16), (777, 1024, 3000, 64)])
 def test_prerounded_fp32_adapters_give_the_same_numbers(preround_rows, m, k, n, r, p):
-    """fp32 adapters rounded by copy kernels before the rows kernel (which then reads them as bf16) give what the
-    kernel's own rounding gives, bit for bit: forward kernel, its copies, and the node's forward and backward."""
+    """fp32 adapters rounded by one kernel (launch_lora_round_adapters) before the rows kernel, which then reads them
+    as bf16, give what the kernel's own rounding gives, bit for bit: forward kernel, its copies, and the node's forward
+    and backward."""
     x, a, b = _inputs(m, k, n, r, torch.bfloat16, torch.float32, seed=3)
     layer = lora_linear_layer(k, n, r, p, torch.bfloat16, True, False).train()
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
