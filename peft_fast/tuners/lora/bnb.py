@@ -18,6 +18,7 @@ from ... import ops
 from ...ops import cuda_qlora
 from ..tuners_utils import check_adapters_to_merge
 from .config import LoraConfig
+from .dora import DoraLinearLayer
 from .layer import Linear, LoraLayer
 
 
@@ -35,15 +36,45 @@ def is_bnb_available() -> bool:
         return False
 
 
+def dequantize_4bit_layer(base: nn.Module) -> torch.Tensor:
+    """A bitsandbytes Linear4bit's weight, dequantized (in its quant_state's dtype) by peft_fast's own code."""
+    weight = base.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks 4-bit weights for its AVX512 CPU kernels on the first inference forward; back to
+        # the standard layout first, as bitsandbytes itself does before saving
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return ops.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def dequantize_8bit_layer(base: nn.Module) -> torch.Tensor:
+    """A bitsandbytes Linear8bitLt's weight in fp32: int8 row-wise, value · row scale / 127."""
+    weight, state = base.weight, base.state
+    if state.SCB is None:
+        state.SCB = weight.SCB
+    return weight.data.float() * state.SCB.to(weight.device).view(-1, 1).float() * (1.0 / 127)
+
+
+class DoraQuantLinearLayer(DoraLinearLayer):
+    """DoRA's magnitude over a bitsandbytes base (QDoRA): the weight norms are taken of the dequantized weight."""
+
+    def __init__(self, bits: int):
+        super().__init__(fan_in_fan_out=False)
+        self.bits = bits
+
+    def base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        return dequantize_4bit_layer(base_layer) if self.bits == 4 else dequantize_8bit_layer(base_layer)
+
+
 class _BnbLinear(Linear):
     """Shared forward / merge of the quantized LoRA linears; subclasses dequantize and requantize."""
 
     _bits = 0
     forward = LoraLayer.forward  # (not Linear's flat path: that one is for nn.Linear / Conv1D bases)
 
-    def _check_base_layer(self, base_layer: nn.Module, r: int, config: LoraConfig) -> None:
-        if config.use_dora:
-            raise ValueError(f"DoRA on bitsandbytes {self._bits}-bit layers is not supported by peft_fast.")
+    def _make_dora_layer(self) -> nn.Module:
+        return DoraQuantLinearLayer(self._bits)
 
     def _dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -58,7 +89,12 @@ class _BnbLinear(Linear):
             warnings.warn(f"Merge lora module to {self._bits}-bit linear may get different generations due to rounding "
                           "errors.")
             delta = self.get_delta_weight(adapter)
-            merged = self._dequantized_weight().to(delta.device) + delta
+            weight = self._dequantized_weight().to(delta.device)
+            if self.use_dora.get(adapter, False):  # m / ‖W + ΔW‖ rescales the merged rows (kept for unmerge)
+                factor, self._caches[f"{adapter}-weight_norm"] = self._dora_factor(adapter, delta, weight)
+                merged = factor * (weight + delta)
+            else:
+                merged = weight + delta
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
             self._set_weight(merged)
@@ -76,7 +112,10 @@ class _BnbLinear(Linear):
             warnings.warn(f"Unmerge lora module to {self._bits}-bit linear may get different generations due to "
                           "rounding errors.")
             delta = self.get_delta_weight(adapter)
-            self._set_weight(self._dequantized_weight().to(delta.dtype).to(delta.device) - delta)
+            weight = self._dequantized_weight().to(delta.dtype).to(delta.device)
+            if self.use_dora.get(adapter, False):
+                weight = weight / self._dora_factor_from_norm(adapter, self._caches.pop(f"{adapter}-weight_norm"))
+            self._set_weight(weight - delta)
             self._shift_bias(adapter, -1)
 
     def _shift_bias(self, adapter: str, sign: int) -> None:
@@ -88,10 +127,31 @@ class _BnbLinear(Linear):
             base.bias.data += sign * (self.lora_B[adapter].bias * self.scaling[adapter]).to(base.bias.dtype)
 
     def _unmerged_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        terms = [self._adapter_term(a) for a in self.active_adapters if a in self.lora_A]
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if any(self.use_dora.get(a, False) for a in active):
+            return self._forward_with_dora(x, active, self.base_layer(x, *args, **kwargs))
+        terms = [self._adapter_term(a) for a in active]
         if args or kwargs:  # extra base-layer arguments: the torch path passes them on
             return ops.torch_ref.quantized_linear_with_lora(x, self.base_layer, terms, *args, **kwargs)
         return ops.quantized_linear_with_lora(x, self.base_layer, terms)
+
+    def _forward_with_dora(self, x: torch.Tensor, active: list[str], result: torch.Tensor) -> torch.Tensor:
+        """Adapters among which some are DoRA, in PEFT's order for these layers (ops.torch_ref.add_quantized_terms):
+        each term, computed in the adapter's dtype, is cast to the base output's dtype before it is added unless
+        autocast is on; a DoRA term rescales the output so far."""
+        if self._bits == 4:
+            result = result.clone()  # (as add_quantized_terms: the 4-bit matmul's output is not modified in place)
+        convert = not torch.is_autocast_enabled(x.device.type)
+        for adapter in active:
+            if convert:
+                x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
+            if self.use_dora.get(adapter, False):
+                output = self._dora_term(adapter, x, result)
+            else:
+                term = self._adapter_term(adapter)
+                output = term.lora_B(term.lora_A(term.dropout(x))) * term.scaling
+            result = result + (output.to(result.dtype) if convert else output)
+        return result
 
 
 class Linear4bit(_BnbLinear):
@@ -107,14 +167,7 @@ class Linear4bit(_BnbLinear):
         return LoraLayer.forward(self, x, *args, **kwargs)
 
     def _dequantized_weight(self) -> torch.Tensor:
-        weight = self.get_base_layer().weight
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks 4-bit weights for its AVX512 CPU kernels on the first inference forward; back to
-            # the standard layout first, as bitsandbytes itself does before saving
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        return ops.dequantize_4bit(weight.data, weight.quant_state)
+        return dequantize_4bit_layer(self.get_base_layer())
 
     def _set_weight(self, weight: torch.Tensor) -> None:
         bnb = _bnb()
@@ -133,12 +186,7 @@ class Linear8bitLt(_BnbLinear):
     _bits = 8
 
     def _dequantized_weight(self) -> torch.Tensor:
-        base = self.get_base_layer()
-        weight, state = base.weight, base.state
-        if state.SCB is None:
-            state.SCB = weight.SCB
-        # int8 row-wise: value · row scale / 127
-        return weight.data.float() * state.SCB.to(weight.device).view(-1, 1).float() * (1.0 / 127)
+        return dequantize_8bit_layer(self.get_base_layer())
 
     def _set_weight(self, weight: torch.Tensor) -> None:
         bnb = _bnb()

@@ -22,6 +22,10 @@ class DoraLinearLayer(nn.Module):
         weight = transpose(weight, self.fan_in_fan_out) + scaling * lora_weight
         return torch.linalg.norm(weight, dim=1).to(weight.dtype)
 
+    def base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """The base layer's weight as a float matrix (the quantized layers' DoRA dequantizes it)."""
+        return base_layer.weight
+
     def get_lora_weight(self, lora_A: nn.Module, lora_B: nn.Module) -> torch.Tensor:
         # B·A as the layer computes it (through the modules), so it matches the forward exactly
         eye = torch.eye(lora_A.weight.shape[1], device=lora_A.weight.device, dtype=lora_A.weight.dtype)
@@ -31,7 +35,7 @@ class DoraLinearLayer(nn.Module):
         is_fp16 = lora_A.dtype == torch.float16
         if is_fp16:
             lora_A, lora_B = lora_A.float(), lora_B.float()
-        weight = base_layer.weight
+        weight = self.base_weight(base_layer)
         if weight.ndim >= 3:  # conv
             r = lora_A.shape[0]
             lora_weight = (lora_B.view(-1, r) @ lora_A.view(r, -1)).reshape(weight.shape)
@@ -45,7 +49,7 @@ class DoraLinearLayer(nn.Module):
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None):
         """The DoRA term to add to the base output: (m/‖W'‖ − 1)·base + (m/‖W'‖)·s·B(A(x))."""
         lora_weight = self.get_lora_weight(lora_A, lora_B).to(x.dtype)
-        weight = base_layer.weight.to(x.dtype)
+        weight = self.base_weight(base_layer).to(x.dtype)
         weight_norm = self.get_weight_norm(weight, lora_weight.detach(), scaling).detach()
         mag_norm_scale = (self.weight / weight_norm).view(1, -1)
         lora_result = lora_B(lora_A(x))

@@ -394,13 +394,17 @@ class LoraLayer(BaseTunerLayer):
         return result.to(out_dtype)
 
     def _dora_forward(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return result + self._dora_term(adapter, x, result)
+
+    def _dora_term(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What a DoRA adapter adds to `result` (the output so far, whose base part it rescales)."""
         dropout = self.lora_dropout[adapter]
         if isinstance(dropout, nn.Identity) or not self.training:
             base_result = result
         else:
             x = dropout(x)
             base_result = None
-        return result + self.lora_magnitude_vector[adapter](
+        return self.lora_magnitude_vector[adapter](
             x,
             lora_A=self.lora_A[adapter],
             lora_B=self.lora_B[adapter],
