@@ -196,6 +196,38 @@ def test_pissa_olora_init_matches_peft(init):
     assert rel_err(pf_model(**x), base(**x)) < 1e-5  # PiSSA/OLoRA keep the model's function at init
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orthogonal_init_matches_peft(dtype):
+    """init_lora_weights="orthogonal": the same A and B as PEFT's under the same seed (rounded to the base dtype
+    first, then to fp32 by autocast_adapter_dtype), neither zero, and B·A = 0 so the model starts as the base."""
+    torch.manual_seed(0)
+    base = tiny_llama().to(dtype)
+    models = []
+    for lib in (ref, pf):
+        torch.manual_seed(3)
+        config = lib.LoraConfig(r=6, target_modules=["q_proj", "down_proj"], init_lora_weights="orthogonal")
+        models.append(lib.get_peft_model(copy.deepcopy(base), config))
+    ref_state, pf_state = (m.state_dict() for m in models)
+    assert list(ref_state) == list(pf_state)
+    for key, value in ref_state.items():
+        assert torch.equal(pf_state[key], value), key
+    layer = models[1].base_model.model.model.layers[0].mlp.down_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert a.dtype == b.dtype == torch.float32 and a.abs().min() > 0 and b.abs().amax() > 1e-3
+    assert (b @ a).abs().max() < 1e-2 * b.abs().max() * a.abs().max()
+    x = inputs_for("llama")
+    with torch.no_grad():
+        assert rel_err(output_tensor(models[1](**x)), output_tensor(base(**x))) < 1e-2
+
+
+def test_orthogonal_init_refuses_an_odd_rank_and_leaves_the_model():
+    base = tiny_llama()
+    before = [(n, type(m)) for n, m in base.named_modules()]
+    with pytest.raises(ValueError, match="rank to be even, got 5"):
+        pf.get_peft_model(base, pf.LoraConfig(r=5, target_modules=["q_proj"], init_lora_weights="orthogonal"))
+    assert [(n, type(m)) for n, m in base.named_modules()] == before
+
+
 def test_cast_mixed_precision_and_kbit_prep_match_peft():
     torch.manual_seed(0)
     base = tiny_llama().to(torch.bfloat16)

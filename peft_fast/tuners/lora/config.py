@@ -27,7 +27,7 @@ _UNSUPPORTED_FIELDS = {
     "kasa_config": None,
 }
 
-SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda")
+SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal")
 
 
 @dataclass

@@ -111,6 +111,8 @@ class LoraLayer(BaseTunerLayer):
             self.corda_init(adapter_name)
         elif isinstance(init, str) and init.lower() == "olora":
             self.olora_init(adapter_name)
+        elif init == "orthogonal":
+            self.orthogonal_init(adapter_name)
         elif init:
             self.reset_lora_parameters(adapter_name, init)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -202,6 +204,23 @@ class LoraLayer(BaseTunerLayer):
         residual = weight - scale * lora_B @ lora_A
         base.weight.data = transpose(residual, self.fan_in_fan_out).to(base.weight.dtype)
         del base.eigens
+
+    def orthogonal_init(self, adapter_name: str) -> None:
+        """init_lora_weights="orthogonal": A's columns lie in the span of the even-indexed rows of one random
+        orthogonal r×r matrix and B's rows in that of its odd-indexed rows, so B·A = 0 (the base model's function at
+        start, its weight untouched) while neither factor is zero. PEFT's draws, in its order: the same numbers under
+        the same seed."""
+        r = self.r[adapter_name]
+        if r % 2:
+            raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+        basis, _ = torch.linalg.qr(torch.randn(r, r))
+        a = (torch.randn(self.in_features, r // 2) @ basis[0::2]).T / 10.0
+        b = torch.randn(r // 2, self.out_features).T @ basis[1::2] / 10.0
+        weight = self.get_base_layer().weight
+        # (the base weight's dtype, as PEFT; a quantized base's bytes are no dtype for adapters)
+        dtype = weight.dtype if weight.dtype.is_floating_point else self.lora_A[adapter_name].weight.dtype
+        self.lora_A[adapter_name].weight = nn.Parameter(a.contiguous().to(dtype))
+        self.lora_B[adapter_name].weight = nn.Parameter(b.contiguous().to(dtype))
 
     def olora_init(self, adapter_name: str) -> None:
         """OLoRA: A, B from the QR decomposition of W; W keeps W − s·BA."""
