@@ -50,6 +50,19 @@ def _ids(seed=2):
     return torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(seed))
 
 
+def _logits_and_grads(models, ids, seed=None):
+    """Each model's logits and parameter gradients after one loss.backward() (seed: set before each forward, so that
+    dropout draws the same masks in both)."""
+    results = []
+    for model in models:
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    return results
+
+
 @pytest.mark.parametrize("quant", QUANT_CASES, ids=IDS)
 def test_same_outputs_and_grads_as_peft(quant):
     ref_model, pf_model = _pair(_base(**quant))
@@ -58,12 +71,7 @@ def test_same_outputs_and_grads_as_peft(quant):
     ref_state, pf_state = ref_model.state_dict(), pf_model.state_dict()
     assert list(ref_state) == list(pf_state)
     ids = _ids()
-    results = []
-    for model in (ref_model, pf_model):
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (logits_r, grads_r), (logits_p, grads_p) = results
+    (logits_r, grads_r), (logits_p, grads_p) = _logits_and_grads((ref_model, pf_model), ids)
     assert rel_err(logits_p, logits_r) < 1e-6
     assert grads_r.keys() == grads_p.keys() and grads_r
     for key in grads_r:
@@ -136,19 +144,21 @@ def test_merge_and_unload_requantizes_each_exact_sum():
         assert torch.equal(merged.weight.data, target), name
 
 
-def test_8bit_merge_matches_peft():
-    ref_model, pf_model = _pair(_base(bits=8))
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_8bit_merge_matches_peft(use_dora):  # (int8: bitsandbytes dequantizes right on the CPU)
+    ref_model, pf_model = _pair(_base(bits=8), use_dora=use_dora)
     ids = _ids()
     with torch.no_grad():
         a = ref_model.merge_and_unload()(input_ids=ids).logits
         b = pf_model.merge_and_unload()(input_ids=ids).logits
-    assert rel_err(b, a) < 1e-6
+    assert rel_err(b, a) < (1e-5 if use_dora else 1e-6)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("quant", [QUANT_CASES[0], QUANT_CASES[3]], ids=["nf4", "int8"])
-def test_adapter_files_move_both_ways_on_the_quantized_base(quant, tmp_path):
+def test_adapter_files_move_both_ways_on_the_quantized_base(quant, use_dora, tmp_path, peft_dora_dequantizes_right):
     base = _base(**quant)
-    ref_model, pf_model = _pair(base)
+    ref_model, pf_model = _pair(base, use_dora=use_dora)
     ref_model.save_pretrained(tmp_path / "ref")
     pf_model.save_pretrained(tmp_path / "pf")
     ids = _ids()
@@ -157,8 +167,9 @@ def test_adapter_files_move_both_ways_on_the_quantized_base(quant, tmp_path):
     ref_model.eval()  # bitsandbytes' 8-bit layers compute differently in training mode
     with torch.no_grad():
         expected = ref_model(input_ids=ids).logits
-        assert rel_err(loaded_pf(input_ids=ids).logits, expected) < 1e-6
-        assert rel_err(loaded_ref(input_ids=ids).logits, expected) < 1e-6
+        tol = 1e-5 if use_dora else 1e-6
+        assert rel_err(loaded_pf(input_ids=ids).logits, expected) < tol
+        assert rel_err(loaded_ref(input_ids=ids).logits, expected) < tol
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -213,12 +224,7 @@ def test_dora_on_quantized_layers_matches_peft(quant, peft_dora_dequantizes_righ
     assert type(layer.lora_magnitude_vector["default"]) is pf_bnb.DoraQuantLinearLayer
     assert list(ref_model.state_dict()) == list(pf_model.state_dict())
     ids = _ids()
-    results = []
-    for model in (ref_model, pf_model):
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (logits_r, grads_r), (logits_p, grads_p) = results
+    (logits_r, grads_r), (logits_p, grads_p) = _logits_and_grads((ref_model, pf_model), ids)
     assert rel_err(logits_p, logits_r) < 1e-5
     assert grads_r.keys() == grads_p.keys() and any("lora_magnitude_vector" in k for k in grads_r)
     for key in grads_r:
@@ -233,13 +239,7 @@ def test_dora_with_dropout_on_quantized_layers_matches_peft(quant, peft_dora_deq
     """With dropout in training, DoRA recomputes the base output from the dropped x and the dequantized weight."""
     ref_model, pf_model = _pair(_base(**quant), use_dora=True, lora_dropout=0.3)
     ids = _ids()
-    results = []
-    for model in (ref_model, pf_model):
-        torch.manual_seed(5)  # the same dropout masks
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (logits_r, grads_r), (logits_p, grads_p) = results
+    (logits_r, grads_r), (logits_p, grads_p) = _logits_and_grads((ref_model, pf_model), ids, seed=5)
     assert rel_err(logits_p, logits_r) < 1e-5
     for key in grads_r:
         assert rel_err(grads_p[key], grads_r[key]) < 1e-4, key
@@ -268,31 +268,6 @@ def test_4bit_dora_merge_requantizes_the_rescaled_sum():
         layer.unmerge()
     assert torch.equal(layer.get_base_layer().weight.data, expected_back)
     assert not layer.merged and not layer._caches
-
-
-def test_8bit_dora_merge_matches_peft():  # (int8: bitsandbytes dequantizes right on the CPU)
-    ref_model, pf_model = _pair(_base(bits=8), use_dora=True)
-    ids = _ids()
-    with torch.no_grad():
-        a = ref_model.merge_and_unload()(input_ids=ids).logits
-        b = pf_model.merge_and_unload()(input_ids=ids).logits
-    assert rel_err(b, a) < 1e-5
-
-
-@pytest.mark.parametrize("quant", [QUANT_CASES[0], QUANT_CASES[3]], ids=["nf4", "int8"])
-def test_dora_adapter_files_move_both_ways_on_the_quantized_base(quant, tmp_path, peft_dora_dequantizes_right):
-    base = _base(**quant)
-    ref_model, pf_model = _pair(base, use_dora=True)
-    ref_model.save_pretrained(tmp_path / "ref")
-    pf_model.save_pretrained(tmp_path / "pf")
-    ids = _ids()
-    loaded_pf = pf.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ref")
-    loaded_ref = ref.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "pf")
-    ref_model.eval()
-    with torch.no_grad():
-        expected = ref_model(input_ids=ids).logits
-        assert rel_err(loaded_pf(input_ids=ids).logits, expected) < 1e-5
-        assert rel_err(loaded_ref(input_ids=ids).logits, expected) < 1e-5
 
 
 @pytest.mark.parametrize("gc_kwargs", [None, {"use_reentrant": False}])
