@@ -75,8 +75,10 @@ def test_qlora_forward_and_backward_never_synchronize():
     assert_steps_never_synchronize(layer, x)
 
 
-@pytest.mark.parametrize("seq", [32, 256], ids=["bnb-base-output", "qlora-node"])  # 2×256 rows: the flat node
-def test_tiny_llama_qlora_training_tracks_peft_and_bitsandbytes(seq):
+# 2×256 rows: the flat node; QDoRA: the torch path, its norms of the weight dequantized on the GPU
+@pytest.mark.parametrize("seq,use_dora", [(32, False), (256, False), (32, True)],
+                         ids=["bnb-base-output", "qlora-node", "qdora"])
+def test_tiny_llama_qlora_training_tracks_peft_and_bitsandbytes(seq, use_dora):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = quantize_linears(tiny_llama().to(torch.bfloat16), compute_dtype=torch.bfloat16, compress_statistics=True,
@@ -85,7 +87,7 @@ def test_tiny_llama_qlora_training_tracks_peft_and_bitsandbytes(seq):
     losses = {}
     for lib in (peft, pf):
         torch.manual_seed(1)
-        config = lib.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+        config = lib.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, use_dora=use_dora)
         model = lib.get_peft_model(copy.deepcopy(base), config)
         for name, param in sorted(model.named_parameters()):
             if "lora_B" in name:
