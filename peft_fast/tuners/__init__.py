@@ -1,6 +1,6 @@
 from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
-from .lora import LoraConfig, LoraModel
+from .lora import LoftQConfig, LoraConfig, LoraModel
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -8,7 +8,8 @@ from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .tuners_utils import BasePromptEncoder, BaseTuner, BaseTunerLayer
 
 __all__ = [
-    "LoraConfig", "LoraModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "BaseTuner", "BaseTunerLayer", "BasePromptEncoder",
+    "LoraConfig", "LoftQConfig", "LoraModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel", "BaseTuner",
+    "BaseTunerLayer", "BasePromptEncoder",
     "PrefixTuningConfig", "PrefixEncoder", "PromptTuningConfig", "PromptTuningInit", "PromptEmbedding",
     "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptEncoder", "TrainableTokensConfig",
     "TrainableTokensModel",

@@ -27,7 +27,7 @@ _UNSUPPORTED_FIELDS = {
     "kasa_config": None,
 }
 
-SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal")
+SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal", "loftq")
 
 
 @dataclass
@@ -55,6 +55,15 @@ class CordaConfig:
     def __post_init__(self):
         if self.corda_method not in ("ipm", "kpm"):
             raise ValueError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ settings, with init_lora_weights="loftq" (peft_fast.utils.loftq_utils): quantize to `loftq_bits` (4: NF4,
+    8: int8) and alternate quantization and SVD `loftq_iter` times."""
+
+    loftq_bits: int = field(default=4, metadata={"help": "Quantization bits for LoftQ"})
+    loftq_iter: int = field(default=1, metadata={"help": "Alternating iterations for LoftQ"})
 
 
 @dataclass
@@ -94,7 +103,10 @@ class LoraConfig(PeftConfig):
         metadata={"help": "Embedding rows to train besides the LoRA layers: a list of token indices (the input "
                           "embedding) or a dict of layer name to indices."},
     )
-    loftq_config: Union[dict, object] = field(default_factory=dict, metadata={"help": "Not supported by peft_fast."})
+    loftq_config: Union[LoftQConfig, dict] = field(
+        default_factory=dict,
+        metadata={"help": "LoftQ settings (LoftQConfig or its dict), with init_lora_weights='loftq'."},
+    )
     eva_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     corda_config: Optional[CordaConfig] = field(
         default=None, metadata={"help": "CorDA settings, with init_lora_weights='corda'."}
@@ -158,8 +170,14 @@ class LoraConfig(PeftConfig):
         if not isinstance(self.ensure_weight_tying, bool):
             raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}")
         self._check_corda_config()
-        if self.loftq_config:
-            raise ValueError("LoraConfig.loftq_config (LoftQ initialization) is not supported by peft_fast.")
+        if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
+            self.loftq_config = dict(vars(self.loftq_config))
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+            loftq = {**vars(LoftQConfig()), **self.loftq_config}
+            if loftq["loftq_bits"] not in (4, 8) or not _is_int(loftq["loftq_iter"]) or loftq["loftq_iter"] < 1:
+                raise ValueError(f"loftq_config needs loftq_bits 4 or 8 and loftq_iter >= 1, got {self.loftq_config!r}")
         if not _is_int(self.r) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")
         if not _is_real(self.lora_alpha):

@@ -20,7 +20,8 @@ from ...ops import cuda_lora
 from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from .config import LoraConfig
+from ...utils import loftq_utils
+from .config import LoftQConfig, LoraConfig
 from .dora import DoraConvLayer, DoraEmbeddingLayer, DoraLinearLayer
 
 
@@ -113,6 +114,8 @@ class LoraLayer(BaseTunerLayer):
             self.olora_init(adapter_name)
         elif init == "orthogonal":
             self.orthogonal_init(adapter_name)
+        elif init == "loftq":
+            self.loftq_init(adapter_name, config)
         elif init:
             self.reset_lora_parameters(adapter_name, init)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -204,6 +207,22 @@ class LoraLayer(BaseTunerLayer):
         residual = weight - scale * lora_B @ lora_A
         base.weight.data = transpose(residual, self.fan_in_fan_out).to(base.weight.dtype)
         del base.eigens
+
+    def loftq_init(self, adapter_name: str, config: LoraConfig) -> None:
+        """init_lora_weights="loftq": the base weight becomes its quantized values Q and the adapter the rank-r
+        correction of W − Q (peft_fast.utils.loftq_utils). As PEFT, A and B are the SVD factors themselves, so the
+        model at start is Q + s·B·A (W's best LoftQ approximation when lora_alpha = r)."""
+        loftq = {**vars(LoftQConfig()), **config.loftq_config}
+        base = self.get_base_layer()
+        if not base.weight.dtype.is_floating_point:
+            raise ValueError(f"LoftQ starts from a full-precision weight; {type(base).__name__}'s is "
+                             f"{base.weight.dtype} (quantize after LoftQ, not before).")
+        qweight, lora_a, lora_b = loftq_utils.loftq_init(
+            transpose(base.weight, self.fan_in_fan_out), num_bits=loftq["loftq_bits"],
+            reduced_rank=self.r[adapter_name], num_iter=loftq["loftq_iter"])
+        self.lora_A[adapter_name].weight.data = lora_a.to(self.lora_A[adapter_name].weight.dtype)
+        self.lora_B[adapter_name].weight.data = lora_b.to(self.lora_B[adapter_name].weight.dtype)
+        base.weight.data = transpose(qweight, self.fan_in_fan_out).contiguous()
 
     def orthogonal_init(self, adapter_name: str) -> None:
         """init_lora_weights="orthogonal": A's columns lie in the span of the even-indexed rows of one random
