@@ -17,10 +17,10 @@ from torch import nn
 
 from ... import ops
 from ...ops import cuda_lora
+from ...utils import loftq_utils
 from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from ...utils import loftq_utils
 from .config import LoftQConfig, LoraConfig
 from .dora import DoraConvLayer, DoraEmbeddingLayer, DoraLinearLayer
 
