@@ -85,10 +85,11 @@ def test_loftq_config_checks_and_its_saved_form_load_in_peft(tmp_path):
     config = pf.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq",
                            loftq_config=pf.LoftQConfig(loftq_iter=2))
     config.save_pretrained(tmp_path)
+    assert vars(pf.LoftQConfig()) == vars(ref.LoftQConfig())
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["loftq_config"] == {"loftq_bits": 4, "loftq_iter": 2} and saved["init_lora_weights"] == "loftq"
+    pytest.importorskip("scipy")  # (HF PEFT asks for it with LoftQ; CI installs it, the GPU machine may not have it)
     assert ref.LoraConfig.from_pretrained(tmp_path).loftq_config == {"loftq_bits": 4, "loftq_iter": 2}
-    assert vars(pf.LoftQConfig()) == vars(ref.LoftQConfig())
 
 
 def test_loftq_on_an_already_quantized_base_is_refused_and_the_model_unchanged():
