@@ -82,6 +82,8 @@ def test_loftq_config_checks_and_its_saved_form_load_in_peft(tmp_path):
         pf.LoraConfig(init_lora_weights="loftq")
     with pytest.raises(ValueError, match="loftq_bits 4 or 8"):
         pf.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 2})
+    with pytest.raises(TypeError, match="`loftq_config` must be a LoftQConfig or a dict, got str"):
+        pf.LoraConfig(init_lora_weights="loftq", loftq_config="4bit")
     config = pf.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq",
                            loftq_config=pf.LoftQConfig(loftq_iter=2))
     config.save_pretrained(tmp_path)

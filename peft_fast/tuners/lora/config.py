@@ -66,6 +66,12 @@ class LoftQConfig:
     loftq_iter: int = field(default=1, metadata={"help": "Alternating iterations for LoftQ"})
 
 
+def loftq_settings(loftq_config: dict) -> LoftQConfig:
+    """A LoraConfig's loftq_config dict (as saved: keys may be left out) with LoftQConfig's defaults filled in."""
+    known = {f.name for f in fields(LoftQConfig)}
+    return LoftQConfig(**{key: value for key, value in loftq_config.items() if key in known})
+
+
 @dataclass
 class LoraConfig(PeftConfig):
     """Configuration of a LoRA adapter (see PEFT's LoraConfig documentation; the fields and defaults are the same)."""
@@ -172,11 +178,14 @@ class LoraConfig(PeftConfig):
         self._check_corda_config()
         if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
             self.loftq_config = dict(vars(self.loftq_config))
+        if self.loftq_config is not None and not isinstance(self.loftq_config, dict):  # (None: as PEFT, none)
+            raise TypeError(f"`loftq_config` must be a LoftQConfig or a dict, got {type(self.loftq_config).__name__} "
+                            f"{self.loftq_config!r}")
         if self.init_lora_weights == "loftq":
             if not self.loftq_config:
                 raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
-            loftq = {**vars(LoftQConfig()), **self.loftq_config}
-            if loftq["loftq_bits"] not in (4, 8) or not _is_int(loftq["loftq_iter"]) or loftq["loftq_iter"] < 1:
+            loftq = loftq_settings(self.loftq_config)
+            if loftq.loftq_bits not in (4, 8) or not _is_int(loftq.loftq_iter) or loftq.loftq_iter < 1:
                 raise ValueError(f"loftq_config needs loftq_bits 4 or 8 and loftq_iter >= 1, got {self.loftq_config!r}")
         if not _is_int(self.r) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}")

@@ -21,7 +21,7 @@ from ...utils import loftq_utils
 from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from .config import LoftQConfig, LoraConfig
+from .config import LoraConfig, loftq_settings
 from .dora import DoraConvLayer, DoraEmbeddingLayer, DoraLinearLayer
 
 
@@ -212,14 +212,14 @@ class LoraLayer(BaseTunerLayer):
         """init_lora_weights="loftq": the base weight becomes its quantized values Q and the adapter the rank-r
         correction of W − Q (peft_fast.utils.loftq_utils). As PEFT, A and B are the SVD factors themselves, so the
         model at start is Q + s·B·A (W's best LoftQ approximation when lora_alpha = r)."""
-        loftq = {**vars(LoftQConfig()), **config.loftq_config}
+        loftq = loftq_settings(config.loftq_config)
         base = self.get_base_layer()
         if not base.weight.dtype.is_floating_point:
             raise ValueError(f"LoftQ starts from a full-precision weight; {type(base).__name__}'s is "
                              f"{base.weight.dtype} (quantize after LoftQ, not before).")
         qweight, lora_a, lora_b = loftq_utils.loftq_init(
-            transpose(base.weight, self.fan_in_fan_out), num_bits=loftq["loftq_bits"],
-            reduced_rank=self.r[adapter_name], num_iter=loftq["loftq_iter"])
+            transpose(base.weight, self.fan_in_fan_out), num_bits=loftq.loftq_bits, reduced_rank=self.r[adapter_name],
+            num_iter=loftq.loftq_iter)
         self.lora_A[adapter_name].weight.data = lora_a.to(self.lora_A[adapter_name].weight.dtype)
         self.lora_B[adapter_name].weight.data = lora_b.to(self.lora_B[adapter_name].weight.dtype)
         base.weight.data = transpose(qweight, self.fan_in_fan_out).contiguous()
