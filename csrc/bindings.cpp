@@ -139,6 +139,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"), py::arg("p"), py::arg("bias") = py::none(),
           py::arg("addend") = py::none(), py::arg("block_rows") = 0, py::arg("column_splits") = 0,
           py::arg("copies") = false, py::arg("shrink_only") = false);
+    m.def("lora_kernels_set_preround_rows", &lora_kernels_set_preround_rows,
+          "from how many rows a training forward rounds fp32 adapters before the rows kernel (probes and tests)",
+          py::arg("rows"));
+    m.def("lora_kernels_preround_rows", &lora_kernels_preround_rows);
     m.def("lora_kernels_backward", &lora_kernels_backward, "the fused LoRA backward kernels alone (tests)",
           py::arg("dy"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("hs"), py::arg("mask"),
           py::arg("scale"), py::arg("p"), py::arg("need_x") = true, py::arg("need_a") = true, py::arg("need_b") = true,

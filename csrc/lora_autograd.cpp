@@ -21,6 +21,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
+#include <climits>
 #include <mutex>
 
 #include "dequant4.h"
@@ -214,6 +216,9 @@ struct RowsShape {
     int block_rows = 0, column_splits = 0;
 };
 
+// lora_kernels_set_preround_rows (lora_autograd.h); INT64_MAX: never
+std::atomic<int64_t> preround_min_rows{INT64_MAX};
+
 // What a forward leaves for backward beside y: hs (M×r), with dropout the bit mask (M×K/8), and with adapters in
 // another dtype than x (fp32) their copies rounded to x's dtype, which the backward rows kernel reads (else a, b
 // are the adapters themselves)
@@ -244,10 +249,17 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
             saved.b = carve(buf, hs_bytes + mask_bytes + r * k * e, {n, r}, dt);
         }
     }
+    // (prerounded: the copies, which lie back to back in buf, are made here by one launch, and the kernel reads them
+    // as adapters of x's dtype)
+    const bool preround = copies && m >= preround_min_rows.load(std::memory_order_relaxed);
+    if (preround)
+        check(launch_lora_round_adapters(a.data_ptr<float>(), r * k, b.data_ptr<float>(), n * r, saved.a.data_ptr(),
+                                         kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+              "round adapters");
     LoraRowsArgs args{};
     args.in = x.data_ptr();
-    args.w1 = a.data_ptr();
-    args.w2 = b.data_ptr();
+    args.w1 = preround ? saved.a.data_ptr() : a.data_ptr();
+    args.w2 = preround ? saved.b.data_ptr() : b.data_ptr();
     args.bias = bias.defined() ? bias.data_ptr() : nullptr;
     args.addend = addend.defined() ? addend.data_ptr() : nullptr;
     args.out = y2.defined() ? y2.data_ptr() : nullptr;  // (undefined: hs alone, probes only)
@@ -261,11 +273,11 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     args.p = static_cast<float>(p);
     if (p > 0.0) args.philox = philox_for(x);
     args.dtype = kernel_dtype(x.scalar_type());
-    args.adapter_dtype = kernel_dtype(a.scalar_type());
+    args.adapter_dtype = kernel_dtype(preround ? x.scalar_type() : a.scalar_type());
     args.backward = false;
     args.block_rows = shape.block_rows;
     args.column_splits = shape.column_splits;
-    if (copies) args.w1_copy = saved.a.data_ptr(), args.w2_copy = saved.b.data_ptr();
+    if (copies && !preround) args.w1_copy = saved.a.data_ptr(), args.w2_copy = saved.b.data_ptr();
     check(launch_lora_rows(args, sm_count(), c10::cuda::getCurrentCUDAStream()), "forward");
 }
 
@@ -864,6 +876,13 @@ RowsShape rows_shape(int64_t block_rows, int64_t column_splits) {
     return {static_cast<int>(block_rows), static_cast<int>(column_splits)};
 }
 }  // namespace
+
+void lora_kernels_set_preround_rows(int64_t rows) {
+    TORCH_CHECK(rows >= 0, "lora_kernels_set_preround_rows: rows must be >= 0, got ", rows);
+    preround_min_rows.store(rows, std::memory_order_relaxed);
+}
+
+int64_t lora_kernels_preround_rows() { return preround_min_rows.load(std::memory_order_relaxed); }
 
 std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b, double scale,
                                          double p, const c10::optional<Tensor>& bias,

@@ -88,3 +88,6 @@ bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64
 LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count);
 cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream);
+// fp32 adapters rounded to the compute dtype (bf16 / fp16) in one launch: dst = A's na elements, then B's nb
+cudaError_t launch_lora_round_adapters(const float* a, int64_t na, const float* b, int64_t nb, void* dst,
+                                       LoraDtype dtype, cudaStream_t stream);

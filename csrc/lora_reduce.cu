@@ -50,6 +50,34 @@ cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_
                          : launch_lora_rows_forward(args, sm_count, stream);
 }
 
+namespace {
+// dst[0 … na) = a, dst[na … na + nb) = b, each element rounded to T as torch's copy_ rounds it (to nearest even)
+template <typename T>
+__global__ void __launch_bounds__(lora_kernels::kThreads) round_pair_kernel(const float* __restrict__ a, int64_t na,
+                                                                            const float* __restrict__ b, int64_t nb,
+                                                                            T* __restrict__ dst) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < na + nb; i += stride)
+        dst[i] = lora_kernels::from_float<T>(i < na ? a[i] : b[i - na]);
+}
+}  // namespace
+
+cudaError_t launch_lora_round_adapters(const float* a, int64_t na, const float* b, int64_t nb, void* dst,
+                                       LoraDtype dtype, cudaStream_t stream) {
+    const int64_t total = na + nb;
+    if (total <= 0) return cudaSuccess;
+    // a few elements a thread: ~250k elements for r16 at the 7B shapes, so the launch is the cost, not the bytes
+    const int threads = lora_kernels::kThreads;
+    const int blocks = static_cast<int>(std::min<int64_t>((total + 4 * threads - 1) / (4 * threads), 1024));
+    if (dtype == LoraDtype::kBFloat16)
+        round_pair_kernel<<<blocks, threads, 0, stream>>>(a, na, b, nb, static_cast<__nv_bfloat16*>(dst));
+    else if (dtype == LoraDtype::kFloat16)
+        round_pair_kernel<<<blocks, threads, 0, stream>>>(a, na, b, nb, static_cast<__half*>(dst));
+    else
+        return cudaErrorInvalidValue;
+    return cudaGetLastError();
+}
+
 cudaError_t launch_lora_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream) {
     using namespace lora_kernels;
     if (args.m <= 0 || plan.tiles_a + plan.tiles_b == 0) return cudaSuccess;

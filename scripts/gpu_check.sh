@@ -6,7 +6,7 @@
 #   throw   scripts/probe_cxx_throw.py (toolchain facts; does a C++ throw in an extension reach Python?)
 #   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
 #   kprobe  scripts/probe_lora_kernels.py $KPROBE (the fused kernels vs the ATen route: host, split, layer, qlayer,
-#           pieces, merged, shapes, qgemv, dequant, once, model)
+#           pieces, merged, shapes, qgemv, dequant, preround, once, model)
 #   ncu     Nsight Compute over the fused kernels, each launched once at M8192 (speed of light, occupancy, stalls)
 #   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)

@@ -12,6 +12,9 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   shapes  the rows kernel alone under each forced block shape (block_rows × column_splits) at the bench's sizes
   qgemv   decode over a 4-bit weight (NF4, double quantization): csrc/qgemv.cu alone, the whole-layer node's decode
           route (GEMM + LoRA term), bitsandbytes' gemm_4bit, dequantize + mm, the bf16 layer, the bytes' floor
+  preround  the training forward with fp32 adapters: the rows kernel rounding them as it reads them (and writing
+          the copies backward reads) against one kernel rounding both first (lora_kernels_set_preround_rows),
+          kernels alone and the node's fwd+bwd, at the 1B / 7B steps' 2048-row shapes and the bench layer's
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
           dequantize_4bit at the 7B step's weight shapes (NF4, double quantization): GPU µs and TB/s
   once    each fused kernel launched once at M8192 K=N=4096 and M2048 K=N=2048, r16, p 0 and 0.1 (for ncu:
@@ -367,6 +370,52 @@ def qgemv_table():
                   f"  floor {floor:.1f}", flush=True)
 
 
+def preround_table():
+    """fp32 adapters in a training forward: rounded inside the rows kernel (every row block reads them in fp32) or
+    rounded first by one small kernel (every row block then reads half the bytes). The forward kernels alone (do_bench
+    median µs, the copies included) and the layer's fwd+bwd (wall, GPU kernel time) through the node."""
+    import triton.testing
+
+    before = _C.lora_kernels_preround_rows()
+    print("\n=== fp32 adapters rounded in the rows kernel vs first (bf16 x, p 0 | p 0.1): forward kernels µs",
+          flush=True)
+    try:
+        for m, k, n, r in [(2048, 2048, 2048, 16), (2048, 2048, 5632, 16), (2048, 5632, 2048, 16),
+                           (2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 4096, 16),
+                           (8192, 4096, 4096, 16), (8192, 4096, 4096, 64)]:
+            x = torch.randn(m, k, device="cuda", dtype=DT)
+            a = torch.randn(r, k, device="cuda") / k**0.5
+            b = torch.randn(n, r, device="cuda") / r**0.5
+            row = []
+            for p in (0.0, 0.1):
+                times = []
+                # (bf16 adapters halve what every row block reads: 64-row blocks, which read them half as often,
+                # may now beat the rule's 32)
+                for rows, bm in ((1 << 62, 0), (0, 0), (0, 64)):
+                    _C.lora_kernels_set_preround_rows(rows)
+                    times.append(triton.testing.do_bench(
+                        lambda: _C.lora_kernels_forward(x, a, b, 2.0, p, block_rows=bm, copies=True),
+                        return_mode="median") * 1e3)
+                row.append(f"in kernel {times[0]:6.1f} first {times[1]:6.1f} first bm64 {times[2]:6.1f}")
+            print(f"  M{m} K{k} N{n} r{r}: {' | '.join(row)}", flush=True)
+        for m, k, n, r in [(2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (8192, 4096, 4096, 16)]:
+            layers = layer_models(k, n, r, 0.0, with_peft=False)
+            bare = layers["bare"]
+            impls = {"bare F.linear": lambda x, bare=bare: F.linear(x, bare.weight)}
+            for rows in (1 << 62, 0):
+                def run(x, layer=layers["pf"], rows=rows):
+                    _C.lora_kernels_set_preround_rows(rows)
+                    return layer(x)
+                impls[f"pf, {'rounded first' if rows == 0 else 'in kernel'}"] = run
+            xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
+            dy = torch.randn(m, n, device="cuda", dtype=DT)
+            print(f"\n=== layer M{m} K{k} N{n} r{r} p0 fwd+bwd, fp32 adapters: wall µs (median), GPU kernel µs",
+                  flush=True)
+            print_fwd_bwd_table(impls, xs, dy)
+    finally:
+        _C.lora_kernels_set_preround_rows(before)
+
+
 def dequant_table(reps: int = 20):
     """Dequantization alone: the QLoRA node's kernel (profiled inside an inference call of the node at 512 rows, the
     rows where the node dequantizes) and bitsandbytes' dequantize_4bit, each µs a call and the bandwidth of its
@@ -474,4 +523,4 @@ if __name__ == "__main__":
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
-         "dequant": dequant_table, "once": once, "model": model_table}[part]()
+         "dequant": dequant_table, "preround": preround_table, "once": once, "model": model_table}[part]()

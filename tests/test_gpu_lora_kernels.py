@@ -178,6 +178,37 @@ def test_lora_linear_node_with_kernels_matches_the_aten_route(dt, fp32_adapters,
         assert rel_err(g, w) < 2 * TOL[dt], (name, rel_err(g, w))
 
 
+@pytest.fixture
+def preround_rows():
+    """lora_kernels_set_preround_rows for one test, restored after it."""
+    before = _C.lora_kernels_preround_rows()
+    yield _C.lora_kernels_set_preround_rows
+    _C.lora_kernels_set_preround_rows(before)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("m,k,n,r", [(2048, 2048, 2048, 16), (777, 1024, 3000, 64)])
+def test_prerounded_fp32_adapters_give_the_same_numbers(preround_rows, m, k, n, r, p):
+    """fp32 adapters rounded by one kernel (launch_lora_round_adapters) before the rows kernel, which then reads them
+    as bf16, give what the kernel's own rounding gives, bit for bit: forward kernel, its copies, and the node's forward
+    and backward."""
+    x, a, b = _inputs(m, k, n, r, torch.bfloat16, torch.float32, seed=3)
+    layer = lora_linear_layer(k, n, r, p, torch.bfloat16, True, False).train()
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for rows in (1 << 62, 0):  # never, then always
+        preround_rows(rows)
+        torch.manual_seed(7)
+        kernel = _C.lora_kernels_forward(x, a, b, 0.5, p, copies=True)
+        runs.append((kernel, lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=7)))
+    (k_in, node_in), (k_pre, node_pre) = runs
+    assert _C.lora_kernels_preround_rows() == 0
+    for name, got, want in zip(("y", "hs", "mask", "A copy", "B copy"), k_pre, k_in):
+        assert torch.equal(got, want), name
+    for name, got, want in zip(("y", "dx", "dA", "dB"), node_pre, node_in):
+        assert torch.equal(got, want), name
+
+
 @pytest.mark.parametrize("fp32_adapters", [True, False])
 def test_lora_linear_node_dropout_uses_one_mask_forward_and_backward(fp32_adapters):
     m, k, n, r, p, dt = 2048, 1024, 768, 16, 0.1, torch.bfloat16
