@@ -49,8 +49,8 @@ __global__ void __launch_bounds__(kThreads) dequant4_kernel(Dequant4Args args) {
         if (!nested) {
             absmax[i] = __ldg(args.absmax + block);
         } else {  // two roundings, as bitsandbytes' two steps make them (no fused multiply-add)
-            absmax[i] = __fadd_rn(__fmul_rn(code2[__ldg(args.qabsmax + block)], __ldg(args.absmax2 + block / blocksize2)),
-                                  offset);
+            const float scale2 = __ldg(args.absmax2 + block / blocksize2);
+            absmax[i] = __fadd_rn(__fmul_rn(code2[__ldg(args.qabsmax + block)], scale2), offset);
         }
     }
 #pragma unroll

@@ -194,3 +194,24 @@ def test_decode_gemm_matches_the_dequantizing_route_under_generate_like_calls():
         dense = cuda_qlora.CPP_QLORA_LINEAR(*args[:-2], False, False)  # no kernels: ATen dequantization and term
     assert y.shape == (4, 1, 2048)
     assert rel_err(y, dense) < 1e-2 and rel_err(aten_term, dense) < 1e-2
+
+
+def test_replace_lora_weights_loftq_matches_peft_on_cuda(tmp_path):
+    """HF PEFT's replace_lora_weights_loftq runs only on CUDA: the same 4-bit model, the same safetensors file, the
+    same rank-r corrections (B·A; A and B each only up to the SVD's signs)."""
+    import peft as ref
+
+    torch.manual_seed(0)
+    full = tiny_llama()
+    full.save_pretrained(tmp_path)
+    models = []
+    for lib in (ref, pf):
+        quantized = quantize_linears(copy.deepcopy(full), compute_dtype=torch.float32, device="cuda").cuda()
+        model = lib.get_peft_model(quantized, lib.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+        lib.replace_lora_weights_loftq(model, str(tmp_path))
+        models.append(model)
+    layers = [[(n, m) for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))] for model in models]
+    assert [n for n, _ in layers[0]] == [n for n, _ in layers[1]] and len(layers[0]) == 4
+    for (name, theirs), (_, ours) in zip(*layers):
+        products = [m.lora_B["default"].weight.float() @ m.lora_A["default"].weight.float() for m in (theirs, ours)]
+        assert rel_err(products[1], products[0]) < 1e-4, name

@@ -831,8 +831,8 @@ def _replicate_layers(model: nn.Module, layer_map) -> Callable[[], None]:
     for pair in layer_map:
         start, end = pair if isinstance(pair, (list, tuple)) and len(pair) == 2 else (None, None)
         if type(start) is not int or type(end) is not int or not 0 <= start < end <= count:
-            raise ValueError(f"layer_replication needs [start, end) pairs with 0 <= start < end <= {count} (the model's "
-                             f"layers), got {pair!r} in {layer_map!r}")
+            raise ValueError(f"layer_replication needs [start, end) pairs with 0 <= start < end <= {count} (the "
+                             f"model's layers), got {pair!r} in {layer_map!r}")
         order.extend(range(start, end))
     new_layers = []
     for index in order:
