@@ -217,11 +217,13 @@ struct RowsShape {
 };
 
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
-// changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes: forward kernels, H200,
-// 2026-12-07 (kprobe preround, µs, in kernel → first): M2048 K4096 N4096 r16 40.0 → 33.4, K11008 N4096 69.4 → 48.9,
-// K2048 N2048 22.9 → 22.5, M8192 K=N=4096 r16 83.9 → 79.1, r64 171 → 113; with dropout 0.1 the same or better.
-// Below ~1024 rows few row blocks read the adapters, and the extra launch is not worth it (not measured there).
-std::atomic<int64_t> preround_min_rows{1024};
+// changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes. The forward kernels gain
+// (H200, 2026-12-07, kprobe preround, µs, in kernel → first): M2048 K4096 N4096 r16 40.0 → 33.4, K11008 N4096
+// 69.4 → 48.9, K2048 N2048 22.9 → 22.5, M8192 K=N=4096 r16 83.9 → 79.1, r64 171 → 113, with dropout alike; the layer's
+// fwd+bwd GPU time at 2048 rows −7 / −16 µs, at 8192 +13 (noise level). But it adds a launch (host time) to every
+// training forward, and host-bound steps (the 1B model's forward) may lose what GPU-bound ones (7B QLoRA) gain: off
+// until a bench run compares the model steps both ways.
+std::atomic<int64_t> preround_min_rows{INT64_MAX};
 
 // What a forward leaves for backward beside y: hs (M×r), with dropout the bit mask (M×K/8), and with adapters in
 // another dtype than x (fp32) their copies rounded to x's dtype, which the backward rows kernel reads (else a, b

@@ -45,8 +45,8 @@ std::vector<torch::Tensor> lora_kernels_forward(const torch::Tensor& x, const to
                                                 int64_t column_splits, bool copies, bool shrink_only);
 // From how many rows a training forward with fp32 adapters rounds them to the compute dtype in one small kernel
 // before the rows kernel, which then reads half the bytes in every row block, instead of rounding them as it reads them
-// (and writing the copies backward reads on the way). Default: from 1024 rows (lora_autograd.cpp says what was
-// measured); probes and tests set it.
+// (and writing the copies backward reads on the way). Default: never (lora_autograd.cpp says what was measured and
+// what is missing); probes and tests set it.
 void lora_kernels_set_preround_rows(int64_t rows);
 int64_t lora_kernels_preround_rows();
 std::vector<torch::Tensor> lora_kernels_backward(const torch::Tensor& dy, const torch::Tensor& x,
