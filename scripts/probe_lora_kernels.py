@@ -481,7 +481,10 @@ def model_table():
     cpu = LlamaForCausalLM(LLAMA_1B.config()).to(DT)
     ids = torch.randint(0, 32000, (2, 1024), device="cuda")
 
-    def run(name, lib=None, kernels=True, rounds=3):
+    def run(name, lib=None, kernels=True, rounds=3, preround=None):
+        before = _C.lora_kernels_preround_rows()
+        if preround is not None:  # fp32 adapters rounded first from this many rows (lora_kernels_set_preround_rows)
+            _C.lora_kernels_set_preround_rows(preround)
         model = copy.deepcopy(cpu).cuda()
         if lib is None:
             model.requires_grad_(False)
@@ -509,11 +512,13 @@ def model_table():
         del model, opt
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        _C.lora_kernels_set_preround_rows(before)
 
     run("base (frozen, fwd+bwd)")
     run("HF PEFT", peft)
     run("pf node, ATen route", peft_fast, kernels=False)
     run("pf node, fused kernels", peft_fast, kernels=True)
+    run("pf fused, adapters rounded 1st", peft_fast, kernels=True, preround=0)  # (the default's A/B)
 
 
 if __name__ == "__main__":
