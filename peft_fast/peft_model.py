@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .prompt_learning import PromptLearningMixin
+from .tuners.lora import alora
 from .tuner_status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: F401
 from .utils.atomic_save import recover_interrupted_save, write_files_atomically, write_text
 from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -53,7 +54,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
             raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
         self.active_adapter = adapter_name
         self.peft_type = peft_config.peft_type
-        self.special_peft_forward_args = {"adapter_names"}
+        self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
         self._is_prompt_learning = peft_config.is_prompt_learning
         if self.peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
             raise ValueError(f"peft_type {self.peft_type} is not supported by peft_fast.")
@@ -603,6 +604,7 @@ class PeftModelForCausalLM(PeftModel):
         if self.active_peft_config.is_prompt_learning:
             return self._prompt_forward_causal_lm(input_ids, attention_mask, inputs_embeds, labels, output_attentions,
                                                   output_hidden_states, return_dict, task_ids, kwargs)
+        kwargs = alora.get_alora_offsets_for_forward(self, input_ids, inputs_embeds, **kwargs)
         return PeftModel.forward(self, **_given(input_ids=input_ids, attention_mask=attention_mask,
                                                 inputs_embeds=inputs_embeds, labels=labels,
                                                 output_attentions=output_attentions,
@@ -611,6 +613,7 @@ class PeftModelForCausalLM(PeftModel):
 
     def generate(self, *args, **kwargs):
         if not self.active_peft_config.is_prompt_learning:
+            kwargs = alora.get_alora_offsets_for_generate(self, *args, **kwargs)
             return PeftModel.generate(self, *args, **kwargs)
         if getattr(self, "_prompt_generation_disabled", False):
             return self.base_model.generate(*args, **kwargs)

@@ -16,7 +16,6 @@ from torch import nn
 
 from ... import ops
 from ...ops import cuda_qlora
-from ..tuners_utils import check_adapters_to_merge
 from .config import LoraConfig
 from .dora import DoraLinearLayer
 from .layer import Linear, LoraLayer
@@ -83,7 +82,7 @@ class _BnbLinear(Linear):
         raise NotImplementedError
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        for adapter in check_adapters_to_merge(self, adapter_names):
+        for adapter in self._adapters_to_merge(adapter_names):
             if adapter not in self.lora_A:
                 continue
             warnings.warn(f"Merge lora module to {self._bits}-bit linear may get different generations due to rounding "

@@ -18,7 +18,6 @@ _UNSUPPORTED_FIELDS = {
     "eva_config": None,
     "lora_ga_config": None,
     "velora_config": None,
-    "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
     "use_bdlora": None,
@@ -119,7 +118,10 @@ class LoraConfig(PeftConfig):
     lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-Decomposed Low-Rank Adaptation (DoRA)."})
     velora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
-    alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": "Not supported."})
+    alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": (
+        "Activated LoRA (aLoRA): the token ids of the invocation sequence; the adapter acts only from the last "
+        "occurrence of this sequence in an input to its end (and on every token generated after it), so the KV cache "
+        "before it is the base model's. Linear layers only; cannot be merged.")})
     use_qalora: bool = field(default=False, metadata={"help": "Not supported by peft_fast."})
     qalora_group_size: int = field(default=16, metadata={"help": "Not used by peft_fast."})
     monteclora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
@@ -158,6 +160,19 @@ class LoraConfig(PeftConfig):
             self.corda_config = CordaConfig()
         elif self.init_lora_weights != "corda" and self.corda_config is not None:
             warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
+
+    def _check_alora(self) -> None:
+        tokens = self.alora_invocation_tokens
+        if tokens is None:
+            return
+        if (isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__") or len(tokens) == 0
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+            raise ValueError(f"`alora_invocation_tokens` must be a non-empty list of token ids (ints), got {tokens!r}")
+        self.alora_invocation_tokens = list(tokens)
+        if self.use_dora:
+            raise ValueError("aLoRA (alora_invocation_tokens) cannot be combined with DoRA (use_dora=True).")
+        if self.task_type != "CAUSAL_LM":
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.")
 
     def _validate(self) -> None:
         for name in ("target_modules", "exclude_modules"):
@@ -217,6 +232,7 @@ class LoraConfig(PeftConfig):
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
         if self.use_dora and self.lora_bias:
             raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        self._check_alora()
         if self.use_rslora and isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
             warnings.warn(
                 "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "

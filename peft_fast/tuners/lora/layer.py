@@ -21,6 +21,7 @@ from ...utils import loftq_utils
 from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from .alora import add_alora_term
 from .config import LoraConfig, loftq_settings
 from .dora import DoraConvLayer, DoraEmbeddingLayer, DoraLinearLayer
 
@@ -37,6 +38,7 @@ def _conv1d_class():
 class LoraLayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    _supports_alora = False  # (Linear and its bitsandbytes subclasses)
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -50,6 +52,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_embedding_B = nn.ParameterDict({})
         self.lora_magnitude_vector = nn.ModuleDict()
         self.use_dora: dict[str, bool] = {}
+        self.use_alora: dict[str, bool] = {}  # aLoRA adapters (alora_invocation_tokens): tuners/lora/alora.py
+        self._alora_offsets_for_recompute = None  # (alora.offsets_for_recompute)
         self.use_rslora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self._disable_adapters = False
@@ -86,6 +90,10 @@ class LoraLayer(BaseTunerLayer):
         """Add (or replace) adapter `adapter_name` of rank r in this layer."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        use_alora = config.alora_invocation_tokens is not None
+        if use_alora and not self._supports_alora:
+            raise ValueError(f"aLoRA adapts linear layers only, not {type(self).__name__} layers (here around "
+                             f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
         lora_bias = config.lora_bias
         if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             warnings.warn(
@@ -104,6 +112,7 @@ class LoraLayer(BaseTunerLayer):
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         self.use_rslora[adapter_name] = config.use_rslora
         self.use_dora[adapter_name] = config.use_dora
+        self.use_alora[adapter_name] = use_alora
 
         init = config.init_lora_weights
         if isinstance(init, str) and init.startswith("pissa"):
@@ -321,9 +330,18 @@ class LoraLayer(BaseTunerLayer):
         self._caches[f"{adapter}-weight_norm"] = weight_norm
         return (factor * (self.get_base_layer().weight.data + delta)).to(weight.dtype)
 
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        """check_adapters_to_merge, refusing aLoRA adapters (before anything is merged)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        alora = [name for name in adapter_names if self.use_alora.get(name, False)]
+        if alora:
+            raise ValueError(f"aLoRA adapters cannot be merged: they act only from their invocation tokens on, which "
+                             f"no weight can express ({', '.join(alora)}).")
+        return adapter_names
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the given (default: active) adapters into the base weight; safe_merge checks for NaN/inf first."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = self._adapters_to_merge(adapter_names)
         base_layer = self.get_base_layer()
         for adapter in adapter_names:
             if not self._has_adapter(adapter):
@@ -413,15 +431,21 @@ class LoraLayer(BaseTunerLayer):
             groups.append((rows, self._adapter_term(name)))
         return groups
 
-    def _lora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Add the active adapters' terms to `result`, in order (runs of plain LoRA go to ops in one call)."""
+    def _lora_forward(self, x: torch.Tensor, result: torch.Tensor, alora_offsets: Optional[list] = None
+                      ) -> torch.Tensor:
+        """Add the active adapters' terms to `result`, in order (runs of plain LoRA go to ops in one call); an aLoRA
+        adapter's only at the tokens alora_offsets activate (none without offsets)."""
         out_dtype = result.dtype
         pending: list[ops.LoraTerm] = []
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue
             x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
-            if self.use_dora.get(adapter, False):
+            if self.use_alora.get(adapter, False):
+                result = ops.lora_linear(x, result, pending) if pending else result
+                pending = []
+                result = add_alora_term(x, result, self._adapter_term(adapter), alora_offsets)
+            elif self.use_dora.get(adapter, False):
                 result = ops.lora_linear(x, result, pending) if pending else result
                 pending = []
                 result = self._dora_forward(adapter, x, result)
@@ -452,19 +476,26 @@ class LoraLayer(BaseTunerLayer):
         )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = None
+        adapter_names = alora_offsets = None
         if kwargs:
             self._check_forward_args(x, *args, **kwargs)
             adapter_names = kwargs.pop("adapter_names", None)
+            alora_offsets = kwargs.pop("alora_offsets", None)  # (LoraModel's hooks give them to every LoRA layer)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             result = self.base_layer(x, *args, **kwargs)
+            if any(self.use_alora.get(name, False) for name in set(adapter_names)):
+                return self._mixed_batch_forward_with_alora(x, result, adapter_names, alora_offsets)
             return self._mixed_batch_forward(x, result, adapter_names)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if any(self.use_alora.get(name, False) for name in self.active_adapters):
+            if alora_offsets is None:  # inside a gradient-checkpointed layer (alora.offsets_for_recompute)
+                alora_offsets = self._alora_offsets_for_recompute
+            return self._lora_forward(x, self.base_layer(x, *args, **kwargs), alora_offsets)
         return self._unmerged_forward(x, *args, **kwargs)
 
     def _unmerged_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -472,6 +503,20 @@ class LoraLayer(BaseTunerLayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         return ops.lora_linear_mixed_batch(x, result, self._mixed_batch_groups(adapter_names))
+
+    def _mixed_batch_forward_with_alora(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str],
+                                        alora_offsets: Optional[list]) -> torch.Tensor:
+        """A mixed batch (inference) in which some rows ask for aLoRA adapters: the other rows as
+        _mixed_batch_forward, then each aLoRA row's adapter at the tokens its own offset activates."""
+        plain = [BASE_ADAPTER_NAME if self.use_alora.get(name, False) else name for name in adapter_names]
+        result = self._mixed_batch_forward(x, result, plain)
+        for name in dict.fromkeys(adapter_names):
+            if not self.use_alora.get(name, False) or not self._has_adapter(name):
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            offsets = None if alora_offsets is None else [alora_offsets[i] for i in rows]
+            result[rows] = add_alora_term(x[rows], result[rows], self._adapter_term(name), offsets)
+        return result
 
 
 class _LoraModule(nn.Module, LoraLayer):
@@ -504,6 +549,8 @@ class _LoraModule(nn.Module, LoraLayer):
 
 class Linear(_LoraModule):
     """LoRA around nn.Linear, or transformers' Conv1D (weight stored in×out: fan_in_fan_out=True)."""
+
+    _supports_alora = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, is_target_conv_1d_layer: bool = False, **kwargs) -> None:

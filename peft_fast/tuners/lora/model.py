@@ -16,6 +16,7 @@ from ...utils.other import (
     get_pattern_key,
 )
 from ..tuners_utils import BaseTuner, _replicate_layers
+from .alora import offsets_for_recompute
 from .config import LoraConfig
 from .bnb import dispatch_bnb
 from . import tying, weighted
@@ -24,8 +25,8 @@ from .multihead_attention import MultiheadAttention
 from .param_wrapper import ParamWrapper
 
 
-def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
-    kwargs["adapter_names"] = adapter_names
+def _forward_kwargs_pre_hook(target, args, kwargs, extra):
+    kwargs.update(extra)
     return args, kwargs
 
 
@@ -189,29 +190,42 @@ class LoraModel(BaseTuner):
 
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """While active, every LoRA layer gets `adapter_names` (mixed-batch inference)."""
+        """While active, every LoRA layer gets `adapter_names` (mixed-batch inference) and `alora_offsets` (aLoRA;
+        also in the recomputation of gradient-checkpointed layers, after the context has closed)."""
         adapter_names = kwargs.pop("adapter_names", None)
-        if adapter_names is None:
+        alora_offsets = kwargs.pop("alora_offsets", None)
+        if adapter_names is None and alora_offsets is None:
             yield
             return
-        if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        expected = set(self.peft_config) | {BASE_ADAPTER_NAME}
-        unknown = sorted(set(adapter_names) - expected)
-        if unknown:
-            raise ValueError(
-                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; available: {sorted(expected)}"
-            )
         num_beams = kwargs.get("num_beams")
-        if num_beams and num_beams > 1:
-            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        if alora_offsets is not None and isinstance(num_beams, int) and num_beams > 1:
+            raise ValueError("Beam search not yet supported for aLoRA.")
+        to_layers = {} if alora_offsets is None else {"alora_offsets": alora_offsets}
+        if adapter_names is not None:
+            if self.training:
+                raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+            expected = set(self.peft_config) | {BASE_ADAPTER_NAME}
+            unknown = sorted(set(adapter_names) - expected)
+            if unknown:
+                raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; available: "
+                                 f"{sorted(expected)}")
+            if num_beams and num_beams > 1:
+                adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+            to_layers["adapter_names"] = adapter_names
+        recompute = offsets_for_recompute(self.model, alora_offsets) if alora_offsets is not None else None
         handles = []
         try:
-            for module in self.modules():
-                if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
-                    hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
+            with recompute or contextlib.nullcontext():
+                for module in self.modules():
+                    if isinstance(module, LoraLayer):
+                        extra = to_layers
+                    elif isinstance(module, AuxiliaryTrainingWrapper) and adapter_names is not None:
+                        extra = {"adapter_names": adapter_names}  # (modules_to_save copies: no offsets)
+                    else:
+                        continue
+                    hook = partial(_forward_kwargs_pre_hook, extra=extra)
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            yield
+                yield
         finally:
             for handle in handles:
                 handle.remove()
