@@ -20,6 +20,9 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   once    each fused kernel launched once at M8192 K=N=4096 and M2048 K=N=2048, r16, p 0 and 0.1 (for ncu:
           scripts/gpu_check.sh ncu)
   model   the bench's 1B Llama LoRA step (r16 all-linear, 2×1024, bf16 autocast, dropout 0.05, AdamW): tok/s, GPU ms
+          (with a row of the fp32 adapters rounded first: that default's A/B)
+  consumer  the bench's 7B-shaped QLoRA step (batch 1, checkpointing): HF PEFT + bitsandbytes, peft_fast, and peft_fast
+          with the fp32 adapters rounded first: wall ms, GPU ms
 Run on the device with the project built (scripts/gpu_check.sh kprobe):  python3 scripts/probe_lora_kernels.py [parts]
 """
 
@@ -521,6 +524,44 @@ def model_table():
     run("pf fused, adapters rounded 1st", peft_fast, kernels=True, preround=0)  # (the default's A/B)
 
 
+def consumer_table(rounds: int = 3):
+    """The 7B-shaped QLoRA step of the consumer bench case (NF4 + double quantization, r16 on every linear, gradient
+    checkpointing, AdamW, 1×2048), each implementation built on the GPU in turn: wall ms (CUDA events, median of the
+    rounds' medians) and GPU kernel ms of one step."""
+    import gc
+
+    from peft_fast.benchmark.consumer import ConsumerQLoraCase
+
+    case = ConsumerQLoraCase()
+    case.prepare(torch.device("cuda"), DT)
+    print("\n=== consumer: 7B-shaped QLoRA step (NF4 double quantization, r16 all linears, checkpointing, 1x2048)",
+          flush=True)
+    before = _C.lora_kernels_preround_rows()
+    try:
+        for name, lib, preround in (("HF PEFT + bitsandbytes", "peft", None), ("peft_fast", "peft_fast", None),
+                                    ("peft_fast, adapters rounded 1st", "peft_fast", 0)):
+            _C.lora_kernels_set_preround_rows(before if preround is None else preround)
+            impl = case.build(lib)
+            if impl is None:
+                print(f"  {name:32s} not available (bitsandbytes missing?)", flush=True)
+                continue
+
+            def step(impl=impl):
+                impl.step(0)
+
+            walls = [wall_us(step, n=3, warm=1) for _ in range(rounds)]
+            gpu = kernel_time_ms(step, torch.device("cuda"))
+            print(f"  {name:32s} wall {statistics.median(walls) / 1e3:7.1f} ms (rounds "
+                  f"{', '.join(f'{w / 1e3:.1f}' for w in walls)})  GPU kernels {gpu:7.1f} ms  "
+                  f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+            del impl, step
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    finally:
+        _C.lora_kernels_set_preround_rows(before)
+
+
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["pieces", "host", "layer", "model"]
     print(torch.__version__, torch.cuda.get_device_name(), "kernels built:", hasattr(_C, "lora_kernels_forward"),
@@ -528,4 +569,5 @@ if __name__ == "__main__":
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
-         "dequant": dequant_table, "preround": preround_table, "once": once, "model": model_table}[part]()
+         "dequant": dequant_table, "preround": preround_table, "once": once, "model": model_table,
+         "consumer": consumer_table}[part]()
