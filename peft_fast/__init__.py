@@ -55,6 +55,8 @@ from .tuners import (
     PromptTuningInit,
     TrainableTokensConfig,
     TrainableTokensModel,
+    convert_to_lora,
+    save_as_lora,
 )
 from .utils import (
     NoMatchingPeftModuleError,
@@ -130,6 +132,8 @@ __all__ = [
     "load_peft_weights",
     "prepare_model_for_kbit_training",
     "replace_lora_weights_loftq",
+    "convert_to_lora",
+    "save_as_lora",
     "cast_mixed_precision_params",
 ]
 

@@ -43,16 +43,21 @@ def test_public_names_and_module_paths():
                  "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
                  "get_peft_model", "get_peft_config", "inject_adapter_in_model", "get_peft_model_state_dict",
                  "set_peft_model_state_dict", "prepare_model_for_kbit_training", "cast_mixed_precision_params",
-                 "LoraConfig", "PeftConfig", "PeftType", "TaskType", "LoraModel"):
+                 "LoraConfig", "PeftConfig", "PeftType", "TaskType", "LoraModel", "LoftQConfig",
+                 "replace_lora_weights_loftq", "convert_to_lora", "save_as_lora"):
         assert hasattr(pf, name), name
+    assert pf.tuners.lora.convert_to_lora is pf.convert_to_lora is pf.tuners.convert_to_lora
+    assert pf.utils.replace_lora_weights_loftq is pf.replace_lora_weights_loftq
     assert issubclass(pf.LoraModel, BaseTuner)
     assert issubclass(layer_mod.LoraLayer, BaseTunerLayer)
     assert other_mod.ModulesToSaveWrapper is pf.utils.ModulesToSaveWrapper
     for method in ("inject_adapter", "merge_adapter", "unmerge_adapter", "_prepare_adapter_config",
                    "_create_and_replace", "_check_target_module_exists", "delete_adapter", "set_adapter",
-                   "merge_and_unload", "unload", "enable_adapter_layers", "disable_adapter_layers"):
+                   "merge_and_unload", "unload", "enable_adapter_layers", "disable_adapter_layers",
+                   "supports_lora_conversion"):
         assert callable(getattr(BaseTuner, method)), method
-    for method in ("get_base_layer", "set_adapter", "enable_adapters", "delete_adapter", "merge", "unmerge"):
+    for method in ("get_base_layer", "set_adapter", "enable_adapters", "delete_adapter", "merge", "unmerge",
+                   "supports_lora_conversion"):
         assert callable(getattr(BaseTunerLayer, method)), method
 
 

@@ -1,6 +1,6 @@
 from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
-from .lora import LoftQConfig, LoraConfig, LoraModel
+from .lora import LoftQConfig, LoraConfig, LoraModel, convert_to_lora, save_as_lora
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
@@ -12,5 +12,5 @@ __all__ = [
     "BaseTunerLayer", "BasePromptEncoder",
     "PrefixTuningConfig", "PrefixEncoder", "PromptTuningConfig", "PromptTuningInit", "PromptEmbedding",
     "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptEncoder", "TrainableTokensConfig",
-    "TrainableTokensModel",
+    "TrainableTokensModel", "convert_to_lora", "save_as_lora",
 ]

@@ -133,6 +133,11 @@ class BaseTunerLayer(ABC):
     _active_adapter: Union[str, list[str]] = "default"
     merged_adapters: list[str] = []
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether this layer's adapter is W + ΔW with ΔW a plain matrix, which `convert_to_lora` can approximate by
+        a rank-r LoRA (linear layers of additive methods)."""
+        return False
+
     def get_base_layer(self) -> nn.Module:
         base_layer = self
         while hasattr(base_layer, "base_layer"):
@@ -330,6 +335,11 @@ class BaseTuner(nn.Module, ABC):
             if name == "model":  # avoid infinite recursion while the tuner is being built
                 raise
             return getattr(self.model, name)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether every adapter layer of the model can be converted to LoRA (`convert_to_lora`)."""
+        return all(module.supports_lora_conversion(adapter_name) for module in self.model.modules()
+                   if isinstance(module, BaseTunerLayer))
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:

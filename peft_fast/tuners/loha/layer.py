@@ -82,6 +82,9 @@ class _LoHaModule(LoHaLayer):
 class Linear(_LoHaModule):
     """LoHa around nn.Linear."""
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
 
 class Conv1d(_LoHaModule):
     """LoHa around nn.Conv1d."""

@@ -132,6 +132,9 @@ class _LoKrModule(LoKrLayer):
 class Linear(_LoKrModule):
     """LoKr around nn.Linear."""
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
 
 class Conv1d(_LoKrModule):
     """LoKr around nn.Conv1d."""

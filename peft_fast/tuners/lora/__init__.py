@@ -1,4 +1,5 @@
 from .config import CordaConfig, LoftQConfig, LoraConfig
+from .conversion import convert_to_lora, save_as_lora
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
@@ -13,4 +14,6 @@ __all__ = [
     "Conv2d",
     "Conv3d",
     "LoraModel",
+    "convert_to_lora",
+    "save_as_lora",
 ]

@@ -552,6 +552,10 @@ class Linear(_LoraModule):
 
     _supports_alora = True
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # (DoRA rescales W + ΔW and aLoRA acts on some tokens only: neither is a plain ΔW)
+        return not self.use_dora.get(adapter_name, False) and not self.use_alora.get(adapter_name, False)
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, is_target_conv_1d_layer: bool = False, **kwargs) -> None:
         super().__init__(base_layer, adapter_name, config, r, lora_alpha, **kwargs)
