@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...utils.loftq_utils import low_rank_decomposition
 from .layer import Embedding, Linear, LoraLayer
 
 
@@ -46,10 +47,8 @@ def _mitigated(layer: LoraLayer, adapter: str, top_k: int, threshold_epsilon: fl
     root = s[intruders].sqrt()
     removed = (u[:, intruders] * root) @ (root[:, None] * vh[intruders])
     delta = (merged - (1 - mitigation_lambda) * removed - base) / layer.scaling[adapter]
-    u_d, s_d, vh_d = torch.linalg.svd(delta, full_matrices=False)
-    r = layer.r[adapter]
-    root_d = s_d[:r].sqrt()
-    return u_d[:, :r] * root_d, root_d[:, None] * vh_d[:r], intruders.numel()
+    new_b, new_a = low_rank_decomposition(delta, layer.r[adapter])
+    return new_b, new_a, intruders.numel()
 
 
 @torch.no_grad()
