@@ -66,21 +66,24 @@ class _SafetensorsWeights:
     FILE = "model.safetensors"
 
     def __init__(self, model: nn.Module, model_path: Optional[str]):
+        from safetensors import safe_open
+
         if model_path is None:
             model_path = self._saved_model_dir(model)
         path = model_path if model_path.endswith(self.FILE) else os.path.join(model_path, self.FILE)
-        self.files: dict[str, str] = {}  # tensor name → file holding it
         if os.path.exists(path):
-            self.single = path
+            self.source = path
+            with safe_open(path, framework="pt", device="cpu") as f:
+                self.files = dict.fromkeys(f.keys(), path)  # tensor name → file holding it
         else:
             folder = os.path.dirname(path)
             index = os.path.join(folder, self.FILE + ".index.json")
             if not os.path.exists(index):
                 raise FileNotFoundError(f"Could not find file for {path}, ensure that there is a (sharded) safetensors "
                                         "file of the model.")
+            self.source = f"the files of {index}"
             with open(index) as f:
                 self.files = {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
-            self.single = None
         self.base_model_prefix = getattr(model.get_base_model(), "base_model_prefix", None)
 
     @staticmethod
@@ -105,22 +108,15 @@ class _SafetensorsWeights:
 
     def _locate(self, name: str) -> tuple[str, str]:
         """(file, key) of the tensor `name`; a saved base model may lack the prefix of the task model's names."""
-        from safetensors import safe_open
-
         names = [name]
         prefix = f"{self.base_model_prefix}." if self.base_model_prefix else None
         if prefix and name.startswith(prefix):
             names.append(name[len(prefix):])
         for key in names:
-            if self.single is None:
-                if key in self.files:
-                    return self.files[key], key
-            else:
-                with safe_open(self.single, framework="pt", device="cpu") as f:
-                    if key in f.keys():
-                        return self.single, key
+            if key in self.files:
+                return self.files[key], key
         raise ValueError(f"The saved model has no tensor {name!r} (looked for {' or '.join(map(repr, names))} in "
-                         f"{self.single or 'the files of ' + self.FILE + '.index.json'}).")
+                         f"{self.source}).")
 
     def shape(self, name: str) -> tuple[int, ...]:
         from safetensors import safe_open
