@@ -143,6 +143,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "from how many rows a training forward rounds fp32 adapters before the rows kernel (probes and tests)",
           py::arg("rows"));
     m.def("lora_kernels_preround_rows", &lora_kernels_preround_rows);
+    m.def("lora_kernels_set_two_pass_rows", &lora_kernels_set_two_pass_rows,
+          "from how many rows the rows kernels run as two launches, and the second's rows a block (probes and tests)",
+          py::arg("rows"), py::arg("pass2_rows") = 64);
+    m.def("lora_kernels_two_pass_rows", &lora_kernels_two_pass_rows);
     m.def("lora_kernels_backward", &lora_kernels_backward, "the fused LoRA backward kernels alone (tests)",
           py::arg("dy"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("hs"), py::arg("mask"),
           py::arg("scale"), py::arg("p"), py::arg("need_x") = true, py::arg("need_a") = true, py::arg("need_b") = true,

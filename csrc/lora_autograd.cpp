@@ -225,6 +225,18 @@ struct RowsShape {
 // until a bench run compares the model steps both ways.
 std::atomic<int64_t> preround_min_rows{INT64_MAX};
 
+// From how many rows the rows kernels run as two launches (LoraRowsArgs::two_pass: phase 1 alone, then phase 2 alone
+// in pass2_block_rows-row blocks with split columns), forward and backward (lora_kernels_set_two_pass_rows changes
+// both; INT64_MAX: never). Off until the bench's shapes are measured both ways (scripts/probe_lora_kernels.py
+// twopass).
+std::atomic<int64_t> two_pass_min_rows{INT64_MAX};
+std::atomic<int> pass2_block_rows{64};
+
+void set_two_pass(LoraRowsArgs& args, int64_t m) {
+    args.two_pass = m >= two_pass_min_rows.load(std::memory_order_relaxed);
+    args.pass2_rows = pass2_block_rows.load(std::memory_order_relaxed);
+}
+
 // What a forward leaves for backward beside y: hs (M×r), with dropout the bit mask (M×K/8), and with adapters in
 // another dtype than x (fp32) their copies rounded to x's dtype, which the backward rows kernel reads (else a, b
 // are the adapters themselves)
@@ -284,6 +296,7 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     args.block_rows = shape.block_rows;
     args.column_splits = shape.column_splits;
     if (copies && !preround) args.w1_copy = saved.a.data_ptr(), args.w2_copy = saved.b.data_ptr();
+    set_two_pass(args, m);
     check(launch_lora_rows(args, sm_count(), c10::cuda::getCurrentCUDAStream()), "forward");
 }
 
@@ -347,6 +360,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
         args.zero_count = counters != nullptr ? plan.counters : 0;
         args.block_rows = shape.block_rows;
         args.column_splits = shape.column_splits;
+        set_two_pass(args, m);
         check(launch_lora_rows(args, sms, stream), "backward rows");
     }
     if (!reduce_pass) return g;
@@ -889,6 +903,19 @@ void lora_kernels_set_preround_rows(int64_t rows) {
 }
 
 int64_t lora_kernels_preround_rows() { return preround_min_rows.load(std::memory_order_relaxed); }
+
+void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows) {
+    TORCH_CHECK(rows >= 0, "lora_kernels_set_two_pass_rows: rows must be >= 0, got ", rows);
+    TORCH_CHECK(pass2_rows == 0 || pass2_rows == 16 || pass2_rows == 32 || pass2_rows == 64,
+                "lora_kernels_set_two_pass_rows: pass2_rows must be 0 (the launcher's rule), 16, 32 or 64, got ",
+                pass2_rows);
+    two_pass_min_rows.store(rows, std::memory_order_relaxed);
+    pass2_block_rows.store(static_cast<int>(pass2_rows), std::memory_order_relaxed);
+}
+
+std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows() {
+    return {two_pass_min_rows.load(std::memory_order_relaxed), pass2_block_rows.load(std::memory_order_relaxed)};
+}
 
 std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, const Tensor& lora_b, double scale,
                                          double p, const c10::optional<Tensor>& bias,

@@ -49,6 +49,10 @@ std::vector<torch::Tensor> lora_kernels_forward(const torch::Tensor& x, const to
 // what is missing); probes and tests set it.
 void lora_kernels_set_preround_rows(int64_t rows);
 int64_t lora_kernels_preround_rows();
+// From how many rows the rows kernels run as two launches (phase 1 alone, then phase 2 alone in pass2_rows-row
+// blocks, 0: the launcher's rule), forward and backward. Default: never (lora_autograd.cpp); probes and tests set it.
+void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows);
+std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows();
 std::vector<torch::Tensor> lora_kernels_backward(const torch::Tensor& dy, const torch::Tensor& x,
                                                  const torch::Tensor& lora_a, const torch::Tensor& lora_b,
                                                  const torch::Tensor& hs, const c10::optional<torch::Tensor>& mask,

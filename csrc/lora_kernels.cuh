@@ -467,8 +467,9 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     const bool first_y = blockIdx.y == 0;
     if (blockIdx.x == 0 && first_y)
         for (int i = threadIdx.x; i < args.zero_count; i += kThreads) args.zero[i] = 0;
+    const bool phase2_only = args.small_ready;  // (small holds phase 1's result: LoraRowsArgs::two_pass)
 
-    const bool dropout = !BWD && args.p > 0.f;
+    const bool dropout = !BWD && args.p > 0.f && !phase2_only;
     uint64_t seed = 0, offset = 0;
     if (dropout) {
         const LoraPhilox& ph = args.philox;
@@ -483,7 +484,7 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     using XStage = RowStage<T, BM, BK, Cfg::LDX>;
     using W1Stage = std::conditional_t<BWD, RankStage<TA, BK, R, Cfg::LD1>, RowStage<TA, R, BK, Cfg::LD1>>;
     using B1Layout = std::conditional_t<BWD, wmma::row_major, wmma::col_major>;
-    const int tiles1 = (K1 + BK - 1) / BK;
+    const int tiles1 = phase2_only ? 0 : (K1 + BK - 1) / BK;
     auto issue = [&](int t) {  // tile t's copies into stage t % S; one commit group per call, empty past the end
         if (t < tiles1) {
             const int st = t % S, k0 = t * BK;
@@ -559,22 +560,30 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
 #pragma unroll
         for (int i = 0; i < S2 - 1; ++i) issue2(i);
 
-    // k-split partial sums → shared floats → scale, round to T → Hs (and the global M×r copy)
-#pragma unroll
-    for (int i = 0; i < Cfg::FPW1; ++i) {
-        const int f = group * Cfg::FPW1 + i, mb = f / (R / 16), jb = f % (R / 16);
-        wmma::store_matrix_sync(fs + (ks * BM + mb * 16) * Cfg::LDR + jb * 16, acc1[i], Cfg::LDR, wmma::mem_row_major);
-    }
-    __syncthreads();
     T* small = static_cast<T*>(args.small);
-    for (int e = threadIdx.x; e < BM * R; e += kThreads) {
-        const int m = e / R, j = e % R;
-        float v = 0.f;
+    if (phase2_only) {  // Hs as phase 1 of the launch before wrote it (the same rounded values, zero-padded)
+        for (int e = threadIdx.x; e < BM * R; e += kThreads) {
+            const int m = e / R, j = e % R;
+            hs[m * Cfg::LDH + j] =
+                j < r && m0 + m < M ? small[static_cast<int64_t>(m0 + m) * r + j] : from_float<T>(0.f);
+        }
+    } else {  // k-split partial sums → shared floats → scale, round to T → Hs (and the global M×r copy)
 #pragma unroll
-        for (int q = 0; q < Cfg::KS1; ++q) v += fs[(q * BM + m) * Cfg::LDR + j];
-        const T h = from_float<T>(v * args.scale);
-        hs[m * Cfg::LDH + j] = h;
-        if (small != nullptr && first_y && j < r && m0 + m < M) small[static_cast<int64_t>(m0 + m) * r + j] = h;
+        for (int i = 0; i < Cfg::FPW1; ++i) {
+            const int f = group * Cfg::FPW1 + i, mb = f / (R / 16), jb = f % (R / 16);
+            wmma::store_matrix_sync(fs + (ks * BM + mb * 16) * Cfg::LDR + jb * 16, acc1[i], Cfg::LDR,
+                                    wmma::mem_row_major);
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < BM * R; e += kThreads) {
+            const int m = e / R, j = e % R;
+            float v = 0.f;
+#pragma unroll
+            for (int q = 0; q < Cfg::KS1; ++q) v += fs[(q * BM + m) * Cfg::LDR + j];
+            const T h = from_float<T>(v * args.scale);
+            hs[m * Cfg::LDH + j] = h;
+            if (small != nullptr && first_y && j < r && m0 + m < M) small[static_cast<int64_t>(m0 + m) * r + j] = h;
+        }
     }
     if (t_begin >= t_end) return;  // (forward inference without out, backward without dx: Hs was the point)
     __syncthreads();  // Hs complete; the k-split sums consumed (the w2 tiles in T take their bytes)
@@ -695,8 +704,10 @@ cudaError_t launch_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t str
     // probe_lora_kernels.py shapes, 2026-12-06 18:34 UTC):
     //   M2048 K4096 N4096   47/46 vs 54/60      M2048 K4096 N11008  74/74 vs 74/114     M2048 K11008 N4096  85/81 vs 116/88
     //   M2048 K2048 N8192   52/52 vs 50/83      M16 K=N=4096: unsplit 47/40, split over 16 blocks 31/21
+    // Phase 2 alone (two_pass): columns split for about four blocks a multiprocessor; nothing is recomputed.
     int y = 1;
     if (args.column_splits > 0) y = min(n_tiles, args.column_splits);
+    else if (args.small_ready) y = max(1, min(n_tiles, (4 * sm_count + m_blocks - 1) / m_blocks));
     else if (2 * m_blocks <= sm_count) y = max(1, min(n_tiles, (2 * sm_count + m_blocks - 1) / m_blocks));
     lora_rows_kernel<T, TA, R, BM, BWD><<<dim3(m_blocks, y), kThreads, Cfg::SMEM, stream>>>(args);
     return cudaGetLastError();

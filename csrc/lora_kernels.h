@@ -55,6 +55,13 @@ struct LoraRowsArgs {
     int zero_count = 0;   // which runs next on the stream: no memset launch of their own)
     int block_rows = 0;     // rows per block (16, 32 or 64) and phase-2 column splits; 0: the launcher's rule
     int column_splits = 0;  // (tests and scripts/probe_lora_kernels.py force others)
+    // Two launches instead of one (needs small and out): phase 1 alone writes small, in block_rows-row blocks; then
+    // phase 2 alone reads it back, in pass2_rows-row blocks (0: the launcher's rule) with its columns split over
+    // column_splits blocks (0: the launcher's rule). Each phase then gets the block shape that suits it: the one-pass
+    // kernel's row blocks read the whole of both adapters, and few rows a block means much adapter traffic per row.
+    bool two_pass = false;
+    int pass2_rows = 0;
+    bool small_ready = false;  // (set by launch_lora_rows: this launch is phase 2 alone, small written before it)
 };
 
 // dA = gsᵀ drop(x) (r×K) and dB = dyᵀ hs (N×r), in the adapters' dtype; grad_a / grad_b null skips that one.

@@ -46,8 +46,22 @@ LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool gr
 
 cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream) {
     if (args.m <= 0) return cudaSuccess;
-    return args.backward ? launch_lora_rows_backward(args, sm_count, stream)
-                         : launch_lora_rows_forward(args, sm_count, stream);
+    auto launch = [&](const LoraRowsArgs& a) {
+        return a.backward ? launch_lora_rows_backward(a, sm_count, stream) : launch_lora_rows_forward(a, sm_count, stream);
+    };
+    if (!args.two_pass || args.out == nullptr || args.small == nullptr) return launch(args);
+    LoraRowsArgs first = args;  // phase 1 alone: small (and A's copy, the mask, the zeroed counters)
+    first.out = nullptr;
+    first.w2_copy = nullptr;
+    first.column_splits = 0;
+    if (const cudaError_t err = launch(first); err != cudaSuccess) return err;
+    LoraRowsArgs second = args;  // phase 2 alone, from small: out (and B's copy)
+    second.small_ready = true;
+    second.w1_copy = nullptr;
+    second.zero = nullptr;
+    second.zero_count = 0;
+    second.block_rows = args.pass2_rows;
+    return launch(second);
 }
 
 namespace {

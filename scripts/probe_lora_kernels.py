@@ -15,6 +15,8 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   preround  the training forward with fp32 adapters: the rows kernel rounding them as it reads them (and writing
           the copies backward reads) against one kernel rounding both first (lora_kernels_set_preround_rows),
           kernels alone and the node's fwd+bwd, at the 1B / 7B steps' 2048-row shapes and the bench layer's
+  twopass the rows kernels as one launch against two (phase 1 alone, then phase 2 alone from its saved result, in
+          other row blocks with split columns): kernels alone and the node's fwd+bwd (lora_kernels_set_two_pass_rows)
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
           dequantize_4bit at the 7B step's weight shapes (NF4, double quantization): GPU µs and TB/s
   once    each fused kernel launched once at M8192 K=N=4096 and M2048 K=N=2048, r16, p 0 and 0.1 (for ncu:
@@ -419,6 +421,61 @@ def preround_table():
         _C.lora_kernels_set_preround_rows(before)
 
 
+def two_pass_table():
+    """The rows kernels as one launch against two (phase 1 alone, then phase 2 alone in pass-2 row blocks with split
+    columns; lora_kernels_set_two_pass_rows): forward and backward kernels as the node runs them (do_bench median µs;
+    fp32 adapters, the forward writing their copies, the backward reading them), then the layer's fwd+bwd through the
+    node (wall, GPU kernel time) at the bench layer's size and the 7B step's."""
+    import triton.testing
+
+    before = _C.lora_kernels_two_pass_rows()
+    variants = ((1 << 62, 64, 0, "one pass"), (0, 32, 0, "two, bm32"), (0, 64, 0, "two, bm64"),
+                (0, 64, 2, "two, bm64 y2"), (0, 32, 0, "two, bm32/p1 bm64"))
+    print("\n=== rows kernels, one launch vs two (bf16 x, fp32 adapters): fwd / bwd (rows + reduce) µs, p 0 | p 0.1",
+          flush=True)
+    try:
+        for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 14336, 16),
+                           (2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 4096, 16),
+                           (2048, 2048, 2048, 16)]:
+            x = torch.randn(m, k, device="cuda", dtype=DT)
+            a = torch.randn(r, k, device="cuda") / k**0.5
+            b = torch.randn(n, r, device="cuda") / r**0.5
+            dy = torch.randn(m, n, device="cuda", dtype=DT)
+            cells = []
+            for rows, pass2, splits, name in variants:
+                _C.lora_kernels_set_two_pass_rows(rows, pass2)
+                bm1 = 64 if name.endswith("p1 bm64") else 0
+                row = []
+                for p in (0.0, 0.1):
+                    _, hs, mask, ac, bc = _C.lora_kernels_forward(x, a, b, 2.0, p, copies=True)
+                    fwd = triton.testing.do_bench(
+                        lambda: _C.lora_kernels_forward(x, a, b, 2.0, p, copies=True, block_rows=bm1,
+                                                        column_splits=splits), return_mode="median")
+                    bwd = triton.testing.do_bench(
+                        lambda: _C.lora_kernels_backward(dy, x, ac, bc, hs, mask, 2.0, p, fp32_grads=True,
+                                                         block_rows=bm1, column_splits=splits), return_mode="median")
+                    row.append(f"{fwd * 1e3:.0f}/{bwd * 1e3:.0f}")
+                cells.append(f"{name} {' | '.join(row)}")
+            print(f"  M{m} K{k} N{n} r{r}: " + "   ".join(cells), flush=True)
+        for m, k, n, r in [(8192, 4096, 4096, 16), (2048, 4096, 11008, 16)]:
+            for p in (0.0, 0.1):
+                layers = layer_models(k, n, r, p, with_peft=False)
+                bare = layers["bare"]
+                impls = {"bare F.linear": lambda x, bare=bare: F.linear(x, bare.weight)}
+                for rows, pass2, _, name in variants[:3]:
+                    def run(x, layer=layers["pf"].train(), rows=rows, pass2=pass2):
+                        _C.lora_kernels_set_two_pass_rows(rows, pass2)
+                        return layer(x)
+                    impls[f"pf, {name}"] = run
+                xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
+                dy = torch.randn(m, n, device="cuda", dtype=DT)
+                print(f"\n=== layer M{m} K{k} N{n} r{r} p{p} fwd+bwd, fp32 adapters: wall µs (median), GPU kernel µs",
+                      flush=True)
+                print_fwd_bwd_table(impls, xs, dy)
+    finally:
+        _C.lora_kernels_set_two_pass_rows(*before)
+
+
 def dequant_table(reps: int = 20):
     """Dequantization alone: the QLoRA node's kernel (profiled inside an inference call of the node at 512 rows, the
     rows where the node dequantizes) and bitsandbytes' dequantize_4bit, each µs a call and the bandwidth of its
@@ -484,10 +541,12 @@ def model_table():
     cpu = LlamaForCausalLM(LLAMA_1B.config()).to(DT)
     ids = torch.randint(0, 32000, (2, 1024), device="cuda")
 
-    def run(name, lib=None, kernels=True, rounds=3, preround=None):
-        before = _C.lora_kernels_preround_rows()
+    def run(name, lib=None, kernels=True, rounds=3, preround=None, two_pass=None):
+        before, before2 = _C.lora_kernels_preround_rows(), _C.lora_kernels_two_pass_rows()
         if preround is not None:  # fp32 adapters rounded first from this many rows (lora_kernels_set_preround_rows)
             _C.lora_kernels_set_preround_rows(preround)
+        if two_pass is not None:  # the rows kernels as two launches from this many rows
+            _C.lora_kernels_set_two_pass_rows(two_pass)
         model = copy.deepcopy(cpu).cuda()
         if lib is None:
             model.requires_grad_(False)
@@ -516,12 +575,14 @@ def model_table():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         _C.lora_kernels_set_preround_rows(before)
+        _C.lora_kernels_set_two_pass_rows(*before2)
 
     run("base (frozen, fwd+bwd)")
     run("HF PEFT", peft)
     run("pf node, ATen route", peft_fast, kernels=False)
     run("pf node, fused kernels", peft_fast, kernels=True)
     run("pf fused, adapters rounded 1st", peft_fast, kernels=True, preround=0)  # (the default's A/B)
+    run("pf fused, two-pass rows kernels", peft_fast, kernels=True, two_pass=0)
 
 
 def consumer_table(rounds: int = 3):
@@ -569,5 +630,6 @@ if __name__ == "__main__":
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
-         "dequant": dequant_table, "preround": preround_table, "once": once, "model": model_table,
+         "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "once": once,
+         "model": model_table,
          "consumer": consumer_table}[part]()

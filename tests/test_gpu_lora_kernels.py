@@ -209,6 +209,45 @@ def test_prerounded_fp32_adapters_give_the_same_numbers(preround_rows, m, k, n, 
         assert torch.equal(got, want), name
 
 
+@pytest.fixture
+def two_pass_rows():
+    """lora_kernels_set_two_pass_rows for one test, restored after it."""
+    before = _C.lora_kernels_two_pass_rows()
+    yield _C.lora_kernels_set_two_pass_rows
+    _C.lora_kernels_set_two_pass_rows(*before)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("fp32_adapters", [True, False])
+@pytest.mark.parametrize("m,k,n,r,pass2_rows", [(2048, 2048, 2048, 16, 64), (777, 1024, 3000, 64, 32),
+                                                (8192, 512, 4096, 16, 0)])
+def test_two_pass_rows_kernels_give_the_same_numbers(two_pass_rows, m, k, n, r, pass2_rows, fp32_adapters, p):
+    """The rows kernels as two launches (phase 1 alone writing hs / gs, then phase 2 alone reading them back, in
+    other row blocks with split columns) give the one-pass kernels' numbers bit for bit: forward kernel with bias and
+    addend, its copies, backward kernels, and the node's forward and backward."""
+    adt = torch.float32 if fp32_adapters else torch.bfloat16
+    x, a, b = _inputs(m, k, n, r, torch.bfloat16, adt, seed=4)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    addend = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    layer = lora_linear_layer(k, n, r, p, torch.bfloat16, fp32_adapters, True).train()
+    runs = []
+    for rows in (1 << 62, 0):  # never, then always
+        two_pass_rows(rows, pass2_rows)
+        torch.manual_seed(9)
+        fwd = _C.lora_kernels_forward(x, a, b, 0.5, p, copies=True)
+        fwd_extra = _C.lora_kernels_forward(x, a, b, 0.5, p, bias=bias, addend=addend)[0]
+        _, hs, mask, ac, bc = fwd
+        bwd = _C.lora_kernels_backward(dy, x, ac, bc, hs, mask, 0.5, p, fp32_grads=fp32_adapters)
+        runs.append((fwd + [fwd_extra], bwd, lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=9)))
+    assert _C.lora_kernels_two_pass_rows() == (0, pass2_rows)
+    (k1, b1, n1), (k2, b2, n2) = runs
+    assert k1[0].abs().amax() > 0 and b1[0].abs().amax() > 0  # (the comparison is of real numbers)
+    for name, got, want in zip(("y", "hs", "mask", "A copy", "B copy", "y + bias + addend", "dx", "dA", "dB",
+                                "node y", "node dx", "node dA", "node dB"), k2 + b2 + n2, k1 + b1 + n1):
+        assert torch.equal(got, want), name
+
+
 @pytest.mark.parametrize("fp32_adapters", [True, False])
 def test_lora_linear_node_dropout_uses_one_mask_forward_and_backward(fp32_adapters):
     m, k, n, r, p, dt = 2048, 1024, 768, 16, 0.1, torch.bfloat16
