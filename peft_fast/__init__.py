@@ -38,6 +38,7 @@ from .peft_model import (
 from .tuners import (
     BaseTuner,
     BaseTunerLayer,
+    EvaConfig,
     LoHaConfig,
     LoHaModel,
     LoKrConfig,
@@ -56,6 +57,8 @@ from .tuners import (
     TrainableTokensConfig,
     TrainableTokensModel,
     convert_to_lora,
+    get_eva_state_dict,
+    initialize_lora_eva_weights,
     save_as_lora,
 )
 from .utils import (
@@ -80,6 +83,9 @@ __all__ = [
     "PromptLearningConfig",
     "LoraConfig",
     "LoftQConfig",
+    "EvaConfig",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
     "LoraModel",
     "LoHaConfig",
     "LoHaModel",

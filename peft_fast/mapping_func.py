@@ -46,6 +46,9 @@ def get_peft_model(
         if peft_config.revision is not None and peft_config.revision != revision:
             warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting with revision {revision}")
         peft_config.revision = revision
+    if getattr(peft_config, "init_lora_weights", None) == "eva" and not low_cpu_mem_usage:
+        warnings.warn("lora with eva initialization used with low_cpu_mem_usage=False. Setting low_cpu_mem_usage=True "
+                      "can improve the maximum batch size possible for eva initialization.")
     if mixed:
         from .mixed_model import PeftMixedModel
 

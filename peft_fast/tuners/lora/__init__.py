@@ -1,11 +1,13 @@
-from .config import CordaConfig, LoftQConfig, LoraConfig
+from .config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from .conversion import convert_to_lora, save_as_lora
+from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
 __all__ = [
     "LoraConfig",
     "CordaConfig",
+    "EvaConfig",
     "LoftQConfig",
     "LoraLayer",
     "Linear",
@@ -16,4 +18,6 @@ __all__ = [
     "LoraModel",
     "convert_to_lora",
     "save_as_lora",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
 ]

@@ -15,7 +15,6 @@ from ...utils.peft_types import PeftType
 # files round-trip byte for byte; a non-default value is refused with a clear error instead of being ignored.
 _UNSUPPORTED_FIELDS = {
     "megatron_config": None,
-    "eva_config": None,
     "lora_ga_config": None,
     "velora_config": None,
     "use_qalora": False,
@@ -25,7 +24,41 @@ _UNSUPPORTED_FIELDS = {
     "kasa_config": None,
 }
 
-SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal", "loftq")
+SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal", "loftq", "eva")
+
+
+@dataclass
+class EvaConfig:
+    """EVA initialisation (Explained Variance Adaptation, arXiv 2410.07170; `init_lora_weights="eva"`, then
+    `initialize_lora_eva_weights(peft_model, dataloader)`): each adapted layer's A starts as the top principal
+    components of that layer's inputs on the data, and the ranks are redistributed over the layers by explained variance.
+
+    Args:
+        rho: ≥ 1; a layer may get up to round(r · rho) components (1: no redistribution).
+        tau: cosine similarity between the components of two successive batches above which they count as converged.
+        use_label_mask: leave out positions whose label is `label_mask_value` (the prompt in most SFT data).
+        label_mask_value: the label that marks ignored positions.
+        whiten: divide each component by the square root of its singular value.
+        adjust_scaling_factors: scale lora_alpha with each layer's new rank (alpha · new_r / r), so that every layer's
+            scaling stays alpha / r.
+    """
+
+    rho: float = field(default=2.0, metadata={"help": "Rho value for EVA redistribution"})
+    tau: float = field(default=0.99, metadata={"help": "Cosine similarity threshold for early stopping"})
+    use_label_mask: bool = field(default=True, metadata={"help": "Use label mask for EVA initialization"})
+    label_mask_value: int = field(
+        default=-100, metadata={"help": "if use_label_mask=True the value to look for to mask out ignored tokens"}
+    )
+    whiten: bool = field(default=False, metadata={"help": "Apply whitening to singular vectors"})
+    adjust_scaling_factors: bool = field(
+        default=True, metadata={"help": "Adjust LoRA scaling factors after the rank redistribution"}
+    )
+
+    def __post_init__(self):
+        if not _is_real(self.rho) or self.rho < 1.0:
+            raise ValueError("`rho` must be >= 1.0")
+        if not _is_real(self.tau) or not 0.0 <= self.tau <= 1.0:
+            raise ValueError("`tau` must be between 0.0 and 1.0.")
 
 
 @dataclass
@@ -111,7 +144,9 @@ class LoraConfig(PeftConfig):
         default_factory=dict,
         metadata={"help": "LoftQ settings (LoftQConfig or its dict), with init_lora_weights='loftq'."},
     )
-    eva_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    eva_config: Optional[EvaConfig] = field(
+        default=None, metadata={"help": "EVA settings, with init_lora_weights='eva' (then initialize_lora_eva_weights)."}
+    )
     corda_config: Optional[CordaConfig] = field(
         default=None, metadata={"help": "CorDA settings, with init_lora_weights='corda'."}
     )
@@ -152,8 +187,16 @@ class LoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
 
+    def _check_eva_config(self) -> None:
+        self.eva_config = _subconfig(self.eva_config, EvaConfig, "eva_config")
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.")
+            self.eva_config = EvaConfig()
+        elif self.init_lora_weights != "eva" and self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.")
+
     def _check_corda_config(self) -> None:
-        self.corda_config = _corda_config(self.corda_config)
+        self.corda_config = _subconfig(self.corda_config, CordaConfig, "corda_config")
         if self.init_lora_weights == "corda" and self.corda_config is None:
             warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
                           "config.")
@@ -193,6 +236,7 @@ class LoraConfig(PeftConfig):
         if not isinstance(self.ensure_weight_tying, bool):
             raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}")
         self._check_corda_config()
+        self._check_eva_config()
         if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
             self.loftq_config = dict(vars(self.loftq_config))
         if self.loftq_config is not None and not isinstance(self.loftq_config, dict):  # (None: as PEFT, none)
@@ -254,17 +298,18 @@ class LoraConfig(PeftConfig):
                     raise ValueError(f"`{pattern_name}` values must be {kind}, got {bad!r}")
 
 
-def _corda_config(value) -> Optional[CordaConfig]:
-    """corda_config as a CordaConfig (adapter_config.json holds it as a dict), or a clear error."""
-    if value is None or isinstance(value, CordaConfig):
+def _subconfig(value, cls: type, name: str):
+    """A sub-config field (corda_config, eva_config) as its dataclass (adapter_config.json holds it as a dict), or a
+    clear error."""
+    if value is None or isinstance(value, cls):
         return value
     if isinstance(value, dict):
-        known = {f.name for f in fields(CordaConfig)}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            warnings.warn(f"Unknown corda_config keys {unknown} are ignored.")
-        return CordaConfig(**{k: v for k, v in value.items() if k in known})
-    raise TypeError(f"`corda_config` must be a CordaConfig, a dict, or None, got {type(value).__name__}")
+            warnings.warn(f"Unknown {name} keys {unknown} are ignored.")
+        return cls(**{k: v for k, v in value.items() if k in known})
+    raise TypeError(f"`{name}` must be a {cls.__name__}, a dict, or None, got {type(value).__name__}")
 
 
 def _check_trainable_token_indices(value) -> None:

@@ -125,6 +125,8 @@ class LoraLayer(BaseTunerLayer):
             self.orthogonal_init(adapter_name)
         elif init == "loftq":
             self.loftq_init(adapter_name, config)
+        elif init == "eva":  # B zero; A is set from the data by initialize_lora_eva_weights (tuners/lora/eva.py)
+            self.reset_lora_parameters(adapter_name, True)
         elif init:
             self.reset_lora_parameters(adapter_name, init)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -619,7 +621,8 @@ class Embedding(_LoraModule):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
         if config.lora_bias:
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for {type(self).__name__}.")
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
+        # ("eva": the default init here; initialize_lora_eva_weights leaves these layers to it, as PEFT does)
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva"):
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported for Embedding layers.")
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
@@ -709,7 +712,8 @@ class _ConvNd(_LoraModule):
                 "support is limited to conv layers where the rank is divisible by groups. Either choose a different "
                 "rank or do not target this specific layer."
             )
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":
+        # ("eva": the default init here; initialize_lora_eva_weights leaves these layers to it, as PEFT does)
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva"):
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported for conv layers.")
         self.fan_in_fan_out = False
         self._kernel_dim = base_layer.weight.dim()
