@@ -227,8 +227,12 @@ std::atomic<int64_t> preround_min_rows{INT64_MAX};
 
 // From how many rows the rows kernels run as two launches (LoraRowsArgs::two_pass: phase 1 alone, then phase 2 alone
 // in pass2_block_rows-row blocks with split columns), forward and backward (lora_kernels_set_two_pass_rows changes
-// both; INT64_MAX: never). Off until the bench's shapes are measured both ways (scripts/probe_lora_kernels.py
-// twopass).
+// both; INT64_MAX: never). Off: measured mixed (H100, 2026-12-07, kprobe twopass, fp32 adapters, µs fwd / bwd rows +
+// reduce at p 0, one pass → two with 64-row second blocks): M8192 K=N=4096 r16 86/150 → 85/155, r64 170/217 →
+// 150/223, N14336 179/320 → 168/327; M2048 K4096 N11008 67/88 → 51/91, N4096 41/55 → 36/57, K2048 N2048 24/34 → 23/37.
+// The forward gains where phase 2 is wide or the rank high, the backward loses a little everywhere, and the layer's
+// fwd+bwd through the node came out 992 → 1039 µs GPU at M8192 p0, 656 → 640 at M2048 N11008 (one more launch a
+// direction on host-bound steps besides). A forward-only rule by width and rank is what is left to measure.
 std::atomic<int64_t> two_pass_min_rows{INT64_MAX};
 std::atomic<int> pass2_block_rows{64};
 

@@ -244,7 +244,7 @@ def test_two_pass_rows_kernels_give_the_same_numbers(two_pass_rows, m, k, n, r, 
     (k1, b1, n1), (k2, b2, n2) = runs
     assert k1[0].abs().amax() > 0 and b1[0].abs().amax() > 0  # (the comparison is of real numbers)
     for name, got, want in zip(("y", "hs", "mask", "A copy", "B copy", "y + bias + addend", "dx", "dA", "dB",
-                                "node y", "node dx", "node dA", "node dB"), k2 + b2 + n2, k1 + b1 + n1):
+                                "node y", "node dx", "node dA", "node dB"), [*k2, *b2, *n2], [*k1, *b1, *n1]):
         assert torch.equal(got, want), name
 
 
