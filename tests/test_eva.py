@@ -95,10 +95,8 @@ def test_initialize_from_the_dataloader_equals_from_the_state_dict_and_the_files
     peft_model = _eva_model(ref, base)
     ref.initialize_lora_eva_weights(peft_model, data, show_progress_bar=False)
     _assert_same_params(direct, peft_model)
-    for model in direct.base_model.model.parameters():  # (something to tell the files apart from a fresh init)
-        pass
     for lib_from, lib_to, model in ((pf, ref, direct), (ref, pf, peft_model)):
-        with torch.no_grad():
+        with torch.no_grad():  # (B trained away from zero: the saved adapter changes the output)
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
@@ -108,8 +106,8 @@ def test_initialize_from_the_dataloader_equals_from_the_state_dict_and_the_files
         batch = data[1]
         with torch.no_grad():
             assert torch.allclose(loaded(**batch).logits, model(**batch).logits, atol=1e-6)
-        assert {k: v for k, v in loaded.peft_config["default"].rank_pattern.items()} == \
-            model.peft_config["default"].rank_pattern
+        assert loaded.peft_config["default"].rank_pattern == model.peft_config["default"].rank_pattern
+        assert any(loaded.peft_config["default"].rank_pattern.values())
 
 
 def test_a_layer_given_no_component_goes_back_to_its_base_layer_as_in_peft():
@@ -269,3 +267,37 @@ def test_incremental_pca_matches_peft_and_the_batch_pca():
     assert torch.allclose(got.transform(everything), centred @ got.components_.T, atol=1e-8)
     with pytest.raises(ValueError, match="n_components=30 invalid"):
         IncrementalPCA(n_components=30).partial_fit(torch.randn(40, 24))
+
+
+def _eva_rank(rank, world, init_file, out_dir):
+    """One rank of test_distributed_inputs_are_gathered: its half of every batch's rows."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        base = tiny_llama()
+        half = [{k: v[2 * rank: 2 * rank + 2] for k, v in batch.items()} for batch in _data(base.config.vocab_size)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = pf.get_eva_state_dict(_eva_model(pf, base), half, show_progress_bar=False)
+        torch.save(state, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_inputs_are_gathered_from_every_rank(tmp_path):
+    """Under torch.distributed each layer's rows are gathered from all ranks (in rank order) before the PCA step:
+    two ranks with half of each batch each give, on both ranks, the components of one process with the whole
+    batches."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_eva_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    base = tiny_llama()
+    want = pf.get_eva_state_dict(_eva_model(pf, base), _data(base.config.vocab_size), show_progress_bar=False)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), (rank, name)
