@@ -47,7 +47,8 @@ LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool gr
 cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream) {
     if (args.m <= 0) return cudaSuccess;
     auto launch = [&](const LoraRowsArgs& a) {
-        return a.backward ? launch_lora_rows_backward(a, sm_count, stream) : launch_lora_rows_forward(a, sm_count, stream);
+        return a.backward ? launch_lora_rows_backward(a, sm_count, stream)
+                          : launch_lora_rows_forward(a, sm_count, stream);
     };
     if (!args.two_pass || args.out == nullptr || args.small == nullptr) return launch(args);
     LoraRowsArgs first = args;  // phase 1 alone: small (and A's copy, the mask, the zeroed counters)

@@ -45,6 +45,7 @@ from .tuners import (
     LoKrModel,
     LoftQConfig,
     LoraConfig,
+    LoraGAConfig,
     LoraModel,
     PrefixEncoder,
     PrefixTuningConfig,
@@ -59,6 +60,7 @@ from .tuners import (
     convert_to_lora,
     get_eva_state_dict,
     initialize_lora_eva_weights,
+    preprocess_loraga,
     save_as_lora,
 )
 from .utils import (
@@ -86,6 +88,8 @@ __all__ = [
     "EvaConfig",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
+    "LoraGAConfig",
+    "preprocess_loraga",
     "LoraModel",
     "LoHaConfig",
     "LoHaModel",

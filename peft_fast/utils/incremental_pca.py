@@ -151,7 +151,8 @@ class IncrementalPCA:
         mean = (last_sum + new_sum) / n_total
         centred = X - new_sum / n_new
         # Σ(x − m)² less the rounding error of m (the corrected two-pass formula)
-        new_m2 = centred.square().sum(dim=0, dtype=torch.float64) - centred.sum(dim=0, dtype=torch.float64).square() / n_new
+        new_m2 = (centred.square().sum(dim=0, dtype=torch.float64)
+                  - centred.sum(dim=0, dtype=torch.float64).square() / n_new)
         if last_variance is None:
             return mean, new_m2 / n_total, n_total
         ratio = last_sample_count.double() / n_new

@@ -1,6 +1,7 @@
-from .config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
+from .config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig
 from .conversion import convert_to_lora, save_as_lora
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
+from .loraga import preprocess_loraga
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
@@ -8,6 +9,7 @@ __all__ = [
     "LoraConfig",
     "CordaConfig",
     "EvaConfig",
+    "LoraGAConfig",
     "LoftQConfig",
     "LoraLayer",
     "Linear",
@@ -20,4 +22,5 @@ __all__ = [
     "save_as_lora",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
+    "preprocess_loraga",
 ]

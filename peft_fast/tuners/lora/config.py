@@ -15,7 +15,6 @@ from ...utils.peft_types import PeftType
 # files round-trip byte for byte; a non-default value is refused with a clear error instead of being ignored.
 _UNSUPPORTED_FIELDS = {
     "megatron_config": None,
-    "lora_ga_config": None,
     "velora_config": None,
     "use_qalora": False,
     "monteclora_config": None,
@@ -24,14 +23,50 @@ _UNSUPPORTED_FIELDS = {
     "kasa_config": None,
 }
 
-SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal", "loftq", "eva")
+SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal", "loftq", "eva",
+                               "lora_ga")
+
+
+@dataclass
+class LoraGAConfig:
+    """LoRA-GA initialisation (arXiv 2407.05000; `init_lora_weights="lora_ga"`, after
+    `peft_fast.tuners.lora.loraga.preprocess_loraga`): A and B from the top singular vectors of each layer's weight
+    gradient on a few training batches, so that the first steps follow full fine-tuning's direction; the base weight
+    keeps W − s·B·A (the model's output is unchanged at the start).
+
+    Args:
+        direction: which of the gradient's first 2r singular triplets go to A and which to B: "ArB2r" (A the first r,
+            B the next r), "A2rBr" (the other way), "ArBr" (A the odd ones, B the even ones), "random".
+        scale: B's scale: "stable" (· out_features^¼ / √stable_gamma), "weight_svd" (so that B's largest singular
+            value is the weight's), "gd_scale" (A and B divided by the LoRA scaling), "unit" (none).
+        stable_gamma: γ of the "stable" scale.
+    """
+
+    direction: Literal["ArBr", "A2rBr", "ArB2r", "random"] = field(
+        default="ArB2r", metadata={"help": "Component distribution strategy from gradient SVD"}
+    )
+    scale: Literal["stable", "weight_svd", "gd_scale", "unit"] = field(
+        default="stable", metadata={"help": "Scaling strategy for initialization"}
+    )
+    stable_gamma: int = field(default=16, metadata={"help": "Gamma parameter for stable scaling"})
+
+    def __post_init__(self):
+        if self.direction not in ("ArBr", "A2rBr", "ArB2r", "random"):
+            raise ValueError(f"LoraGAConfig.direction must be 'ArBr', 'A2rBr', 'ArB2r' or 'random', got "
+                             f"{self.direction!r}")
+        if self.scale not in ("stable", "weight_svd", "gd_scale", "unit"):
+            raise ValueError(f"LoraGAConfig.scale must be 'stable', 'weight_svd', 'gd_scale' or 'unit', got "
+                             f"{self.scale!r}")
+        if not _is_real(self.stable_gamma) or self.stable_gamma <= 0:
+            raise ValueError(f"LoraGAConfig.stable_gamma must be a positive number, got {self.stable_gamma!r}")
 
 
 @dataclass
 class EvaConfig:
     """EVA initialisation (Explained Variance Adaptation, arXiv 2410.07170; `init_lora_weights="eva"`, then
     `initialize_lora_eva_weights(peft_model, dataloader)`): each adapted layer's A starts as the top principal
-    components of that layer's inputs on the data, and the ranks are redistributed over the layers by explained variance.
+    components of that layer's inputs on the data, and the ranks are redistributed over the layers by explained
+    variance.
 
     Args:
         rho: ≥ 1; a layer may get up to round(r · rho) components (1: no redistribution).
@@ -145,12 +180,14 @@ class LoraConfig(PeftConfig):
         metadata={"help": "LoftQ settings (LoftQConfig or its dict), with init_lora_weights='loftq'."},
     )
     eva_config: Optional[EvaConfig] = field(
-        default=None, metadata={"help": "EVA settings, with init_lora_weights='eva' (then initialize_lora_eva_weights)."}
+        default=None,
+        metadata={"help": "EVA settings, with init_lora_weights='eva' (then initialize_lora_eva_weights)."}
     )
     corda_config: Optional[CordaConfig] = field(
         default=None, metadata={"help": "CorDA settings, with init_lora_weights='corda'."}
     )
-    lora_ga_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    lora_ga_config: Optional[LoraGAConfig] = field(default=None, metadata={
+        "help": "LoRA-GA settings, with init_lora_weights='lora_ga' (after preprocess_loraga)."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-Decomposed Low-Rank Adaptation (DoRA)."})
     velora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": (
@@ -237,6 +274,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}")
         self._check_corda_config()
         self._check_eva_config()
+        self.lora_ga_config = _subconfig(self.lora_ga_config, LoraGAConfig, "lora_ga_config")
         if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
             self.loftq_config = dict(vars(self.loftq_config))
         if self.loftq_config is not None and not isinstance(self.loftq_config, dict):  # (None: as PEFT, none)
@@ -277,10 +315,11 @@ class LoraConfig(PeftConfig):
         if self.use_dora and self.lora_bias:
             raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         self._check_alora()
-        if self.use_rslora and isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+        mutates_base = isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "lora_ga"))
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and mutates_base:
             warnings.warn(
                 "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of modified "
-                "base weights (PiSSA, OLoRA) means that you won't be able to pass "
+                "base weights (PiSSA, CorDA, OLoRA, LoRA-GA) means that you won't be able to pass "
                 "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial values of the "
                 "base weights; if you intend to do this, please ensure not to use rslora or rank_pattern/alpha_pattern."
             )

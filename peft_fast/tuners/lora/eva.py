@@ -63,8 +63,8 @@ def _first_tensor(layer_input, layer_name: str) -> torch.Tensor:
     if isinstance(layer_input, (tuple, list)):
         layer_input = layer_input[0]
     if not isinstance(layer_input, torch.Tensor):
-        raise TypeError(f"unsupported input type {type(layer_input)} for prepare_layer_inputs_fn in layer {layer_name}, "
-                        "please provide a custom prepare_layer_inputs_fn")
+        raise TypeError(f"unsupported input type {type(layer_input)} for prepare_layer_inputs_fn in layer "
+                        f"{layer_name}, please provide a custom prepare_layer_inputs_fn")
     return layer_input
 
 
@@ -451,14 +451,14 @@ def _load_eva_state_dict(model: nn.Module, eva_state_dict: dict, adapter_name: s
         if alpha != config.lora_alpha:
             alpha_pattern[short] = alpha
     targets += missing
-    config.target_modules = (_minimal_suffixes(targets, other_names) if len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION
-                             else set(targets))
+    optimize = len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION
+    config.target_modules = _minimal_suffixes(targets, other_names) if optimize else set(targets)
     config.rank_pattern = rank_pattern
     config.alpha_pattern = alpha_pattern
     if missing:
-        warnings.warn("the following layers were initialized with init_lora_weights=True because they were not found in "
-                      f"the eva state_dict: {missing}\ncurrently the following lora modules are not supported by EVA: "
-                      f"{UNSUPPORTED_LORA_MODULES}")
+        warnings.warn("the following layers were initialized with init_lora_weights=True because they were not found "
+                      f"in the eva state_dict: {missing}\ncurrently the following lora modules are not supported by "
+                      f"EVA: {UNSUPPORTED_LORA_MODULES}")
 
 
 @torch.no_grad()

@@ -127,6 +127,8 @@ class LoraLayer(BaseTunerLayer):
             self.loftq_init(adapter_name, config)
         elif init == "eva":  # B zero; A is set from the data by initialize_lora_eva_weights (tuners/lora/eva.py)
             self.reset_lora_parameters(adapter_name, True)
+        elif init == "lora_ga":
+            self.lora_ga_init(adapter_name, config.lora_ga_config)
         elif init:
             self.reset_lora_parameters(adapter_name, init)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -218,6 +220,56 @@ class LoraLayer(BaseTunerLayer):
         residual = weight - scale * lora_B @ lora_A
         base.weight.data = transpose(residual, self.fan_in_fan_out).to(base.weight.dtype)
         del base.eigens
+
+    def lora_ga_init(self, adapter_name: str, lora_ga_config) -> None:
+        """LoRA-GA: A, B from the top 2r singular triplets of the weight's gradient that preprocess_loraga attached to
+        the base layer (`_peft_loraga_grad`, consumed here), split and scaled as lora_ga_config says; W keeps W − s·BA.
+        A layer without a gradient (an embedding or conv layer, or an adapter about to be loaded from a file) gets the
+        default init, as in PEFT."""
+        base = self.get_base_layer()
+        grad = getattr(base, "_peft_loraga_grad", None)
+        if grad is None or adapter_name not in self.lora_A:
+            self.reset_lora_parameters(adapter_name, True)
+            return
+        if lora_ga_config is None:
+            raise ValueError("lora_ga_config must be provided when init_lora_weights='lora_ga'. Please pass "
+                             "lora_ga_config=LoraGAConfig(...) to LoraConfig.")
+        weight = self._float_base_weight()
+        dtype = weight.dtype
+        r, s = self.r[adapter_name], self.scaling[adapter_name]
+        grad = transpose(grad.to(torch.float32), self.fan_in_fan_out)  # out × in, as the weight
+        if tuple(grad.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"The LoRA-GA gradient has shape {tuple(grad.shape)}, the layer's weight "
+                             f"({self.out_features}, {self.in_features}): preprocess_loraga must see the same model")
+        U, S, V = torch.svd_lowrank(grad, q=min(4 * r, min(grad.shape)), niter=4)
+        U, S, Vh = U[:, : 2 * r], S[: 2 * r], V.t()[: 2 * r]
+        direction = lora_ga_config.direction
+        if direction == "ArBr":
+            a_idx, b_idx = slice(1, 2 * r, 2), slice(0, 2 * r, 2)
+        elif direction == "A2rBr":
+            a_idx, b_idx = slice(r, 2 * r), slice(0, r)
+        elif direction == "ArB2r":
+            a_idx, b_idx = slice(0, r), slice(r, 2 * r)
+        else:  # "random": the same r triplets for both, drawn from the first 2r
+            a_idx = b_idx = torch.randperm(2 * r)[:r]
+        lora_A = Vh[a_idx]
+        s_b = S[b_idx]
+        lora_B = U[:, b_idx] @ torch.diag(s_b)
+        if lora_ga_config.scale == "stable":
+            lora_B = lora_B * (self.out_features**0.25 / lora_ga_config.stable_gamma**0.5)
+        elif lora_ga_config.scale == "weight_svd":
+            w = transpose(weight.data.to(torch.float32), self.fan_in_fan_out)
+            _, weight_s, _ = torch.svd_lowrank(w, q=r, niter=4)
+            if s_b[0] > 0:
+                lora_B = lora_B * (weight_s[0] / s_b[0])
+        elif lora_ga_config.scale == "gd_scale":
+            lora_A, lora_B = lora_A / s, lora_B / s
+        lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)  # (rounded first: the residual removes what they hold)
+        self.lora_A[adapter_name].weight.data = lora_A.contiguous()
+        self.lora_B[adapter_name].weight.data = lora_B.contiguous()
+        residual = transpose(weight.data.to(torch.float32), self.fan_in_fan_out) - s * (lora_B.float() @ lora_A.float())
+        base.weight.data = transpose(residual.to(dtype), self.fan_in_fan_out)
+        del base._peft_loraga_grad
 
     def loftq_init(self, adapter_name: str, config: LoraConfig) -> None:
         """init_lora_weights="loftq": the base weight becomes its quantized values Q and the adapter the rank-r
@@ -621,8 +673,8 @@ class Embedding(_LoraModule):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, **kwargs) -> None:
         if config.lora_bias:
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for {type(self).__name__}.")
-        # ("eva": the default init here; initialize_lora_eva_weights leaves these layers to it, as PEFT does)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva"):
+        # ("eva", "lora_ga": the default init here; EVA and LoRA-GA leave these layers to it, as PEFT does)
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva", "lora_ga"):
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported for Embedding layers.")
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
@@ -712,8 +764,8 @@ class _ConvNd(_LoraModule):
                 "support is limited to conv layers where the rank is divisible by groups. Either choose a different "
                 "rank or do not target this specific layer."
             )
-        # ("eva": the default init here; initialize_lora_eva_weights leaves these layers to it, as PEFT does)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva"):
+        # ("eva", "lora_ga": the default init here; EVA and LoRA-GA leave these layers to it, as PEFT does)
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva", "lora_ga"):
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported for conv layers.")
         self.fan_in_fan_out = False
         self._kernel_dim = base_layer.weight.dim()
