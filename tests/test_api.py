@@ -390,7 +390,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="DoRA"):
         pf.LoraConfig(use_dora=True, lora_bias=True)
     with pytest.raises(ValueError, match="init_lora_weights"):
-        pf.LoraConfig(init_lora_weights="mica")  # (PEFT's MiCA: not implemented)
+        pf.LoraConfig(init_lora_weights="kasa")  # (not an init of PEFT's either)
     with pytest.raises(ValueError, match="not supported by peft_fast"):
         pf.LoraConfig(use_qalora=True)
     cfg = pf.get_peft_config({"peft_type": "LORA", "r": 5, "target_modules": ["a"], "task_type": "CAUSAL_LM"})

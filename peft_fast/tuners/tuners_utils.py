@@ -195,14 +195,42 @@ class BaseTunerLayer(ABC):
             self._disable_adapters = True
 
     def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
-        """Make `adapter_names` the active adapters; only they get requires_grad (unless inference_mode)."""
+        """Make `adapter_names` the active adapters; only they get requires_grad (unless inference_mode), less the
+        weights their method keeps frozen (frozen_peft_weight_names)."""
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
         for layer_name in self.adapter_layer_names:
             module_dict = getattr(self, layer_name)
             for key, layer in module_dict.items():
                 layer.requires_grad_(key in adapter_names and not inference_mode)
+        self._freeze_non_trainable_peft_weights(adapter_names)
         self._active_adapter = list(adapter_names)
+
+    # adapter → the names of its weights (adapter_layer_names) that stay frozen while it trains, e.g. MiCA's lora_B;
+    # instances get their own copy when one is registered (_register_frozen_peft_weight)
+    frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+
+    def _register_frozen_peft_weight(self, adapter_name: str, weight_name: str) -> None:
+        names = dict(self.frozen_peft_weight_names)
+        if weight_name not in names.get(adapter_name, ()):
+            names[adapter_name] = names.get(adapter_name, ()) + (weight_name,)
+        self.frozen_peft_weight_names = names
+        self._freeze_non_trainable_peft_weights(adapter_name)
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names: Union[str, list[str], None] = None) -> None:
+        """requires_grad off for the weights frozen_peft_weight_names lists (of `adapter_names`, default all): reapplied
+        wherever adapter weights are made trainable (set_adapter, set_requires_grad)."""
+        if not self.frozen_peft_weight_names:
+            return
+        if adapter_names is None:
+            adapter_names = list(self.frozen_peft_weight_names)
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        for adapter_name in adapter_names:
+            for layer_name in self.frozen_peft_weight_names.get(adapter_name, ()):
+                module_dict = getattr(self, layer_name, None)
+                if layer_name in self.adapter_layer_names and module_dict is not None and adapter_name in module_dict:
+                    module_dict[adapter_name].requires_grad_(False)
 
     def _all_available_adapter_names(self) -> list[str]:
         names = []
@@ -217,6 +245,9 @@ class BaseTunerLayer(ABC):
             value = getattr(self, attr, None)
             if hasattr(value, "keys") and adapter_name in value:
                 del value[adapter_name]
+        if adapter_name in self.frozen_peft_weight_names:
+            names = self.frozen_peft_weight_names
+            self.frozen_peft_weight_names = {k: v for k, v in names.items() if k != adapter_name}
         if adapter_name in self.active_adapters:
             remaining_active = [a for a in self.active_adapters if a != adapter_name]
             if remaining_active:
@@ -276,6 +307,8 @@ class BaseTunerLayer(ABC):
             for key, layer in module_dict.items():
                 if key in adapter_names:
                     layer.requires_grad_(requires_grad)
+        if requires_grad:
+            self._freeze_non_trainable_peft_weights(adapter_names)
 
 
 class BaseTuner(nn.Module, ABC):

@@ -24,7 +24,7 @@ _UNSUPPORTED_FIELDS = {
 }
 
 SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal", "loftq", "eva",
-                               "lora_ga")
+                               "lora_ga", "mica")
 
 
 @dataclass
@@ -314,6 +314,9 @@ class LoraConfig(PeftConfig):
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
         if self.use_dora and self.lora_bias:
             raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        if init == "mica" and (self.use_dora or self.alora_invocation_tokens is not None):
+            raise ValueError("init_lora_weights='mica' (MiCA: B frozen, A trained) cannot be combined with DoRA or "
+                             "aLoRA.")
         self._check_alora()
         mutates_base = isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "lora_ga"))
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and mutates_base:

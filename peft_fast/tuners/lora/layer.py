@@ -129,6 +129,10 @@ class LoraLayer(BaseTunerLayer):
             self.reset_lora_parameters(adapter_name, True)
         elif init == "lora_ga":
             self.lora_ga_init(adapter_name, config.lora_ga_config)
+        elif init == "mica":
+            self.mica_init(adapter_name)
+            self._register_frozen_peft_weight(adapter_name, "lora_B" if adapter_name in self.lora_A else
+                                              "lora_embedding_B")
         elif init:
             self.reset_lora_parameters(adapter_name, init)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -270,6 +274,34 @@ class LoraLayer(BaseTunerLayer):
         residual = transpose(weight.data.to(torch.float32), self.fan_in_fan_out) - s * (lora_B.float() @ lora_A.float())
         base.weight.data = transpose(residual.to(dtype), self.fan_in_fan_out)
         del base._peft_loraga_grad
+
+    def mica_init(self, adapter_name: str) -> None:
+        """MiCA (Minor Component Adaptation, arXiv 2604.01694): B = the r left singular vectors of the base weight
+        (out × in; an embedding's transposed) with the smallest singular values, A = 0, so B·A = 0 and the base weight
+        stays as it is. update_layer then keeps B frozen: only A trains. Adapters made on the meta device (to be
+        loaded) are left to the file."""
+        embedding = adapter_name not in self.lora_A
+        b = self.lora_embedding_B[adapter_name] if embedding else self.lora_B[adapter_name].weight
+        if b.device.type == "meta":
+            return
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError("Please initialize MiCA under float32, float16, or bfloat16.")
+        w = weight.to(torch.float32).T if embedding else transpose(weight.to(torch.float32), self.fan_in_fan_out)
+        r = self.r[adapter_name]
+        if r > min(w.shape):
+            raise ValueError(f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with "
+                             f"weight shape {tuple(weight.shape)} (max usable r is {min(w.shape)}).")
+        U, _, _ = torch.linalg.svd(w.data, full_matrices=False)
+        minor = U[:, -r:].contiguous().to(dtype)
+        zeros = torch.zeros(r, w.shape[1], device=w.device, dtype=dtype)
+        if embedding:
+            self.lora_embedding_B[adapter_name].data = minor
+            self.lora_embedding_A[adapter_name].data = zeros
+        else:
+            self.lora_B[adapter_name].weight.data = minor
+            self.lora_A[adapter_name].weight.data = zeros
 
     def loftq_init(self, adapter_name: str, config: LoraConfig) -> None:
         """init_lora_weights="loftq": the base weight becomes its quantized values Q and the adapter the rank-r
@@ -674,7 +706,8 @@ class Embedding(_LoraModule):
         if config.lora_bias:
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for {type(self).__name__}.")
         # ("eva", "lora_ga": the default init here; EVA and LoRA-GA leave these layers to it, as PEFT does)
-        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in ("gaussian", "eva", "lora_ga"):
+        allowed = ("gaussian", "eva", "lora_ga", "mica")
+        if isinstance(config.init_lora_weights, str) and config.init_lora_weights not in allowed:
             raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported for Embedding layers.")
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
 
