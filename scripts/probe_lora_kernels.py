@@ -17,6 +17,8 @@ against the same node on ATen ops (the route before them), the bare layer and HF
           kernels alone and the node's fwd+bwd, at the 1B / 7B steps' 2048-row shapes and the bench layer's
   twopass the rows kernels as one launch against two (phase 1 alone, then phase 2 alone from its saved result, in
           other row blocks with split columns): kernels alone and the node's fwd+bwd (lora_kernels_set_two_pass_rows)
+  tma     kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside, several tile configs) against cuBLAS and
+          the default route, forward and dx (with and without dropout bits), at the bench layer's and the models' shapes
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
           dequantize_4bit at the 7B step's weight shapes (NF4, double quantization): GPU µs and TB/s
   once    each fused kernel launched once at M8192 K=N=4096 and M2048 K=N=2048, r16, p 0 and 0.1 (for ncu:
@@ -476,6 +478,63 @@ def two_pass_table():
         _C.lora_kernels_set_two_pass_rows(*before)
 
 
+def tma_table():
+    """kernels/lora_gemm_tma.py: one TMA GEMM with the LoRA term inside it against cuBLAS and the default route
+    (the rows kernel writes the term, cuBLAS adds its GEMM onto it with beta = 1), bf16, do_bench median µs. Per shape:
+    the forward (x Wᵀ + hs Bᵀ) and dx (dy W + drop(gs A), p 0 and 0.1); the TMA GEMM alone and with the term under
+    each tile config, and the TMA route whole (the shrink by the rows kernel, then the GEMM)."""
+    import triton.testing
+
+    from peft_fast.kernels import lora_gemm_tma as G
+
+    def us(fn):
+        try:
+            return triton.testing.do_bench(fn, return_mode="median") * 1e3
+        except Exception as err:  # noqa: BLE001 - a config that does not compile or fit: say so, go on
+            return f"{type(err).__name__}"
+
+    configs = [(128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 4),
+               (128, 128, 64, 8, 4, 8), (128, 128, 128, 8, 3, 8), (64, 256, 64, 8, 4, 4)]
+    print("\n=== one TMA GEMM with the LoRA term inside (bf16, r16, do_bench median µs)", flush=True)
+    for m, k, n in [(8192, 4096, 4096), (8192, 4096, 14336), (2048, 4096, 4096), (2048, 2048, 2048)]:
+        r = 16
+        x = torch.randn(m, k, device="cuda", dtype=DT)
+        w = torch.randn(n, k, device="cuda", dtype=DT) / k**0.5
+        a = (torch.randn(r, k, device="cuda") / k**0.5).to(DT)
+        b = (torch.randn(n, r, device="cuda") / r**0.5).to(DT)
+        dy = torch.randn(m, n, device="cuda", dtype=DT)
+        hs = _C.lora_kernels_forward(x, a, b, 2.0, 0.0, shrink_only=True)[1]
+        gs = torch.randn(m, r, device="cuda", dtype=DT)
+        keep = torch.randint(0, 256, (m, k // 8), device="cuda", dtype=torch.uint8)
+        y = torch.empty(m, n, device="cuda", dtype=DT)
+        dx = torch.empty(m, k, device="cuda", dtype=DT)
+
+        def default_fwd():
+            term = _C.lora_kernels_forward(x, a, b, 2.0, 0.0)[0]
+            return term.addmm_(x, w.t())
+        rows = {"cuBLAS x Wt": us(lambda: torch.mm(x, w.t(), out=y)), "default fwd": us(default_fwd),
+                "cuBLAS dy W": us(lambda: torch.mm(dy, w, out=dx)),
+                "shrink alone": us(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, shrink_only=True))}
+        print(f"  M{m} K{k} N{n}: " + "  ".join(f"{key} {val:.1f}" for key, val in rows.items()), flush=True)
+        for bm, bn, bk, group, stages, warps in configs:
+            cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "num_stages": stages, "num_warps": warps}
+            cells = {
+                "fwd plain": us(lambda: G.lora_gemm(x, w, y_kmajor=True, out=y, config=cfg)),
+                "fwd +term": us(lambda: G.lora_gemm(x, w, y_kmajor=True, h=hs, low=b, out=y, config=cfg)),
+                "dx plain": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, out=dx, config=cfg)),
+                "dx +term": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=gs, low=a, low_rmajor=True, out=dx,
+                                                   config=cfg)),
+                "dx +term p0.1": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=gs, low=a, low_rmajor=True, keep=keep,
+                                                        p=0.1, out=dx, config=cfg)),
+            }
+            print(f"    {bm}x{bn}x{bk} g{group} s{stages} w{warps}: " + "  ".join(
+                f"{key} {val:.1f}" if isinstance(val, float) else f"{key} {val}" for key, val in cells.items()),
+                flush=True)
+        got = G.lora_gemm(x, w, y_kmajor=True, h=hs, low=b)
+        err = ((got.float() - G.reference(x, w, y_kmajor=True, h=hs, low=b).float()).norm() / got.float().norm())
+        print(f"    (forward with the term against the fp32 reference: relative error {err.item():.2e})", flush=True)
+
+
 def dequant_table(reps: int = 20):
     """Dequantization alone: the QLoRA node's kernel (profiled inside an inference call of the node at 512 rows, the
     rows where the node dequantizes) and bitsandbytes' dequantize_4bit, each µs a call and the bandwidth of its
@@ -630,6 +689,7 @@ if __name__ == "__main__":
     for part in parts:
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
-         "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "once": once,
+         "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "tma": tma_table,
+         "once": once,
          "model": model_table,
          "consumer": consumer_table}[part]()

@@ -1,0 +1,149 @@
+"""One GEMM with the LoRA term inside it, for Hopper: out = X·Y (+ the low-rank term) (+ bias), on TMA descriptors
+and a persistent grid (KERNELS.md, candidate design 2). An experiment, not on any path yet:
+scripts/probe_lora_kernels.py `tma` times it against cuBLAS and the default route; tests/test_kernels_lora_gemm_tma.py
+checks it against `reference` below (interpreter on the CPU, real sizes on the GPU).
+
+    forward   out = x Wᵀ + hs Bᵀ (+ bias)               X = x (M×K), Y = W (N×K, "k-major"), H = hs (M×R), L = B (N×R)
+    dx        out = dy W + drop(gs A) = dy W + (gs A) ⊙ keep / (1−p)
+                                                      X = dy (M×N'), Y = W (N'×K', row-major), H = gs, L = Aᵀ … as
+                                                      L = A stored (R×K') read transposed, keep bits (M × K'/8)
+
+Why: the default route writes the low-rank term (M×N) and lets cuBLAS add its GEMM onto it (beta = 1): one extra
+write and one extra read of the output, ~40 µs a direction at 8192×4096 on an H100, which puts a floor of ~1.19× the
+bare layer under fwd+bwd. Here the term is one more MMA step after the K loop (no dropout: accumulated into the same
+fp32 tile) or one small dot scaled by the keep bits (dropout), and the output is written once. It wins only if the
+GEMM itself keeps up with cuBLAS, hence TMA loads, 128×256 tiles, a persistent grid with grouped tile order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # host-side TMA descriptors (Triton ≥ 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the experiment is not available
+    TensorDescriptor = None
+
+# Tile shape and pipeline depth by default (Hopper, bf16): the probe sweeps others
+DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "num_stages": 3, "num_warps": 8}
+
+
+@triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row tiles walk the columns together, so their X rows and Y columns stay in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+
+@triton.jit
+def _lora_gemm_kernel(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_ptr,
+                      M, N, K, keep_stride, keep_scale,
+                      Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        m0 = pid_m * BM
+        n0 = pid_n * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kk in range(k_tiles):
+            a = x_desc.load([m0, kk * BK])
+            if Y_KMAJOR:
+                b = y_desc.load([n0, kk * BK]).T
+            else:
+                b = y_desc.load([kk * BK, n0])
+            acc = tl.dot(a, b, acc)
+        if HAS_LORA:
+            h = h_desc.load([m0, 0])
+            if L_RMAJOR:  # L stored R×N (dx: A as the adapter holds it)
+                low = l_desc.load([0, n0])
+            else:  # L stored N×R (forward: B)
+                low = l_desc.load([n0, 0]).T
+            if HAS_KEEP:  # dropout on the term alone: its own tile, scaled by the keep bits / (1−p)
+                term = tl.dot(h, low)
+                rows = m0 + tl.arange(0, BM)
+                cols = n0 + tl.arange(0, BN)
+                inside = (rows[:, None] < M) & (cols[None, :] < N)
+                bits = tl.load(keep_ptr + rows[:, None] * keep_stride + cols[None, :] // 8, mask=inside, other=0)
+                keep = ((bits.to(tl.int32) >> (cols[None, :] % 8)) & 1).to(tl.float32)
+                acc += term * keep * keep_scale
+            else:  # one more MMA step into the same accumulator
+                acc = tl.dot(h, low, acc)
+        if HAS_BIAS:
+            cols = n0 + tl.arange(0, BN)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([m0, n0], acc.to(out_desc.dtype))
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tensor | None = None,
+              low: torch.Tensor | None = None, low_rmajor: bool = False, bias: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None, p: float = 0.0, out: torch.Tensor | None = None,
+              config: dict | None = None, num_programs: int | None = None) -> torch.Tensor:
+    """out (M×N) = x·(y_kmajor ? yᵀ : y) + [h·(low_rmajor ? low : lowᵀ)] ⊙ [keep / (1−p)] + bias.
+
+    x (M×K), y (N×K or K×N), h (M×R), low (N×R, or R×N with low_rmajor), keep: uint8 bits M×(N/8) (bit j of byte c
+    keeps column 8c + j), bias (N). All 2-D contiguous in one dtype (bf16 / fp16; fp32 in the interpreter), rows
+    16-byte aligned (widths multiples of 8), as TMA needs."""
+    if TensorDescriptor is None:
+        raise RuntimeError("lora_gemm needs Triton's host TMA descriptors (triton.tools.tensor_descriptor)")
+    cfg = dict(DEFAULT_CONFIG if config is None else config)
+    m, k = x.shape
+    n = y.shape[0] if y_kmajor else y.shape[1]
+    if (y.shape[1] if y_kmajor else y.shape[0]) != k:
+        raise ValueError(f"lora_gemm: x is {tuple(x.shape)}, y {tuple(y.shape)} (y_kmajor={y_kmajor})")
+    has_lora = h is not None
+    if has_lora != (low is not None) or (keep is not None and not has_lora):
+        raise ValueError("lora_gemm: h and low come together, and keep bits only with them")
+    bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    group_m = cfg.pop("GROUP_M")
+    if out is None:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+    y_desc = TensorDescriptor.from_tensor(y, [bn, bk] if y_kmajor else [bk, bn])
+    out_desc = TensorDescriptor.from_tensor(out, [bm, bn])
+    br = 16
+    h_desc = l_desc = None
+    if has_lora:
+        r = h.shape[1]
+        if (low.shape[0] if low_rmajor else low.shape[1]) != r or (low.shape[1] if low_rmajor else low.shape[0]) != n:
+            raise ValueError(f"lora_gemm: h is {tuple(h.shape)}, low {tuple(low.shape)} (low_rmajor={low_rmajor}), "
+                             f"out {m}×{n}")
+        br = _block_r(r)
+        h_desc = TensorDescriptor.from_tensor(h, [bm, br])
+        l_desc = TensorDescriptor.from_tensor(low, [br, bn] if low_rmajor else [bn, br])
+    if num_programs is None:
+        num_programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    programs = max(1, min(num_programs, tiles))
+    dummy = out  # (pointer arguments of branches that are compiled out)
+    _lora_gemm_kernel[(programs,)](
+        x_desc, y_desc, h_desc, l_desc, out_desc, bias if bias is not None else dummy,
+        keep if keep is not None else dummy, m, n, k, n // 8, 1.0 / (1.0 - p) if keep is not None else 1.0,
+        Y_KMAJOR=y_kmajor, L_RMAJOR=low_rmajor, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        HAS_KEEP=keep is not None, BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=group_m, NUM_PROGRAMS=programs, **cfg)
+    return out
+
+
+def reference(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None, keep=None, p=0.0):
+    """lora_gemm in fp32 torch ops (the keep bits unpacked), rounded to x's dtype once."""
+    out = x.float() @ (y.float().t() if y_kmajor else y.float())
+    if h is not None:
+        term = h.float() @ (low.float() if low_rmajor else low.float().t())
+        if keep is not None:
+            bits = (keep.long()[:, :, None] >> torch.arange(8, device=keep.device)) & 1
+            term = term * bits.reshape(keep.shape[0], -1)[:, : term.shape[1]].float() / (1.0 - p)
+        out = out + term
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
