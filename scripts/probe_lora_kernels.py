@@ -690,6 +690,4 @@ if __name__ == "__main__":
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
          "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "tma": tma_table,
-         "once": once,
-         "model": model_table,
-         "consumer": consumer_table}[part]()
+         "once": once, "model": model_table, "consumer": consumer_table}[part]()
