@@ -27,7 +27,10 @@ except ImportError:  # pragma: no cover - older Triton: the experiment is not av
     TensorDescriptor = None
 
 # Tile shape and pipeline depth by default (Hopper, bf16): the probe sweeps others
-DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "num_stages": 3, "num_warps": 8}
+# (FLATTEN: the tile and K loops pipelined as one, so the next tile's loads start under this one's epilogue;
+# WARP_SPECIALIZE: producer / consumer warps for the K loop, where the Triton build supports it on the GPU)
+DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "FLATTEN": False, "WARP_SPECIALIZE": False,
+                  "num_stages": 3, "num_warps": 8}
 
 
 @triton.jit
@@ -44,16 +47,17 @@ def _lora_gemm_kernel(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_p
                       M, N, K, keep_stride, keep_scale,
                       Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+                      BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                      FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         m0 = pid_m * BM
         n0 = pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kk in range(k_tiles):
+        for kk in tl.range(k_tiles, warp_specialize=WARP_SPECIALIZE):
             a = x_desc.load([m0, kk * BK])
             if Y_KMAJOR:
                 b = y_desc.load([n0, kk * BK]).T
@@ -107,6 +111,7 @@ def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tens
         raise ValueError("lora_gemm: h and low come together, and keep bits only with them")
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     group_m = cfg.pop("GROUP_M")
+    flatten, warp_specialize = cfg.pop("FLATTEN", False), cfg.pop("WARP_SPECIALIZE", False)
     if out is None:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
@@ -131,7 +136,8 @@ def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tens
         x_desc, y_desc, h_desc, l_desc, out_desc, bias if bias is not None else dummy,
         keep if keep is not None else dummy, m, n, k, n // 8, 1.0 / (1.0 - p) if keep is not None else 1.0,
         Y_KMAJOR=y_kmajor, L_RMAJOR=low_rmajor, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        HAS_KEEP=keep is not None, BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=group_m, NUM_PROGRAMS=programs, **cfg)
+        HAS_KEEP=keep is not None, BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=group_m, NUM_PROGRAMS=programs,
+        FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, **cfg)
     return out
 
 

@@ -493,8 +493,11 @@ def tma_table():
         except Exception as err:  # noqa: BLE001 - a config that does not compile or fit: say so, go on
             return f"{type(err).__name__}"
 
-    configs = [(128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 4),
-               (128, 128, 64, 8, 4, 8), (128, 128, 128, 8, 3, 8), (64, 256, 64, 8, 4, 4)]
+    # (BM, BN, BK, GROUP_M, stages, warps, flatten, warp-specialized)
+    configs = [(128, 256, 64, 8, 3, 8, False, False), (128, 256, 64, 8, 4, 8, False, False),
+               (128, 256, 64, 8, 3, 8, True, False), (128, 256, 64, 8, 3, 8, False, True),
+               (256, 128, 64, 8, 3, 8, False, False), (128, 128, 64, 8, 4, 4, False, False),
+               (128, 128, 64, 8, 4, 8, True, False), (128, 128, 128, 8, 3, 8, False, False)]
     print("\n=== one TMA GEMM with the LoRA term inside (bf16, r16, do_bench median µs)", flush=True)
     for m, k, n in [(8192, 4096, 4096), (8192, 4096, 14336), (2048, 4096, 4096), (2048, 2048, 2048)]:
         r = 16
@@ -516,8 +519,9 @@ def tma_table():
                 "cuBLAS dy W": us(lambda: torch.mm(dy, w, out=dx)),
                 "shrink alone": us(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, shrink_only=True))}
         print(f"  M{m} K{k} N{n}: " + "  ".join(f"{key} {val:.1f}" for key, val in rows.items()), flush=True)
-        for bm, bn, bk, group, stages, warps in configs:
-            cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "num_stages": stages, "num_warps": warps}
+        for bm, bn, bk, group, stages, warps, flatten, ws in configs:
+            cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "num_stages": stages, "num_warps": warps,
+                   "FLATTEN": flatten, "WARP_SPECIALIZE": ws}
             cells = {
                 "fwd plain": us(lambda: G.lora_gemm(x, w, y_kmajor=True, out=y, config=cfg)),
                 "fwd +term": us(lambda: G.lora_gemm(x, w, y_kmajor=True, h=hs, low=b, out=y, config=cfg)),
@@ -527,9 +531,10 @@ def tma_table():
                 "dx +term p0.1": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=gs, low=a, low_rmajor=True, keep=keep,
                                                         p=0.1, out=dx, config=cfg)),
             }
-            print(f"    {bm}x{bn}x{bk} g{group} s{stages} w{warps}: " + "  ".join(
-                f"{key} {val:.1f}" if isinstance(val, float) else f"{key} {val}" for key, val in cells.items()),
-                flush=True)
+            name = f"{bm}x{bn}x{bk} g{group} s{stages} w{warps}" + (" flat" if flatten else "") + (" ws" if ws else "")
+            text = "  ".join(f"{key} {val:.1f}" if isinstance(val, float) else f"{key} {val}"
+                             for key, val in cells.items())
+            print(f"    {name}: {text}", flush=True)
         got = G.lora_gemm(x, w, y_kmajor=True, h=hs, low=b)
         err = ((got.float() - G.reference(x, w, y_kmajor=True, h=hs, low=b).float()).norm() / got.float().norm())
         print(f"    (forward with the term against the fp32 reference: relative error {err.item():.2e})", flush=True)
