@@ -538,6 +538,16 @@ def tma_table():
         got = G.lora_gemm(x, w, y_kmajor=True, h=hs, low=b)
         err = ((got.float() - G.reference(x, w, y_kmajor=True, h=hs, low=b).float()).norm() / got.float().norm())
         print(f"    (forward with the term against the fp32 reference: relative error {err.item():.2e})", flush=True)
+    # what launching it from Python costs the host (the C++ node would launch it instead): tiny sizes, enqueue only
+    xs = torch.randn(64, 256, device="cuda", dtype=DT)
+    ws = torch.randn(256, 256, device="cuda", dtype=DT)
+    hs = torch.randn(64, 16, device="cuda", dtype=DT)
+    bs = torch.randn(256, 16, device="cuda", dtype=DT)
+    small = {"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8, "num_stages": 3, "num_warps": 4}
+    print("  host µs a call: " + "  ".join(f"{name} {host_us(fn):.1f}" for name, fn in (
+        ("torch.mm", lambda: torch.mm(xs, ws.t())),
+        ("lora_gemm (Python launch)", lambda: G.lora_gemm(xs, ws, y_kmajor=True, h=hs, low=bs, config=small)))),
+        flush=True)
 
 
 def dequant_table(reps: int = 20):

@@ -12,7 +12,7 @@ from peft.utils.incremental_pca import IncrementalPCA as RefPCA
 
 import peft_fast as pf
 from peft_fast.utils.incremental_pca import IncrementalPCA
-from models import tiny_llama
+from models import tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -301,3 +301,29 @@ def test_distributed_inputs_are_gathered_from_every_rank(tmp_path):
         assert got.keys() == want.keys()
         for name in want:
             assert torch.equal(got[name], want[name]), (rank, name)
+
+
+def test_gpt2_conv1d_layers_with_every_row_match_peft():
+    """Conv1D layers (fan_in_fan_out), no model-input preparation (every row of every layer input counts)."""
+    torch.manual_seed(0)
+    base = tiny_gpt2().eval()
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(0, base.config.vocab_size, (4, 12), generator=g)} for _ in range(5)]
+    models, states = [], []
+    for lib in (ref, pf):
+        config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True,
+                                init_lora_weights="eva", eva_config=lib.EvaConfig(rho=2.0, tau=0.9))
+        model = lib.get_peft_model(copy.deepcopy(base), config)
+        state = lib.get_eva_state_dict(model, data, prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None,
+                                       show_progress_bar=False)
+        states.append(dict(state))
+        lib.initialize_lora_eva_weights(model, eva_state_dict=state)
+        models.append(model)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[1][k], states[0][k]) for k in states[0])
+    assert len({w.size(0) for w in states[1].values()}) > 1  # ranks moved
+    _assert_same_params(models[1], models[0])
+    assert models[1].peft_config["default"].rank_pattern == models[0].peft_config["default"].rank_pattern
+    with pytest.raises(ValueError, match="were not found in the model"):
+        pf.get_eva_state_dict(_eva_model(pf, tiny_llama()), _data(64), prepare_layer_inputs_fn={"nope": None},
+                              show_progress_bar=False)
