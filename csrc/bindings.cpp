@@ -17,6 +17,7 @@
 
 #include "lora_autograd.h"
 #include "qgemv.h"
+#include "triton_launch.h"
 
 namespace {
 
@@ -106,6 +107,34 @@ torch::Tensor qgemv_lora(torch::Tensor x, torch::Tensor qweight, torch::Tensor c
     return y;
 }
 
+// A registered Triton kernel launched from Python (tests, probes): tensors give their data pointer, ints and floats
+// their value, each as the kernel's parameter kind in that position wants
+void triton_launch_from_python(int64_t id, int64_t grid, const py::list& args) {
+    const std::string kinds = triton_kernel_kinds(id);
+    if (args.size() > kinds.size()) throw ArgError("triton_kernel_launch: too many arguments");
+    std::vector<TritonArg> values(args.size());
+    for (size_t i = 0; i < args.size(); ++i) {
+        const py::handle a = args[i];
+        if (kinds[i] == 'p') {
+            if (!THPVariable_Check(a.ptr())) throw ArgError("triton_kernel_launch: argument " + std::to_string(i) +
+                                                            " must be a CUDA tensor");
+            const torch::Tensor t = THPVariable_Unpack(a.ptr());
+            if (!t.is_cuda()) throw ArgError("triton_kernel_launch: argument " + std::to_string(i) + " is not on CUDA");
+            values[i].pointer = reinterpret_cast<uint64_t>(t.data_ptr());
+        } else if (kinds[i] == 'i') {
+            if (!py::isinstance<py::int_>(a)) throw ArgError("triton_kernel_launch: argument " + std::to_string(i) +
+                                                              " must be an int");
+            const int64_t v = a.cast<int64_t>();
+            if (v < INT32_MIN || v > INT32_MAX) throw ArgError("triton_kernel_launch: argument " + std::to_string(i) +
+                                                               " exceeds int32");
+            values[i].i32 = static_cast<int32_t>(v);
+        } else {
+            values[i].f32 = a.cast<float>();
+        }
+    }
+    triton_kernel_launch(id, grid, values);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -147,6 +176,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "from how many rows the rows kernels run as two launches, and the second's rows a block (probes and tests)",
           py::arg("rows"), py::arg("pass2_rows") = 64);
     m.def("lora_kernels_two_pass_rows", &lora_kernels_two_pass_rows);
+    m.def("triton_kernel_register", &triton_kernel_register,
+          "load a Triton cubin compiled for this GPU (kernels/lora_gemm_tma.py compile_for_cpp); returns its id",
+          py::arg("cubin"), py::arg("name"), py::arg("shared"), py::arg("num_warps"), py::arg("scratch_bytes"),
+          py::arg("scratch_align"), py::arg("kinds"), py::arg("user_params"));
+    m.def("triton_kernel_launch", &triton_launch_from_python,
+          "launch a registered Triton kernel on the current stream (args: tensors, ints, floats)", py::arg("id"),
+          py::arg("grid"), py::arg("args"));
     m.def("lora_kernels_backward", &lora_kernels_backward, "the fused LoRA backward kernels alone (tests)",
           py::arg("dy"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("hs"), py::arg("mask"),
           py::arg("scale"), py::arg("p"), py::arg("need_x") = true, py::arg("need_a") = true, py::arg("need_b") = true,

@@ -49,6 +49,45 @@ def _lora_gemm_kernel(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_p
                       HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                       FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_ptr, M, N, K, keep_stride, keep_scale,
+                     Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS,
+                     FLATTEN, WARP_SPECIALIZE)
+
+
+@triton.jit
+def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_ptr,
+                          M, N, K, R, keep_stride, keep_scale,
+                          Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                          FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """The same GEMM over plain pointers, its descriptors made on the device: the form a C++ caller launches
+    (compile_for_cpp), whose arguments are pointers and numbers only."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    if Y_KMAJOR:
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[N, K], strides=[K, 1], block_shape=[BN, BK])
+    else:
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    h_desc = None
+    l_desc = None
+    if HAS_LORA:
+        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[M, R], strides=[R, 1], block_shape=[BM, BR])
+        if L_RMAJOR:
+            l_desc = tl.make_tensor_descriptor(l_ptr, shape=[R, N], strides=[N, 1], block_shape=[BR, BN])
+        else:
+            l_desc = tl.make_tensor_descriptor(l_ptr, shape=[N, R], strides=[R, 1], block_shape=[BN, BR])
+    _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_ptr, M, N, K, keep_stride, keep_scale,
+                     Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS,
+                     FLATTEN, WARP_SPECIALIZE)
+
+
+@triton.jit
+def _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_ptr, M, N, K, keep_stride, keep_scale,
+                     Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
@@ -153,3 +192,90 @@ def reference(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None, 
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time form for a C++ launcher (csrc/triton_launch.h): one cubin a flag set, tile config and rank block
+
+_PTX_KINDS = {".u64": "p", ".b64": "p", ".u32": "i", ".b32": "i", ".s32": "i", ".f32": "f"}
+USER_PARAMS = 13  # _lora_gemm_ptr_kernel's runtime arguments, before Triton's hidden scratch pointers
+
+
+def _param_kinds(ptx: str, name: str) -> str:
+    """The entry's parameters as 'p' (64-bit pointer), 'i' (32-bit int), 'f' (fp32), read from its PTX."""
+    start = ptx.index(f".entry {name}(")
+    body = ptx[start: ptx.index(")", start)]
+    kinds = []
+    for line in body.splitlines()[1:]:
+        parts = line.split()
+        if not parts or parts[0] != ".param":
+            continue
+        if parts[1] not in _PTX_KINDS:
+            raise ValueError(f"{name}: parameter type {parts[1]} has no C++ launcher kind")
+        kinds.append(_PTX_KINDS[parts[1]])
+    return "".join(kinds)
+
+
+def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_rmajor: bool, has_lora: bool,
+                    has_bias: bool, has_keep: bool, rank_block: int, num_programs: int,
+                    config: dict | None = None) -> dict:
+    """_lora_gemm_ptr_kernel compiled for one GPU architecture (capability 90 for sm_90) and one set of flags: the
+    cubin and what a launcher needs (entry name, dynamic shared memory, threads, Triton's scratch bytes a program and
+    their alignment, parameter kinds). Arguments, in order: x, y, h, low, out, bias, keep pointers (16-byte
+    aligned; any valid pointer where a flag leaves one out), M, N, K, R, keep_stride (int32), keep_scale (fp32)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = dict(DEFAULT_CONFIG if config is None else config)
+    element = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    signature = {name: element for name in ("x_ptr", "y_ptr", "h_ptr", "l_ptr", "out_ptr", "bias_ptr")}
+    signature.update({"keep_ptr": "*u8", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "keep_stride": "i32",
+                      "keep_scale": "fp32"})
+    constexprs = {"Y_KMAJOR": y_kmajor, "L_RMAJOR": low_rmajor, "HAS_LORA": has_lora, "HAS_BIAS": has_bias,
+                  "HAS_KEEP": has_keep, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "BR": rank_block,
+                  "GROUP_M": cfg["GROUP_M"], "NUM_PROGRAMS": num_programs, "FLATTEN": cfg.get("FLATTEN", False),
+                  "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False)}
+    signature.update({name: "constexpr" for name in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # the pointers: 16-byte aligned, as TMA needs
+    compiled = triton.compile(ASTSource(fn=_lora_gemm_ptr_kernel, signature=signature, constexprs=constexprs,
+                                        attrs=attrs),
+                              target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    meta = compiled.metadata
+    kinds = _param_kinds(compiled.asm["ptx"], meta.name)
+    if kinds[:USER_PARAMS] != "ppppppp" + "iiiii" + "f" or set(kinds[USER_PARAMS:]) - {"p"}:
+        raise RuntimeError(f"{meta.name}: unexpected parameter layout {kinds!r} for this Triton build")
+    return {"cubin": compiled.asm["cubin"], "name": meta.name, "shared": meta.shared, "num_warps": meta.num_warps,
+            "scratch_bytes": getattr(meta, "global_scratch_size", 0),
+            "scratch_align": getattr(meta, "global_scratch_align", 1), "kinds": kinds}
+
+
+class CppLoraGemm:
+    """lora_gemm launched by peft_fast._C (csrc/triton_launch.h) instead of Triton's Python launcher: compiled once
+    for this GPU and these flags, then each call is one C++ launch. For tests and probes until the C++ node calls it."""
+
+    def __init__(self, ext, device: torch.device, dtype: torch.dtype, *, y_kmajor: bool, low_rmajor: bool = False,
+                 has_lora: bool = False, has_bias: bool = False, has_keep: bool = False, rank: int = 16,
+                 config: dict | None = None):
+        major, minor = torch.cuda.get_device_capability(device)
+        self.num_programs = torch.cuda.get_device_properties(device).multi_processor_count
+        self.flags = dict(y_kmajor=y_kmajor, low_rmajor=low_rmajor, has_lora=has_lora, has_bias=has_bias,
+                          has_keep=has_keep)
+        self.config = dict(DEFAULT_CONFIG if config is None else config)
+        built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, rank_block=_block_r(rank),
+                                num_programs=self.num_programs, config=self.config, **self.flags)
+        self.ext = ext
+        self.id = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
+                                             built["scratch_bytes"], built["scratch_align"], built["kinds"],
+                                             USER_PARAMS)
+
+    def __call__(self, x, y, out, h=None, low=None, bias=None, keep=None, p: float = 0.0):
+        m, k = x.shape
+        n = out.shape[1]
+        r = h.shape[1] if h is not None else 0
+        tiles = triton.cdiv(m, self.config["BM"]) * triton.cdiv(n, self.config["BN"])
+        args = [x, y, h if h is not None else x, low if low is not None else x, out,
+                bias if bias is not None else out, keep if keep is not None else out, m, n, k, r, n // 8,
+                1.0 / (1.0 - p) if keep is not None else 1.0]
+        self.ext.triton_kernel_launch(self.id, min(self.num_programs, tiles), args)
+        return out

@@ -63,3 +63,52 @@ def test_lora_gemm_matches_reference_on_hopper(what, build, m, n, k, r):
         pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
     args = build(_operands(m, n, k, r, torch.bfloat16, "cuda"))
     _check(G.lora_gemm(**args), G.reference(**args), torch.bfloat16)
+
+
+_AOT = """
+import json, torch
+from peft_fast.kernels import lora_gemm_tma as G
+built = G.compile_for_cpp(dtype=torch.bfloat16, capability=90, y_kmajor=False, low_rmajor=True, has_lora=True,
+                          has_bias=False, has_keep=True, rank_block=16, num_programs=132,
+                          config={**G.DEFAULT_CONFIG, "BN": 128})
+print(json.dumps({**built, "cubin": built["cubin"][:4].hex(), "user": G.USER_PARAMS}))
+"""
+
+
+def test_compiles_ahead_of_time_for_hopper_with_the_parameter_layout_the_cpp_launcher_expects():
+    """compile_for_cpp needs no GPU (Triton's bundled ptxas), but the compiler, not the interpreter: in a child
+    process without TRITON_INTERPRET. The cubin, its entry and its parameter kinds as csrc/triton_launch.h reads
+    them."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    built = json.loads(run.stdout.strip().splitlines()[-1])
+    assert built["cubin"] == "7f454c46" and built["name"] == "_lora_gemm_ptr_kernel"  # an ELF cubin
+    kinds, user = built["kinds"], built["user"]
+    assert kinds.startswith("ppppppp" + "iiiii" + "f") and len(kinds) > user and set(kinds[user:]) == {"p"}
+    assert built["scratch_bytes"] >= 5 * 128  # five device-made TMA descriptors a program
+    assert built["shared"] > 48 * 1024 and built["num_warps"] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("what,build", CASES, ids=[c[0] for c in CASES])
+def test_cpp_launch_equals_the_python_launch(what, build):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
+    from peft_fast.ops.extension import _C
+
+    if _C is None or not hasattr(_C, "triton_kernel_register"):
+        pytest.skip("peft_fast._C is not built")
+    args = build(_operands(4096, 3072, 1024, 16, torch.bfloat16, "cuda", seed=2))
+    launcher = G.CppLoraGemm(_C, torch.device("cuda"), torch.bfloat16, y_kmajor=args["y_kmajor"],
+                             low_rmajor=args.get("low_rmajor", False), has_lora="h" in args,
+                             has_bias="bias" in args, has_keep="keep" in args)
+    want = G.lora_gemm(**args)
+    got = launcher(args["x"], args["y"], torch.empty_like(want), h=args.get("h"), low=args.get("low"),
+                   bias=args.get("bias"), keep=args.get("keep"), p=args.get("p", 0.0))
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
