@@ -176,6 +176,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "from how many rows the rows kernels run as two launches, and the second's rows a block (probes and tests)",
           py::arg("rows"), py::arg("pass2_rows") = 64);
     m.def("lora_kernels_two_pass_rows", &lora_kernels_two_pass_rows);
+    m.def("lora_kernels_register_tma", &lora_kernels_register_tma,
+          "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node)",
+          py::arg("dx"), py::arg("bf16"), py::arg("kn"), py::arg("has_bias"), py::arg("has_keep"), py::arg("rank"),
+          py::arg("kernel_id"), py::arg("programs"), py::arg("block_m"), py::arg("block_n"));
+    m.def("lora_kernels_set_tma_rows", &lora_kernels_set_tma_rows,
+          "from how many rows a training forward takes the one-GEMM route (probes and tests)", py::arg("rows"));
+    m.def("lora_kernels_tma_rows", &lora_kernels_tma_rows);
     m.def("triton_kernel_register", &triton_kernel_register,
           "load a Triton cubin compiled for this GPU (kernels/lora_gemm_tma.py compile_for_cpp); returns its id",
           py::arg("cubin"), py::arg("name"), py::arg("shared"), py::arg("num_warps"), py::arg("scratch_bytes"),

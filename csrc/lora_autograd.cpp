@@ -25,9 +25,12 @@
 #include <climits>
 #include <mutex>
 
+#include <unordered_map>
+
 #include "dequant4.h"
 #include "lora_kernels.h"
 #include "qgemv.h"
+#include "triton_launch.h"
 #endif
 
 namespace {
@@ -251,14 +254,16 @@ struct FusedSaved {
 // y2 (M×N, preallocated) = s·drop(x)Aᵀ Bᵀ (+ bias) (+ addend), and what backward needs (keep = false, an inference
 // call: none of it is made, the kernel writes none of it)
 void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& bias, const Tensor& addend,
-                   double s, double p, Tensor& y2, FusedSaved& saved, bool keep = true, RowsShape shape = {}) {
+                   double s, double p, Tensor& y2, FusedSaved& saved, bool keep = true, RowsShape shape = {},
+                   bool copies_always = false) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
     Tensor& hs = saved.hs;
     Tensor& mask = saved.mask;
     saved.a = a, saved.b = b;
     // (B's copy is written by the expansion: none without y2)
-    const bool copies = keep && a.scalar_type() != x.scalar_type() && y2.defined();
+    // (copies_always: hs alone is computed, y2 undefined, and the caller reads the adapters in x's dtype)
+    const bool copies = keep && a.scalar_type() != x.scalar_type() && (y2.defined() || copies_always);
     if (keep) {  // one allocation for all of it: hs, the bits, A's copy (r×K), B's (N×r; 16-byte aligned: K % 8 == 0)
         const c10::ScalarType dt = x.scalar_type();
         const int64_t e = x.element_size(), hs_bytes = padded(m * r * e), mask_bytes = p > 0.0 ? padded(m * k / 8) : 0;
@@ -273,7 +278,7 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     }
     // (prerounded: the copies, which lie back to back in buf, are made here by one launch, and the kernel reads them
     // as adapters of x's dtype)
-    const bool preround = copies && m >= preround_min_rows.load(std::memory_order_relaxed);
+    const bool preround = copies && (!y2.defined() || m >= preround_min_rows.load(std::memory_order_relaxed));
     if (preround)
         check(launch_lora_round_adapters(a.data_ptr<float>(), r * k, b.data_ptr<float>(), n * r, saved.a.data_ptr(),
                                          kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()),
@@ -313,7 +318,8 @@ struct FusedGrads {
 // hs, the bits); dA and dB in grad_dtype (the adapters' own)
 FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& hs,
                           const Tensor& mask, double s, double p, bool need_x, bool need_a, bool need_b,
-                          at::IntArrayRef x_sizes, c10::ScalarType grad_dtype, RowsShape shape = {}) {
+                          at::IntArrayRef x_sizes, c10::ScalarType grad_dtype, RowsShape shape = {},
+                          Tensor* gs_out = nullptr) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
     FusedGrads g;
@@ -328,7 +334,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const int sms = sm_count();
     const LoraDtype dt = kernel_dtype(x.scalar_type()), adt = kernel_dtype(a.scalar_type());
-    const bool rows_pass = dx2.defined() || need_a, reduce_pass = need_a || need_b;
+    const bool rows_pass = dx2.defined() || need_a || gs_out != nullptr, reduce_pass = need_a || need_b;
     const LoraReducePlan plan = reduce_pass ? lora_reduce_plan(static_cast<int>(m), static_cast<int>(k),
                                                                static_cast<int>(n), static_cast<int>(r), need_a,
                                                                need_b, sms)
@@ -341,6 +347,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
         scratch = at::empty({gs_bytes + ws_bytes + counter_bytes}, x.options().dtype(torch::kUInt8));
     char* base = scratch.defined() ? static_cast<char*>(scratch.data_ptr()) : nullptr;
     void* gs = rows_pass ? base : nullptr;
+    if (gs_out != nullptr) *gs_out = carve(scratch, 0, {m, r}, x.scalar_type());  // (keeps the scratch alive)
     float* workspace = plan.workspace_floats > 0 ? reinterpret_cast<float*>(base + gs_bytes) : nullptr;
     int* counters = plan.counters > 0 ? reinterpret_cast<int*>(base + gs_bytes + ws_bytes) : nullptr;
     if (rows_pass) {
@@ -391,13 +398,85 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     check(launch_lora_reduce(args, plan, stream), "backward reduce");
     return g;
 }
+
+// ---- the one-GEMM route (an experiment, off by default)
+// From tma_min_rows rows (lora_kernels_set_tma_rows; INT64_MAX: never) a training forward computes
+// y = x Wᵀ + hs Bᵀ (+ bias) in one Triton GEMM (kernels/lora_gemm_tma.py, launched through csrc/triton_launch.h)
+// after the rows kernel's phase 1, and its backward dx = dy W + drop(gs A) in another, instead of the rows kernel
+// writing the M×N term and cuBLAS adding its GEMM onto it (beta = 1): the output is written once, not written, read
+// and written again. Python compiles the kernels for this GPU and registers them here by key
+// (peft_fast.kernels.lora_gemm_tma.register_for_node); a call whose kernels are missing takes the default route.
+struct TmaKernel {
+    int64_t id = -1, programs = 0, bm = 0, bn = 0;
+};
+std::mutex tma_mutex;
+std::unordered_map<int64_t, TmaKernel> tma_kernels;
+std::atomic<int64_t> tma_min_rows{INT64_MAX};
+
+int rank_block(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128; }
+
+int64_t tma_key(bool dx, c10::ScalarType dt, bool kn, bool bias, bool keep, int64_t r) {
+    return static_cast<int64_t>(dx) | static_cast<int64_t>(dt == torch::kBFloat16) << 1 |
+           static_cast<int64_t>(kn) << 2 | static_cast<int64_t>(bias) << 3 | static_cast<int64_t>(keep) << 4 |
+           static_cast<int64_t>(rank_block(r)) << 8;
+}
+
+bool tma_find(int64_t key, TmaKernel& k) {
+    const std::lock_guard<std::mutex> lock(tma_mutex);
+    const auto it = tma_kernels.find(key);
+    if (it == tma_kernels.end()) return false;
+    k = it->second;
+    return true;
+}
+
+TritonArg ptr_arg(const Tensor& t) {
+    TritonArg a;
+    a.pointer = reinterpret_cast<uint64_t>(t.data_ptr());
+    return a;
+}
+
+TritonArg i32_arg(int64_t v) {
+    TritonArg a;
+    a.pointer = 0;
+    a.i32 = static_cast<int32_t>(v);
+    return a;
+}
+
+// out (M×N) = x·(W as `kn` stores it, read as the key's direction needs) + h·low (⊙ keep bits / (1−p)) (+ bias)
+void launch_tma(const TmaKernel& k, const Tensor& x, const Tensor& w, const Tensor& h, const Tensor& low,
+                const Tensor& bias, const Tensor& keep, double p, Tensor& out) {
+    const int64_t m = x.size(0), kk = x.size(1), n = out.size(1);
+    const int64_t tiles = ((m + k.bm - 1) / k.bm) * ((n + k.bn - 1) / k.bn);
+    TritonArg scale;
+    scale.pointer = 0;
+    scale.f32 = keep.defined() ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;
+    const std::vector<TritonArg> args{ptr_arg(x), ptr_arg(w), ptr_arg(h), ptr_arg(low), ptr_arg(out),
+                                      ptr_arg(bias.defined() ? bias : out), ptr_arg(keep.defined() ? keep : out),
+                                      i32_arg(m), i32_arg(n), i32_arg(kk), i32_arg(h.size(1)), i32_arg(n / 8), scale};
+    triton_kernel_launch(k.id, std::min(k.programs, tiles), args);
+}
+
+// Whether a training forward of these arguments takes the one-GEMM route: enough rows, the fused kernels' layout,
+// every operand 16-byte aligned for TMA, and both directions' kernels registered
+bool tma_takes(const Tensor& x, const Tensor& w, const Tensor& a, const Tensor& b, const Tensor& bias, double p,
+               c10::ScalarType dt, bool kn, TmaKernel& fwd) {
+    if (x.size(0) < tma_min_rows.load(std::memory_order_relaxed)) return false;
+    if (!fused_takes(x, a, b, p, dt, Tensor()) || !w.is_contiguous() || !aligned16(w) || !x.is_contiguous() ||
+        !aligned16(x) || (bias.defined() && (!bias.is_contiguous() || !aligned16(bias))))
+        return false;
+    TmaKernel dx;
+    const int64_t r = a.size(0);
+    if (r % 8 != 0) return false;  // (hs, gs and B's rows must be 16-byte multiples for TMA)
+    return tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd) &&
+           tma_find(tma_key(true, dt, kn, false, p > 0.0, r), dx);
+}
 #endif  // PEFT_FAST_CUDA_KERNELS
 
 // A node's non-tensor state. It travels as three saved_data entries (the two doubles and one packed int64: flags
 // and dtypes) plus x's sizes, because each entry is a hash-map insert and an IValue: host time every layer pays.
 struct NodeState {
     double scale = 1.0, p = 0.0;
-    bool fused = false, kn = false, has_bias = false;
+    bool fused = false, kn = false, has_bias = false, tma = false;
     c10::ScalarType a_dtype = torch::kFloat, b_dtype = torch::kFloat, w_dtype = torch::kFloat,
                     bias_dtype = torch::kFloat;
 
@@ -405,7 +484,8 @@ struct NodeState {
         ctx->saved_data["scale"] = scale;
         ctx->saved_data["p"] = p;
         ctx->saved_data["state"] = static_cast<int64_t>(fused) | static_cast<int64_t>(kn) << 1 |
-                                   static_cast<int64_t>(has_bias) << 2 | code(a_dtype) << 8 | code(b_dtype) << 16 |
+                                   static_cast<int64_t>(has_bias) << 2 | static_cast<int64_t>(tma) << 3 |
+                                   code(a_dtype) << 8 | code(b_dtype) << 16 |
                                    code(w_dtype) << 24 | code(bias_dtype) << 32;
         ctx->saved_data["x_sizes"] = x_in.sizes();
     }
@@ -415,7 +495,7 @@ struct NodeState {
         st.scale = ctx->saved_data["scale"].toDouble();
         st.p = ctx->saved_data["p"].toDouble();
         const int64_t bits = ctx->saved_data["state"].toInt();
-        st.fused = bits & 1, st.kn = bits >> 1 & 1, st.has_bias = bits >> 2 & 1;
+        st.fused = bits & 1, st.kn = bits >> 1 & 1, st.has_bias = bits >> 2 & 1, st.tma = bits >> 3 & 1;
         st.a_dtype = dtype(bits >> 8), st.b_dtype = dtype(bits >> 16), st.w_dtype = dtype(bits >> 24),
         st.bias_dtype = dtype(bits >> 32);
         return st;
@@ -430,7 +510,7 @@ struct NodeState {
 struct Forward {
     Tensor y;
     std::vector<Tensor> saved;
-    bool fused = false;
+    bool fused = false, tma = false;
 };
 
 // The low-rank half of a forward written into y2 (M×N rows, preallocated): y2 = s·drop(x)Aᵀ Bᵀ + bias, or with `add`
@@ -490,6 +570,21 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
     out.y = at::empty(with_last(x_in.sizes(), n), x.options());
     Tensor y2 = out.y.view({-1, n});
     const bool gemm_first = x.size(0) <= kGemmFirstMaxRows;
+#ifdef PEFT_FAST_CUDA_KERNELS
+    TmaKernel tma;
+    if (keep && kernels && !gemm_first && x.is_cuda()) {
+        x = x.contiguous();
+        if (tma_takes(x, w, lora_a, lora_b, bias, p, dt, kn, tma)) {  // the one-GEMM route (above)
+            FusedSaved f;
+            Tensor none;
+            fused_forward(x, lora_a, lora_b, Tensor(), Tensor(), scale, p, none, f, true, {}, true);
+            launch_tma(tma, x, w, f.hs, f.b, bias, Tensor(), p, y2);
+            out.saved = {x, w, f.a, f.b, f.hs, f.mask};
+            out.fused = out.tma = true;
+            return out;
+        }
+    }
+#endif
     if (gemm_first && bias.defined()) at::addmm_out(y2, bias, x, w_kn);
     else if (gemm_first) at::mm_out(y2, x, w_kn);
     const LowRank l = low_rank_into(x, lora_a, lora_b, gemm_first ? Tensor() : bias, scale, p, dt, kernels, keep, y2,
@@ -520,7 +615,18 @@ LinearGrads linear_backward(const NodeState& st, const variable_list& saved, con
     Tensor dy = rows(dy_in, b.size(0), x.scalar_type());  // (B is N×r on both routes)
     LinearGrads g;
 #ifdef PEFT_FAST_CUDA_KERNELS
-    if (st.fused) {
+    TmaKernel tma;  // (its kernels registered at forward; were they dropped since, the default route below)
+    const bool tma_dx = st.fused && st.tma && need.x &&
+                        tma_find(tma_key(true, x.scalar_type(), kn, false, mask.defined(), a.size(0)), tma);
+    if (tma_dx) {  // dx = dy W + drop(gs A) in one GEMM, gs from the rows kernel's phase 1
+        Tensor gs;
+        FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, false, need.a, need.b, x_sizes, st.a_dtype, {},
+                                      &gs);
+        dy = f.dy, g.a = f.grad_a, g.b = f.grad_b;
+        g.x = at::empty(x_sizes, x.options());
+        Tensor dx2 = g.x.view({-1, x.size(1)});
+        launch_tma(tma, dy, w.contiguous(), gs, a, Tensor(), mask, p, dx2);
+    } else if (st.fused) {
         FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, need.x, need.a, need.b, x_sizes, st.a_dtype);
         dy = f.dy, g.x = f.grad_x, g.a = f.grad_a, g.b = f.grad_b;
         if (need.x) g.x.view({-1, x.size(1)}).addmm_(dy, kn ? w.t() : w);
@@ -547,7 +653,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         Forward out = linear_forward(x_in, weight, bias_in, lora_a, lora_b, scale, p, kn, dt, kernels, true);
         ctx->save_for_backward(out.saved);
         NodeState st;
-        st.scale = scale, st.p = p, st.fused = out.fused, st.kn = kn, st.has_bias = bias_in.has_value();
+        st.scale = scale, st.p = p, st.fused = out.fused, st.tma = out.tma, st.kn = kn,
+        st.has_bias = bias_in.has_value();
         st.a_dtype = lora_a.scalar_type(), st.b_dtype = lora_b.scalar_type(), st.w_dtype = weight.scalar_type();
         if (bias_in.has_value()) st.bias_dtype = bias_in->scalar_type();
         st.save(ctx, x_in);
@@ -916,6 +1023,24 @@ void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows) {
     two_pass_min_rows.store(rows, std::memory_order_relaxed);
     pass2_block_rows.store(static_cast<int>(pass2_rows), std::memory_order_relaxed);
 }
+
+void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool has_keep, int64_t rank,
+                               int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n) {
+    TORCH_CHECK(rank >= 1 && rank <= kLoraKernelMaxRank && rank_block(rank) == rank,
+                "lora_kernels_register_tma: rank must be the rank block (16, 32, 64 or 128), got ", rank);
+    TORCH_CHECK(kernel_id >= 0 && programs > 0 && block_m > 0 && block_n > 0,
+                "lora_kernels_register_tma: bad kernel description");
+    const std::lock_guard<std::mutex> lock(tma_mutex);
+    tma_kernels[tma_key(dx, bf16 ? torch::kBFloat16 : torch::kHalf, kn, has_bias, has_keep, rank)] =
+        TmaKernel{kernel_id, programs, block_m, block_n};
+}
+
+void lora_kernels_set_tma_rows(int64_t rows) {
+    TORCH_CHECK(rows >= 0, "lora_kernels_set_tma_rows: rows must be >= 0, got ", rows);
+    tma_min_rows.store(rows, std::memory_order_relaxed);
+}
+
+int64_t lora_kernels_tma_rows() { return tma_min_rows.load(std::memory_order_relaxed); }
 
 std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows() {
     return {two_pass_min_rows.load(std::memory_order_relaxed), pass2_block_rows.load(std::memory_order_relaxed)};

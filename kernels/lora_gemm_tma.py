@@ -279,3 +279,31 @@ class CppLoraGemm:
                 1.0 / (1.0 - p) if keep is not None else 1.0]
         self.ext.triton_kernel_launch(self.id, min(self.num_programs, tiles), args)
         return out
+
+
+def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bfloat16, ranks=(16,), kn=(False,),
+                      config: dict | None = None) -> int:
+    """Compile the node's one-GEMM route kernels for this GPU and register them with peft_fast._C
+    (lora_kernels_register_tma): per rank block and weight layout (kn: Conv1D's K×N weight), the forward with and
+    without bias and dx with and without dropout bits. The route itself stays off until
+    `ext.lora_kernels_set_tma_rows(rows)`. Returns the number of kernels registered."""
+    cfg = dict(DEFAULT_CONFIG if config is None else config)
+    major, minor = torch.cuda.get_device_capability(device)
+    programs = torch.cuda.get_device_properties(device).multi_processor_count
+    count = 0
+    for rank in ranks:
+        block = _block_r(rank)
+        for layout in kn:
+            for dx, flag in ((False, False), (False, True), (True, False), (True, True)):
+                # (forward reads W as stored, N×K: k-major; dx reads it as K×N rows; Conv1D's K×N the other way)
+                y_kmajor = layout if dx else not layout
+                built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, y_kmajor=y_kmajor, low_rmajor=dx,
+                                        has_lora=True, has_bias=flag and not dx, has_keep=flag and dx,
+                                        rank_block=block, num_programs=programs, config=cfg)
+                kernel = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
+                                                    built["scratch_bytes"], built["scratch_align"], built["kinds"],
+                                                    USER_PARAMS)
+                ext.lora_kernels_register_tma(dx, dtype == torch.bfloat16, layout, flag and not dx, flag and dx, block,
+                                              kernel, programs, cfg["BM"], cfg["BN"])
+                count += 1
+    return count

@@ -563,6 +563,26 @@ def tma_table():
           f"{triton.testing.do_bench(lambda: G.lora_gemm(x, w, y_kmajor=True, h=h, low=b, out=y)) * 1e3:.1f} µs, "
           f"C++ launch {triton.testing.do_bench(lambda: cpp(x, w, y, h=h, low=b)) * 1e3:.1f} µs, "
           f"same bits: {same}", flush=True)
+    # the node's one-GEMM route against its default route, layer fwd+bwd (fp32 adapters, as PEFT's default)
+    G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,))
+    before = _C.lora_kernels_tma_rows()
+    try:
+        for m, k, n in [(8192, 4096, 4096), (2048, 4096, 11008), (2048, 2048, 2048)]:
+            for p in (0.0, 0.1):
+                layers = layer_models(k, n, 16, p, with_peft=False)
+                bare = layers["bare"]
+                impls = {"bare F.linear": lambda x, bare=bare: F.linear(x, bare.weight)}
+                for rows, name in ((1 << 62, "pf, default route"), (0, "pf, one GEMM (TMA)")):
+                    def run(x, layer=layers["pf"].train(), rows=rows):
+                        _C.lora_kernels_set_tma_rows(rows)
+                        return layer(x)
+                    impls[name] = run
+                xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
+                dy = torch.randn(m, n, device="cuda", dtype=DT)
+                print(f"\n=== layer M{m} K{k} N{n} r16 p{p} fwd+bwd: wall µs (median), GPU kernel µs", flush=True)
+                print_fwd_bwd_table(impls, xs, dy)
+    finally:
+        _C.lora_kernels_set_tma_rows(before)
 
 
 def dequant_table(reps: int = 20):
