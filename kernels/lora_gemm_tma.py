@@ -237,10 +237,21 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
                   "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False)}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # the pointers: 16-byte aligned, as TMA needs
-    compiled = triton.compile(ASTSource(fn=_lora_gemm_ptr_kernel, signature=signature, constexprs=constexprs,
-                                        attrs=attrs),
-                              target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    try:
+        compiled = triton.compile(ASTSource(fn=_lora_gemm_ptr_kernel, signature=signature, constexprs=constexprs,
+                                            attrs=attrs),
+                                  target=GPUTarget("cuda", capability, 32), options=options)
+    except (TypeError, KeyError, AttributeError):
+        # (another Triton's ASTSource form) the JIT's own path, on this machine's GPU: small tensors of the same
+        # dtypes stand for the arguments, and the integers are 17 so that the JIT assumes nothing of them (1 would
+        # become a constant, multiples of 16 an alignment) for the sizes the one kernel will see
+        if not torch.cuda.is_available():
+            raise
+        t = torch.empty(64, device="cuda", dtype=dtype)
+        u8 = torch.empty(64, device="cuda", dtype=torch.uint8)
+        compiled = _lora_gemm_ptr_kernel.warmup(t, t, t, t, t, t, u8, 17, 17, 17, 17, 17, 1.0, grid=(1,),
+                                                **constexprs, **options)
     meta = compiled.metadata
     kinds = _param_kinds(compiled.asm["ptx"], meta.name)
     if kinds[:USER_PARAMS] != "ppppppp" + "iiiii" + "f" or set(kinds[USER_PARAMS:]) - {"p"}:
