@@ -169,6 +169,26 @@ def print_fwd_bwd_table(impls, xs, dy):
         print(f"  {name:28s} {wall:9.1f} ({wall / bw:5.2f}x)   GPU {gpu:9.1f} ({gpu / bg:5.2f}x)", flush=True)
 
 
+def route_layer_tables(shapes, ps, routes, choose):
+    """The layer's fwd+bwd (wall µs, GPU kernel µs) of the bare layer and of peft_fast's node under each of `routes`
+    ({name: setting}; `choose(setting)` switches the node before each call), fp32 adapters, per shape and dropout."""
+    for m, k, n, r in shapes:
+        for p in ps:
+            layers = layer_models(k, n, r, p, with_peft=False)
+            bare = layers["bare"]
+            impls = {"bare F.linear": lambda x, bare=bare: F.linear(x, bare.weight)}
+            for name, setting in routes.items():
+                def run(x, layer=layers["pf"].train(), setting=setting):
+                    choose(setting)
+                    return layer(x)
+                impls[name] = run
+            xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
+            dy = torch.randn(m, n, device="cuda", dtype=DT)
+            print(f"\n=== layer M{m} K{k} N{n} r{r} p{p} fwd+bwd, fp32 adapters: wall µs (median), GPU kernel µs",
+                  flush=True)
+            print_fwd_bwd_table(impls, xs, dy)
+
+
 def layer_table():
     cases = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 14336, 16), (4096, 2048, 2048, 16),
              (2048, 2048, 8192, 16)]
@@ -405,20 +425,8 @@ def preround_table():
                         return_mode="median") * 1e3)
                 row.append(f"in kernel {times[0]:6.1f} first {times[1]:6.1f} first bm64 {times[2]:6.1f}")
             print(f"  M{m} K{k} N{n} r{r}: {' | '.join(row)}", flush=True)
-        for m, k, n, r in [(2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (8192, 4096, 4096, 16)]:
-            layers = layer_models(k, n, r, 0.0, with_peft=False)
-            bare = layers["bare"]
-            impls = {"bare F.linear": lambda x, bare=bare: F.linear(x, bare.weight)}
-            for rows in (1 << 62, 0):
-                def run(x, layer=layers["pf"], rows=rows):
-                    _C.lora_kernels_set_preround_rows(rows)
-                    return layer(x)
-                impls[f"pf, {'rounded first' if rows == 0 else 'in kernel'}"] = run
-            xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
-            dy = torch.randn(m, n, device="cuda", dtype=DT)
-            print(f"\n=== layer M{m} K{k} N{n} r{r} p0 fwd+bwd, fp32 adapters: wall µs (median), GPU kernel µs",
-                  flush=True)
-            print_fwd_bwd_table(impls, xs, dy)
+        route_layer_tables([(2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (8192, 4096, 4096, 16)], (0.0,),
+                           {"pf, in kernel": 1 << 62, "pf, rounded first": 0}, _C.lora_kernels_set_preround_rows)
     finally:
         _C.lora_kernels_set_preround_rows(before)
 
@@ -459,21 +467,9 @@ def two_pass_table():
                     row.append(f"{fwd * 1e3:.0f}/{bwd * 1e3:.0f}")
                 cells.append(f"{name} {' | '.join(row)}")
             print(f"  M{m} K{k} N{n} r{r}: " + "   ".join(cells), flush=True)
-        for m, k, n, r in [(8192, 4096, 4096, 16), (2048, 4096, 11008, 16)]:
-            for p in (0.0, 0.1):
-                layers = layer_models(k, n, r, p, with_peft=False)
-                bare = layers["bare"]
-                impls = {"bare F.linear": lambda x, bare=bare: F.linear(x, bare.weight)}
-                for rows, pass2, _, name in variants[:3]:
-                    def run(x, layer=layers["pf"].train(), rows=rows, pass2=pass2):
-                        _C.lora_kernels_set_two_pass_rows(rows, pass2)
-                        return layer(x)
-                    impls[f"pf, {name}"] = run
-                xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
-                dy = torch.randn(m, n, device="cuda", dtype=DT)
-                print(f"\n=== layer M{m} K{k} N{n} r{r} p{p} fwd+bwd, fp32 adapters: wall µs (median), GPU kernel µs",
-                      flush=True)
-                print_fwd_bwd_table(impls, xs, dy)
+        route_layer_tables([(8192, 4096, 4096, 16), (2048, 4096, 11008, 16)], (0.0, 0.1),
+                           {f"pf, {name}": (rows, pass2) for rows, pass2, _, name in variants[:3]},
+                           lambda setting: _C.lora_kernels_set_two_pass_rows(*setting))
     finally:
         _C.lora_kernels_set_two_pass_rows(*before)
 
@@ -499,20 +495,8 @@ def tma_table():
     before = _C.lora_kernels_tma_rows()
     try:
         G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,))
-        for m, k, n in [(8192, 4096, 4096), (2048, 4096, 11008), (2048, 2048, 2048)]:
-            for p in (0.0, 0.1):
-                layers = layer_models(k, n, 16, p, with_peft=False)
-                bare = layers["bare"]
-                impls = {"bare F.linear": lambda x, bare=bare: F.linear(x, bare.weight)}
-                for rows, name in ((1 << 62, "pf, default route"), (0, "pf, one GEMM (TMA)")):
-                    def run(x, layer=layers["pf"].train(), rows=rows):
-                        _C.lora_kernels_set_tma_rows(rows)
-                        return layer(x)
-                    impls[name] = run
-                xs = [torch.randn(m, k, device="cuda", dtype=DT, requires_grad=True) for _ in range(2)]
-                dy = torch.randn(m, n, device="cuda", dtype=DT)
-                print(f"\n=== layer M{m} K{k} N{n} r16 p{p} fwd+bwd: wall µs (median), GPU kernel µs", flush=True)
-                print_fwd_bwd_table(impls, xs, dy)
+        route_layer_tables([(8192, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 2048, 2048, 16)], (0.0, 0.1),
+                           {"pf, default route": 1 << 62, "pf, one GEMM (TMA)": 0}, _C.lora_kernels_set_tma_rows)
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the one-GEMM route failed: {type(err).__name__}: {err}", flush=True)
     finally:
