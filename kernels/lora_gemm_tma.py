@@ -1,5 +1,6 @@
 """One GEMM with the LoRA term inside it, for Hopper: out = X·Y (+ the low-rank term) (+ bias), on TMA descriptors
-and a persistent grid (KERNELS.md, candidate design 2). An experiment, not on any path yet:
+and a persistent grid (KERNELS.md, candidate design 2). An experiment: the C++ node takes it only once Python has
+registered the compiled kernels (register_for_node) and set a row threshold (`_C.lora_kernels_set_tma_rows`);
 scripts/probe_lora_kernels.py `tma` times it against cuBLAS and the default route; tests/test_kernels_lora_gemm_tma.py
 checks it against `reference` below (interpreter on the CPU, real sizes on the GPU).
 
