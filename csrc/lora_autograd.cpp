@@ -913,7 +913,7 @@ struct QLoraLinearFn : public torch::autograd::Function<QLoraLinearFn> {
         out.saved.insert(out.saved.end(), {packed, code, absmax, q.absmax2, q.code2, q.offset});
         ctx->save_for_backward(out.saved);
         NodeState st;
-        st.scale = scale, st.p = p, st.fused = out.fused, st.has_bias = bias_in.has_value();
+        st.scale = scale, st.p = p, st.fused = out.fused, st.tma = out.tma, st.has_bias = bias_in.has_value();
         st.a_dtype = lora_a.scalar_type(), st.b_dtype = lora_b.scalar_type();
         if (bias_in.has_value()) st.bias_dtype = bias_in->scalar_type();
         st.save(ctx, x_in);

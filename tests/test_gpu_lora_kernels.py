@@ -277,6 +277,37 @@ def test_one_gemm_route_matches_the_default_route(p, bias):
         assert g.dtype == w.dtype and rel_err(g, w) < 2 * TOL[torch.bfloat16], (name, rel_err(g, w))
 
 
+def test_one_gemm_route_takes_the_qlora_node_too():
+    """The QLoRA node's dequantized W goes through the same route: y, dA, dB as on the default route, to bf16
+    accuracy, the Triton GEMM launched for forward and dx."""
+    pytest.importorskip("bitsandbytes")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
+    from peft_fast.kernels import lora_gemm_tma as G
+
+    G.register_for_node(_C, torch.device("cuda"), torch.bfloat16, ranks=(16,))
+    m, k, n, r, dt = 2048, 1024, 768, 16, torch.bfloat16
+    base = quantize_linears(nn.Sequential(nn.Linear(k, n, bias=False)), compute_dtype=dt, compress_statistics=True,
+                            device="cuda")
+    model = pf.get_peft_model(base, pf.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], lora_dropout=0.1))
+    layer = model.base_model.model[0].cuda().train()
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)
+    x = torch.randn(m, k, device="cuda", dtype=dt)
+    dy = torch.randn(m, n, device="cuda", dtype=dt)
+    want = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=5)
+    before = _C.lora_kernels_tma_rows()
+    _C.lora_kernels_set_tma_rows(0)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            got = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=5)
+            torch.cuda.synchronize()
+    finally:
+        _C.lora_kernels_set_tma_rows(before)
+    assert len([e for e in prof.events() if "lora_gemm_ptr_kernel" in e.name]) == 2
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+        assert rel_err(g, w) < 2 * TOL[dt], (name, rel_err(g, w))
+
+
 @pytest.mark.parametrize("fp32_adapters", [True, False])
 def test_lora_linear_node_dropout_uses_one_mask_forward_and_backward(fp32_adapters):
     m, k, n, r, p, dt = 2048, 1024, 768, 16, 0.1, torch.bfloat16
