@@ -243,10 +243,9 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
         compiled = triton.compile(ASTSource(fn=_lora_gemm_ptr_kernel, signature=signature, constexprs=constexprs,
                                             attrs=attrs),
                                   target=GPUTarget("cuda", capability, 32), options=options)
-    except (TypeError, KeyError, AttributeError):
-        # (another Triton's ASTSource form) the JIT's own path, on this machine's GPU: small tensors of the same
-        # dtypes stand for the arguments, and the integers are 17 so that the JIT assumes nothing of them (1 would
-        # become a constant, multiples of 16 an alignment) for the sizes the one kernel will see
+    except Exception:  # noqa: BLE001 - e.g. another Triton's ASTSource form: the JIT's own path, if there is a GPU
+        # Small tensors of the same dtypes stand for the arguments; the integers are 17 so that the JIT assumes
+        # nothing of them (1 would become a constant, multiples of 16 an alignment) for the sizes the kernel will see.
         if not torch.cuda.is_available():
             raise
         t = torch.empty(64, device="cuda", dtype=dtype)
