@@ -283,3 +283,21 @@ def test_a_gpu_below_sm80_gets_one_warning_and_no_fused_kernels(monkeypatch):
         warnings.simplefilter("error")  # asked once per device: no second warning
         assert dispatch.kernels_run_on(torch.device("cuda", 0)) is False
         assert dispatch.kernels_run_on(torch.device("cuda", 1)) is True
+
+
+def test_one_gemm_rows_setting_and_its_noop_when_off_or_on_the_cpu(monkeypatch):
+    """PEFT_FAST_ONE_GEMM_ROWS: unset or empty → off (None), a count → that count, a bad value warns and stays off;
+    ops/one_gemm.ensure registers nothing while off, nor for a CPU tensor when on."""
+    from peft_fast.ops import one_gemm
+
+    assert dispatch._rows_setting(None) is None and dispatch._rows_setting(" ") is None
+    assert dispatch._rows_setting("2048") == 2048 and dispatch._rows_setting("0") == 0
+    for bad in ("-1", "many"):
+        with pytest.warns(UserWarning, match="PEFT_FAST_ONE_GEMM_ROWS"):
+            assert dispatch._rows_setting(bad) is None
+    x = torch.randn(4, 8)
+    monkeypatch.setattr(dispatch, "ONE_GEMM_MIN_ROWS", None)
+    one_gemm.ensure(x, 16, False, torch.bfloat16)
+    monkeypatch.setattr(dispatch, "ONE_GEMM_MIN_ROWS", 0)
+    one_gemm.ensure(x, 16, False, torch.bfloat16)
+    assert not one_gemm._done and not one_gemm._failed

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .common import CONV1D, FLOAT_DTYPES, compute_dtype, fold_terms, linear_reason, no_grad_needed, param
-from . import dispatch
+from . import dispatch, one_gemm
 from .dispatch import Skip, forced_backend, register
 from .extension import _C
 from .terms import LoraTerm
@@ -170,6 +170,8 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
             not torch._C._are_functorch_transforms_active():
         # the node casts to `dtype` and reshapes inside (no autograd node around it); no graph node without grads
         kernels = dispatch.fused_kernels_for(x, weight.shape[1] if kn else weight.shape[0], lora_a.shape[0])
+        if dispatch.ONE_GEMM_MIN_ROWS is not None and kernels:
+            one_gemm.ensure(x, lora_a.shape[0], kn, dtype)
         return dispatch.call_node(CPP_LORA_LINEAR, x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels)
     k = x.shape[-1]
     x2 = _as(x.reshape(-1, k), dtype)
@@ -213,6 +215,8 @@ def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
     args = eager_node_args(layer, x)
     if args is None:
         return None
+    if dispatch.ONE_GEMM_MIN_ROWS is not None and args[-1]:  # (args: x, W, bias, A, B, s, p, kn, dtype, kernels)
+        one_gemm.ensure(x, args[3].shape[0], args[7], args[8])
     try:
         return dispatch.call_node(CPP_LORA_LINEAR, *args)
     except torch.OutOfMemoryError:  # (dispatch.call would only run it twice more)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .common import FLOAT_DTYPES, compute_dtype, fold_terms, terms_reason
-from . import dispatch
+from . import dispatch, one_gemm
 from .cuda_lora import single_plain_adapter
 from .dispatch import Skip, forced_backend, register
 from .extension import WHY_NO_EXTENSION, _C
@@ -164,6 +164,8 @@ def eager_qlora_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
     args = qlora_node_args(layer, x)
     if args is None:
         return None
+    if dispatch.ONE_GEMM_MIN_ROWS is not None and args[-1]:  # (args: x, bias, A, B, … , dtype, dequant kernel, kernels)
+        one_gemm.ensure(x, args[2].shape[0], False, args[16])
     try:
         out = dispatch.call_node(CPP_QLORA_LINEAR, *args)
     except torch.OutOfMemoryError:  # the step does not fit: not the node's failure (the bench's fits check)

@@ -115,6 +115,28 @@ except ValueError as err:  # a typo in the variable must not break `import peft_
     warnings.warn(f"peft_fast: {err}; using 'auto'")
     CUDA_KERNELS = "auto"
 
+
+def _rows_setting(value) -> Optional[int]:
+    """A row threshold from the environment: None when unset or empty, else a non-negative int (a bad value warns
+    and counts as unset, so that `import peft_fast` never fails on it)."""
+    if value is None or not str(value).strip():
+        return None
+    try:
+        rows = int(str(value).strip())
+        if rows < 0:
+            raise ValueError
+        return rows
+    except ValueError:
+        warnings.warn(f"peft_fast: PEFT_FAST_ONE_GEMM_ROWS={value!r} is not a non-negative integer; ignored")
+        return None
+
+
+# The C++ node's one-GEMM route (an experiment: csrc/lora_autograd.cpp, kernels/lora_gemm_tma.py, not yet measured
+# to win): off unless PEFT_FAST_ONE_GEMM_ROWS (read once) names the row count from which a training forward on a
+# Hopper GPU takes it; ops/one_gemm.py then compiles and registers its kernels on the first call of each dtype, rank
+# block and weight layout.
+ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"))
+
 # Auto mode's rule: the fused kernels at total rank ≤ FUSED_ANY_SIZE_RANK whatever the size, and above it while
 # M·(K+N)·r ≤ FUSED_MAX_WORK; the ATen route beyond. H100, bf16, fp32 adapters, 2026-12-06 (scripts/probe_lora_kernels.py
 # layer, one process; wall µs per fwd+bwd × the bare layer, kernels vs ATen route vs HF PEFT; GPU kernel time ×):

@@ -1,0 +1,41 @@
+"""Turns on the C++ node's one-GEMM route where `dispatch.ONE_GEMM_MIN_ROWS` (PEFT_FAST_ONE_GEMM_ROWS) asks for it:
+on the first node call of each device, dtype, rank block and weight layout, the route's Triton kernels are compiled
+for that GPU and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node), and the row threshold is set.
+Below Hopper, or when compiling fails (one warning), the node keeps its default route. Off, nothing here runs."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import dispatch
+from .extension import _C
+
+_done: set = set()  # (device index, dtype, rank block, kn) already registered or found unsupported
+_failed = False
+
+
+def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype) -> None:
+    """Register the route's kernels for a node call on `x` (compute dtype `dtype`, LoRA rank `rank`, K×N weight when
+    `kn`), once."""
+    global _failed
+    rows = dispatch.ONE_GEMM_MIN_ROWS
+    if rows is None or _failed or _C is None or not hasattr(_C, "lora_kernels_register_tma") or not x.is_cuda:
+        return
+    block = max(16, 1 << (max(rank, 1) - 1).bit_length())
+    key = (x.device.index, dtype, block, kn)
+    if key in _done:
+        return
+    _done.add(key)
+    if dtype not in (torch.bfloat16, torch.float16) or block > 128 or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return
+    try:
+        from ..kernels import lora_gemm_tma
+
+        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(block,), kn=(kn,))
+        _C.lora_kernels_set_tma_rows(rows)
+    except Exception as err:  # noqa: BLE001 - an experiment that cannot run leaves the default route, said once
+        _failed = True
+        warnings.warn(f"peft_fast: the one-GEMM route could not be set up ({type(err).__name__}: {err}); the default "
+                      "route runs")
