@@ -327,3 +327,24 @@ def test_gpt2_conv1d_layers_with_every_row_match_peft():
     with pytest.raises(ValueError, match="were not found in the model"):
         pf.get_eva_state_dict(_eva_model(pf, tiny_llama()), _data(64), prepare_layer_inputs_fn={"nope": None},
                               show_progress_bar=False)
+
+
+def test_many_targets_are_written_as_their_shortest_suffixes_as_in_peft():
+    """From 20 adapted modules on, target_modules is rewritten as the shortest name suffixes that pick them out."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(0, 64, (4, 12), generator=g)} for _ in range(5)]
+    configs = []
+    for lib in (ref, pf):
+        model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="eva",
+            eva_config=lib.EvaConfig(rho=2.0, tau=0.9)))
+        lib.initialize_lora_eva_weights(model, data, show_progress_bar=False)
+        configs.append(model.peft_config["default"])
+    assert configs[1].target_modules == set(configs[0].target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert configs[1].rank_pattern == configs[0].rank_pattern
