@@ -413,12 +413,10 @@ std::mutex tma_mutex;
 std::unordered_map<int64_t, TmaKernel> tma_kernels;
 std::atomic<int64_t> tma_min_rows{INT64_MAX};
 
-int rank_block(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128; }
-
 int64_t tma_key(bool dx, c10::ScalarType dt, bool kn, bool bias, bool keep, int64_t r) {
     return static_cast<int64_t>(dx) | static_cast<int64_t>(dt == torch::kBFloat16) << 1 |
            static_cast<int64_t>(kn) << 2 | static_cast<int64_t>(bias) << 3 | static_cast<int64_t>(keep) << 4 |
-           static_cast<int64_t>(rank_block(r)) << 8;
+           static_cast<int64_t>(lora_rank_block(r)) << 8;
 }
 
 bool tma_find(int64_t key, TmaKernel& k) {
@@ -1026,7 +1024,7 @@ void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows) {
 
 void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool has_keep, int64_t rank,
                                int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n) {
-    TORCH_CHECK(rank >= 1 && rank <= kLoraKernelMaxRank && rank_block(rank) == rank,
+    TORCH_CHECK(rank >= 1 && rank <= kLoraKernelMaxRank && lora_rank_block(rank) == rank,
                 "lora_kernels_register_tma: rank must be the rank block (16, 32, 64 or 128), got ", rank);
     TORCH_CHECK(kernel_id >= 0 && programs > 0 && block_m > 0 && block_n > 0,
                 "lora_kernels_register_tma: bad kernel description");

@@ -19,6 +19,9 @@
 
 constexpr int kLoraKernelMaxRank = 128;
 
+// The rank as the kernels pad it: 16, 32, 64 or 128
+inline int lora_rank_block(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128; }
+
 enum class LoraDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // torch's at::PhiloxCudaState of one call, field by field (this header includes no torch): eager calls carry the

@@ -38,8 +38,8 @@ LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool gr
     const int steps = (m + rows_step - 1) / rows_step;
     plan.rows_per_split = ((steps + splits - 1) / splits) * rows_step;
     plan.splits = std::max(1, (m + plan.rows_per_split - 1) / plan.rows_per_split);
-    const int padded_rank = r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128;
-    plan.workspace_floats = plan.splits > 1 ? static_cast<int64_t>(tiles) * plan.splits * bc * padded_rank : 0;
+    plan.workspace_floats =
+        plan.splits > 1 ? static_cast<int64_t>(tiles) * plan.splits * bc * lora_rank_block(r) : 0;
     plan.counters = plan.splits > 1 ? tiles : 0;
     return plan;
 }

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora_linear import _block_r
+
 try:  # host-side TMA descriptors (Triton ≥ 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: the experiment is not available
@@ -124,10 +126,6 @@ def _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_pt
             cols = n0 + tl.arange(0, BN)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         out_desc.store([m0, n0], acc.to(out_desc.dtype))
-
-
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
 
 
 def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tensor | None = None,

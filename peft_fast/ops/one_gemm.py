@@ -12,7 +12,7 @@ import torch
 from . import dispatch
 from .extension import _C
 
-_done: set = set()  # (device index, dtype, rank block, kn) already registered or found unsupported
+_done: set = set()  # (device index, dtype, rank, kn) already registered or found unsupported
 _failed = False
 
 
@@ -23,17 +23,16 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype) -> None:
     rows = dispatch.ONE_GEMM_MIN_ROWS
     if rows is None or _failed or _C is None or not hasattr(_C, "lora_kernels_register_tma") or not x.is_cuda:
         return
-    block = max(16, 1 << (max(rank, 1) - 1).bit_length())
-    key = (x.device.index, dtype, block, kn)
+    key = (x.device.index, dtype, rank, kn)
     if key in _done:
         return
     _done.add(key)
-    if dtype not in (torch.bfloat16, torch.float16) or block > 128 or torch.cuda.get_device_capability(x.device)[0] < 9:
+    if dtype not in (torch.bfloat16, torch.float16) or rank > 128 or torch.cuda.get_device_capability(x.device)[0] < 9:
         return
     try:
         from ..kernels import lora_gemm_tma
 
-        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(block,), kn=(kn,))
+        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,))
         _C.lora_kernels_set_tma_rows(rows)
     except Exception as err:  # noqa: BLE001 - an experiment that cannot run leaves the default route, said once
         _failed = True

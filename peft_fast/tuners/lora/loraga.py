@@ -10,24 +10,14 @@ builds the adapter from its top singular vectors and consumes it. `cache_file` k
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from ..tuners_utils import check_target_module_exists
 from .config import LoraConfig
-from .corda import _device
-from .layer import _conv1d_class
-
-
-def _targets(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of each nn.Linear / Conv1D layer that `config` targets."""
-    linear = (nn.Linear,) + ((_conv1d_class(),) if _conv1d_class() is not None else ())
-    for name, module in model.named_modules():
-        if isinstance(module, linear) and check_target_module_exists(config, name):
-            yield name, module
+from .corda import _device, target_modules
 
 
 @torch.no_grad()
@@ -46,7 +36,7 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
         if defaults is None:
             raise ValueError("Please specify `target_modules` in `peft_config`")
         lora_config.target_modules = set(defaults)
-    targets = list(_targets(model, lora_config))
+    targets = list(target_modules(model, lora_config))
     for name, module in targets:
         if hasattr(module, "quant_state") or not module.weight.dtype.is_floating_point:
             raise ValueError(f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. LoRA-GA "
