@@ -113,6 +113,32 @@ def randomize_adapters(model: nn.Module, seed: int = 123, scale: float = 0.2) ->
                     p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.device))
 
 
+def train_a_little(model: nn.Module) -> None:
+    """A deterministic stand-in for training: every adapter factor moves."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+
+
+def save_trained_and_converted(model: nn.Module, folder) -> str:
+    """PEFT's documented round for adapters that change the base weight (PiSSA, OLoRA, CorDA, LoRA-GA): the initial
+    adapter saved with init_lora_weights=True, a little training (train_a_little), then the trained adapter saved
+    converted against the initial one (path_initial_model_for_weight_conversion). Returns the converted folder."""
+    import os
+
+    config = model.peft_config["default"]
+    init, initial = config.init_lora_weights, os.path.join(folder, "initial")
+    config.init_lora_weights = True
+    model.save_pretrained(initial)
+    config.init_lora_weights = init
+    train_a_little(model)
+    out = os.path.join(folder, "converted")
+    model.save_pretrained(out, path_initial_model_for_weight_conversion=initial)
+    return out
+
+
 def no_grad_outputs(layer: nn.Module, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer(x), layer(x) under CPU bf16 autocast), without grad, with peft_fast `backend` forced."""
     from peft_fast import ops

@@ -10,7 +10,7 @@ import peft_fast as pf
 from peft_fast.tuners.lora import CordaConfig
 from peft_fast.tuners.lora.corda import preprocess_corda
 
-from models import tiny_llama
+from models import save_trained_and_converted, tiny_llama
 
 SAMPLES = [torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(4)]
 
@@ -82,14 +82,6 @@ def test_misuse_is_refused_clearly(tmp_path):
 
 def test_conversion_on_save_gives_a_plain_lora_adapter_on_the_original_base(tmp_path):
     model = corda_model(pf, preprocess_corda, "ipm").eval()
-    model.peft_config["default"].init_lora_weights = True  # the documented way to save the initial adapter
-    model.save_pretrained(tmp_path / "initial")
-    model.peft_config["default"].init_lora_weights = "corda"
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
-    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
-    plain = pf.PeftModel.from_pretrained(llama(), tmp_path / "converted").eval()
+    plain = pf.PeftModel.from_pretrained(llama(), save_trained_and_converted(model, str(tmp_path))).eval()
     with torch.no_grad():
         torch.testing.assert_close(plain(SAMPLES[1]).logits, model(SAMPLES[1]).logits, rtol=1e-4, atol=1e-4)

@@ -17,11 +17,7 @@ from models import tiny_gpt2, tiny_llama
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")  # (PEFT's and transformers' warnings of tiny models)
 
 
 def _data(vocab, batches=6, seed=3):

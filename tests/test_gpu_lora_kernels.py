@@ -248,44 +248,50 @@ def test_two_pass_rows_kernels_give_the_same_numbers(two_pass_rows, m, k, n, r, 
         assert torch.equal(got, want), name
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("bias", [False, True])
-def test_one_gemm_route_matches_the_default_route(p, bias):
-    """The node's one-GEMM route (kernels/lora_gemm_tma.py launched from C++; off by default) gives the default
-    route's y, dx, dA, dB to bf16 accuracy, with the same dropout bits; and it is the Triton GEMM that ran."""
+@pytest.fixture
+def one_gemm_route():
+    """The node's one-GEMM route with its kernels registered (Hopper only), for `check(layer, x, dy, seed)`: layer
+    fwd+bwd on the route against the default route (the threshold restored after), to bf16 accuracy, with the
+    Triton GEMM launched for forward and dx."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
     from peft_fast.kernels import lora_gemm_tma as G
 
     G.register_for_node(_C, torch.device("cuda"), torch.bfloat16, ranks=(16,))
+
+    def check(layer, x, dy, seed):
+        want = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=seed)
+        before = _C.lora_kernels_tma_rows()
+        _C.lora_kernels_set_tma_rows(0)
+        try:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                got = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=seed)
+                torch.cuda.synchronize()
+        finally:
+            _C.lora_kernels_set_tma_rows(before)
+        launched = [e.name for e in prof.events() if "lora_gemm_ptr_kernel" in e.name]
+        assert len(launched) == 2, launched  # forward and dx
+        for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+            assert g.dtype == w.dtype and rel_err(g, w) < 2 * TOL[torch.bfloat16], (name, rel_err(g, w))
+    return check
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_gemm_route_matches_the_default_route(one_gemm_route, p, bias):
+    """The node's one-GEMM route (kernels/lora_gemm_tma.py launched from C++; off by default) gives the default
+    route's y, dx, dA, dB to bf16 accuracy, with the same dropout bits; and it is the Triton GEMM that ran."""
     m, k, n = 2048, 1024, 1536
     layer = lora_linear_layer(k, n, 16, p, torch.bfloat16, True, bias).train()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    want = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=3)
-    before = _C.lora_kernels_tma_rows()
-    _C.lora_kernels_set_tma_rows(0)
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            got = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=3)
-            torch.cuda.synchronize()
-    finally:
-        _C.lora_kernels_set_tma_rows(before)
-    launched = [e.name for e in prof.events() if "lora_gemm_ptr_kernel" in e.name]
-    assert len(launched) == 2, launched  # forward and dx
-    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
-        assert g.dtype == w.dtype and rel_err(g, w) < 2 * TOL[torch.bfloat16], (name, rel_err(g, w))
+    one_gemm_route(layer, x, dy, seed=3)
 
 
-def test_one_gemm_route_takes_the_qlora_node_too():
+def test_one_gemm_route_takes_the_qlora_node_too(one_gemm_route):
     """The QLoRA node's dequantized W goes through the same route: y, dA, dB as on the default route, to bf16
     accuracy, the Triton GEMM launched for forward and dx."""
     pytest.importorskip("bitsandbytes")
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
-    from peft_fast.kernels import lora_gemm_tma as G
-
-    G.register_for_node(_C, torch.device("cuda"), torch.bfloat16, ranks=(16,))
     m, k, n, r, dt = 2048, 1024, 768, 16, torch.bfloat16
     base = quantize_linears(nn.Sequential(nn.Linear(k, n, bias=False)), compute_dtype=dt, compress_statistics=True,
                             device="cuda")
@@ -294,18 +300,7 @@ def test_one_gemm_route_takes_the_qlora_node_too():
     nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)
     x = torch.randn(m, k, device="cuda", dtype=dt)
     dy = torch.randn(m, n, device="cuda", dtype=dt)
-    want = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=5)
-    before = _C.lora_kernels_tma_rows()
-    _C.lora_kernels_set_tma_rows(0)
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            got = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=5)
-            torch.cuda.synchronize()
-    finally:
-        _C.lora_kernels_set_tma_rows(before)
-    assert len([e for e in prof.events() if "lora_gemm_ptr_kernel" in e.name]) == 2
-    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
-        assert rel_err(g, w) < 2 * TOL[dt], (name, rel_err(g, w))
+    one_gemm_route(layer, x, dy, seed=5)
 
 
 @pytest.mark.parametrize("fp32_adapters", [True, False])

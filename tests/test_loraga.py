@@ -3,23 +3,18 @@ definition: the averaged gradients, the adapters and residual weights bit for bi
 scale, the cache, the conversion on save, and the refusals (which leave the model as it was)."""
 
 import copy
-import warnings
 
 import peft as ref
 import pytest
 import torch
 
 import peft_fast as pf
-from models import quantize_linears, tiny_gpt2, tiny_llama
+from models import quantize_linears, save_trained_and_converted, tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")  # (PEFT's and transformers' warnings of tiny models)
 
 
 def _ids(seed=3):
@@ -136,17 +131,10 @@ def test_conversion_on_save_gives_a_plain_lora_adapter_on_the_original_base(tmp_
     torch.manual_seed(0)
     base = tiny_llama()
     model = _lora_ga(pf, base).eval()
-    model.peft_config["default"].init_lora_weights = True  # the documented way to save the initial adapter
-    model.save_pretrained(tmp_path / "initial")
-    model.peft_config["default"].init_lora_weights = "lora_ga"
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
-    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    converted = save_trained_and_converted(model, str(tmp_path))
     ids = _ids(9)
     for lib in (pf, ref):
-        plain = lib.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "converted").eval()
+        plain = lib.PeftModel.from_pretrained(copy.deepcopy(base), converted).eval()
         with torch.no_grad():
             torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 

@@ -3,7 +3,6 @@ HF PEFT and its definition: the same weights and trainable set, the same trainin
 switching and loading, files both ways, and the refusals."""
 
 import copy
-import warnings
 
 import peft as ref
 import pytest
@@ -16,11 +15,7 @@ from models import tiny_llama
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")  # (PEFT's and transformers' warnings of tiny models)
 
 
 def _ids(seed=1):

@@ -10,16 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import peft_fast as pf
-from models import inputs_for, tiny_llama
-
-
-def _train_a_little(model):
-    """A deterministic stand-in for training: every adapter factor moves."""
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.add_(torch.randn(param.shape, generator=g) * 0.05)
+from models import inputs_for, save_trained_and_converted, tiny_llama
 
 
 def _logits(model):
@@ -31,14 +22,7 @@ def _pissa_run(lib, base, tmp_path, init):
     torch.manual_seed(0)
     config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
     model = lib.get_peft_model(copy.deepcopy(base), config).eval()
-    initial = str(tmp_path / "initial")
-    model.peft_config["default"].init_lora_weights = True  # the documented way to save the initial adapter
-    model.save_pretrained(initial)
-    model.peft_config["default"].init_lora_weights = init
-    _train_a_little(model)
-    out = str(tmp_path / "converted")
-    model.save_pretrained(out, path_initial_model_for_weight_conversion=initial)
-    return model, out
+    return model, save_trained_and_converted(model, str(tmp_path))
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
