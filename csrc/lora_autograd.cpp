@@ -454,11 +454,10 @@ void launch_tma(const TmaKernel& k, const Tensor& x, const Tensor& w, const Tens
     triton_kernel_launch(k.id, std::min(k.programs, tiles), args);
 }
 
-// Whether a training forward of these arguments takes the one-GEMM route: enough rows, the fused kernels' layout,
-// every operand 16-byte aligned for TMA, and both directions' kernels registered
+// Whether a training forward of these arguments (enough rows: the caller asks tma_min_rows first) takes the one-GEMM
+// route: the fused kernels' layout, every operand 16-byte aligned for TMA, and both directions' kernels registered
 bool tma_takes(const Tensor& x, const Tensor& w, const Tensor& a, const Tensor& b, const Tensor& bias, double p,
                c10::ScalarType dt, bool kn, TmaKernel& fwd) {
-    if (x.size(0) < tma_min_rows.load(std::memory_order_relaxed)) return false;
     if (!fused_takes(x, a, b, p, dt, Tensor()) || !w.is_contiguous() || !aligned16(w) || !x.is_contiguous() ||
         !aligned16(x) || (bias.defined() && (!bias.is_contiguous() || !aligned16(bias))))
         return false;
@@ -570,7 +569,8 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
     const bool gemm_first = x.size(0) <= kGemmFirstMaxRows;
 #ifdef PEFT_FAST_CUDA_KERNELS
     TmaKernel tma;
-    if (keep && kernels && !gemm_first && x.is_cuda()) {
+    // (the row count first: off, as by default, a training forward pays one atomic load here and nothing else)
+    if (keep && kernels && !gemm_first && x.is_cuda() && x.size(0) >= tma_min_rows.load(std::memory_order_relaxed)) {
         x = x.contiguous();
         if (tma_takes(x, w, lora_a, lora_b, bias, p, dt, kn, tma)) {  // the one-GEMM route (above)
             FusedSaved f;
