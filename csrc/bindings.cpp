@@ -177,7 +177,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("rows"), py::arg("pass2_rows") = 64);
     m.def("lora_kernels_two_pass_rows", &lora_kernels_two_pass_rows);
     m.def("lora_kernels_register_tma", &lora_kernels_register_tma,
-          "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node)",
+          "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node); "
+          "kernel_id -1 removes that key's kernel",
           py::arg("dx"), py::arg("bf16"), py::arg("kn"), py::arg("has_bias"), py::arg("has_keep"), py::arg("rank"),
           py::arg("kernel_id"), py::arg("programs"), py::arg("block_m"), py::arg("block_n"));
     m.def("lora_kernels_set_tma_rows", &lora_kernels_set_tma_rows,

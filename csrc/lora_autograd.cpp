@@ -399,13 +399,14 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     return g;
 }
 
-// ---- the one-GEMM route (an experiment, off by default)
-// From tma_min_rows rows (lora_kernels_set_tma_rows; INT64_MAX: never) a training forward computes
-// y = x Wᵀ + hs Bᵀ (+ bias) in one Triton GEMM (kernels/lora_gemm_tma.py, launched through csrc/triton_launch.h)
-// after the rows kernel's phase 1, and its backward dx = dy W + drop(gs A) in another, instead of the rows kernel
-// writing the M×N term and cuBLAS adding its GEMM onto it (beta = 1): the output is written once, not written, read
-// and written again. Python compiles the kernels for this GPU and registers them here by key
-// (peft_fast.kernels.lora_gemm_tma.register_for_node); a call whose kernels are missing takes the default route.
+// ---- the one-GEMM route (peft_fast/ops/dispatch.py ONE_GEMM_MIN_ROWS: on by default from 1024 rows, Hopper, r ≤ 16)
+// From tma_min_rows rows (lora_kernels_set_tma_rows; INT64_MAX, until Python sets it: never) a training forward
+// computes y = x Wᵀ + hs Bᵀ (+ bias) in one Triton GEMM (kernels/lora_gemm_tma.py, launched through
+// csrc/triton_launch.h) after the rows kernel's phase 1, and its backward dx = dy W + drop(gs A) in another, instead
+// of the rows kernel writing the M×N term and cuBLAS adding its GEMM onto it (beta = 1): the output is written once,
+// not written, read and written again. Python compiles the kernels for this GPU and registers them here by key
+// (peft_fast.kernels.lora_gemm_tma.register_for_node; by default no dx kernel with dropout bits: it measured slower
+// than the default route's dx); a direction whose kernel is missing takes the default route.
 struct TmaKernel {
     int64_t id = -1, programs = 0, bm = 0, bn = 0;
 };
@@ -455,17 +456,16 @@ void launch_tma(const TmaKernel& k, const Tensor& x, const Tensor& w, const Tens
 }
 
 // Whether a training forward of these arguments (enough rows: the caller asks tma_min_rows first) takes the one-GEMM
-// route: the fused kernels' layout, every operand 16-byte aligned for TMA, and both directions' kernels registered
+// route: the fused kernels' layout, every operand 16-byte aligned for TMA, and the forward kernel registered (the
+// backward takes the dx kernel where one is registered for its dropout flag, else the default route's dx)
 bool tma_takes(const Tensor& x, const Tensor& w, const Tensor& a, const Tensor& b, const Tensor& bias, double p,
                c10::ScalarType dt, bool kn, TmaKernel& fwd) {
     if (!fused_takes(x, a, b, p, dt, Tensor()) || !w.is_contiguous() || !aligned16(w) || !x.is_contiguous() ||
         !aligned16(x) || (bias.defined() && (!bias.is_contiguous() || !aligned16(bias))))
         return false;
-    TmaKernel dx;
     const int64_t r = a.size(0);
-    if (r % 8 != 0) return false;  // (hs, gs and B's rows must be 16-byte multiples for TMA)
-    return tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd) &&
-           tma_find(tma_key(true, dt, kn, false, p > 0.0, r), dx);
+    if (r % 8 != 0) return false;  // (hs, gs and B's rows must be 16-byte multiples for the dx kernel's loads)
+    return tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd);
 }
 #endif  // PEFT_FAST_CUDA_KERNELS
 
@@ -1026,11 +1026,12 @@ void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool 
                                int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n) {
     TORCH_CHECK(rank >= 1 && rank <= kLoraKernelMaxRank && lora_rank_block(rank) == rank,
                 "lora_kernels_register_tma: rank must be the rank block (16, 32, 64 or 128), got ", rank);
-    TORCH_CHECK(kernel_id >= 0 && programs > 0 && block_m > 0 && block_n > 0,
+    TORCH_CHECK(kernel_id == -1 || (kernel_id >= 0 && programs > 0 && block_m > 0 && block_n > 0),
                 "lora_kernels_register_tma: bad kernel description");
+    const int64_t key = tma_key(dx, bf16 ? torch::kBFloat16 : torch::kHalf, kn, has_bias, has_keep, rank);
     const std::lock_guard<std::mutex> lock(tma_mutex);
-    tma_kernels[tma_key(dx, bf16 ? torch::kBFloat16 : torch::kHalf, kn, has_bias, has_keep, rank)] =
-        TmaKernel{kernel_id, programs, block_m, block_n};
+    if (kernel_id == -1) tma_kernels.erase(key);  // (that direction back on the default route)
+    else tma_kernels[key] = TmaKernel{kernel_id, programs, block_m, block_n};
 }
 
 void lora_kernels_set_tma_rows(int64_t rows) {

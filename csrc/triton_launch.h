@@ -1,6 +1,6 @@
 // Triton kernels compiled in Python for this GPU (kernels/lora_gemm_tma.py compile_for_cpp) and launched from C++
 // through the CUDA runtime's library API: a launch then costs the host what one of csrc/'s own kernels costs (no
-// Python, no Triton launcher), so the C++ autograd node can call them. An experiment beside the kernel it launches.
+// Python, no Triton launcher), so the C++ autograd node can call them (its one-GEMM route).
 #pragma once
 
 #include <torch/extension.h>

@@ -1,6 +1,7 @@
 """One GEMM with the LoRA term inside it, for Hopper: out = X·Y (+ the low-rank term) (+ bias), on TMA descriptors
-and a persistent grid (KERNELS.md, candidate design 2). An experiment: the C++ node takes it only once Python has
-registered the compiled kernels (register_for_node) and set a row threshold (`_C.lora_kernels_set_tma_rows`);
+and a persistent grid (KERNELS.md, candidate design 2). The C++ node takes it once Python has registered the
+compiled kernels (register_for_node) and set a row threshold (`_C.lora_kernels_set_tma_rows`; peft_fast/ops/one_gemm.py
+does both on a layer's first call, dispatch.ONE_GEMM_MIN_ROWS has the measurements);
 scripts/probe_lora_kernels.py `tma` times it against cuBLAS and the default route; tests/test_kernels_lora_gemm_tma.py
 checks it against `reference` below (interpreter on the CPU, real sizes on the GPU).
 
@@ -11,8 +12,9 @@ checks it against `reference` below (interpreter on the CPU, real sizes on the G
 
 Why: the default route writes the low-rank term (M×N) and lets cuBLAS add its GEMM onto it (beta = 1): one extra
 write and one extra read of the output, ~40 µs a direction at 8192×4096 on an H100, which puts a floor of ~1.19× the
-bare layer under fwd+bwd. Here the term is one more MMA step after the K loop (no dropout: accumulated into the same
-fp32 tile) or one small dot scaled by the keep bits (dropout), and the output is written once. It wins only if the
+bare layer under fwd+bwd. Here the term is one more MMA step after the K loop, into the same fp32 tile (with dropout
+the first step instead, scaled by the keep bits before the K loop accumulates onto it), and the output is written
+once. It wins only if the
 GEMM itself keeps up with cuBLAS, hence TMA loads, 128×256 tiles, a persistent grid with grouped tile order.
 """
 
@@ -26,7 +28,7 @@ from .lora_linear import _block_r
 
 try:  # host-side TMA descriptors (Triton ≥ 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: the experiment is not available
+except ImportError:  # pragma: no cover - older Triton: lora_gemm is not available (the C++ route needs none)
     TensorDescriptor = None
 
 # Tile shape and pipeline depth by default (Hopper, bf16): the probe sweeps others
@@ -34,6 +36,23 @@ except ImportError:  # pragma: no cover - older Triton: the experiment is not av
 # WARP_SPECIALIZE: producer / consumer warps for the K loop, where the Triton build supports it on the GPU)
 DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "FLATTEN": False, "WARP_SPECIALIZE": False,
                   "num_stages": 3, "num_warps": 8}
+
+
+HOPPER_SHARED_BYTES = 232448  # a Hopper block's shared memory limit
+
+
+def _fitting_config(config: dict | None, rank_block: int) -> dict:
+    """The tile config with its pipeline made shallow enough for the term's operands: h (BM×BR) and L (BR×BN) are
+    loaded before the K loop and sit in shared memory beside the K loop's stages and the output tile, so at
+    128×256×64 three stages fit rank block 16 but not 32 or 64 (262,168 bytes asked at 64); those get two."""
+    cfg = dict(DEFAULT_CONFIG if config is None else config)
+
+    def shared(stages):
+        return 2 * (stages * (cfg["BM"] + cfg["BN"]) * cfg["BK"] + cfg["BM"] * cfg["BN"]
+                    + (cfg["BM"] + cfg["BN"]) * rank_block)
+    while cfg["num_stages"] > 2 and shared(cfg["num_stages"]) > HOPPER_SHARED_BYTES:
+        cfg["num_stages"] -= 1
+    return cfg
 
 
 @triton.jit
@@ -46,13 +65,13 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _lora_gemm_kernel(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_ptr,
-                      M, N, K, keep_stride, keep_scale,
+def _lora_gemm_kernel(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
+                      M, N, K, R, keep_stride, keep_scale,
                       Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                       FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_ptr, M, N, K, keep_stride, keep_scale,
+    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, M, N, K, R, keep_stride, keep_scale,
                      Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS,
                      FLATTEN, WARP_SPECIALIZE)
 
@@ -72,22 +91,14 @@ def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_pt
     else:
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
     out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
-    h_desc = None
-    l_desc = None
-    if HAS_LORA:
-        h_desc = tl.make_tensor_descriptor(h_ptr, shape=[M, R], strides=[R, 1], block_shape=[BM, BR])
-        if L_RMAJOR:
-            l_desc = tl.make_tensor_descriptor(l_ptr, shape=[R, N], strides=[N, 1], block_shape=[BR, BN])
-        else:
-            l_desc = tl.make_tensor_descriptor(l_ptr, shape=[N, R], strides=[R, 1], block_shape=[BN, BR])
-    _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_ptr, M, N, K, keep_stride, keep_scale,
+    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, M, N, K, R, keep_stride, keep_scale,
                      Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS,
                      FLATTEN, WARP_SPECIALIZE)
 
 
 @triton.jit
-def _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_ptr, M, N, K, keep_stride, keep_scale,
-                     Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
+def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, M, N, K, R, keep_stride,
+                     keep_scale, Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                      FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
@@ -98,7 +109,29 @@ def _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_pt
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         m0 = pid_m * BM
         n0 = pid_n * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        rows = m0 + tl.arange(0, BM)
+        cols = n0 + tl.arange(0, BN)
+        if HAS_LORA:
+            # The term's operands are plain loads issued before the K loop: their latency hides under it (a TMA
+            # load after the loop waited ~2 µs a tile, 4 % of the GEMM at 8192×14336 on an H100)
+            ranks = tl.arange(0, BR)
+            h = tl.load(h_ptr + rows[:, None] * R + ranks[None, :], mask=(rows[:, None] < M) & (ranks[None, :] < R),
+                        other=0.0)
+            if L_RMAJOR:  # L stored R×N (dx: A as the adapter holds it)
+                low = tl.load(l_ptr + ranks[:, None] * N + cols[None, :],
+                              mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0)
+            else:  # L stored N×R (forward: B)
+                low = tl.load(l_ptr + cols[:, None] * R + ranks[None, :],
+                              mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0).T
+        if HAS_KEEP:
+            # dropout on the term alone: the term first, scaled by the keep bits / (1−p), and the K loop accumulates
+            # onto it, so one fp32 tile is live (a second one after the loop spilled: 1.8× the plain GEMM's time)
+            inside = (rows[:, None] < M) & (cols[None, :] < N)
+            bits = tl.load(keep_ptr + rows[:, None] * keep_stride + cols[None, :] // 8, mask=inside, other=0)
+            keep = ((bits.to(tl.int32) >> (cols[None, :] % 8)) & 1).to(tl.float32)
+            acc = tl.dot(h, low) * (keep * keep_scale)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kk in tl.range(k_tiles, warp_specialize=WARP_SPECIALIZE):
             a = x_desc.load([m0, kk * BK])
             if Y_KMAJOR:
@@ -106,24 +139,9 @@ def _lora_gemm_tiles(x_desc, y_desc, h_desc, l_desc, out_desc, bias_ptr, keep_pt
             else:
                 b = y_desc.load([kk * BK, n0])
             acc = tl.dot(a, b, acc)
-        if HAS_LORA:
-            h = h_desc.load([m0, 0])
-            if L_RMAJOR:  # L stored R×N (dx: A as the adapter holds it)
-                low = l_desc.load([0, n0])
-            else:  # L stored N×R (forward: B)
-                low = l_desc.load([n0, 0]).T
-            if HAS_KEEP:  # dropout on the term alone: its own tile, scaled by the keep bits / (1−p)
-                term = tl.dot(h, low)
-                rows = m0 + tl.arange(0, BM)
-                cols = n0 + tl.arange(0, BN)
-                inside = (rows[:, None] < M) & (cols[None, :] < N)
-                bits = tl.load(keep_ptr + rows[:, None] * keep_stride + cols[None, :] // 8, mask=inside, other=0)
-                keep = ((bits.to(tl.int32) >> (cols[None, :] % 8)) & 1).to(tl.float32)
-                acc += term * keep * keep_scale
-            else:  # one more MMA step into the same accumulator
-                acc = tl.dot(h, low, acc)
+        if HAS_LORA and not HAS_KEEP:  # one more MMA step into the same accumulator
+            acc = tl.dot(h, low, acc)
         if HAS_BIAS:
-            cols = n0 + tl.arange(0, BN)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         out_desc.store([m0, n0], acc.to(out_desc.dtype))
 
@@ -139,7 +157,6 @@ def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tens
     16-byte aligned (widths multiples of 8), as TMA needs."""
     if TensorDescriptor is None:
         raise RuntimeError("lora_gemm needs Triton's host TMA descriptors (triton.tools.tensor_descriptor)")
-    cfg = dict(DEFAULT_CONFIG if config is None else config)
     m, k = x.shape
     n = y.shape[0] if y_kmajor else y.shape[1]
     if (y.shape[1] if y_kmajor else y.shape[0]) != k:
@@ -147,6 +164,9 @@ def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tens
     has_lora = h is not None
     if has_lora != (low is not None) or (keep is not None and not has_lora):
         raise ValueError("lora_gemm: h and low come together, and keep bits only with them")
+    r = h.shape[1] if has_lora else 0
+    br = _block_r(r) if has_lora else 16
+    cfg = _fitting_config(config, br)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     group_m = cfg.pop("GROUP_M")
     flatten, warp_specialize = cfg.pop("FLATTEN", False), cfg.pop("WARP_SPECIALIZE", False)
@@ -155,24 +175,19 @@ def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tens
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
     y_desc = TensorDescriptor.from_tensor(y, [bn, bk] if y_kmajor else [bk, bn])
     out_desc = TensorDescriptor.from_tensor(out, [bm, bn])
-    br = 16
-    h_desc = l_desc = None
     if has_lora:
-        r = h.shape[1]
         if (low.shape[0] if low_rmajor else low.shape[1]) != r or (low.shape[1] if low_rmajor else low.shape[0]) != n:
             raise ValueError(f"lora_gemm: h is {tuple(h.shape)}, low {tuple(low.shape)} (low_rmajor={low_rmajor}), "
                              f"out {m}×{n}")
-        br = _block_r(r)
-        h_desc = TensorDescriptor.from_tensor(h, [bm, br])
-        l_desc = TensorDescriptor.from_tensor(low, [br, bn] if low_rmajor else [bn, br])
     if num_programs is None:
         num_programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = max(1, min(num_programs, tiles))
     dummy = out  # (pointer arguments of branches that are compiled out)
     _lora_gemm_kernel[(programs,)](
-        x_desc, y_desc, h_desc, l_desc, out_desc, bias if bias is not None else dummy,
-        keep if keep is not None else dummy, m, n, k, n // 8, 1.0 / (1.0 - p) if keep is not None else 1.0,
+        x_desc, y_desc, h if has_lora else dummy, low if has_lora else dummy, out_desc,
+        bias if bias is not None else dummy, keep if keep is not None else dummy, m, n, k, r, n // 8,
+        1.0 / (1.0 - p) if keep is not None else 1.0,
         Y_KMAJOR=y_kmajor, L_RMAJOR=low_rmajor, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         HAS_KEEP=keep is not None, BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=group_m, NUM_PROGRAMS=programs,
         FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, **cfg)
@@ -225,7 +240,7 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = dict(DEFAULT_CONFIG if config is None else config)
+    cfg = _fitting_config(config, rank_block)
     element = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     signature = {name: element for name in ("x_ptr", "y_ptr", "h_ptr", "l_ptr", "out_ptr", "bias_ptr")}
     signature.update({"keep_ptr": "*u8", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "keep_stride": "i32",
@@ -291,19 +306,24 @@ class CppLoraGemm:
 
 
 def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bfloat16, ranks=(16,), kn=(False,),
-                      config: dict | None = None) -> int:
+                      config: dict | None = None, dx_dropout: bool = True) -> int:
     """Compile the node's one-GEMM route kernels for this GPU and register them with peft_fast._C
     (lora_kernels_register_tma): per rank block and weight layout (kn: Conv1D's K×N weight), the forward with and
-    without bias and dx with and without dropout bits. The route itself stays off until
-    `ext.lora_kernels_set_tma_rows(rows)`. Returns the number of kernels registered."""
+    without bias and dx with and without dropout bits (dx_dropout=False: without, and a dx with dropout takes the
+    default route, its kernel unregistered). The route itself stays off until `ext.lora_kernels_set_tma_rows(rows)`.
+    Returns the kernel ids registered, by (rank block, kn, dx, bias or keep bits)."""
     cfg = dict(DEFAULT_CONFIG if config is None else config)
     major, minor = torch.cuda.get_device_capability(device)
     programs = torch.cuda.get_device_properties(device).multi_processor_count
-    count = 0
+    registered = {}
     for rank in ranks:
         block = _block_r(rank)
         for layout in kn:
             for dx, flag in ((False, False), (False, True), (True, False), (True, True)):
+                if dx and flag and not dx_dropout:
+                    ext.lora_kernels_register_tma(True, dtype == torch.bfloat16, layout, False, True, block, -1, 0, 0,
+                                                  0)
+                    continue
                 # (forward reads W as stored, N×K: k-major; dx reads it as K×N rows; Conv1D's K×N the other way)
                 y_kmajor = layout if dx else not layout
                 built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, y_kmajor=y_kmajor, low_rmajor=dx,
@@ -314,5 +334,5 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
                                                     USER_PARAMS)
                 ext.lora_kernels_register_tma(dx, dtype == torch.bfloat16, layout, flag and not dx, flag and dx, block,
                                               kernel, programs, cfg["BM"], cfg["BN"])
-                count += 1
-    return count
+                registered[block, layout, dx, flag] = kernel
+    return registered

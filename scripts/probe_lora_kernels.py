@@ -494,9 +494,16 @@ def tma_table():
     # failure is printed and the rest of the part still runs
     before = _C.lora_kernels_tma_rows()
     try:
-        G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,))
+        keep_dx = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,))[16, False, True, True]
+        programs = torch.cuda.get_device_properties(0).multi_processor_count
+
+        def choose(setting):  # (row threshold, dx-with-dropout kernel id or -1: that dx on the default route)
+            _C.lora_kernels_set_tma_rows(setting[0])
+            _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, setting[1], programs,
+                                         G.DEFAULT_CONFIG["BM"], G.DEFAULT_CONFIG["BN"])
         route_layer_tables([(8192, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 2048, 2048, 16)], (0.0, 0.1),
-                           {"pf, default route": 1 << 62, "pf, one GEMM (TMA)": 0}, _C.lora_kernels_set_tma_rows)
+                           {"pf, default route": (1 << 62, keep_dx), "pf, one GEMM (TMA)": (0, keep_dx),
+                            "pf, one GEMM fwd, dx with dropout default": (0, -1)}, choose)
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the one-GEMM route failed: {type(err).__name__}: {err}", flush=True)
     finally:

@@ -250,42 +250,47 @@ def test_two_pass_rows_kernels_give_the_same_numbers(two_pass_rows, m, k, n, r, 
 
 @pytest.fixture
 def one_gemm_route():
-    """The node's one-GEMM route with its kernels registered (Hopper only), for `check(layer, x, dy, seed)`: layer
-    fwd+bwd on the route against the default route (the threshold restored after), to bf16 accuracy, with the
-    Triton GEMM launched for forward and dx."""
+    """The node's one-GEMM route with its kernels registered (Hopper only), for `check(layer, x, dy, seed, ...)`:
+    layer fwd+bwd on the route against the default route (the threshold restored after), to bf16 accuracy, with the
+    Triton GEMM launched for forward and dx (for forward alone where `dx_dropout` is False and dropout is on: dx on
+    the default route after the route's forward). `backend` "auto" for a layer whose flat path only auto mode takes
+    (the QLoRA node)."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
     from peft_fast.kernels import lora_gemm_tma as G
+    from peft_fast.ops import one_gemm
 
-    G.register_for_node(_C, torch.device("cuda"), torch.bfloat16, ranks=(16,))
-
-    def check(layer, x, dy, seed):
-        want = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=seed)
+    def check(layer, x, dy, seed, backend="cuda", dx_dropout=True):
+        one_gemm.ensure(x, 16, False, torch.bfloat16)  # (the layer's first call would, and set the rows)
         before = _C.lora_kernels_tma_rows()
-        _C.lora_kernels_set_tma_rows(0)
         try:
+            _C.lora_kernels_set_tma_rows(1 << 62)  # the default route
+            want = lora_fwd_bwd(layer, x, dy, backend, kernels=True, seed=seed)
+            G.register_for_node(_C, torch.device("cuda"), torch.bfloat16, ranks=(16,), dx_dropout=dx_dropout)
+            _C.lora_kernels_set_tma_rows(0)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                got = lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=seed)
+                got = lora_fwd_bwd(layer, x, dy, backend, kernels=True, seed=seed)
                 torch.cuda.synchronize()
         finally:
             _C.lora_kernels_set_tma_rows(before)
         launched = [e.name for e in prof.events() if "lora_gemm_ptr_kernel" in e.name]
-        assert len(launched) == 2, launched  # forward and dx
+        dropout = any(m.p > 0 for m in layer.modules() if isinstance(m, nn.Dropout))
+        assert len(launched) == (1 if dropout and not dx_dropout else 2), launched  # forward and dx
         for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
             assert g.dtype == w.dtype and rel_err(g, w) < 2 * TOL[torch.bfloat16], (name, rel_err(g, w))
     return check
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("p,dx_dropout", [(0.0, True), (0.1, True), (0.1, False)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_gemm_route_matches_the_default_route(one_gemm_route, p, bias):
-    """The node's one-GEMM route (kernels/lora_gemm_tma.py launched from C++; off by default) gives the default
+def test_one_gemm_route_matches_the_default_route(one_gemm_route, p, dx_dropout, bias):
+    """The node's one-GEMM route (kernels/lora_gemm_tma.py launched from C++) gives the default
     route's y, dx, dA, dB to bf16 accuracy, with the same dropout bits; and it is the Triton GEMM that ran."""
     m, k, n = 2048, 1024, 1536
     layer = lora_linear_layer(k, n, 16, p, torch.bfloat16, True, bias).train()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    one_gemm_route(layer, x, dy, seed=3)
+    one_gemm_route(layer, x, dy, seed=3, dx_dropout=dx_dropout)
 
 
 def test_one_gemm_route_takes_the_qlora_node_too(one_gemm_route):
@@ -300,7 +305,7 @@ def test_one_gemm_route_takes_the_qlora_node_too(one_gemm_route):
     nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)
     x = torch.randn(m, k, device="cuda", dtype=dt)
     dy = torch.randn(m, n, device="cuda", dtype=dt)
-    one_gemm_route(layer, x, dy, seed=5)
+    one_gemm_route(layer, x, dy, seed=5, backend="auto")
 
 
 @pytest.mark.parametrize("fp32_adapters", [True, False])

@@ -1,4 +1,4 @@
-"""kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside it, an experiment the probe times) against its
+"""kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside it, the node's one-GEMM route) against its
 fp32 torch reference: in Triton's interpreter on the CPU at small odd shapes, and on a Hopper GPU at real sizes in
 bf16 (`-m gpu`)."""
 
@@ -90,7 +90,7 @@ def test_compiles_ahead_of_time_for_hopper_with_the_parameter_layout_the_cpp_lau
     assert built["cubin"] == "7f454c46" and built["name"] == "_lora_gemm_ptr_kernel"  # an ELF cubin
     kinds, user = built["kinds"], built["user"]
     assert kinds.startswith("ppppppp" + "iiiii" + "f") and len(kinds) > user and set(kinds[user:]) == {"p"}
-    assert built["scratch_bytes"] >= 5 * 128  # five device-made TMA descriptors a program
+    assert built["scratch_bytes"] >= 3 * 128  # three device-made TMA descriptors a program (x, W, out)
     assert built["shared"] > 48 * 1024 and built["num_warps"] == 8
 
 
