@@ -14,6 +14,7 @@
 #   qmprof  the same for the QLoRA model case;  cprof  for the 7B consumer QLoRA case, by GPU kernel time
 #   ab | qab  scripts/ab_model_step.py [--qlora]: PEFT vs peft_fast model steps interleaved (noisy hosts)
 #   layer | qlora | model | decode | consumer | all   that `peft-fast bench` suite (JSON + PNG + table)
+#   STEP@route | STEP@noroute   STEP with the node's one-GEMM route from $ROUTE_ROWS rows (default 1024) | off
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
 # Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset); a table of the steps (result, wall
@@ -41,9 +42,14 @@ rc=0
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests layer)
 summary=()
+rows_given="${PEFT_FAST_ONE_GEMM_ROWS:-}"
 for step in "${steps[@]}"; do
   echo "=== $step ($(date +%T))"
-  start=$SECONDS prev=$rc rc=0
+  start=$SECONDS prev=$rc rc=0 name=$step
+  # STEP@route / STEP@noroute: that step with the node's one-GEMM route from $ROUTE_ROWS rows (default 1024) / off
+  if [[ "$step" == *@route ]]; then export PEFT_FAST_ONE_GEMM_ROWS="${ROUTE_ROWS:-1024}"; step=${step%@route}
+  elif [[ "$step" == *@noroute ]]; then export PEFT_FAST_ONE_GEMM_ROWS=off; step=${step%@noroute}
+  elif [ -n "$rows_given" ]; then export PEFT_FAST_ONE_GEMM_ROWS="$rows_given"; else unset PEFT_FAST_ONE_GEMM_ROWS; fi
   case "$step" in
     tests) timeout "$STEP_TIMEOUT" python3 -m pytest -v -m gpu ${GPU_TESTS:-tests} -p no:cacheprovider -p no:logging --tb=short --durations=25 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 || rc=1 ;;
     profile) timeout "$STEP_TIMEOUT" python3 scripts/profile_lora.py 2>&1 | tee "$OUT/profile.log" || rc=1 ;;
@@ -63,11 +69,12 @@ for step in "${steps[@]}"; do
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
     layer|qlora|model|decode|consumer|all)
-      timeout "$STEP_TIMEOUT" peft-fast bench --suite "$step" --out "$OUT/bench_$step" --no-progress ${BENCH_ARGS:-} 2>&1 \
-        | tee "$OUT/bench_$step.log" | grep -v "^\s*$" | tail -40 || rc=1 ;;
+      echo "=== $name" >> "$OUT/bench.log"
+      timeout "$STEP_TIMEOUT" peft-fast bench --suite "$step" --out "$OUT/bench_${name/@/_}" --no-progress \
+        ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" | grep -v "^\s*$" | tail -40 || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
-  summary+=("$(printf '%-9s %-7s %5d s' "$step" "$([ $rc -eq 0 ] && echo ok || echo FAILED)" $((SECONDS - start)))")
+  summary+=("$(printf '%-12s %-7s %5d s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAILED)" $((SECONDS - start)))")
   [ "$prev" -gt "$rc" ] && rc=$prev
 done
 # (a step cut off by STEP_TIMEOUT shows as FAILED; its log under $OUT says where it stopped)

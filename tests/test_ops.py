@@ -286,15 +286,16 @@ def test_a_gpu_below_sm80_gets_one_warning_and_no_fused_kernels(monkeypatch):
 
 
 def test_one_gemm_rows_setting_and_its_noop_when_off_or_on_the_cpu(monkeypatch):
-    """PEFT_FAST_ONE_GEMM_ROWS: unset or empty → off (None), a count → that count, a bad value warns and stays off;
-    ops/one_gemm.ensure registers nothing while off, nor for a CPU tensor when on."""
+    """PEFT_FAST_ONE_GEMM_ROWS: unset or empty → the default, "off" → off (None), a count → that count, a bad value
+    warns and keeps the default; ops/one_gemm.ensure registers nothing while off, nor for a CPU tensor when on."""
     from peft_fast.ops import one_gemm
 
-    assert dispatch._rows_setting(None) is None and dispatch._rows_setting(" ") is None
-    assert dispatch._rows_setting("2048") == 2048 and dispatch._rows_setting("0") == 0
+    assert dispatch._rows_setting(None, 1024) == 1024 and dispatch._rows_setting(" ", 1024) == 1024
+    assert dispatch._rows_setting("off", 1024) is None and dispatch._rows_setting(" OFF ") is None
+    assert dispatch._rows_setting("2048", 1024) == 2048 and dispatch._rows_setting("0") == 0
     for bad in ("-1", "many"):
         with pytest.warns(UserWarning, match="PEFT_FAST_ONE_GEMM_ROWS"):
-            assert dispatch._rows_setting(bad) is None
+            assert dispatch._rows_setting(bad, 1024) == 1024
     x = torch.randn(4, 8)
     monkeypatch.setattr(dispatch, "ONE_GEMM_MIN_ROWS", None)
     one_gemm.ensure(x, 16, False, torch.bfloat16)

@@ -116,10 +116,12 @@ except ValueError as err:  # a typo in the variable must not break `import peft_
     CUDA_KERNELS = "auto"
 
 
-def _rows_setting(value) -> Optional[int]:
-    """A row threshold from the environment: None when unset or empty, else a non-negative int (a bad value warns
-    and counts as unset, so that `import peft_fast` never fails on it)."""
+def _rows_setting(value, default: Optional[int] = None) -> Optional[int]:
+    """A row threshold from the environment: `default` when unset or empty, None for "off", else a non-negative int
+    (a bad value warns and counts as unset, so that `import peft_fast` never fails on it)."""
     if value is None or not str(value).strip():
+        return default
+    if str(value).strip().lower() == "off":
         return None
     try:
         rows = int(str(value).strip())
@@ -127,15 +129,20 @@ def _rows_setting(value) -> Optional[int]:
             raise ValueError
         return rows
     except ValueError:
-        warnings.warn(f"peft_fast: PEFT_FAST_ONE_GEMM_ROWS={value!r} is not a non-negative integer; ignored")
-        return None
+        warnings.warn(f"peft_fast: PEFT_FAST_ONE_GEMM_ROWS={value!r} is not a non-negative integer or 'off'; "
+                      "ignored")
+        return default
 
 
-# The C++ node's one-GEMM route (an experiment: csrc/lora_autograd.cpp, kernels/lora_gemm_tma.py, not yet measured
-# to win): off unless PEFT_FAST_ONE_GEMM_ROWS (read once) names the row count from which a training forward on a
-# Hopper GPU takes it; ops/one_gemm.py then compiles and registers its kernels on the first call of each dtype, rank
-# block and weight layout.
-ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"))
+# The C++ node's one-GEMM route (csrc/lora_autograd.cpp, kernels/lora_gemm_tma.py): from ONE_GEMM_MIN_ROWS rows a
+# training forward on a Hopper GPU computes y = x Wᵀ + hs Bᵀ (+ bias) in one Triton GEMM, and its backward
+# dx = dy W + gs A in another where dropout is off; ops/one_gemm.py compiles and registers the kernels on the first
+# call of each dtype and weight layout (rank ≤ 16: the ranks measured). PEFT_FAST_ONE_GEMM_ROWS (read once) sets the
+# rows, "off" turns it off. H100, bf16, fp32 adapters, 2026-12-07 (bench layer suite, wall × the bare layer, default
+# route → one GEMM): M8192 K=N=4096 r16 fwd+bwd p0 1.28× → 1.22×, M8192 K4096 N14336 p0 1.15× → 1.09×; probe, p0.1,
+# forward alone on the route: M8192 K=N=4096 1.41× → 1.37×, M2048 K=N=2048 2.12× → 1.30×. dx with dropout stays on
+# the default route: the GEMM with the keep bits applied to its term ran 517 µs against the plain GEMM's 380 µs.
+ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"), 1024)
 
 # Auto mode's rule: the fused kernels at total rank ≤ FUSED_ANY_SIZE_RANK whatever the size, and above it while
 # M·(K+N)·r ≤ FUSED_MAX_WORK; the ATen route beyond. H100, bf16, fp32 adapters, 2026-12-06 (scripts/probe_lora_kernels.py

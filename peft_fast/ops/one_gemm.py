@@ -1,7 +1,8 @@
-"""Turns on the C++ node's one-GEMM route where `dispatch.ONE_GEMM_MIN_ROWS` (PEFT_FAST_ONE_GEMM_ROWS) asks for it:
-on the first node call of each device, dtype, rank block and weight layout, the route's Triton kernels are compiled
-for that GPU and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node), and the row threshold is set.
-Below Hopper, or when compiling fails (one warning), the node keeps its default route. Off, nothing here runs."""
+"""Turns on the C++ node's one-GEMM route (dispatch.ONE_GEMM_MIN_ROWS says why and from how many rows): on the first
+node call of each device, dtype, rank block and weight layout, the route's Triton kernels are compiled for that GPU
+and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node; dx with dropout stays on the default
+route, whose kernels were measured faster), and the row threshold is set. Below Hopper, above rank 16 (not
+measured), or when compiling fails (one warning), the node keeps its default route. Off, nothing here runs."""
 
 from __future__ import annotations
 
@@ -27,14 +28,14 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype) -> None:
     if key in _done:
         return
     _done.add(key)
-    if dtype not in (torch.bfloat16, torch.float16) or rank > 128 or torch.cuda.get_device_capability(x.device)[0] < 9:
+    if dtype not in (torch.bfloat16, torch.float16) or rank > 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
         return
     try:
         from ..kernels import lora_gemm_tma
 
-        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,))
+        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,), dx_dropout=False)
         _C.lora_kernels_set_tma_rows(rows)
-    except Exception as err:  # noqa: BLE001 - an experiment that cannot run leaves the default route, said once
+    except Exception as err:  # noqa: BLE001 - a route that cannot be set up leaves the default one, said once
         _failed = True
         warnings.warn(f"peft_fast: the one-GEMM route could not be set up ({type(err).__name__}: {err}); the default "
                       "route runs")
