@@ -36,16 +36,19 @@ except ImportError:  # pragma: no cover - older Triton: lora_gemm is not availab
 # WARP_SPECIALIZE: producer / consumer warps for the K loop, where the Triton build supports it on the GPU)
 DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "FLATTEN": False, "WARP_SPECIALIZE": False,
                   "num_stages": 3, "num_warps": 8}
+# dx with dropout bits: half as many columns a tile, so the expanded bits fit in registers beside the accumulator
+KEEP_CONFIG = {**DEFAULT_CONFIG, "BN": 128, "num_stages": 4}
 
 
 HOPPER_SHARED_BYTES = 232448  # a Hopper block's shared memory limit
 
 
-def _fitting_config(config: dict | None, rank_block: int) -> dict:
-    """The tile config with its pipeline made shallow enough for the term's operands: h (BM×BR) and L (BR×BN) are
-    loaded before the K loop and sit in shared memory beside the K loop's stages and the output tile, so at
-    128×256×64 three stages fit rank block 16 but not 32 or 64 (262,168 bytes asked at 64); those get two."""
-    cfg = dict(DEFAULT_CONFIG if config is None else config)
+def _fitting_config(config: dict | None, rank_block: int, has_keep: bool = False) -> dict:
+    """The tile config (None: KEEP_CONFIG with keep bits, else DEFAULT_CONFIG) with its pipeline made shallow enough
+    for the term's operands: h (BM×BR) and L (BR×BN) are loaded before the K loop and sit in shared memory beside the
+    K loop's stages and the output tile, so at 128×256×64 three stages fit rank block 16 but not 32 or 64 (262,168
+    bytes asked at 64); those get two."""
+    cfg = dict(config if config is not None else KEEP_CONFIG if has_keep else DEFAULT_CONFIG)
 
     def shared(stages):
         return 2 * (stages * (cfg["BM"] + cfg["BN"]) * cfg["BK"] + cfg["BM"] * cfg["BN"]
@@ -125,11 +128,16 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                               mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0).T
         if HAS_KEEP:
             # dropout on the term alone: the term first, scaled by the keep bits / (1−p), and the K loop accumulates
-            # onto it, so one fp32 tile is live (a second one after the loop spilled: 1.8× the plain GEMM's time)
-            inside = (rows[:, None] < M) & (cols[None, :] < N)
-            bits = tl.load(keep_ptr + rows[:, None] * keep_stride + cols[None, :] // 8, mask=inside, other=0)
-            keep = ((bits.to(tl.int32) >> (cols[None, :] % 8)) & 1).to(tl.float32)
-            acc = tl.dot(h, low) * (keep * keep_scale)
+            # onto it, so one fp32 tile is live (a second one after the loop spilled: 1.8× the plain GEMM's time).
+            # The bits come as one byte a row and 8 columns, expanded in registers (not one load per element, whose
+            # 64-bit addresses filled the registers: 255 and 236 bytes spilled at 128×256, ptxas sm_90a); at 128×128
+            # tiles with 8 warps (KEEP_CONFIG) the kernel fits in 175 registers with no spill, at 128×256 it spills.
+            groups = n0 // 8 + tl.arange(0, BN // 8)
+            inside = (rows[:, None] < M) & (groups[None, :] < keep_stride)
+            packed = tl.load(keep_ptr + rows[:, None] * keep_stride + groups[None, :], mask=inside, other=0)
+            bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+            keep = tl.reshape(bits, (BM, BN))
+            acc = tl.dot(h, low) * (keep.to(tl.float32) * keep_scale)
         else:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kk in tl.range(k_tiles, warp_specialize=WARP_SPECIALIZE):
@@ -166,7 +174,7 @@ def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tens
         raise ValueError("lora_gemm: h and low come together, and keep bits only with them")
     r = h.shape[1] if has_lora else 0
     br = _block_r(r) if has_lora else 16
-    cfg = _fitting_config(config, br)
+    cfg = _fitting_config(config, br, keep is not None)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     group_m = cfg.pop("GROUP_M")
     flatten, warp_specialize = cfg.pop("FLATTEN", False), cfg.pop("WARP_SPECIALIZE", False)
@@ -234,13 +242,13 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
                     has_bias: bool, has_keep: bool, rank_block: int, num_programs: int,
                     config: dict | None = None) -> dict:
     """_lora_gemm_ptr_kernel compiled for one GPU architecture (capability 90 for sm_90) and one set of flags: the
-    cubin and what a launcher needs (entry name, dynamic shared memory, threads, Triton's scratch bytes a program and
-    their alignment, parameter kinds). Arguments, in order: x, y, h, low, out, bias, keep pointers (16-byte
+    cubin and what a launcher needs (entry name, tile BM×BN, dynamic shared memory, threads, Triton's scratch bytes a
+    program and their alignment, parameter kinds). Arguments, in order: x, y, h, low, out, bias, keep pointers (16-byte
     aligned; any valid pointer where a flag leaves one out), M, N, K, R, keep_stride (int32), keep_scale (fp32)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = _fitting_config(config, rank_block)
+    cfg = _fitting_config(config, rank_block, has_keep)
     element = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     signature = {name: element for name in ("x_ptr", "y_ptr", "h_ptr", "l_ptr", "out_ptr", "bias_ptr")}
     signature.update({"keep_ptr": "*u8", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "keep_stride": "i32",
@@ -269,9 +277,11 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
     kinds = _param_kinds(compiled.asm["ptx"], meta.name)
     if kinds[:USER_PARAMS] != "ppppppp" + "iiiii" + "f" or set(kinds[USER_PARAMS:]) - {"p"}:
         raise RuntimeError(f"{meta.name}: unexpected parameter layout {kinds!r} for this Triton build")
-    return {"cubin": compiled.asm["cubin"], "name": meta.name, "shared": meta.shared, "num_warps": meta.num_warps,
+    return {"cubin": compiled.asm["cubin"], "name": meta.name, "BM": cfg["BM"], "BN": cfg["BN"],
+            "shared": meta.shared, "num_warps": meta.num_warps,
             "scratch_bytes": getattr(meta, "global_scratch_size", 0),
-            "scratch_align": getattr(meta, "global_scratch_align", 1), "kinds": kinds}
+            "scratch_align": getattr(meta, "global_scratch_align", 1), "kinds": kinds,
+            "ptx": compiled.asm["ptx"]}  # (the tests ask ptxas about its registers)
 
 
 class CppLoraGemm:
@@ -285,9 +295,9 @@ class CppLoraGemm:
         self.num_programs = torch.cuda.get_device_properties(device).multi_processor_count
         self.flags = dict(y_kmajor=y_kmajor, low_rmajor=low_rmajor, has_lora=has_lora, has_bias=has_bias,
                           has_keep=has_keep)
-        self.config = dict(DEFAULT_CONFIG if config is None else config)
         built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, rank_block=_block_r(rank),
-                                num_programs=self.num_programs, config=self.config, **self.flags)
+                                num_programs=self.num_programs, config=config, **self.flags)
+        self.tile = built["BM"], built["BN"]
         self.ext = ext
         self.id = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
                                              built["scratch_bytes"], built["scratch_align"], built["kinds"],
@@ -297,7 +307,7 @@ class CppLoraGemm:
         m, k = x.shape
         n = out.shape[1]
         r = h.shape[1] if h is not None else 0
-        tiles = triton.cdiv(m, self.config["BM"]) * triton.cdiv(n, self.config["BN"])
+        tiles = triton.cdiv(m, self.tile[0]) * triton.cdiv(n, self.tile[1])
         args = [x, y, h if h is not None else x, low if low is not None else x, out,
                 bias if bias is not None else out, keep if keep is not None else out, m, n, k, r, n // 8,
                 1.0 / (1.0 - p) if keep is not None else 1.0]
@@ -311,8 +321,8 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
     (lora_kernels_register_tma): per rank block and weight layout (kn: Conv1D's K×N weight), the forward with and
     without bias and dx with and without dropout bits (dx_dropout=False: without, and a dx with dropout takes the
     default route, its kernel unregistered). The route itself stays off until `ext.lora_kernels_set_tma_rows(rows)`.
-    Returns the kernel ids registered, by (rank block, kn, dx, bias or keep bits)."""
-    cfg = dict(DEFAULT_CONFIG if config is None else config)
+    Returns the kernel ids registered, by (rank block, kn, dx, bias or keep bits). `config`: one tile config for
+    all (None: each kernel's default, KEEP_CONFIG for dx with keep bits)."""
     major, minor = torch.cuda.get_device_capability(device)
     programs = torch.cuda.get_device_properties(device).multi_processor_count
     registered = {}
@@ -328,11 +338,11 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
                 y_kmajor = layout if dx else not layout
                 built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, y_kmajor=y_kmajor, low_rmajor=dx,
                                         has_lora=True, has_bias=flag and not dx, has_keep=flag and dx,
-                                        rank_block=block, num_programs=programs, config=cfg)
+                                        rank_block=block, num_programs=programs, config=config)
                 kernel = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
                                                     built["scratch_bytes"], built["scratch_align"], built["kinds"],
                                                     USER_PARAMS)
                 ext.lora_kernels_register_tma(dx, dtype == torch.bfloat16, layout, flag and not dx, flag and dx, block,
-                                              kernel, programs, cfg["BM"], cfg["BN"])
+                                              kernel, programs, built["BM"], built["BN"])
                 registered[block, layout, dx, flag] = kernel
     return registered

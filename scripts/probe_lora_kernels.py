@@ -500,7 +500,7 @@ def tma_table():
         def choose(setting):  # (row threshold, dx-with-dropout kernel id or -1: that dx on the default route)
             _C.lora_kernels_set_tma_rows(setting[0])
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, setting[1], programs,
-                                         G.DEFAULT_CONFIG["BM"], G.DEFAULT_CONFIG["BN"])
+                                         G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"])
         route_layer_tables([(8192, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 2048, 2048, 16)], (0.0, 0.1),
                            {"pf, default route": (1 << 62, keep_dx), "pf, one GEMM (TMA)": (0, keep_dx),
                             "pf, one GEMM fwd, dx with dropout default": (0, -1)}, choose)
@@ -537,9 +537,9 @@ def tma_table():
     except Exception as err:  # noqa: BLE001 - printed, and the sweep below still runs
         print(f"  the launches failed: {type(err).__name__}: {err}", flush=True)
     # (BM, BN, BK, GROUP_M, stages, warps, flatten, warp-specialized)
-    configs = [(128, 256, 64, 8, 3, 8, False, False), (128, 256, 64, 8, 4, 8, False, False),
-               (128, 256, 64, 8, 3, 8, True, False), (128, 256, 64, 8, 3, 8, False, True),
-               (256, 128, 64, 8, 3, 8, False, False), (128, 128, 64, 8, 4, 4, False, False)]
+    configs = [(128, 256, 64, 8, 3, 8, False, False), (128, 128, 64, 8, 4, 8, False, False),
+               (128, 128, 64, 8, 4, 8, False, True), (128, 256, 64, 8, 3, 8, False, True),
+               (256, 128, 64, 8, 3, 8, False, False), (128, 128, 64, 8, 5, 8, False, False)]
     print("\n=== one TMA GEMM with the LoRA term inside (bf16, r16, do_bench median µs)", flush=True)
     for m, k, n in [(8192, 4096, 4096), (8192, 4096, 14336), (2048, 4096, 4096), (2048, 2048, 2048)]:
         r = 16
