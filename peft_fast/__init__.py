@@ -18,6 +18,7 @@ from .config import PeftConfig, PromptLearningConfig
 from .mapping import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
     inject_adapter_in_model,
@@ -47,6 +48,7 @@ from .tuners import (
     LoraConfig,
     LoraGAConfig,
     LoraModel,
+    LoraRuntimeConfig,
     PrefixEncoder,
     PrefixTuningConfig,
     PromptEmbedding,
@@ -77,6 +79,7 @@ from .utils import (
     replace_lora_weights_loftq,
     set_base_model_state_dict,
     set_peft_model_state_dict,
+    shift_tokens_right,
 )
 
 __all__ = [
@@ -90,6 +93,7 @@ __all__ = [
     "initialize_lora_eva_weights",
     "LoraGAConfig",
     "preprocess_loraga",
+    "LoraRuntimeConfig",
     "LoraModel",
     "LoHaConfig",
     "LoHaModel",
@@ -132,6 +136,8 @@ __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
+    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
+    "shift_tokens_right",
     "get_peft_config",
     "get_peft_model",
     "inject_adapter_in_model",

@@ -120,8 +120,10 @@ class PeftConfigMixin:
             raise ValueError(f"The adapter config file {path_json_file} is not valid JSON: {exc}") from exc
         if not isinstance(json_object, dict):
             raise ValueError(f"The adapter config file {path_json_file} does not hold a JSON object.")
-        # older PEFT files carry runtime_config; it is not part of the config
-        json_object.pop("runtime_config", None)
+        if "runtime_config" in json_object:  # (settings of one process: never part of a saved adapter)
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                          "configurations are only valid at runtime.")
+            del json_object["runtime_config"]
         return json_object
 
     @classmethod

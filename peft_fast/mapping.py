@@ -19,6 +19,7 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .tuners.mixed import COMPATIBLE_TUNER_TYPES
 from .tuners.loha import LoHaConfig, LoHaModel
 from .tuners.lokr import LoKrConfig, LoKrModel
 from .tuners.lora import LoraConfig, LoraModel
@@ -27,6 +28,9 @@ from .tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig
 from .tuners.trainable_tokens import TrainableTokensConfig, TrainableTokensModel
 from .utils.peft_types import PeftType, TaskType
+
+# the tuners a PeftMixedModel can hold together (get_peft_model(..., mixed=True))
+PEFT_TYPE_TO_MIXED_MODEL_MAPPING: dict = {}
 
 for _type, _config, _tuner in (
     (PeftType.LORA, LoraConfig, LoraModel),
@@ -37,6 +41,8 @@ for _type, _config, _tuner in (
     register_peft_config(_type, _config)
     PEFT_TYPE_TO_TUNER_MAPPING[_type] = _tuner
     PEFT_TYPE_TO_PREFIX_MAPPING[_type] = _tuner.prefix
+    if _type in COMPATIBLE_TUNER_TYPES:
+        PEFT_TYPE_TO_MIXED_MODEL_MAPPING[_type] = _tuner
 # prompt learning: the "tuner" is the prompt encoder module built beside the frozen model
 for _type, _config, _encoder in (
     (PeftType.PREFIX_TUNING, PrefixTuningConfig, PrefixEncoder),

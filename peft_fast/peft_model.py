@@ -398,6 +398,10 @@ class PeftModel(PromptLearningMixin, nn.Module):
         config.inference_mode = not is_trainable
         if config.is_prompt_learning and is_trainable:
             raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
+        if hasattr(config, "runtime_config"):  # (LoRA's settings for this process: LoraRuntimeConfig)
+            config.runtime_config.ephemeral_gpu_offload = ephemeral_gpu_offload
+        elif ephemeral_gpu_offload:
+            warnings.warn("Ephemeral GPU offloading is not supported for this model. Ignoring.")
 
         before = _snapshot(model)
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls) if cls is PeftModel else cls

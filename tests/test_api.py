@@ -45,8 +45,12 @@ def test_public_names_and_module_paths():
                  "set_peft_model_state_dict", "prepare_model_for_kbit_training", "cast_mixed_precision_params",
                  "LoraConfig", "PeftConfig", "PeftType", "TaskType", "LoraModel", "LoftQConfig",
                  "replace_lora_weights_loftq", "convert_to_lora", "save_as_lora", "EvaConfig", "get_eva_state_dict",
-                 "initialize_lora_eva_weights", "LoraGAConfig", "preprocess_loraga"):
+                 "initialize_lora_eva_weights", "LoraGAConfig", "preprocess_loraga", "LoraRuntimeConfig",
+                 "shift_tokens_right", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING"):
         assert hasattr(pf, name), name
+    assert pf.PEFT_TYPE_TO_MIXED_MODEL_MAPPING == {pf.PeftType.LORA: pf.LoraModel, pf.PeftType.LOHA: pf.LoHaModel,
+                                                   pf.PeftType.LOKR: pf.LoKrModel}
+    assert pf.shift_tokens_right is pf.utils.shift_tokens_right
     assert pf.tuners.lora.convert_to_lora is pf.convert_to_lora is pf.tuners.convert_to_lora
     assert pf.tuners.lora.eva.initialize_lora_eva_weights is pf.initialize_lora_eva_weights
     assert pf.tuners.lora.config.EvaConfig is pf.EvaConfig is pf.tuners.EvaConfig

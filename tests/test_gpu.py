@@ -44,3 +44,22 @@ def test_cuda_forward_backward_match_peft(builder, name, cfg, dtype, backend, fo
     with torch.no_grad():
         pf_model.base_model.merge_adapter()
         assert rel_err(output_tensor(pf_model(**x)), y_ref) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+def test_dora_ephemeral_gpu_offload_matches_peft_and_keeps_the_magnitude_on_the_cpu():
+    """LoraRuntimeConfig(ephemeral_gpu_offload=True) on a model kept on the CPU: DoRA's weight norm is computed on
+    the GPU and its magnitude put back on the CPU, as PEFT does; the magnitudes match PEFT's (same seed) and the
+    CPU-computed ones to fp32 rounding."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    cfg = dict(r=8, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights="gaussian")
+    models = []
+    for lib, runtime in ((pf, True), (pf, False), (ref, True)):
+        torch.manual_seed(1)
+        config = lib.LoraConfig(**cfg, runtime_config=lib.LoraRuntimeConfig(ephemeral_gpu_offload=runtime))
+        models.append(lib.get_peft_model(copy.deepcopy(base), config))
+    ours, on_cpu, theirs = ({k: v for k, v in m.state_dict().items() if "magnitude" in k} for m in models)
+    assert ours and list(ours) == list(theirs)
+    for key, value in ours.items():
+        assert value.device.type == "cpu" and theirs[key].device.type == "cpu", key
+        assert rel_err(value, theirs[key]) < 1e-5 and rel_err(value, on_cpu[key]) < 1e-5, key

@@ -1,5 +1,6 @@
 """Adapter directories move both ways between HF PEFT and peft_fast: same files, same outputs."""
 
+import contextlib
 import copy
 import json
 import os
@@ -168,3 +169,42 @@ def test_newer_peft_config_keys_warn_and_load(tmp_path):
     x = inputs_for("llama")
     with torch.no_grad():
         assert rel_err(output_tensor(loaded(**x)), output_tensor(model.eval()(**x))) < 1e-6
+
+
+def test_runtime_config_is_never_saved_and_reaches_the_layers_as_peft_s(tmp_path):
+    """LoraRuntimeConfig as PEFT has it: left out of to_dict and adapter_config.json, a saved one dropped with a
+    warning, PeftModel.from_pretrained(ephemeral_gpu_offload=...) setting it, and the layers of a new adapter taking
+    it (ephemeral_gpu_offload, as PEFT's LoraLayer holds it). Without a GPU DoRA's magnitude is what it is without
+    the setting (it says so once a layer)."""
+    runtime = pf.LoraRuntimeConfig(ephemeral_gpu_offload=True)
+    assert pf.tuners.LoraRuntimeConfig is pf.tuners.lora.LoraRuntimeConfig is pf.LoraRuntimeConfig
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", use_dora=True)
+    assert pf.LoraConfig(**cfg, runtime_config=runtime).to_dict() == pf.LoraConfig(**cfg).to_dict()
+    ours, theirs = pf.LoraConfig(**cfg).to_dict(), ref.LoraConfig(**cfg).to_dict()
+    assert "runtime_config" not in ours and "runtime_config" not in theirs
+    torch.manual_seed(0)
+    base = tiny_llama()
+    torch.manual_seed(1)
+    plain = pf.get_peft_model(copy.deepcopy(base), pf.LoraConfig(**cfg))
+    torch.manual_seed(1)
+    ctx = pytest.warns(UserWarning, match="no CUDA device") if not torch.cuda.is_available() else contextlib.nullcontext()
+    with ctx:
+        offloaded = pf.get_peft_model(copy.deepcopy(base), pf.LoraConfig(**cfg, runtime_config=runtime))
+    layers = [m for m in offloaded.modules() if isinstance(m, pf.tuners.lora.LoraLayer)]
+    assert layers and all(m.ephemeral_gpu_offload for m in layers)
+    assert not any(m.ephemeral_gpu_offload for m in plain.modules() if isinstance(m, pf.tuners.lora.LoraLayer))
+    for (name, a), (_, b) in zip(plain.state_dict().items(), offloaded.state_dict().items()):
+        assert a.device == b.device and torch.equal(a, b), name  # (the magnitude back on the CPU, the same numbers)
+    offloaded.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "runtime_config" not in saved
+    loaded = pf.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path), ephemeral_gpu_offload=False)
+    assert loaded.peft_config["default"].runtime_config.ephemeral_gpu_offload is False
+    saved["runtime_config"] = {"ephemeral_gpu_offload": True}  # (a file written by hand, or by an old PEFT)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match="runtime_config"):
+        cfg_loaded = pf.PeftConfig.from_pretrained(str(tmp_path))
+    assert cfg_loaded.runtime_config.ephemeral_gpu_offload is False
+    with pytest.warns(UserWarning, match="runtime_config"):
+        ref_loaded = ref.PeftConfig.from_pretrained(str(tmp_path))
+    assert ref_loaded.runtime_config.ephemeral_gpu_offload is False

@@ -1,4 +1,4 @@
-from .config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig
+from .config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig, LoraRuntimeConfig
 from .conversion import convert_to_lora, save_as_lora
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .loraga import preprocess_loraga
@@ -11,6 +11,7 @@ __all__ = [
     "EvaConfig",
     "LoraGAConfig",
     "LoftQConfig",
+    "LoraRuntimeConfig",
     "LoraLayer",
     "Linear",
     "Embedding",

@@ -132,6 +132,18 @@ class LoftQConfig:
     loftq_iter: int = field(default=1, metadata={"help": "Alternating iterations for LoftQ"})
 
 
+@dataclass
+class LoraRuntimeConfig:
+    """Settings of a LoRA adapter that hold for this process only: never saved with the adapter, and a
+    `runtime_config` found in an adapter_config.json is dropped with a warning (PEFT's LoraRuntimeConfig).
+
+    ephemeral_gpu_offload: where a layer's adapter weights sit in CPU memory (a model partly offloaded), the work
+    made on them at set-up (DoRA's weight norm) runs on the GPU, the results coming back to the CPU."""
+
+    ephemeral_gpu_offload: bool = field(default=False, metadata={
+        "help": "Run the set-up work of adapters kept in CPU memory (DoRA's weight norm) on the GPU, momentarily."})
+
+
 def loftq_settings(loftq_config: dict) -> LoftQConfig:
     """A LoraConfig's loftq_config dict (as saved: keys may be left out) with LoftQConfig's defaults filled in."""
     known = {f.name for f in fields(LoftQConfig)}
@@ -201,6 +213,9 @@ class LoraConfig(PeftConfig):
         "Rebuild the model's layer stack from [start, end) ranges of its layers, e.g. [[0, 4], [2, 5]] turns layers "
         "[0, 1, 2, 3, 4] into [0, 1, 2, 3, 2, 3, 4]; the copies share the base weights and each gets its own LoRA "
         "adapters (Llama-, BERT- and Falcon-like layer stacks). Such a model cannot be merged.")})
+    runtime_config: LoraRuntimeConfig = field(
+        default_factory=LoraRuntimeConfig, metadata={"help": "Settings for this process only (not saved)."}
+    )
     lora_bias: bool = field(default=False, metadata={"help": "Train a bias on lora_B."})
     target_parameters: Optional[list[str]] = field(
         default=None,
@@ -214,6 +229,12 @@ class LoraConfig(PeftConfig):
         default=False,
         metadata={"help": "Keep layers tied to the input embedding (tie_word_embeddings) tied in the adapter."},
     )
+
+    def to_dict(self) -> dict:
+        """The adapter's settings as saved: runtime_config is left out."""
+        out = super().to_dict()
+        out.pop("runtime_config", None)
+        return out
 
     def __post_init__(self):
         super().__post_init__()

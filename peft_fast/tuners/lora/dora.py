@@ -31,7 +31,8 @@ class DoraLinearLayer(nn.Module):
         eye = torch.eye(lora_A.weight.shape[1], device=lora_A.weight.device, dtype=lora_A.weight.dtype)
         return lora_B(lora_A(eye)).T
 
-    def update_layer(self, *, base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    def update_layer(self, *, base_layer: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     place_on_cpu: bool = False) -> None:
         is_fp16 = lora_A.dtype == torch.float16
         if is_fp16:
             lora_A, lora_B = lora_A.float(), lora_B.float()
@@ -44,6 +45,8 @@ class DoraLinearLayer(nn.Module):
         if is_fp16:
             lora_weight = lora_weight.half()
         norm = self.get_weight_norm(weight.to(lora_A.device), lora_weight, scaling)
+        if place_on_cpu:  # (computed on the GPU for an adapter kept in CPU memory: LoraRuntimeConfig)
+            norm = norm.to("cpu")
         self.weight = nn.Parameter(norm, requires_grad=True)
 
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None):

@@ -40,8 +40,9 @@ class LoraLayer(BaseTunerLayer):
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
     _supports_alora = False  # (Linear and its bitsandbytes subclasses)
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs) -> None:
         self.base_layer = base_layer
+        self.ephemeral_gpu_offload = ephemeral_gpu_offload  # (LoraRuntimeConfig: DoRA's set-up on the GPU)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -356,8 +357,12 @@ class LoraLayer(BaseTunerLayer):
             lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         else:
             lora_A, lora_B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        place_on_cpu = False
+        if self.ephemeral_gpu_offload:  # the norm on the GPU, the magnitude back where the adapter lives
+            lora_A, lora_B, place_on_cpu = _on_gpu_for_setup(lora_A, lora_B)
         dora_layer.update_layer(
-            base_layer=self.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[adapter_name]
+            base_layer=self.get_base_layer(), lora_A=lora_A, lora_B=lora_B, scaling=self.scaling[adapter_name],
+            place_on_cpu=place_on_cpu,
         )
         self.lora_magnitude_vector[adapter_name] = dora_layer
 
@@ -603,6 +608,24 @@ class LoraLayer(BaseTunerLayer):
             offsets = None if alora_offsets is None else [alora_offsets[i] for i in rows]
             result[rows] = add_alora_term(x[rows], result[rows], self._adapter_term(name), offsets)
         return result
+
+
+def _on_gpu_for_setup(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """LoraRuntimeConfig.ephemeral_gpu_offload: both factors on one GPU for set-up work (the GPU one of them is on,
+    else the current CUDA device), and whether its results go back to the CPU (a factor was there). Without a GPU
+    they stay where they are, with a warning: the numbers are the same, only slower."""
+    on_cpu = lora_A.device.type == "cpu" or lora_B.device.type == "cpu"
+    if lora_A.device.type == "cuda":
+        device = lora_A.device
+    elif lora_B.device.type == "cuda":
+        device = lora_B.device
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        warnings.warn("ephemeral_gpu_offload=True (LoraRuntimeConfig) but no CUDA device is available: DoRA's "
+                      "weight norm is computed where the adapter's weights are.")
+        return lora_A, lora_B, False
+    return lora_A.to(device), lora_B.to(device), on_cpu
 
 
 class _LoraModule(nn.Module, LoraLayer):

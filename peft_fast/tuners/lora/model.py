@@ -89,10 +89,14 @@ class LoraModel(BaseTuner):
         if isinstance(target, LoraLayer) and getattr(target, "parameter_name", None) == parameter_name:
             target.update_layer(adapter_name, r, lora_alpha=alpha, config=lora_config, **extra)
             return
+        # (the runtime setting goes to a new layer only, as PEFT's: a layer keeps the one of its first adapter)
+        offload = lora_config.runtime_config.ephemeral_gpu_offload
         if parameter_name is not None:  # target_parameters: a wrapper around the module holding the parameter
-            new_module = ParamWrapper(target, adapter_name, parameter_name, lora_config, r=r, lora_alpha=alpha)
+            new_module = ParamWrapper(target, adapter_name, parameter_name, lora_config, r=r, lora_alpha=alpha,
+                                      ephemeral_gpu_offload=offload)
         else:
-            new_module = self._create_new_module(lora_config, adapter_name, target, r=r, lora_alpha=alpha, **extra)
+            new_module = self._create_new_module(lora_config, adapter_name, target, r=r, lora_alpha=alpha,
+                                                 ephemeral_gpu_offload=offload, **extra)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
