@@ -52,6 +52,7 @@ class PeftModel(PromptLearningMixin, nn.Module):
         super().__init__()
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
+        self._adapters_disabled = False  # (inside disable_adapter(): has_active_enabled_adapter)
         self.active_adapter = adapter_name
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
@@ -114,21 +115,44 @@ class PeftModel(PromptLearningMixin, nn.Module):
         """The wrapped model (with adapter layers injected, as in PEFT)."""
         return self.base_model if self._is_prompt_learning else self.base_model.model
 
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
+        """Make `model`'s input embeddings' output require grad, so that checkpointed blocks over frozen weights
+        still build a graph for the adapters (done at construction where the model checkpoints)."""
+        self._prepare_model_for_gradient_checkpointing(model)
+
     def _prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
-        if not (
-            getattr(model, "is_loaded_in_8bit", False)
-            or getattr(model, "is_loaded_in_4bit", False)
-            or getattr(model, "is_quantized", False)
-        ):
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
-            elif hasattr(model, "get_input_embeddings"):
-
-                def make_inputs_require_grad(module, input, output):
-                    output.requires_grad_(True)
-
-                model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
+        # (a quantized model gets this from prepare_model_for_kbit_training instead)
+        if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            return model
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(_output_requires_grad)
         return model
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Gradients on (or off) for the weights of `adapter_names` (a name or several), active or not, e.g. to
+        train two adapters at once; other adapters' are left as they are. Not for prompt learning methods."""
+        if self.active_peft_config.is_prompt_learning:
+            raise TypeError("Setting `requires_grad` is not supported for prompt learning methods like "
+                            f"{PeftType(self.active_peft_config.peft_type).value}.")
+        self.base_model.set_requires_grad(adapter_names=adapter_names, requires_grad=requires_grad)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether any adapter acts on the model's output: not inside disable_adapter(), and (other than for prompt
+        learning, whose adapter is always the active one) at least one adapter active."""
+        if self._adapters_disabled:
+            return False
+        return self.peft_config[self.active_adapter].is_prompt_learning or bool(self.active_adapters)
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The modules_to_save of all adapters together (None where none has any, as in PEFT)."""
+        names = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or ())
+        return names or None
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new (inactive) adapter; on any error the model is left as it was."""
@@ -190,6 +214,14 @@ class PeftModel(PromptLearningMixin, nn.Module):
     @contextmanager
     def disable_adapter(self):
         """Context manager under which the model behaves as the base model."""
+        was_disabled = self._adapters_disabled
+        self._adapters_disabled = True
+        try:
+            yield from self._disabled_adapter()
+        finally:
+            self._adapters_disabled = was_disabled
+
+    def _disabled_adapter(self):
         if self.peft_config[self.active_adapter].is_prompt_learning:
             # as PEFT: forward and generation go straight to the base model (modules_to_save copies stay active)
             old_forward = self.__dict__.get("forward")
@@ -494,6 +526,10 @@ class PeftModel(PromptLearningMixin, nn.Module):
         if line not in text:
             text += line
         return text
+
+
+def _output_requires_grad(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
 
 
 def _uses_checkpointing(model: nn.Module) -> bool:

@@ -276,3 +276,52 @@ def test_an_exclude_pattern_that_excludes_nothing_warns_as_peft_does():
     for lib in (ref, pf):
         with pytest.warns(UserWarning, match=r"exclude_modules=\{'nope'\} but no modules were excluded"):
             lib.get_peft_model(tiny_llama(), lib.LoraConfig(target_modules=["q_proj"], exclude_modules=["nope"]))
+
+
+def test_set_requires_grad_and_adapter_flags_match_peft():
+    """PeftModel.set_requires_grad (and the tuner's and the module-level function), has_active_enabled_adapter,
+    modules_to_save and prepare_model_for_gradient_checkpointing, against PEFT: the same requires_grad of every
+    parameter after the same calls, on LoRA layers, a modules_to_save copy and trainable tokens."""
+    from peft_fast.tuners.tuners_utils import set_requires_grad
+
+    def build(lib):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(
+            tiny_llama(num_labels=3),
+            lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS",
+                           trainable_token_indices={"embed_tokens": [1, 3]}))
+        model.add_adapter("second", lib.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], task_type="SEQ_CLS"))
+        return model
+
+    def grads(model):
+        return {name: p.requires_grad for name, p in model.named_parameters()}
+
+    ours, theirs = build(pf), build(ref)
+    assert grads(ours) == grads(theirs)
+    assert ours.modules_to_save == theirs.modules_to_save == {"classifier", "score"}  # (PEFT adds both heads)
+    steps = [(["default", "second"], True), ("default", False), ("second", True), (["second"], False),
+             ("default", True)]
+    for names, flag in steps:
+        ours.set_requires_grad(names, requires_grad=flag)
+        theirs.set_requires_grad(names, requires_grad=flag)
+        assert grads(ours) == grads(theirs), (names, flag)
+    assert any(grads(ours)[n] for n in grads(ours) if ".second." in n) is False  # (the steps ended with it off)
+    set_requires_grad(ours, "second")  # the module-level form, as PEFT's tuners_utils.set_requires_grad
+    ours.base_model.set_requires_grad("second", requires_grad=False)
+    assert grads(ours) == grads(theirs)
+
+    assert ours.has_active_enabled_adapter is theirs.has_active_enabled_adapter is True
+    with ours.disable_adapter(), theirs.disable_adapter():
+        assert ours.has_active_enabled_adapter is False
+    assert ours.has_active_enabled_adapter is True
+    assert pf.get_peft_model(tiny_llama(), pf.LoraConfig(r=2, target_modules=["q_proj"])).modules_to_save is None
+
+    base = tiny_llama()
+    assert ours.prepare_model_for_gradient_checkpointing(base) is None
+    embeds = base.get_input_embeddings()(torch.tensor([[1, 2]]))
+    assert embeds.requires_grad  # (enable_input_require_grads: checkpointed blocks over frozen weights get a graph)
+
+    prompt = pf.get_peft_model(tiny_llama(), pf.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(TypeError, match="not supported for prompt learning"):
+        prompt.set_requires_grad("default")
+    assert prompt.has_active_enabled_adapter is True

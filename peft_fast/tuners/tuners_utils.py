@@ -26,6 +26,7 @@ from ..utils.other import (
     _set_trainable,
     _unwrap_modules_to_save,
     names_module,
+    set_leaf_requires_grad,
 )
 from ..utils.peft_types import TaskType
 
@@ -103,6 +104,15 @@ def check_adapters_to_merge(module: "BaseTunerLayer", adapter_names: Optional[li
 
 
 @contextlib.contextmanager
+def set_requires_grad(model: nn.Module, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+    """Gradients on (or off) for the weights of `adapter_names` (a name or several) in every adapter layer and
+    auxiliary module (modules_to_save, trainable tokens) of `model`, active or not; other adapters' are left as they
+    are (PEFT's `set_requires_grad`)."""
+    for module in model.modules():
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            module.set_requires_grad(adapter_names=adapter_names, requires_grad=requires_grad)
+
+
 def onload_layer(layer: nn.Module):
     """Placeholder for offloaded (accelerate) layers: peft_fast keeps adapters where the base layer is."""
     yield
@@ -300,13 +310,14 @@ class BaseTunerLayer(ABC):
                 adapter_layer[adapter_name] = item.to(device)
 
     def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
-        if isinstance(adapter_names, str):
-            adapter_names = [adapter_names]
+        """Gradients on (or off) for the weights of `adapter_names` in this layer, active or not; other adapters' are
+        left as they are, and weights their method keeps frozen stay frozen."""
+        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for layer_name in self.adapter_layer_names:
             module_dict = getattr(self, layer_name)
             for key, layer in module_dict.items():
                 if key in adapter_names:
-                    layer.requires_grad_(requires_grad)
+                    set_leaf_requires_grad(layer, requires_grad)
         if requires_grad:
             self._freeze_non_trainable_peft_weights(adapter_names)
 
@@ -317,6 +328,7 @@ class BaseTuner(nn.Module, ABC):
     prefix: str = ""
     tuner_layer_cls: type = BaseTunerLayer
     target_module_mapping: dict = {}
+    uses_shared_state: bool = False  # (PEFT's flag for tuners whose layers share one state, VB-LoRA's kind)
 
     def __init__(
         self,
@@ -689,6 +701,11 @@ class BaseTuner(nn.Module, ABC):
                 module.set_adapter(names, inference_mode=inference_mode)
         _set_adapter(self.model, names, inference_mode=inference_mode)
         self.active_adapter = adapter_name
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Gradients on (or off) for the weights of `adapter_names` throughout the model (module-level
+        set_requires_grad), e.g. to train two adapters at once, or to freeze one while it stays active."""
+        set_requires_grad(self.model, adapter_names=adapter_names, requires_grad=requires_grad)
 
     def _set_adapter_layers(self, enabled: bool = True) -> None:
         for module in self.model.modules():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import re
 import warnings
 from abc import ABC, abstractmethod
@@ -89,6 +90,14 @@ def get_module_names_tied_with_embedding(model: nn.Module) -> list[str]:
     return sorted(owners)
 
 
+def set_leaf_requires_grad(item, requires_grad: bool) -> None:
+    """requires_grad of a module's parameters, or of one parameter: leaf tensors only (under FSDP a parameter may be
+    a view of a flat one, which takes no flag; its flat parameter is the leaf)."""
+    for tensor in [item] if isinstance(item, torch.Tensor) else item.parameters():
+        if tensor.is_leaf:
+            tensor.requires_grad_(requires_grad)
+
+
 class AuxiliaryTrainingWrapper(nn.Module, ABC):
     """A module of the base model that an adapter trains besides its adapter layers: wholly (modules_to_save,
     ModulesToSaveWrapper) or a few rows of it (trainable_token_indices, TrainableTokensWrapper). Keeps which
@@ -140,6 +149,14 @@ class AuxiliaryTrainingWrapper(nn.Module, ABC):
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self._get_available_adapters()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Gradients on (or off) for the tensors `adapter_names` train here; other adapters' are left as they are."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for layer_name in self.adapter_layer_names:
+            for key, item in operator.attrgetter(layer_name)(self).items():  # (the names may be dotted)
+                if key in names:
+                    set_leaf_requires_grad(item, requires_grad)
 
     @abstractmethod
     def _forward_adapter(self, adapter_name: Optional[str], x: torch.Tensor, *args, **kwargs):
