@@ -22,6 +22,11 @@ def test_bench_quick_end_to_end_writes_json_png_and_results(tmp_path, capsys, mo
     assert status == 0
     payload = json.loads((out / "bench.json").read_text())
     assert payload["environment"]["torch"] == torch.__version__
+    from peft_fast.ops import dispatch
+
+    settings = payload["environment"]["settings"]  # (which routes the run timed)
+    assert settings["one_gemm_min_rows"] == dispatch.ONE_GEMM_MIN_ROWS
+    assert settings["env"] == {k: v for k, v in os.environ.items() if k.startswith("PEFT_FAST_")}
     groups = {c["group"] for c in payload["cases"]}
     assert {"layer", "layer decode", "qlora layer", "model", "decode"} <= groups
     for case in payload["cases"]:
@@ -33,7 +38,7 @@ def test_bench_quick_end_to_end_writes_json_png_and_results(tmp_path, capsys, mo
     printed = capsys.readouterr().out
     assert "| case | base ms (GPU) | PEFT ms (GPU) | peft_fast ms (GPU)" in printed
     md = (results_dir / "RESULTS.md").read_text()
-    assert "results.png" in md and payload["cases"][0]["id"] in md
+    assert "results.png" in md and payload["cases"][0]["id"] in md and "Settings: fused kernels" in md
     assert sorted(os.listdir(results_dir)) == ["RESULTS.md", "results.json", "results.png"]
     # re-rendering the saved run needs no benchmarking and gives the same table
     assert cli.main(["bench", "--from-json", str(out / "bench.json"), "--out", str(tmp_path / "again")]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -163,6 +164,15 @@ def _record_error(res: ImplResult, exc: Exception) -> None:
     traceback.print_exc()
 
 
+def settings() -> dict:
+    """peft_fast's dispatch settings in effect (read once at import) and the PEFT_FAST_* variables that were set, so
+    that a saved run says which routes it timed (e.g. PEFT_FAST_ONE_GEMM_ROWS=off)."""
+    from ..ops import dispatch
+
+    return {"cuda_kernels": dispatch.CUDA_KERNELS, "one_gemm_min_rows": dispatch.ONE_GEMM_MIN_ROWS,
+            "env": {key: value for key, value in sorted(os.environ.items()) if key.startswith("PEFT_FAST_")}}
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
@@ -180,6 +190,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "peft_fast": peft_fast.__version__,
         "peft": getattr(hf_peft(), "__version__", None),
         "cpu_threads": torch.get_num_threads(),
+        "settings": settings(),
     }
     try:
         import triton
