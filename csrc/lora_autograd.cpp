@@ -188,6 +188,18 @@ int sm_count() {
     return n;
 }
 
+// compute capability major of the current device (asked once per device)
+int device_major() {
+    static int majors[64] = {};
+    int device = 0;
+    cudaGetDevice(&device);
+    if (device < 64 && majors[device] > 0) return majors[device];
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 0;
+    if (device < 64 && major > 0) majors[device] = major;
+    return major;
+}
+
 void check(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, "peft_fast LoRA kernel (", what, ") failed: ", cudaGetErrorString(err));
 }
@@ -408,7 +420,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
 // (peft_fast.kernels.lora_gemm_tma.register_for_node; by default no dx kernel with dropout bits: it measured slower
 // than the default route's dx); a direction whose kernel is missing takes the default route.
 struct TmaKernel {
-    int64_t id = -1, programs = 0, bm = 0, bn = 0;
+    int64_t id = -1, programs = 0, bm = 0, bn = 0, major = 9;  // (major: the GPU generation its cubin is for)
 };
 std::mutex tma_mutex;
 std::unordered_map<int64_t, TmaKernel> tma_kernels;
@@ -465,7 +477,8 @@ bool tma_takes(const Tensor& x, const Tensor& w, const Tensor& a, const Tensor& 
         return false;
     const int64_t r = a.size(0);
     if (r % 8 != 0) return false;  // (hs, gs and B's rows must be 16-byte multiples for the dx kernel's loads)
-    return tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd);
+    // (cubins run on the GPU generation they were built for: another GPU of the same process does not take them)
+    return tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd) && fwd.major == device_major();
 }
 #endif  // PEFT_FAST_CUDA_KERNELS
 
@@ -615,7 +628,8 @@ LinearGrads linear_backward(const NodeState& st, const variable_list& saved, con
 #ifdef PEFT_FAST_CUDA_KERNELS
     TmaKernel tma;  // (its kernels registered at forward; were they dropped since, the default route below)
     const bool tma_dx = st.fused && st.tma && need.x &&
-                        tma_find(tma_key(true, x.scalar_type(), kn, false, mask.defined(), a.size(0)), tma);
+                        tma_find(tma_key(true, x.scalar_type(), kn, false, mask.defined(), a.size(0)), tma) &&
+                        tma.major == device_major();
     if (tma_dx) {  // dx = dy W + drop(gs A) in one GEMM, gs from the rows kernel's phase 1
         Tensor gs;
         FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, false, need.a, need.b, x_sizes, st.a_dtype, {},
@@ -1023,7 +1037,7 @@ void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows) {
 }
 
 void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool has_keep, int64_t rank,
-                               int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n) {
+                               int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n, int64_t major) {
     TORCH_CHECK(rank >= 1 && rank <= kLoraKernelMaxRank && lora_rank_block(rank) == rank,
                 "lora_kernels_register_tma: rank must be the rank block (16, 32, 64 or 128), got ", rank);
     TORCH_CHECK(kernel_id == -1 || (kernel_id >= 0 && programs > 0 && block_m > 0 && block_n > 0),
@@ -1031,7 +1045,7 @@ void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool 
     const int64_t key = tma_key(dx, bf16 ? torch::kBFloat16 : torch::kHalf, kn, has_bias, has_keep, rank);
     const std::lock_guard<std::mutex> lock(tma_mutex);
     if (kernel_id == -1) tma_kernels.erase(key);  // (that direction back on the default route)
-    else tma_kernels[key] = TmaKernel{kernel_id, programs, block_m, block_n};
+    else tma_kernels[key] = TmaKernel{kernel_id, programs, block_m, block_n, major};
 }
 
 void lora_kernels_set_tma_rows(int64_t rows) {

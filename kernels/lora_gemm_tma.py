@@ -343,6 +343,6 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
                                                     built["scratch_bytes"], built["scratch_align"], built["kinds"],
                                                     USER_PARAMS)
                 ext.lora_kernels_register_tma(dx, dtype == torch.bfloat16, layout, flag and not dx, flag and dx, block,
-                                              kernel, programs, built["BM"], built["BN"])
+                                              kernel, programs, built["BM"], built["BN"], major)
                 registered[block, layout, dx, flag] = kernel
     return registered

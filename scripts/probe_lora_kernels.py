@@ -500,7 +500,8 @@ def tma_table():
         def choose(setting):  # (row threshold, dx-with-dropout kernel id or -1: that dx on the default route)
             _C.lora_kernels_set_tma_rows(setting[0])
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, setting[1], programs,
-                                         G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"])
+                                         G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"],
+                                         torch.cuda.get_device_capability()[0])
         route_layer_tables([(8192, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 2048, 2048, 16)], (0.0, 0.1),
                            {"pf, default route": (1 << 62, keep_dx), "pf, one GEMM (TMA)": (0, keep_dx),
                             "pf, one GEMM fwd, dx with dropout default": (0, -1)}, choose)
