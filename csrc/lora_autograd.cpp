@@ -176,29 +176,22 @@ bool fused_takes(const Tensor& x, const Tensor& a, const Tensor& b, double p, c1
     return true;
 }
 
-// multiprocessors of the current device (asked once per device)
-int sm_count() {
-    static int counts[64] = {};
+// an attribute of the current device, asked once per device (`fallback` where the runtime does not say)
+template <cudaDeviceAttr Attr>
+int device_attribute(int fallback) {
+    static int values[64] = {};
     int device = 0;
     cudaGetDevice(&device);
-    if (device < 64 && counts[device] > 0) return counts[device];
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
-    if (device < 64) counts[device] = n;
-    return n;
+    if (device < 64 && values[device] > 0) return values[device];
+    int value = 0;
+    if (cudaDeviceGetAttribute(&value, Attr, device) != cudaSuccess || value <= 0) value = fallback;
+    if (device < 64) values[device] = value;
+    return value;
 }
 
-// compute capability major of the current device (asked once per device)
-int device_major() {
-    static int majors[64] = {};
-    int device = 0;
-    cudaGetDevice(&device);
-    if (device < 64 && majors[device] > 0) return majors[device];
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) major = 0;
-    if (device < 64 && major > 0) majors[device] = major;
-    return major;
-}
+int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(132); }
+
+int device_major() { return device_attribute<cudaDevAttrComputeCapabilityMajor>(0); }
 
 void check(cudaError_t err, const char* what) {
     TORCH_CHECK(err == cudaSuccess, "peft_fast LoRA kernel (", what, ") failed: ", cudaGetErrorString(err));
