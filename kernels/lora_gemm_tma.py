@@ -14,8 +14,8 @@ Why: the default route writes the low-rank term (M×N) and lets cuBLAS add its G
 write and one extra read of the output, ~40 µs a direction at 8192×4096 on an H100, which puts a floor of ~1.19× the
 bare layer under fwd+bwd. Here the term is one more MMA step after the K loop, into the same fp32 tile (with dropout
 the first step instead, scaled by the keep bits before the K loop accumulates onto it), and the output is written
-once. It wins only if the
-GEMM itself keeps up with cuBLAS, hence TMA loads, 128×256 tiles, a persistent grid with grouped tile order.
+once. It wins only if the GEMM itself keeps up with cuBLAS, hence TMA loads, 128×256 tiles, a persistent grid with
+grouped tile order.
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ class CppLoraGemm:
 
 
 def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bfloat16, ranks=(16,), kn=(False,),
-                      config: dict | None = None, dx_dropout: bool = True) -> int:
+                      config: dict | None = None, dx_dropout: bool = True) -> dict:
     """Compile the node's one-GEMM route kernels for this GPU and register them with peft_fast._C
     (lora_kernels_register_tma): per rank block and weight layout (kn: Conv1D's K×N weight), the forward with and
     without bias and dx with and without dropout bits (dx_dropout=False: without, and a dx with dropout takes the
