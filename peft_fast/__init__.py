@@ -65,6 +65,11 @@ from .tuners import (
     preprocess_loraga,
     save_as_lora,
 )
+from .tuners.prefix_tuning import (
+    initialize_kv_prefix_from_past_key_values,
+    initialize_kv_prefix_from_text,
+    prompt_embeddings_from_past_key_values,
+)
 from .utils import (
     NoMatchingPeftModuleError,
     PeftError,
@@ -137,6 +142,9 @@ __all__ = [
     "PEFT_TYPE_TO_CONFIG_MAPPING",
     "PEFT_TYPE_TO_TUNER_MAPPING",
     "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
+    "initialize_kv_prefix_from_past_key_values",
+    "initialize_kv_prefix_from_text",
+    "prompt_embeddings_from_past_key_values",
     "shift_tokens_right",
     "get_peft_config",
     "get_peft_model",

@@ -46,7 +46,8 @@ def test_public_names_and_module_paths():
                  "LoraConfig", "PeftConfig", "PeftType", "TaskType", "LoraModel", "LoftQConfig",
                  "replace_lora_weights_loftq", "convert_to_lora", "save_as_lora", "EvaConfig", "get_eva_state_dict",
                  "initialize_lora_eva_weights", "LoraGAConfig", "preprocess_loraga", "LoraRuntimeConfig",
-                 "shift_tokens_right", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING"):
+                 "shift_tokens_right", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING", "initialize_kv_prefix_from_text",
+                 "initialize_kv_prefix_from_past_key_values", "prompt_embeddings_from_past_key_values"):
         assert hasattr(pf, name), name
     assert pf.PEFT_TYPE_TO_MIXED_MODEL_MAPPING == {pf.PeftType.LORA: pf.LoraModel, pf.PeftType.LOHA: pf.LoHaModel,
                                                    pf.PeftType.LOKR: pf.LoKrModel}

@@ -347,3 +347,62 @@ def test_prompt_tuning_text_init_from_a_local_tokenizer(tmp_path):
     ids = torch.tensor([1, 2, 3, 4, 5, 6, 1])  # the six words, repeated and cut to 7
     words = pf_model.word_embeddings.weight[ids]
     assert torch.equal(pf_model.prompt_encoder["default"].embedding.weight, words)
+
+
+def _chat_tokenizer(with_template: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "you", "are", "a", "helpful", "assistant", "answer", "briefly", "system", ":"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    if with_template:
+        tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
+@pytest.mark.parametrize("with_template", [True, False])
+def test_prefix_initialized_from_text_matches_peft(with_template):
+    """initialize_kv_prefix_from_text / _from_past_key_values / prompt_embeddings_from_past_key_values as PEFT: the
+    same prefix (the base model's own keys and values of the text's first tokens, through the chat template where
+    the tokenizer has one) and then the same outputs; a prefix that does not fit, another adapter type or
+    prefix_projection refused with the adapter left as it was."""
+    ref_model, pf_model = _pair(tiny_llama, "CAUSAL_LM", dict(PREFIX, num_virtual_tokens=4))
+    tokenizer = _chat_tokenizer(with_template)
+    text = "you are a helpful assistant answer briefly"
+    got = pf.initialize_kv_prefix_from_text(pf_model, tokenizer, text=text)
+    want = ref.initialize_kv_prefix_from_text(ref_model, tokenizer, text=text)
+    assert got.shape == (4, pf_model.prompt_encoder["default"].embedding.weight.shape[1])
+    assert rel_err(got, want) < 1e-6 and got.abs().amax() > 0
+    assert torch.equal(pf_model.prompt_encoder["default"].embedding.weight, got)
+    plain = pf.initialize_kv_prefix_from_text(pf_model, tokenizer, text=text, use_chat_template=False)
+    assert torch.equal(plain, got) != with_template  # (the template puts "system :" first)
+    pf.initialize_kv_prefix_from_text(pf_model, tokenizer, text=text)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with torch.no_grad():
+        assert rel_err(pf_model(input_ids=ids).logits, ref_model(input_ids=ids).logits) < 1e-5
+
+    # the cache of a prefill, legacy tuples or a Cache, gives the same prefix as PEFT's helper
+    with torch.no_grad():
+        cache = pf_model.get_base_model()(input_ids=ids[:1], use_cache=True).past_key_values
+    legacy = tuple((layer.keys, layer.values) for layer in cache.layers)
+    ours = pf.prompt_embeddings_from_past_key_values(cache, num_virtual_tokens=3)
+    assert torch.equal(ours, pf.prompt_embeddings_from_past_key_values(legacy, num_virtual_tokens=3))
+    assert torch.equal(ours, ref.prompt_embeddings_from_past_key_values(legacy, num_virtual_tokens=3))
+
+    before = pf_model.prompt_encoder["default"].embedding.weight.clone()
+    with pytest.raises(ValueError, match="Need at least 5 cached tokens"):
+        pf.initialize_kv_prefix_from_past_key_values(pf_model, past_key_values=legacy, num_virtual_tokens=5)
+    with pytest.raises(ValueError, match="Invalid `prompt_embeddings` shape"):
+        pf.initialize_kv_prefix_from_past_key_values(pf_model, past_key_values=legacy, num_virtual_tokens=3)
+    with pytest.raises(ValueError, match="batch 1"):
+        pf.prompt_embeddings_from_past_key_values(tuple((k.repeat(2, 1, 1, 1), v) for k, v in legacy),
+                                                  num_virtual_tokens=2)
+    assert torch.equal(pf_model.prompt_encoder["default"].embedding.weight, before)
+    _, prompt = _pair(tiny_llama, "CAUSAL_LM", PROMPT)
+    with pytest.raises(ValueError, match="must be a PREFIX_TUNING adapter"):
+        pf.initialize_kv_prefix_from_text(prompt, tokenizer, text=text)
+    _, projected = _pair(tiny_llama, "CAUSAL_LM", PREFIX_PROJ)
+    with pytest.raises(ValueError, match="prefix_projection=True"):
+        pf.initialize_kv_prefix_from_past_key_values(projected, past_key_values=legacy)
