@@ -37,6 +37,7 @@ from .peft_model import (
     get_model_status,
 )
 from .tuners import (
+    ArrowConfig,
     BaseTuner,
     BaseTunerLayer,
     EvaConfig,
@@ -60,6 +61,7 @@ from .tuners import (
     TrainableTokensConfig,
     TrainableTokensModel,
     convert_to_lora,
+    create_arrow_model,
     get_eva_state_dict,
     initialize_lora_eva_weights,
     preprocess_loraga,
@@ -99,6 +101,8 @@ __all__ = [
     "LoraGAConfig",
     "preprocess_loraga",
     "LoraRuntimeConfig",
+    "ArrowConfig",
+    "create_arrow_model",
     "LoraModel",
     "LoHaConfig",
     "LoHaModel",

@@ -1,4 +1,5 @@
-from .config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig, LoraRuntimeConfig
+from .arrow import create_arrow_model
+from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig, LoraRuntimeConfig
 from .conversion import convert_to_lora, save_as_lora
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .loraga import preprocess_loraga
@@ -12,6 +13,8 @@ __all__ = [
     "LoraGAConfig",
     "LoftQConfig",
     "LoraRuntimeConfig",
+    "ArrowConfig",
+    "create_arrow_model",
     "LoraLayer",
     "Linear",
     "Embedding",

@@ -127,6 +127,8 @@ class _BnbLinear(Linear):
 
     def _unmerged_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         active = [a for a in self.active_adapters if a in self.lora_A]
+        if any(self._arrow_router(a) is not None for a in active):  # (routed per token: tuners/lora/arrow.py)
+            return self._lora_forward(x, self.base_layer(x, *args, **kwargs))
         if any(self.use_dora.get(a, False) for a in active):
             return self._forward_with_dora(x, active, self.base_layer(x, *args, **kwargs))
         terms = [self._adapter_term(a) for a in active]

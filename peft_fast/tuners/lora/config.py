@@ -19,7 +19,6 @@ _UNSUPPORTED_FIELDS = {
     "use_qalora": False,
     "monteclora_config": None,
     "use_bdlora": None,
-    "arrow_config": None,
     "kasa_config": None,
 }
 
@@ -133,6 +132,33 @@ class LoftQConfig:
 
 
 @dataclass
+class ArrowConfig:
+    """Arrow routing (arXiv 2405.11157; `create_arrow_model`): a library of task-specific LoRA adapters of one rank
+    and target set, routed per token. Each expert's prototype is the top right singular vector of its ΔW = B·A; a
+    token goes to the `top_k` experts whose prototypes it is most aligned with (|cosine| up to the token's norm),
+    weighted by a softmax at `router_temperature`. With `use_gks` (GenKnowSub, ACL 2025 short 54) the mean of some
+    general-knowledge adapters is subtracted from every task adapter first. `rng_seed` fixes the power iteration's
+    start (None: torch's global generator)."""
+
+    top_k: int = field(default=3, metadata={"help": "Number of top LoRA modules to combine in Arrow routing."})
+    router_temperature: float = field(default=1.0, metadata={
+        "help": "Softmax temperature for computing Arrow expert coefficients."})
+    use_gks: bool = field(default=False, metadata={"help": "Enable GenKnowSub."})
+    task_adapter_names: Optional[list[str]] = field(default=None, metadata={
+        "help": "list of task-specific LoRA adapter names. It will be set in create_arrow_model()."})
+    gks_adapter_names: Optional[list[str]] = field(default=None, metadata={
+        "help": "list of general LoRA adapter names for GenKnowSub. It will be set in create_arrow_model()."})
+    rng_seed: Optional[int] = field(default=None, metadata={
+        "help": "Optional RNG seed for reproducibility. If None, sampling is non-deterministic."})
+
+    def __post_init__(self):
+        if self.top_k <= 0:
+            raise ValueError("top_k cannot be negative.")
+        if self.router_temperature <= 0:
+            raise ValueError("router_temperature must be greater than 0.")
+
+
+@dataclass
 class LoraRuntimeConfig:
     """Settings of a LoRA adapter that hold for this process only: never saved with the adapter, and a
     `runtime_config` found in an adapter_config.json is dropped with a warning (PEFT's LoraRuntimeConfig).
@@ -223,7 +249,8 @@ class LoraConfig(PeftConfig):
                           "('feed_forward.experts.gate_up_proj'); 2-D and 3-D (experts × in × out) parameters."},
     )
     use_bdlora: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
-    arrow_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    arrow_config: Optional[ArrowConfig] = field(default=None, metadata={
+        "help": "Arrow routing over task adapters (set by create_arrow_model on its router adapter)."})
     kasa_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     ensure_weight_tying: bool = field(
         default=False,
@@ -295,6 +322,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}")
         self._check_corda_config()
         self._check_eva_config()
+        self.arrow_config = _subconfig(self.arrow_config, ArrowConfig, "arrow_config")
         self.lora_ga_config = _subconfig(self.lora_ga_config, LoraGAConfig, "lora_ga_config")
         if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
             self.loftq_config = dict(vars(self.loftq_config))

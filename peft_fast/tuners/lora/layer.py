@@ -22,6 +22,7 @@ from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .alora import add_alora_term
+from .arrow import ArrowRouter
 from .config import LoraConfig, loftq_settings
 from .dora import DoraConvLayer, DoraEmbeddingLayer, DoraLinearLayer
 
@@ -39,6 +40,7 @@ class LoraLayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
     _supports_alora = False  # (Linear and its bitsandbytes subclasses)
+    _supports_arrow = False  # (the same)
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs) -> None:
         self.base_layer = base_layer
@@ -140,7 +142,33 @@ class LoraLayer(BaseTunerLayer):
 
         if config.use_dora:
             self._init_dora(adapter_name)
+        if config.arrow_config is not None:
+            if not self._supports_arrow:
+                raise ValueError(f"Arrow routes linear layers only, not {type(self).__name__} layers (here around "
+                                 f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
+            if "lora_arrow" not in self._modules:
+                self.lora_arrow = nn.ModuleDict()
+            self.lora_arrow[adapter_name] = ArrowRouter(self.in_features, config.arrow_config)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._refresh_arrow_routers()
+
+    def _arrow_router(self, adapter: str) -> Optional[nn.Module]:
+        """Adapter `adapter`'s Arrow router, None for any other kind of adapter."""
+        routers = self._modules.get("lora_arrow")
+        return None if routers is None else routers._modules.get(adapter)
+
+    def _refresh_arrow_routers(self) -> None:
+        """The layer's routers follow its task adapters after one was added or deleted (tuners/lora/arrow.py)."""
+        routers = self._modules.get("lora_arrow")
+        for router in (routers.values() if routers is not None else ()):
+            router.refresh(self.lora_A, self.lora_B, set(routers))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        routers = self._modules.get("lora_arrow")
+        if routers is not None and adapter_name in routers:
+            del routers[adapter_name]
+        self._refresh_arrow_routers()
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
         if init_lora_weights is False:
@@ -424,6 +452,8 @@ class LoraLayer(BaseTunerLayer):
     def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
         """check_adapters_to_merge, refusing aLoRA adapters (before anything is merged)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        if any(self._arrow_router(name) is not None for name in adapter_names):
+            raise RuntimeError("Cannot merge an active Arrow router adapter. Remove it first.")
         alora = [name for name in adapter_names if self.use_alora.get(name, False)]
         if alora:
             raise ValueError(f"aLoRA adapters cannot be merged: they act only from their invocation tokens on, which "
@@ -500,6 +530,9 @@ class LoraLayer(BaseTunerLayer):
         for name in set(adapter_names) - {BASE_ADAPTER_NAME}:
             if self.use_dora.get(name, False):
                 raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+            if self._arrow_router(name) is not None:
+                raise ValueError(f"Cannot pass `adapter_names` naming the Arrow router '{name}': it routes each "
+                                 "token over the task adapters itself.")
 
     def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if not self.cast_input_dtype_enabled or x.dtype == dtype:
@@ -540,6 +573,11 @@ class LoraLayer(BaseTunerLayer):
                 result = ops.lora_linear(x, result, pending) if pending else result
                 pending = []
                 result = self._dora_forward(adapter, x, result)
+            elif self._arrow_router(adapter) is not None:
+                result = ops.lora_linear(x, result, pending) if pending else result
+                pending = []
+                result = result + self._arrow_router(adapter)(x, self.lora_A, self.lora_B, self.lora_dropout[adapter],
+                                                              self.scaling, self.cast_input_dtype_enabled)
             else:
                 pending.append(self._adapter_term(adapter))
         if pending:
@@ -660,10 +698,12 @@ class Linear(_LoraModule):
     """LoRA around nn.Linear, or transformers' Conv1D (weight stored in×out: fan_in_fan_out=True)."""
 
     _supports_alora = True
+    _supports_arrow = True
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # (DoRA rescales W + ΔW and aLoRA acts on some tokens only: neither is a plain ΔW)
-        return not self.use_dora.get(adapter_name, False) and not self.use_alora.get(adapter_name, False)
+        return not self.use_dora.get(adapter_name, False) and not self.use_alora.get(adapter_name, False) and \
+            self._arrow_router(adapter_name) is None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, is_target_conv_1d_layer: bool = False, **kwargs) -> None:
@@ -717,7 +757,7 @@ class Linear(_LoraModule):
             # (a BaseTunerLayer base: stacked adapters of a mixed model, the inner one must run)
             return super()._unmerged_forward(x, *args, **kwargs)
         use_dora = self.use_dora
-        if any(use_dora.get(a, False) for a in active):
+        if any(use_dora.get(a, False) for a in active) or "lora_arrow" in self._modules:
             return super()._unmerged_forward(x, *args, **kwargs)
         return ops.linear_with_lora(x, base, [self._adapter_term(a) for a in active])
 
