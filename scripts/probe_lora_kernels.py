@@ -562,6 +562,14 @@ def tma_table():
                 "cuBLAS dy W": us(lambda: torch.mm(dy, w, out=dx)),
                 "shrink alone": us(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, shrink_only=True))}
         print(f"  M{m} K{k} N{n}: " + "  ".join(f"{key} {val:.1f}" for key, val in rows.items()), flush=True)
+        # the route's forward runs the shrink alone: its row blocks, fp32 adapters too, and cuBLAS's x·Aᵀ (the
+        # memory floor: x's bytes at the HBM bandwidth, ~22 µs at 8192×4096 bf16 on an H100)
+        shrink = {f"bm{bm}{' fp32 adapters' if fp32 else ''}": us(
+            lambda bm=bm, aa=aa, bb=bb: _C.lora_kernels_forward(x, aa, bb, 2.0, 0.0, block_rows=bm, shrink_only=True))
+            for fp32, aa, bb in ((False, a, b), (True, a.float(), b.float())) for bm in (16, 32, 64)}
+        shrink["cuBLAS x At"] = us(lambda: torch.mm(x, a.t()))
+        print("    shrink alone: " + "  ".join(f"{key} {val:.1f}" if isinstance(val, float) else f"{key} {val}"
+                                             for key, val in shrink.items()), flush=True)
         for bm, bn, bk, group, stages, warps, flatten, ws in configs:
             cfg = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "num_stages": stages, "num_warps": warps,
                    "FLATTEN": flatten, "WARP_SPECIALIZE": ws}
