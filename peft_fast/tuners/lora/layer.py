@@ -97,6 +97,9 @@ class LoraLayer(BaseTunerLayer):
         if use_alora and not self._supports_alora:
             raise ValueError(f"aLoRA adapts linear layers only, not {type(self).__name__} layers (here around "
                              f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
+        if config.arrow_config is not None and not self._supports_arrow:
+            raise ValueError(f"Arrow routes linear layers only, not {type(self).__name__} layers (here around "
+                             f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
         lora_bias = config.lora_bias
         if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             warnings.warn(
@@ -143,9 +146,6 @@ class LoraLayer(BaseTunerLayer):
         if config.use_dora:
             self._init_dora(adapter_name)
         if config.arrow_config is not None:
-            if not self._supports_arrow:
-                raise ValueError(f"Arrow routes linear layers only, not {type(self).__name__} layers (here around "
-                                 f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
             if "lora_arrow" not in self._modules:
                 self.lora_arrow = nn.ModuleDict()
             self.lora_arrow[adapter_name] = ArrowRouter(self.in_features, config.arrow_config)
