@@ -281,6 +281,26 @@ def one_gemm_route():
     return check
 
 
+def test_one_gemm_route_is_not_set_up_inside_a_cuda_graph_capture():
+    """ops/one_gemm.ensure compiles and loads nothing while a CUDA graph is being captured (module loading is no
+    capturable work): the key stays unregistered for the next call outside the capture."""
+    from peft_fast.ops import dispatch, one_gemm
+
+    if dispatch.ONE_GEMM_MIN_ROWS is None or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the route is off here")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    key = (x.get_device(), torch.float16, 8, True)
+    one_gemm._done.discard(key)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        one_gemm.ensure(x, 8, True, torch.float16)
+        x.mul_(2)
+    assert key not in one_gemm._done and not one_gemm._failed
+    one_gemm.ensure(x, 8, True, torch.float16)
+    assert key in one_gemm._done and not one_gemm._failed
+
+
 @pytest.mark.parametrize("p,dx_dropout", [(0.0, True), (0.1, True), (0.1, False)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_gemm_route_matches_the_default_route(one_gemm_route, p, dx_dropout, bias):

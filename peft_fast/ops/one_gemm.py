@@ -20,13 +20,15 @@ _failed = False
 def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype) -> None:
     """Register the route's kernels for a node call on `x` (compute dtype `dtype`, LoRA rank `rank`, K×N weight when
     `kn`), once."""
+    key = (x.get_device(), dtype, rank, kn)
+    if key in _done:  # (every node call of a layer comes here: this test first, and no torch.device made)
+        return
     global _failed
     rows = dispatch.ONE_GEMM_MIN_ROWS
     if rows is None or _failed or _C is None or not hasattr(_C, "lora_kernels_register_tma") or not x.is_cuda:
         return
-    key = (x.device.index, dtype, rank, kn)
-    if key in _done:
-        return
+    if torch.cuda.is_current_stream_capturing():  # (no compiling or module loading inside a CUDA-graph capture:
+        return                                    # the next call outside one registers)
     _done.add(key)
     if dtype not in (torch.bfloat16, torch.float16) or rank > 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
         return
