@@ -1,5 +1,6 @@
 from .arrow import create_arrow_model
-from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig, LoraRuntimeConfig
+from .config import (ArrowConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, LoraConfig, LoraGAConfig,
+                     LoraRuntimeConfig)
 from .conversion import convert_to_lora, save_as_lora
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .loraga import preprocess_loraga
@@ -14,6 +15,7 @@ __all__ = [
     "LoftQConfig",
     "LoraRuntimeConfig",
     "ArrowConfig",
+    "KasaConfig",
     "create_arrow_model",
     "LoraLayer",
     "Linear",

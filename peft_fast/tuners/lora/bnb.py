@@ -70,6 +70,7 @@ class _BnbLinear(Linear):
     """Shared forward / merge of the quantized LoRA linears; subclasses dequantize and requantize."""
 
     _bits = 0
+    _supports_kasa = False  # (its SVD truncation is of a plain weight)
     forward = LoraLayer.forward  # (not Linear's flat path: that one is for nn.Linear / Conv1D bases)
 
     def _make_dora_layer(self) -> nn.Module:

@@ -19,7 +19,6 @@ _UNSUPPORTED_FIELDS = {
     "use_qalora": False,
     "monteclora_config": None,
     "use_bdlora": None,
-    "kasa_config": None,
 }
 
 SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal", "loftq", "eva",
@@ -129,6 +128,24 @@ class LoftQConfig:
 
     loftq_bits: int = field(default=4, metadata={"help": "Quantization bits for LoftQ"})
     loftq_iter: int = field(default=1, metadata={"help": "Alternating iterations for LoftQ"})
+
+
+@dataclass
+class KasaConfig:
+    """KaSA (Knowledge-aware Singular-value Adaptation, arXiv 2412.06071) on an adapter: its base weights lose their
+    r smallest singular components at initialisation (destructive: disabling or unloading the adapter does not bring
+    them back, so KaSA and non-KaSA adapters cannot share a model), and the update is s·B·diag(lora_diag)·A with a
+    learnable r-vector `lora_diag`. `beta` (on Σ lora_diag²) and `gamma` (on ‖BᵀB − I‖ + ‖AAᵀ − I‖) weigh the paper's
+    regularisers, which `LoraModel._get_kasa_loss()` returns for the training loss."""
+
+    beta: float = field(default=1e-4, metadata={"help": "Weight of the L2 penalty sum(lora_diag ** 2)."})
+    gamma: float = field(default=1e-3, metadata={"help": "Weight of the orthogonality penalty on A and B."})
+
+    def __post_init__(self):
+        if self.beta < 0:
+            raise ValueError(f"`beta` must be non-negative, got {self.beta}.")
+        if self.gamma < 0:
+            raise ValueError(f"`gamma` must be non-negative, got {self.gamma}.")
 
 
 @dataclass
@@ -251,7 +268,8 @@ class LoraConfig(PeftConfig):
     use_bdlora: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
     arrow_config: Optional[ArrowConfig] = field(default=None, metadata={
         "help": "Arrow routing over task adapters (set by create_arrow_model on its router adapter)."})
-    kasa_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    kasa_config: Optional[KasaConfig] = field(default=None, metadata={
+        "help": "KaSA: the base weight's r smallest singular components dropped, update s·B·diag(lora_diag)·A."})
     ensure_weight_tying: bool = field(
         default=False,
         metadata={"help": "Keep layers tied to the input embedding (tie_word_embeddings) tied in the adapter."},
@@ -323,6 +341,7 @@ class LoraConfig(PeftConfig):
         self._check_corda_config()
         self._check_eva_config()
         self.arrow_config = _subconfig(self.arrow_config, ArrowConfig, "arrow_config")
+        self.kasa_config = _subconfig(self.kasa_config, KasaConfig, "kasa_config")
         self.lora_ga_config = _subconfig(self.lora_ga_config, LoraGAConfig, "lora_ga_config")
         if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
             self.loftq_config = dict(vars(self.loftq_config))

@@ -22,6 +22,7 @@ from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .alora import add_alora_term
+from . import kasa
 from .arrow import ArrowRouter
 from .config import LoraConfig, loftq_settings
 from .dora import DoraConvLayer, DoraEmbeddingLayer, DoraLinearLayer
@@ -41,6 +42,7 @@ class LoraLayer(BaseTunerLayer):
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
     _supports_alora = False  # (Linear and its bitsandbytes subclasses)
     _supports_arrow = False  # (the same)
+    _supports_kasa = False  # (Linear over nn.Linear only: it truncates a plain weight)
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs) -> None:
         self.base_layer = base_layer
@@ -97,6 +99,14 @@ class LoraLayer(BaseTunerLayer):
         if use_alora and not self._supports_alora:
             raise ValueError(f"aLoRA adapts linear layers only, not {type(self).__name__} layers (here around "
                              f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
+        if config.kasa_config is not None:
+            if not self._supports_kasa:
+                raise ValueError(f"{type(self).__name__} does not support KaSA, please set `kasa_config=None`.")
+            if config.fan_in_fan_out:
+                raise ValueError("KaSA does not support `fan_in_fan_out=True` layers (e.g. Conv1D). Please target "
+                                 "nn.Linear layers.")
+            if config.use_dora or use_alora or config.arrow_config is not None:
+                raise ValueError("KaSA cannot be combined with DoRA, aLoRA or Arrow in one adapter.")
         if config.arrow_config is not None and not self._supports_arrow:
             raise ValueError(f"Arrow routes linear layers only, not {type(self).__name__} layers (here around "
                              f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
@@ -145,12 +155,56 @@ class LoraLayer(BaseTunerLayer):
 
         if config.use_dora:
             self._init_dora(adapter_name)
+        if config.kasa_config is not None:
+            self._init_kasa(adapter_name)
         if config.arrow_config is not None:
             if "lora_arrow" not in self._modules:
                 self.lora_arrow = nn.ModuleDict()
             self.lora_arrow[adapter_name] = ArrowRouter(self.in_features, config.arrow_config)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._refresh_arrow_routers()
+
+    def _init_kasa(self, adapter_name: str) -> None:
+        """KaSA (tuners/lora/kasa.py): the adapter's learnable singular values lora_diag, and the base weight's r
+        smallest singular components dropped now (on the meta device: at the first forward or merge)."""
+        if "lora_diag" not in self._modules:  # (the first KaSA adapter: its vectors are saved with the others)
+            self.lora_diag = nn.ParameterDict({})
+            self.adapter_layer_names = self.adapter_layer_names + ("lora_diag",)
+            self._kasa_deferred = set()
+        lora_A = self.lora_A[adapter_name].weight
+        r = self.r[adapter_name]
+        if lora_A.device.type == "meta":  # (its values come from a state dict, or at the deferred truncation)
+            self.lora_diag[adapter_name] = nn.Parameter(torch.empty(r, device=lora_A.device, dtype=lora_A.dtype))
+            self._kasa_deferred.add(adapter_name)
+            return
+        self.lora_diag[adapter_name] = nn.Parameter(torch.randn(r, device=lora_A.device, dtype=lora_A.dtype))
+        kasa.truncate_base_weight(self.get_base_layer(), r)
+
+    def _kasa_truncate_if_deferred(self, adapter: str):
+        """The truncation a meta-device KaSA adapter still owes, applied now (the dropped factors), or None."""
+        deferred = getattr(self, "_kasa_deferred", None)
+        if not deferred or adapter not in deferred:
+            return None
+        if self.get_base_layer().weight.device.type == "meta":
+            raise RuntimeError("KaSA could not apply its SVD base-weight truncation because the base weight is still "
+                               "on the meta device; load the base model's weights first.")
+        if self.lora_diag[adapter].device.type == "meta":
+            lora_A = self.lora_A[adapter].weight
+            self.lora_diag[adapter] = nn.Parameter(torch.randn(self.r[adapter], device=lora_A.device,
+                                                               dtype=lora_A.dtype))
+        deferred.discard(adapter)
+        return kasa.truncate_base_weight(self.get_base_layer(), self.r[adapter])
+
+    def _is_kasa(self, adapter: str) -> bool:
+        diag = self._modules.get("lora_diag")
+        return diag is not None and adapter in diag
+
+    def _kasa_forward(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        dropped = self._kasa_truncate_if_deferred(adapter)
+        if dropped is not None:  # (`result` was made with the untruncated weight)
+            result = result - kasa.dropped_output(x, dropped).to(result.dtype)
+        low = self.lora_A[adapter](self.lora_dropout[adapter](x)) * self.lora_diag[adapter]
+        return result + self.lora_B[adapter](low) * self.scaling[adapter]
 
     def _arrow_router(self, adapter: str) -> Optional[nn.Module]:
         """Adapter `adapter`'s Arrow router, None for any other kind of adapter."""
@@ -168,6 +222,7 @@ class LoraLayer(BaseTunerLayer):
         routers = self._modules.get("lora_arrow")
         if routers is not None and adapter_name in routers:
             del routers[adapter_name]
+        getattr(self, "_kasa_deferred", set()).discard(adapter_name)
         self._refresh_arrow_routers()
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
@@ -467,6 +522,7 @@ class LoraLayer(BaseTunerLayer):
         for adapter in adapter_names:
             if not self._has_adapter(adapter):
                 continue
+            self._kasa_truncate_if_deferred(adapter)  # (into the truncated weight, as the adapter was trained on)
             if base_layer.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 raise TypeError(f"Cannot merge into a base weight of dtype {base_layer.weight.dtype}.")
             if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and base_layer.groups > 1:
@@ -533,6 +589,8 @@ class LoraLayer(BaseTunerLayer):
             if self._arrow_router(name) is not None:
                 raise ValueError(f"Cannot pass `adapter_names` naming the Arrow router '{name}': it routes each "
                                  "token over the task adapters itself.")
+            if self._is_kasa(name):
+                raise ValueError(f"Cannot pass `adapter_names` naming the KaSA adapter '{name}'.")
 
     def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if not self.cast_input_dtype_enabled or x.dtype == dtype:
@@ -573,6 +631,10 @@ class LoraLayer(BaseTunerLayer):
                 result = ops.lora_linear(x, result, pending) if pending else result
                 pending = []
                 result = self._dora_forward(adapter, x, result)
+            elif self._is_kasa(adapter):
+                result = ops.lora_linear(x, result, pending) if pending else result
+                pending = []
+                result = self._kasa_forward(adapter, x, result)
             elif self._arrow_router(adapter) is not None:
                 result = ops.lora_linear(x, result, pending) if pending else result
                 pending = []
@@ -699,11 +761,12 @@ class Linear(_LoraModule):
 
     _supports_alora = True
     _supports_arrow = True
+    _supports_kasa = True
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # (DoRA rescales W + ΔW and aLoRA acts on some tokens only: neither is a plain ΔW)
         return not self.use_dora.get(adapter_name, False) and not self.use_alora.get(adapter_name, False) and \
-            self._arrow_router(adapter_name) is None
+            self._arrow_router(adapter_name) is None and not self._is_kasa(adapter_name)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
                  lora_alpha: int = 1, is_target_conv_1d_layer: bool = False, **kwargs) -> None:
@@ -718,8 +781,10 @@ class Linear(_LoraModule):
         return DoraLinearLayer(fan_in_fan_out=self.fan_in_fan_out)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """s · B A (transposed for fan_in_fan_out); fp16/bf16 on CPU is computed in fp32."""
+        """s · B A (transposed for fan_in_fan_out; KaSA's s·B·diag·A); fp16/bf16 on CPU is computed in fp32."""
         weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if self._is_kasa(adapter):  # (never fan_in_fan_out)
+            return kasa.delta_weight(weight_A, weight_B, self.lora_diag[adapter], self.scaling[adapter])
         dtype = weight_B.dtype
         cast = weight_B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
         if cast:
@@ -757,7 +822,8 @@ class Linear(_LoraModule):
             # (a BaseTunerLayer base: stacked adapters of a mixed model, the inner one must run)
             return super()._unmerged_forward(x, *args, **kwargs)
         use_dora = self.use_dora
-        if any(use_dora.get(a, False) for a in active) or "lora_arrow" in self._modules:
+        if any(use_dora.get(a, False) for a in active) or "lora_arrow" in self._modules or \
+                "lora_diag" in self._modules:
             return super()._unmerged_forward(x, *args, **kwargs)
         return ops.linear_with_lora(x, base, [self._adapter_term(a) for a in active])
 

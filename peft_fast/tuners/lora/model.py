@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
+import torch
 from torch import nn
 
 from ...utils.constants import BASE_ADAPTER_NAME, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -19,7 +20,7 @@ from ..tuners_utils import BaseTuner, _replicate_layers
 from .alora import offsets_for_recompute
 from .config import LoraConfig
 from .bnb import dispatch_bnb
-from . import tying, weighted
+from . import kasa, tying, weighted
 from .layer import LoraLayer, dispatch_default
 from .multihead_attention import MultiheadAttention
 from .param_wrapper import ParamWrapper
@@ -52,6 +53,28 @@ class LoraModel(BaseTuner):
                 f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias to "
                 "'none' for all adapters."
             )
+        # KaSA truncates the base weights it adapts: an adapter with and one without it would see different bases
+        uses_kasa = config.kasa_config is not None
+        for name, other in self.peft_config.items():
+            if other is not config and (getattr(other, "kasa_config", None) is not None) != uses_kasa:
+                raise ValueError(
+                    "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base weights: "
+                    f"the new adapter {'uses' if uses_kasa else 'does not use'} KaSA but adapter '{name}' "
+                    f"{'does not' if uses_kasa else 'does'}.")
+
+    def _get_kasa_loss(self, adapter_names: Optional[Union[str, list[str]]] = None) -> Union[torch.Tensor, float]:
+        """KaSA's regularisers (tuners/lora/kasa.py), β and γ from each adapter's KasaConfig, summed over the layers
+        of `adapter_names` (default: the active adapters), to add to the training loss; 0.0 where none is KaSA."""
+        names = self.active_adapters if adapter_names is None else (
+            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+        total: Union[torch.Tensor, float] = 0.0
+        for module in self.modules():
+            diag = module._modules.get("lora_diag") if isinstance(module, LoraLayer) else None
+            for name in (n for n in names if diag is not None and n in diag):
+                config = self.peft_config[name].kasa_config
+                total = total + kasa.regularization_loss(module.lora_A[name].weight, module.lora_B[name].weight,
+                                                         diag[name], config.beta, config.gamma)
+        return total
 
     def _prepare_model(self, peft_config: LoraConfig, model: nn.Module) -> Optional[Callable[[], None]]:
         tying.prepare_weight_tying(peft_config, model)
