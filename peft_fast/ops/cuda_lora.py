@@ -230,7 +230,7 @@ def single_plain_adapter(layer: nn.Module, op: str) -> Optional[tuple]:
     flat eager paths of `op` (here and ops/cuda_qlora.py); None where the general path must run: a policy that would
     not send `op` straight to the cuda backend, traced or under a functorch transform, adapters disabled or merged,
     several active adapters, DoRA, a lora_B bias, a tensor scale, a dropout module of another kind, input casting
-    off, hooks on the base layer, an aLoRA adapter, an Arrow router or KaSA adapter in the layer."""
+    off, hooks on the base layer, an aLoRA adapter, an Arrow, KaSA or VeLoRA adapter in the layer."""
     if not dispatch.auto_goes_straight_to(op, "cuda"):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
@@ -252,7 +252,7 @@ def single_plain_adapter(layer: nn.Module, op: str) -> Optional[tuple]:
         return None
     if not layer.cast_input_dtype_enabled or layer.use_dora.get(name, False) or layer.use_alora.get(name, False):
         return None
-    if "lora_arrow" in modules or "lora_diag" in modules:  # (Arrow routers, KaSA's singular values: general path)
+    if "lora_arrow" in modules or "lora_diag" in modules or "lora_velora_embed" in modules:  # (Arrow, KaSA, VeLoRA)
         return None
     scale = layer.scaling[name]
     if type(scale) is not float and type(scale) is not int:

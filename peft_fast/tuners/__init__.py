@@ -1,7 +1,7 @@
 from .loha import LoHaConfig, LoHaModel
 from .lokr import LoKrConfig, LoKrModel
 from .lora import (ArrowConfig, EvaConfig, KasaConfig, LoftQConfig, LoraConfig, LoraGAConfig, LoraModel,
-                   LoraRuntimeConfig, convert_to_lora, create_arrow_model, get_eva_state_dict,
+                   LoraRuntimeConfig, VeloraConfig, convert_to_lora, create_arrow_model, get_eva_state_dict,
                    initialize_lora_eva_weights, preprocess_loraga, save_as_lora)
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
@@ -16,5 +16,5 @@ __all__ = [
     "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptEncoder", "TrainableTokensConfig",
     "TrainableTokensModel", "convert_to_lora", "save_as_lora", "EvaConfig", "get_eva_state_dict",
     "initialize_lora_eva_weights", "LoraGAConfig", "preprocess_loraga", "LoraRuntimeConfig",
-    "ArrowConfig", "create_arrow_model", "KasaConfig",
+    "ArrowConfig", "create_arrow_model", "KasaConfig", "VeloraConfig",
 ]

@@ -18,6 +18,7 @@ _MODEL_PREFIX = "base_model.model."
 # In-memory adapter containers whose next key segment is the adapter name.
 _ADAPTER_CONTAINERS = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_diag",
+    "lora_velora_embed",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
     "trainable_tokens_delta",

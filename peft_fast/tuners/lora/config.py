@@ -15,7 +15,6 @@ from ...utils.peft_types import PeftType
 # files round-trip byte for byte; a non-default value is refused with a clear error instead of being ignored.
 _UNSUPPORTED_FIELDS = {
     "megatron_config": None,
-    "velora_config": None,
     "use_qalora": False,
     "monteclora_config": None,
     "use_bdlora": None,
@@ -128,6 +127,30 @@ class LoftQConfig:
 
     loftq_bits: int = field(default=4, metadata={"help": "Quantization bits for LoftQ"})
     loftq_iter: int = field(default=1, metadata={"help": "Alternating iterations for LoftQ"})
+
+
+@dataclass
+class VeloraConfig:
+    """VeLoRA (arXiv 2405.17991; peft_fast.tuners.lora.velora): lora_A's input is kept for backward as one number per
+    group of in_features / `num_groups` features, its projection on a unit vector; A's gradient uses the rank-1
+    reconstruction times `scale`. `init_type`: that vector from the batch's mean sub-token at every training forward
+    ("batch_average"), at the first only ("batch_average_once"), or drawn at random once ("random")."""
+
+    num_groups: int = field(default=64, metadata={
+        "help": "Number of feature groups used by VeLoRA to split the input activation depth before compression."})
+    scale: float = field(default=1.0, metadata={
+        "help": "Scale applied to the reconstructed activations in the VeLoRA backward pass."})
+    init_type: Literal["batch_average", "batch_average_once", "random"] = field(default="batch_average", metadata={
+        "help": "Projection initialization strategy for VeLoRA: 'batch_average', 'batch_average_once' or 'random'."})
+
+    def __post_init__(self):
+        if self.num_groups <= 0:
+            raise ValueError(f"`num_groups` should be positive, got {self.num_groups}.")
+        if self.scale <= 0:
+            raise ValueError(f"`scale` should be positive, got {self.scale}.")
+        if self.init_type not in {"batch_average_once", "batch_average", "random"}:
+            raise ValueError(f"Unsupported `init_type` {self.init_type!r}. Supported values are 'batch_average_once', "
+                             "'batch_average', and 'random'.")
 
 
 @dataclass
@@ -244,7 +267,8 @@ class LoraConfig(PeftConfig):
     lora_ga_config: Optional[LoraGAConfig] = field(default=None, metadata={
         "help": "LoRA-GA settings, with init_lora_weights='lora_ga' (after preprocess_loraga)."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-Decomposed Low-Rank Adaptation (DoRA)."})
-    velora_config: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    velora_config: Optional[VeloraConfig] = field(default=None, metadata={
+        "help": "VeLoRA: lora_A's input kept for backward as rank-1 projections of its feature groups."})
     alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": (
         "Activated LoRA (aLoRA): the token ids of the invocation sequence; the adapter acts only from the last "
         "occurrence of this sequence in an input to its end (and on every token generated after it), so the KV cache "
@@ -342,6 +366,7 @@ class LoraConfig(PeftConfig):
         self._check_eva_config()
         self.arrow_config = _subconfig(self.arrow_config, ArrowConfig, "arrow_config")
         self.kasa_config = _subconfig(self.kasa_config, KasaConfig, "kasa_config")
+        self.velora_config = _subconfig(self.velora_config, VeloraConfig, "velora_config")
         self.lora_ga_config = _subconfig(self.lora_ga_config, LoraGAConfig, "lora_ga_config")
         if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
             self.loftq_config = dict(vars(self.loftq_config))

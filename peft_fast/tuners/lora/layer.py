@@ -22,7 +22,8 @@ from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .alora import add_alora_term
-from . import kasa
+from . import kasa, velora
+from .._buffer_dict import BufferDict
 from .arrow import ArrowRouter
 from .config import LoraConfig, loftq_settings
 from .dora import DoraConvLayer, DoraEmbeddingLayer, DoraLinearLayer
@@ -43,6 +44,7 @@ class LoraLayer(BaseTunerLayer):
     _supports_alora = False  # (Linear and its bitsandbytes subclasses)
     _supports_arrow = False  # (the same)
     _supports_kasa = False  # (Linear over nn.Linear only: it truncates a plain weight)
+    _supports_velora = False  # (the same: its lora_A is an nn.Linear over the layer's input)
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs) -> None:
         self.base_layer = base_layer
@@ -107,6 +109,11 @@ class LoraLayer(BaseTunerLayer):
                                  "nn.Linear layers.")
             if config.use_dora or use_alora or config.arrow_config is not None:
                 raise ValueError("KaSA cannot be combined with DoRA, aLoRA or Arrow in one adapter.")
+        if config.velora_config is not None:
+            if not self._supports_velora:
+                raise ValueError(f"{type(self).__name__} does not support VeLoRA.")
+            if config.use_dora or use_alora or config.arrow_config is not None or config.kasa_config is not None:
+                raise ValueError("VeLoRA cannot be combined with DoRA, aLoRA, Arrow or KaSA in one adapter.")
         if config.arrow_config is not None and not self._supports_arrow:
             raise ValueError(f"Arrow routes linear layers only, not {type(self).__name__} layers (here around "
                              f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
@@ -157,6 +164,8 @@ class LoraLayer(BaseTunerLayer):
             self._init_dora(adapter_name)
         if config.kasa_config is not None:
             self._init_kasa(adapter_name)
+        if config.velora_config is not None:
+            self._init_velora(adapter_name, config.velora_config)
         if config.arrow_config is not None:
             if "lora_arrow" not in self._modules:
                 self.lora_arrow = nn.ModuleDict()
@@ -194,6 +203,42 @@ class LoraLayer(BaseTunerLayer):
                                                                dtype=lora_A.dtype))
         deferred.discard(adapter)
         return kasa.truncate_base_weight(self.get_base_layer(), self.r[adapter])
+
+    def _init_velora(self, adapter_name: str, velora_config) -> None:
+        """VeLoRA (tuners/lora/velora.py): the projection vector (saved with the adapter, a buffer) and settings."""
+        if "lora_velora_embed" not in self._modules:
+            self.lora_velora_embed = BufferDict({}, persistent=True)
+            self.velora_settings: dict = {}  # adapter → [VeloraConfig, projection set from a batch yet]
+            self.other_param_names = self.other_param_names + ("lora_velora_embed", "velora_settings")
+        weight = self._base_weight()
+        width = velora.group_dim(self.in_features, velora_config.num_groups)
+        if velora_config.init_type == "random":
+            embed = velora.unit_vector(torch.randn(width, device=weight.device, dtype=weight.dtype))
+        else:
+            embed = torch.zeros(width, device=weight.device)
+        self.lora_velora_embed[adapter_name] = embed.to(weight.dtype)
+        self.velora_settings[adapter_name] = [velora_config, velora_config.init_type == "random"]
+
+    def _velora_forward(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        lora_A = self.lora_A[adapter]
+        x = self.lora_dropout[adapter](x)
+        if self.training and torch.is_grad_enabled():
+            settings = self.velora_settings[adapter]
+            config = settings[0]
+            if config.init_type == "batch_average" or (config.init_type == "batch_average_once" and not settings[1]):
+                embed = self.lora_velora_embed[adapter]
+                self.lora_velora_embed[adapter] = velora.batch_embed(x, config.num_groups).to(embed.device,
+                                                                                               embed.dtype)
+                settings[1] = True
+            low = velora.VeloraLinearFunction.apply(x, lora_A.weight, lora_A.bias, self.lora_velora_embed[adapter],
+                                                    config.num_groups, config.scale)
+        else:
+            low = lora_A(x)
+        return result + self.lora_B[adapter](low) * self.scaling[adapter]
+
+    def _is_velora(self, adapter: str) -> bool:
+        embeds = self._modules.get("lora_velora_embed")
+        return embeds is not None and adapter in embeds
 
     def _is_kasa(self, adapter: str) -> bool:
         diag = self._modules.get("lora_diag")
@@ -631,6 +676,10 @@ class LoraLayer(BaseTunerLayer):
                 result = ops.lora_linear(x, result, pending) if pending else result
                 pending = []
                 result = self._dora_forward(adapter, x, result)
+            elif self._is_velora(adapter):
+                result = ops.lora_linear(x, result, pending) if pending else result
+                pending = []
+                result = self._velora_forward(adapter, x, result)
             elif self._is_kasa(adapter):
                 result = ops.lora_linear(x, result, pending) if pending else result
                 pending = []
@@ -762,6 +811,7 @@ class Linear(_LoraModule):
     _supports_alora = True
     _supports_arrow = True
     _supports_kasa = True
+    _supports_velora = True
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # (DoRA rescales W + ΔW and aLoRA acts on some tokens only: neither is a plain ΔW)
@@ -823,7 +873,7 @@ class Linear(_LoraModule):
             return super()._unmerged_forward(x, *args, **kwargs)
         use_dora = self.use_dora
         if any(use_dora.get(a, False) for a in active) or "lora_arrow" in self._modules or \
-                "lora_diag" in self._modules:
+                "lora_diag" in self._modules or "lora_velora_embed" in self._modules:
             return super()._unmerged_forward(x, *args, **kwargs)
         return ops.linear_with_lora(x, base, [self._adapter_term(a) for a in active])
 
