@@ -38,6 +38,7 @@ from .peft_model import (
 )
 from .tuners import (
     ArrowConfig,
+    BdLoraConfig,
     BaseTuner,
     BaseTunerLayer,
     EvaConfig,
@@ -107,6 +108,7 @@ __all__ = [
     "create_arrow_model",
     "KasaConfig",
     "VeloraConfig",
+    "BdLoraConfig",
     "LoraModel",
     "LoHaConfig",
     "LoHaModel",

@@ -48,7 +48,8 @@ def test_public_names_and_module_paths():
                  "initialize_lora_eva_weights", "LoraGAConfig", "preprocess_loraga", "LoraRuntimeConfig",
                  "shift_tokens_right", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING", "initialize_kv_prefix_from_text",
                  "initialize_kv_prefix_from_past_key_values", "prompt_embeddings_from_past_key_values", "ArrowConfig",
-                 "create_arrow_model", "KasaConfig", "VeloraConfig"):
+                 "create_arrow_model", "KasaConfig", "VeloraConfig",
+                 "BdLoraConfig"):
         assert hasattr(pf, name), name
     assert pf.PEFT_TYPE_TO_MIXED_MODEL_MAPPING == {pf.PeftType.LORA: pf.LoraModel, pf.PeftType.LOHA: pf.LoHaModel,
                                                    pf.PeftType.LOKR: pf.LoKrModel}

@@ -1,5 +1,5 @@
 from .arrow import create_arrow_model
-from .config import (ArrowConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, LoraConfig, LoraGAConfig,
+from .config import (ArrowConfig, BdLoraConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, LoraConfig, LoraGAConfig,
                      LoraRuntimeConfig, VeloraConfig)
 from .conversion import convert_to_lora, save_as_lora
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -16,6 +16,7 @@ __all__ = [
     "LoraRuntimeConfig",
     "ArrowConfig",
     "KasaConfig",
+    "BdLoraConfig",
     "VeloraConfig",
     "create_arrow_model",
     "LoraLayer",

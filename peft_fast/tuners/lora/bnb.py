@@ -72,6 +72,7 @@ class _BnbLinear(Linear):
     _bits = 0
     _supports_kasa = False  # (its SVD truncation is of a plain weight)
     _supports_velora = False  # (as in PEFT)
+    _supports_bdlora = False  # (its blocks would take the packed weight's dtype; PEFT's bnb layers ignore BD-LoRA)
     forward = LoraLayer.forward  # (not Linear's flat path: that one is for nn.Linear / Conv1D bases)
 
     def _make_dora_layer(self) -> nn.Module:

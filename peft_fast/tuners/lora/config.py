@@ -17,7 +17,6 @@ _UNSUPPORTED_FIELDS = {
     "megatron_config": None,
     "use_qalora": False,
     "monteclora_config": None,
-    "use_bdlora": None,
 }
 
 SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "orthogonal", "loftq", "eva",
@@ -127,6 +126,28 @@ class LoftQConfig:
 
     loftq_bits: int = field(default=4, metadata={"help": "Quantization bits for LoftQ"})
     loftq_iter: int = field(default=1, metadata={"help": "Alternating iterations for LoftQ"})
+
+
+@dataclass
+class BdLoraConfig:
+    """BD-LoRA (block-diagonal LoRA, for multi-LoRA serving with tensor parallelism; peft_fast.tuners.lora.bdlora):
+    in the modules whose name contains a pattern of `target_modules_bd_a` lora_A is block-diagonal (row-sharded
+    modules: attention out, MLP down), in those of `target_modules_bd_b` lora_B (column-sharded: q, k, v, up, gate),
+    with `nblocks` blocks (the serving shard count). `match_strict`: every target must match one of the two lists."""
+
+    target_modules_bd_a: Optional[list[str]] = field(default=None, metadata={
+        "help": "Modules where the LoRA-A is block-diagonal (a pattern matches if it is in the module name)."})
+    target_modules_bd_b: Optional[list[str]] = field(default=None, metadata={
+        "help": "Modules where the LoRA-B is block-diagonal (a pattern matches if it is in the module name)."})
+    nblocks: int = field(default=1, metadata={"help": "Number of blocks each block-diagonal matrix has."})
+    match_strict: bool = field(default=True, metadata={
+        "help": "Require each target module to have a block-diagonal LoRA-A or LoRA-B."})
+
+    def __post_init__(self):
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:
+            raise ValueError("Found overlapping modules in target_modules_bd lists:"
+                             f"{self.target_modules_bd_a} (A) and {self.target_modules_bd_b} (B).")
 
 
 @dataclass
@@ -289,7 +310,8 @@ class LoraConfig(PeftConfig):
         metadata={"help": "Parameters (not modules) to adapt, by name or name suffix, e.g. MoE expert weights "
                           "('feed_forward.experts.gate_up_proj'); 2-D and 3-D (experts × in × out) parameters."},
     )
-    use_bdlora: Optional[dict] = field(default=None, metadata={"help": "Not supported by peft_fast."})
+    use_bdlora: Optional[BdLoraConfig] = field(default=None, metadata={
+        "help": "BD-LoRA: block-diagonal lora_A or lora_B in the modules its BdLoraConfig names."})
     arrow_config: Optional[ArrowConfig] = field(default=None, metadata={
         "help": "Arrow routing over task adapters (set by create_arrow_model on its router adapter)."})
     kasa_config: Optional[KasaConfig] = field(default=None, metadata={
@@ -367,6 +389,7 @@ class LoraConfig(PeftConfig):
         self.arrow_config = _subconfig(self.arrow_config, ArrowConfig, "arrow_config")
         self.kasa_config = _subconfig(self.kasa_config, KasaConfig, "kasa_config")
         self.velora_config = _subconfig(self.velora_config, VeloraConfig, "velora_config")
+        self.use_bdlora = _subconfig(self.use_bdlora, BdLoraConfig, "use_bdlora")
         self.lora_ga_config = _subconfig(self.lora_ga_config, LoraGAConfig, "lora_ga_config")
         if isinstance(self.loftq_config, LoftQConfig):  # (kept as a dict, as PEFT does: it goes to adapter_config.json)
             self.loftq_config = dict(vars(self.loftq_config))

@@ -22,7 +22,7 @@ from ...utils.constants import BASE_ADAPTER_NAME
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .alora import add_alora_term
-from . import kasa, velora
+from . import bdlora, kasa, velora
 from .._buffer_dict import BufferDict
 from .arrow import ArrowRouter
 from .config import LoraConfig, loftq_settings
@@ -45,6 +45,7 @@ class LoraLayer(BaseTunerLayer):
     _supports_arrow = False  # (the same)
     _supports_kasa = False  # (Linear over nn.Linear only: it truncates a plain weight)
     _supports_velora = False  # (the same: its lora_A is an nn.Linear over the layer's input)
+    _supports_bdlora = False  # (Linear and its bitsandbytes subclasses)
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs) -> None:
         self.base_layer = base_layer
@@ -109,6 +110,13 @@ class LoraLayer(BaseTunerLayer):
                                  "nn.Linear layers.")
             if config.use_dora or use_alora or config.arrow_config is not None:
                 raise ValueError("KaSA cannot be combined with DoRA, aLoRA or Arrow in one adapter.")
+        if config.use_bdlora is not None:
+            if not self._supports_bdlora:
+                raise ValueError(f"BD-LoRA makes linear layers' factors block-diagonal, not {type(self).__name__} "
+                                 "layers'; leave this module out of target_modules.")
+            if config.use_dora or use_alora or config.arrow_config is not None or config.kasa_config is not None:
+                raise ValueError("BD-LoRA cannot be combined with DoRA, aLoRA, Arrow or KaSA in one adapter.")
+            bdlora.block_diagonal_side(config.use_bdlora, kwargs.get("target_name", ""))  # (refused before anything)
         if config.velora_config is not None:
             if not self._supports_velora:
                 raise ValueError(f"{type(self).__name__} does not support VeLoRA.")
@@ -166,6 +174,8 @@ class LoraLayer(BaseTunerLayer):
             self._init_kasa(adapter_name)
         if config.velora_config is not None:
             self._init_velora(adapter_name, config.velora_config)
+        if config.use_bdlora is not None:
+            self._init_bdlora(adapter_name, config.use_bdlora, kwargs.get("target_name", ""))
         if config.arrow_config is not None:
             if "lora_arrow" not in self._modules:
                 self.lora_arrow = nn.ModuleDict()
@@ -203,6 +213,21 @@ class LoraLayer(BaseTunerLayer):
                                                                dtype=lora_A.dtype))
         deferred.discard(adapter)
         return kasa.truncate_base_weight(self.get_base_layer(), self.r[adapter])
+
+    def _init_bdlora(self, adapter_name: str, bd_config, target_name: str) -> None:
+        """BD-LoRA (tuners/lora/bdlora.py): the factor its patterns name for this module made block-diagonal (in the
+        base weight's dtype and device, drawn after A and B as PEFT draws it)."""
+        side = bdlora.block_diagonal_side(bd_config, target_name)
+        if not side:
+            return
+        weight = self._base_weight()
+        r = self.r[adapter_name]
+        if side == "A":
+            self.lora_A[adapter_name] = bdlora.BlockDiagonalLinear(
+                self.in_features, r, bd_config.nblocks, init_zero=False, dtype=weight.dtype, device=weight.device)
+        else:
+            self.lora_B[adapter_name] = bdlora.BlockDiagonalLinear(
+                r, self.out_features, bd_config.nblocks, init_zero=True, dtype=weight.dtype, device=weight.device)
 
     def _init_velora(self, adapter_name: str, velora_config) -> None:
         """VeLoRA (tuners/lora/velora.py): the projection vector (saved with the adapter, a buffer) and settings."""
@@ -812,6 +837,7 @@ class Linear(_LoraModule):
     _supports_arrow = True
     _supports_kasa = True
     _supports_velora = True
+    _supports_bdlora = True
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # (DoRA rescales W + ΔW and aLoRA acts on some tokens only: neither is a plain ΔW)
@@ -832,7 +858,7 @@ class Linear(_LoraModule):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """s · B A (transposed for fan_in_fan_out; KaSA's s·B·diag·A); fp16/bf16 on CPU is computed in fp32."""
-        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        weight_A, weight_B = bdlora.dense(self.lora_A[adapter]), bdlora.dense(self.lora_B[adapter])
         if self._is_kasa(adapter):  # (never fan_in_fan_out)
             return kasa.delta_weight(weight_A, weight_B, self.lora_diag[adapter], self.scaling[adapter])
         dtype = weight_B.dtype

@@ -109,6 +109,7 @@ class LoraModel(BaseTuner):
         parameter_name = kw.get("parameter_name")
         extra = {"tied_adapter": tying.tied_lora_factors(self.model, adapter_name)} \
             if tying.is_tied_target(lora_config, current_key) else {}
+        extra["target_name"] = current_key  # (BD-LoRA's patterns match it)
         if isinstance(target, LoraLayer) and getattr(target, "parameter_name", None) == parameter_name:
             target.update_layer(adapter_name, r, lora_alpha=alpha, config=lora_config, **extra)
             return
