@@ -102,29 +102,7 @@ class LoraLayer(BaseTunerLayer):
         if use_alora and not self._supports_alora:
             raise ValueError(f"aLoRA adapts linear layers only, not {type(self).__name__} layers (here around "
                              f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
-        if config.kasa_config is not None:
-            if not self._supports_kasa:
-                raise ValueError(f"{type(self).__name__} does not support KaSA, please set `kasa_config=None`.")
-            if config.fan_in_fan_out:
-                raise ValueError("KaSA does not support `fan_in_fan_out=True` layers (e.g. Conv1D). Please target "
-                                 "nn.Linear layers.")
-            if config.use_dora or use_alora or config.arrow_config is not None:
-                raise ValueError("KaSA cannot be combined with DoRA, aLoRA or Arrow in one adapter.")
-        if config.use_bdlora is not None:
-            if not self._supports_bdlora:
-                raise ValueError(f"BD-LoRA makes linear layers' factors block-diagonal, not {type(self).__name__} "
-                                 "layers'; leave this module out of target_modules.")
-            if config.use_dora or use_alora or config.arrow_config is not None or config.kasa_config is not None:
-                raise ValueError("BD-LoRA cannot be combined with DoRA, aLoRA, Arrow or KaSA in one adapter.")
-            bdlora.block_diagonal_side(config.use_bdlora, kwargs.get("target_name", ""))  # (refused before anything)
-        if config.velora_config is not None:
-            if not self._supports_velora:
-                raise ValueError(f"{type(self).__name__} does not support VeLoRA.")
-            if config.use_dora or use_alora or config.arrow_config is not None or config.kasa_config is not None:
-                raise ValueError("VeLoRA cannot be combined with DoRA, aLoRA, Arrow or KaSA in one adapter.")
-        if config.arrow_config is not None and not self._supports_arrow:
-            raise ValueError(f"Arrow routes linear layers only, not {type(self).__name__} layers (here around "
-                             f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
+        self._check_variant(config, use_alora, kwargs.get("target_name", ""))
         lora_bias = config.lora_bias
         if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
             warnings.warn(
@@ -182,6 +160,31 @@ class LoraLayer(BaseTunerLayer):
             self.lora_arrow[adapter_name] = ArrowRouter(self.in_features, config.arrow_config)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._refresh_arrow_routers()
+
+    def _check_variant(self, config: LoraConfig, use_alora: bool, target_name: str) -> None:
+        """Refuse, before anything is made, a LoRA variant this layer cannot hold, or several in one adapter."""
+        variants = [name for name, on in (
+            ("DoRA", config.use_dora), ("aLoRA", use_alora), ("Arrow", config.arrow_config is not None),
+            ("KaSA", config.kasa_config is not None), ("VeLoRA", config.velora_config is not None),
+            ("BD-LoRA", config.use_bdlora is not None)) if on]
+        if len(variants) > 1:
+            raise ValueError(f"{variants[-1]} cannot be combined with {', '.join(variants[:-1])} in one adapter.")
+        if config.kasa_config is not None:
+            if not self._supports_kasa:
+                raise ValueError(f"{type(self).__name__} does not support KaSA, please set `kasa_config=None`.")
+            if config.fan_in_fan_out:
+                raise ValueError("KaSA does not support `fan_in_fan_out=True` layers (e.g. Conv1D). Please target "
+                                 "nn.Linear layers.")
+        if config.velora_config is not None and not self._supports_velora:
+            raise ValueError(f"{type(self).__name__} does not support VeLoRA.")
+        if config.use_bdlora is not None:
+            if not self._supports_bdlora:
+                raise ValueError(f"BD-LoRA makes linear layers' factors block-diagonal, not {type(self).__name__} "
+                                 "layers'; leave this module out of target_modules.")
+            bdlora.block_diagonal_side(config.use_bdlora, target_name)  # (a pattern error now, not half-way)
+        if config.arrow_config is not None and not self._supports_arrow:
+            raise ValueError(f"Arrow routes linear layers only, not {type(self).__name__} layers (here around "
+                             f"{type(self.get_base_layer()).__name__}); leave this module out of target_modules.")
 
     def _init_kasa(self, adapter_name: str) -> None:
         """KaSA (tuners/lora/kasa.py): the adapter's learnable singular values lora_diag, and the base weight's r
