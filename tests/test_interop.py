@@ -187,7 +187,8 @@ def test_runtime_config_is_never_saved_and_reaches_the_layers_as_peft_s(tmp_path
     torch.manual_seed(1)
     plain = pf.get_peft_model(copy.deepcopy(base), pf.LoraConfig(**cfg))
     torch.manual_seed(1)
-    ctx = pytest.warns(UserWarning, match="no CUDA device") if not torch.cuda.is_available() else contextlib.nullcontext()
+    no_gpu = not torch.cuda.is_available()
+    ctx = pytest.warns(UserWarning, match="no CUDA device") if no_gpu else contextlib.nullcontext()
     with ctx:
         offloaded = pf.get_peft_model(copy.deepcopy(base), pf.LoraConfig(**cfg, runtime_config=runtime))
     layers = [m for m in offloaded.modules() if isinstance(m, pf.tuners.lora.LoraLayer)]

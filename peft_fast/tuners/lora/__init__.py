@@ -1,6 +1,6 @@
 from .arrow import create_arrow_model
-from .config import (ArrowConfig, BdLoraConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, LoraConfig, LoraGAConfig,
-                     LoraRuntimeConfig, VeloraConfig)
+from .config import (ArrowConfig, BdLoraConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, LoraConfig,
+                     LoraGAConfig, LoraRuntimeConfig, VeloraConfig)
 from .conversion import convert_to_lora, save_as_lora
 from .eva import get_eva_state_dict, initialize_lora_eva_weights
 from .loraga import preprocess_loraga
