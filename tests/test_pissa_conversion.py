@@ -64,3 +64,22 @@ def test_unsupported_conversions_raise(tmp_path):
     with pytest.raises(ValueError, match="weights"):  # no initial adapter there: says so, saves nothing
         pissa.save_pretrained(str(tmp_path / "y"), path_initial_model_for_weight_conversion=str(tmp_path / "none"))
     assert list(pissa.peft_config) == ["default"] and not os.path.exists(tmp_path / "y" / "adapter_model.safetensors")
+
+
+def test_subtract_mutated_init_matches_peft(tmp_path):
+    """LoraModel.subtract_mutated_init (PEFT's method behind the conversion): the trained adapter's tensors joined
+    with those of the initial adapter loaded beside it, the same as PEFT's, and the same as the saved conversion."""
+    peft = pytest.importorskip("peft")
+    base = tiny_llama().eval()
+    joined = []
+    for lib, folder in ((pf, tmp_path / "ours"), (peft, tmp_path / "peft")):
+        model, converted = _pissa_run(lib, base, folder, "pissa")
+        model.load_adapter(str(folder / "initial"), adapter_name="initial")
+        trained = lib.get_peft_model_state_dict(model, adapter_name="default")
+        joined.append(model.base_model.subtract_mutated_init(trained, "initial", {}))
+        assert torch.equal(joined[-1][next(iter(joined[-1]))],
+                           load_file(os.path.join(converted, "adapter_model.safetensors"))[next(iter(joined[-1]))])
+    ours, theirs = joined
+    assert sorted(ours) == sorted(theirs) and any("lora_B" in k for k in ours)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -72,14 +72,20 @@ def subtract_initial(peft_model, output_state_dict: dict, path_initial: str, sta
         initial = get_peft_model_state_dict(peft_model, state_dict=state_dict, adapter_name=initial_name)
     finally:
         peft_model.delete_adapter(initial_name)
+    return joined_with_initial(output_state_dict, initial, lambda key: key)
+
+
+def joined_with_initial(output_state_dict: dict, initial: dict, initial_key) -> dict:
+    """[A ; A₀] and [B | −B₀] (a lora_B bias: b − b₀) for each A / B tensor of `output_state_dict`, A₀ and B₀ being
+    `initial[initial_key(key)]`: the trained adapter as a plain LoRA adapter of twice the rank on the original base."""
     converted = {}
     for key, value in output_state_dict.items():
         if "lora_A" in key:
-            converted[key] = torch.cat([value, initial[key]], dim=0)
+            converted[key] = torch.cat([value, initial[initial_key(key)]], dim=0)
         elif "lora_B" in key and value.dim() == 1:  # lora_bias: the training's change of it
-            converted[key] = value - initial[key]
+            converted[key] = value - initial[initial_key(key)]
         elif "lora_B" in key:
-            converted[key] = torch.cat([value, -initial[key]], dim=1)
+            converted[key] = torch.cat([value, -initial[initial_key(key)]], dim=1)
     return converted
 
 

@@ -62,6 +62,24 @@ class LoraModel(BaseTuner):
                     f"the new adapter {'uses' if uses_kasa else 'does not use'} KaSA but adapter '{name}' "
                     f"{'does not' if uses_kasa else 'does'}.")
 
+    def subtract_mutated_init(self, output_state_dict: dict, adapter_name: str, kwargs: Optional[dict] = None) -> dict:
+        """A PiSSA / CorDA / OLoRA / LoRA-GA adapter as plain LoRA on the original base weights: its A / B tensors
+        (`output_state_dict`, keys as saved from the PeftModel) joined with those of `adapter_name`, the same adapter
+        as it was right after initialisation, loaded here with init_lora_weights=True ([A ; A₀], [B | −B₀]; twice the
+        rank). `kwargs["state_dict"]`: the model state dict to read the initial adapter from."""
+        from ...utils.save_and_load import get_peft_model_state_dict
+        from .conversion import joined_with_initial
+
+        if adapter_name.startswith("pissa") and any(
+                p.dtype not in (torch.float32, torch.float16, torch.bfloat16) for p in self.model.parameters()):
+            warnings.warn(r"Note that Quant(W_res) + AB != Quant(W) + \Delta(AB); the converted LoRA, when combined "
+                          "with W or Quant(W), may introduce a certain gap in the fine-tuned model. Therefore, we "
+                          "recommend directly using the Quant(W_res) in conjunction with the PiSSA adapter.")
+        initial = get_peft_model_state_dict(self, state_dict=(kwargs or {}).get("state_dict"),
+                                            adapter_name=adapter_name)
+        # (keys relative to this tuner: the PeftModel's without their first component, "base_model.")
+        return joined_with_initial(output_state_dict, initial, lambda key: key.split(".", 1)[1])
+
     def _get_kasa_loss(self, adapter_names: Optional[Union[str, list[str]]] = None) -> Union[torch.Tensor, float]:
         """KaSA's regularisers (tuners/lora/kasa.py), β and γ from each adapter's KasaConfig, summed over the layers
         of `adapter_names` (default: the active adapters), to add to the training loss; 0.0 where none is KaSA."""
