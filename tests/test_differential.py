@@ -282,7 +282,7 @@ def test_set_requires_grad_and_adapter_flags_match_peft():
     """PeftModel.set_requires_grad (and the tuner's and the module-level function), has_active_enabled_adapter,
     modules_to_save and prepare_model_for_gradient_checkpointing, against PEFT: the same requires_grad of every
     parameter after the same calls, on LoRA layers, a modules_to_save copy and trainable tokens."""
-    from peft_fast.tuners.tuners_utils import set_requires_grad
+    from peft_fast.tuners.tuners_utils import onload_layer, set_requires_grad
 
     def build(lib):
         torch.manual_seed(0)
@@ -306,10 +306,12 @@ def test_set_requires_grad_and_adapter_flags_match_peft():
         theirs.set_requires_grad(names, requires_grad=flag)
         assert grads(ours) == grads(theirs), (names, flag)
     assert any(grads(ours)[n] for n in grads(ours) if ".second." in n) is False  # (the steps ended with it off)
-    set_requires_grad(ours, "second")  # the module-level form, as PEFT's tuners_utils.set_requires_grad
+    assert set_requires_grad(ours, "second") is None  # the module-level form, as PEFT's tuners_utils one
     ours.base_model.set_requires_grad("second", requires_grad=False)
     assert grads(ours) == grads(theirs)
 
+    with onload_layer(ours.base_model.model.model.layers[0].self_attn.q_proj):  # (still a context manager)
+        pass
     assert ours.has_active_enabled_adapter is theirs.has_active_enabled_adapter is True
     with ours.disable_adapter(), theirs.disable_adapter():
         assert ours.has_active_enabled_adapter is False

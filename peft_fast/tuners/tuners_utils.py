@@ -103,7 +103,6 @@ def check_adapters_to_merge(module: "BaseTunerLayer", adapter_names: Optional[li
     return adapter_names
 
 
-@contextlib.contextmanager
 def set_requires_grad(model: nn.Module, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
     """Gradients on (or off) for the weights of `adapter_names` (a name or several) in every adapter layer and
     auxiliary module (modules_to_save, trainable tokens) of `model`, active or not; other adapters' are left as they
@@ -113,6 +112,7 @@ def set_requires_grad(model: nn.Module, adapter_names: Union[str, list[str]], re
             module.set_requires_grad(adapter_names=adapter_names, requires_grad=requires_grad)
 
 
+@contextlib.contextmanager
 def onload_layer(layer: nn.Module):
     """Placeholder for offloaded (accelerate) layers: peft_fast keeps adapters where the base layer is."""
     yield
