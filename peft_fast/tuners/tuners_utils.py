@@ -26,7 +26,7 @@ from ..utils.other import (
     _set_trainable,
     _unwrap_modules_to_save,
     names_module,
-    set_leaf_requires_grad,
+    set_adapter_weights_requires_grad,
 )
 from ..utils.peft_types import TaskType
 
@@ -312,12 +312,7 @@ class BaseTunerLayer(ABC):
     def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
         """Gradients on (or off) for the weights of `adapter_names` in this layer, active or not; other adapters' are
         left as they are, and weights their method keeps frozen stay frozen."""
-        adapter_names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for layer_name in self.adapter_layer_names:
-            module_dict = getattr(self, layer_name)
-            for key, layer in module_dict.items():
-                if key in adapter_names:
-                    set_leaf_requires_grad(layer, requires_grad)
+        set_adapter_weights_requires_grad(self, adapter_names, requires_grad)
         if requires_grad:
             self._freeze_non_trainable_peft_weights(adapter_names)
 

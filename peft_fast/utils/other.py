@@ -90,12 +90,18 @@ def get_module_names_tied_with_embedding(model: nn.Module) -> list[str]:
     return sorted(owners)
 
 
-def set_leaf_requires_grad(item, requires_grad: bool) -> None:
-    """requires_grad of a module's parameters, or of one parameter: leaf tensors only (under FSDP a parameter may be
-    a view of a flat one, which takes no flag; its flat parameter is the leaf)."""
-    for tensor in [item] if isinstance(item, torch.Tensor) else item.parameters():
-        if tensor.is_leaf:
-            tensor.requires_grad_(requires_grad)
+def set_adapter_weights_requires_grad(holder: nn.Module, adapter_names: str | list[str], requires_grad: bool) -> None:
+    """requires_grad of the tensors of `adapter_names` in `holder`'s adapter containers (its adapter_layer_names,
+    dotted names allowed: an adapter layer, or a module that trains beside the adapters). Leaf tensors only: under
+    FSDP a parameter may be a view of a flat one, which takes no flag (its flat parameter is the leaf)."""
+    names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+    for layer_name in holder.adapter_layer_names:
+        for key, item in operator.attrgetter(layer_name)(holder).items():
+            if key not in names:
+                continue
+            for tensor in [item] if isinstance(item, torch.Tensor) else item.parameters():
+                if tensor.is_leaf:
+                    tensor.requires_grad_(requires_grad)
 
 
 class AuxiliaryTrainingWrapper(nn.Module, ABC):
@@ -152,11 +158,7 @@ class AuxiliaryTrainingWrapper(nn.Module, ABC):
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Gradients on (or off) for the tensors `adapter_names` train here; other adapters' are left as they are."""
-        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
-        for layer_name in self.adapter_layer_names:
-            for key, item in operator.attrgetter(layer_name)(self).items():  # (the names may be dotted)
-                if key in names:
-                    set_leaf_requires_grad(item, requires_grad)
+        set_adapter_weights_requires_grad(self, adapter_names, requires_grad)
 
     @abstractmethod
     def _forward_adapter(self, adapter_name: Optional[str], x: torch.Tensor, *args, **kwargs):
