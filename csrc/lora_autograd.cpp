@@ -425,12 +425,16 @@ int64_t tma_key(bool dx, c10::ScalarType dt, bool kn, bool bias, bool keep, int6
            static_cast<int64_t>(lora_rank_block(r)) << 8;
 }
 
+// The kernel registered for `key` that runs on the current GPU (cubins run on the generation they were built for:
+// another GPU of the same process takes the default route)
 bool tma_find(int64_t key, TmaKernel& k) {
-    const std::lock_guard<std::mutex> lock(tma_mutex);
-    const auto it = tma_kernels.find(key);
-    if (it == tma_kernels.end()) return false;
-    k = it->second;
-    return true;
+    {
+        const std::lock_guard<std::mutex> lock(tma_mutex);
+        const auto it = tma_kernels.find(key);
+        if (it == tma_kernels.end()) return false;
+        k = it->second;
+    }
+    return k.major == device_major();
 }
 
 TritonArg ptr_arg(const Tensor& t) {
@@ -469,9 +473,8 @@ bool tma_takes(const Tensor& x, const Tensor& w, const Tensor& a, const Tensor& 
         !aligned16(x) || (bias.defined() && (!bias.is_contiguous() || !aligned16(bias))))
         return false;
     const int64_t r = a.size(0);
-    if (r % 8 != 0) return false;  // (hs, gs and B's rows must be 16-byte multiples for the dx kernel's loads)
-    // (cubins run on the GPU generation they were built for: another GPU of the same process does not take them)
-    return tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd) && fwd.major == device_major();
+    if (r % 8 != 0) return false;  // (the ranks the route was measured and tested at)
+    return tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd);
 }
 #endif  // PEFT_FAST_CUDA_KERNELS
 
@@ -621,8 +624,7 @@ LinearGrads linear_backward(const NodeState& st, const variable_list& saved, con
 #ifdef PEFT_FAST_CUDA_KERNELS
     TmaKernel tma;  // (its kernels registered at forward; were they dropped since, the default route below)
     const bool tma_dx = st.fused && st.tma && need.x &&
-                        tma_find(tma_key(true, x.scalar_type(), kn, false, mask.defined(), a.size(0)), tma) &&
-                        tma.major == device_major();
+                        tma_find(tma_key(true, x.scalar_type(), kn, false, mask.defined(), a.size(0)), tma);
     if (tma_dx) {  // dx = dy W + drop(gs A) in one GEMM, gs from the rows kernel's phase 1
         Tensor gs;
         FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, false, need.a, need.b, x_sizes, st.a_dtype, {},
