@@ -336,22 +336,17 @@ class LoraConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
 
-    def _check_eva_config(self) -> None:
-        self.eva_config = _subconfig(self.eva_config, EvaConfig, "eva_config")
-        if self.init_lora_weights == "eva" and self.eva_config is None:
-            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.")
-            self.eva_config = EvaConfig()
-        elif self.init_lora_weights != "eva" and self.eva_config is not None:
-            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.")
-
-    def _check_corda_config(self) -> None:
-        self.corda_config = _subconfig(self.corda_config, CordaConfig, "corda_config")
-        if self.init_lora_weights == "corda" and self.corda_config is None:
-            warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
+    def _check_init_subconfig(self, init: str, name: str, cls: type, label: str) -> None:
+        """The sub-config of init_lora_weights=`init` (field `name`) as its dataclass: its defaults where that init
+        is asked for without it, a warning where it is given for another init."""
+        value = _subconfig(getattr(self, name), cls, name)
+        if self.init_lora_weights == init and value is None:
+            warnings.warn(f"`init_lora_weights` is '{init}' but `{name}` is not specified. Using default {label} "
                           "config.")
-            self.corda_config = CordaConfig()
-        elif self.init_lora_weights != "corda" and self.corda_config is not None:
-            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
+            value = cls()
+        elif self.init_lora_weights != init and value is not None:
+            warnings.warn(f"`{name}` specified but will be ignored when `init_lora_weights` is not '{init}'.")
+        setattr(self, name, value)
 
     def _check_alora(self) -> None:
         tokens = self.alora_invocation_tokens
@@ -384,8 +379,8 @@ class LoraConfig(PeftConfig):
             self.target_parameters = list(self.target_parameters)
         if not isinstance(self.ensure_weight_tying, bool):
             raise ValueError(f"`ensure_weight_tying` must be True or False, got {self.ensure_weight_tying!r}")
-        self._check_corda_config()
-        self._check_eva_config()
+        self._check_init_subconfig("corda", "corda_config", CordaConfig, "CorDA")
+        self._check_init_subconfig("eva", "eva_config", EvaConfig, "EVA")
         self.arrow_config = _subconfig(self.arrow_config, ArrowConfig, "arrow_config")
         self.kasa_config = _subconfig(self.kasa_config, KasaConfig, "kasa_config")
         self.velora_config = _subconfig(self.velora_config, VeloraConfig, "velora_config")
