@@ -688,40 +688,43 @@ class LoraLayer(BaseTunerLayer):
 
     def _lora_forward(self, x: torch.Tensor, result: torch.Tensor, alora_offsets: Optional[list] = None
                       ) -> torch.Tensor:
-        """Add the active adapters' terms to `result`, in order (runs of plain LoRA go to ops in one call); an aLoRA
-        adapter's only at the tokens alora_offsets activate (none without offsets)."""
+        """Add the active adapters' terms to `result`, in order (runs of plain LoRA go to ops in one call; a variant
+        adapter runs its own forward); an aLoRA adapter's only at the tokens alora_offsets activate (none without
+        offsets)."""
         out_dtype = result.dtype
         pending: list[ops.LoraTerm] = []
         for adapter in self.active_adapters:
             if adapter not in self.lora_A:
                 continue
             x = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
-            if self.use_alora.get(adapter, False):
-                result = ops.lora_linear(x, result, pending) if pending else result
-                pending = []
-                result = add_alora_term(x, result, self._adapter_term(adapter), alora_offsets)
-            elif self.use_dora.get(adapter, False):
-                result = ops.lora_linear(x, result, pending) if pending else result
-                pending = []
-                result = self._dora_forward(adapter, x, result)
-            elif self._is_velora(adapter):
-                result = ops.lora_linear(x, result, pending) if pending else result
-                pending = []
-                result = self._velora_forward(adapter, x, result)
-            elif self._is_kasa(adapter):
-                result = ops.lora_linear(x, result, pending) if pending else result
-                pending = []
-                result = self._kasa_forward(adapter, x, result)
-            elif self._arrow_router(adapter) is not None:
-                result = ops.lora_linear(x, result, pending) if pending else result
-                pending = []
-                result = result + self._arrow_router(adapter)(x, self.lora_A, self.lora_B, self.lora_dropout[adapter],
-                                                              self.scaling, self.cast_input_dtype_enabled)
-            else:
+            variant_forward = self._variant_forward(adapter, alora_offsets)
+            if variant_forward is None:
                 pending.append(self._adapter_term(adapter))
+                continue
+            result = ops.lora_linear(x, result, pending) if pending else result
+            pending = []
+            result = variant_forward(adapter, x, result)
         if pending:
             result = ops.lora_linear(x, result, pending)
         return result.to(out_dtype)
+
+    def _variant_forward(self, adapter: str, alora_offsets: Optional[list] = None):
+        """How a variant adapter adds its term, `f(adapter, x, result) -> result`; None for plain LoRA."""
+        if self.use_alora.get(adapter, False):
+            return lambda name, x, result: add_alora_term(x, result, self._adapter_term(name), alora_offsets)
+        if self.use_dora.get(adapter, False):
+            return self._dora_forward
+        if self._is_velora(adapter):
+            return self._velora_forward
+        if self._is_kasa(adapter):
+            return self._kasa_forward
+        if self._arrow_router(adapter) is not None:
+            return self._arrow_forward
+        return None
+
+    def _arrow_forward(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        return result + self._arrow_router(adapter)(x, self.lora_A, self.lora_B, self.lora_dropout[adapter],
+                                                    self.scaling, self.cast_input_dtype_enabled)
 
     def _dora_forward(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         return result + self._dora_term(adapter, x, result)
