@@ -23,6 +23,7 @@
 
 #include <atomic>
 #include <climits>
+#include <functional>
 #include <mutex>
 
 #include <unordered_map>
@@ -319,12 +320,20 @@ struct FusedGrads {
     Tensor grad_x, grad_a, grad_b;  // grad_x (x's sizes) = drop(gs A), dA, dB in the adapters' dtype; where asked for
 };
 
+// A GEMM that computes dx and writes gs itself (the one-GEMM route's producing dx kernel), run by fused_backward in
+// place of its rows pass, with flag_bytes of scratch beside gs that it finds zeroed (cleared with the reduce's counters
+// by one memset)
+struct GsMaker {
+    int64_t flag_bytes = 0;
+    std::function<void(const Tensor& dy, const Tensor& gs, void* flags)> run;
+};
+
 // the low-rank half of backward from dy (M×N rows) and what forward saved (x as M×K, the adapters or their copies,
 // hs, the bits); dA and dB in grad_dtype (the adapters' own)
 FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& a, const Tensor& b, const Tensor& hs,
                           const Tensor& mask, double s, double p, bool need_x, bool need_a, bool need_b,
                           at::IntArrayRef x_sizes, c10::ScalarType grad_dtype, RowsShape shape = {},
-                          Tensor* gs_out = nullptr) {
+                          Tensor* gs_out = nullptr, const GsMaker* gs_maker = nullptr) {
     const int64_t m = x.size(0), k = x.size(1), n = b.size(0), r = a.size(0);
     const c10::cuda::CUDAGuard guard(x.device());
     FusedGrads g;
@@ -339,22 +348,29 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const int sms = sm_count();
     const LoraDtype dt = kernel_dtype(x.scalar_type()), adt = kernel_dtype(a.scalar_type());
-    const bool rows_pass = dx2.defined() || need_a || gs_out != nullptr, reduce_pass = need_a || need_b;
+    const bool rows_pass = !gs_maker && (dx2.defined() || need_a || gs_out != nullptr), reduce_pass = need_a || need_b;
     const LoraReducePlan plan = reduce_pass ? lora_reduce_plan(static_cast<int>(m), static_cast<int>(k),
                                                                static_cast<int>(n), static_cast<int>(r), need_a,
                                                                need_b, sms)
                                             : LoraReducePlan{};
-    // gs (M×r), the reduce kernel's fp32 workspace and its counters: scratch of this call, one allocation
-    const int64_t gs_bytes = rows_pass ? padded(m * r * x.element_size()) : 0;
+    // gs (M×r), the reduce kernel's fp32 workspace and its counters (and gs_maker's flags): scratch of this call, one
+    // allocation
+    const int64_t gs_bytes = rows_pass || gs_maker ? padded(m * r * x.element_size()) : 0;
     const int64_t ws_bytes = padded(plan.workspace_floats * 4), counter_bytes = padded(int64_t{plan.counters} * 4);
+    const int64_t flag_bytes = gs_maker ? gs_maker->flag_bytes : 0;
     Tensor scratch;
-    if (gs_bytes + ws_bytes + counter_bytes > 0)
-        scratch = at::empty({gs_bytes + ws_bytes + counter_bytes}, x.options().dtype(torch::kUInt8));
+    if (gs_bytes + ws_bytes + counter_bytes + flag_bytes > 0)
+        scratch = at::empty({gs_bytes + ws_bytes + counter_bytes + flag_bytes}, x.options().dtype(torch::kUInt8));
     char* base = scratch.defined() ? static_cast<char*>(scratch.data_ptr()) : nullptr;
-    void* gs = rows_pass ? base : nullptr;
+    void* gs = gs_bytes > 0 ? base : nullptr;
     if (gs_out != nullptr) *gs_out = carve(scratch, 0, {m, r}, x.scalar_type());  // (keeps the scratch alive)
     float* workspace = plan.workspace_floats > 0 ? reinterpret_cast<float*>(base + gs_bytes) : nullptr;
     int* counters = plan.counters > 0 ? reinterpret_cast<int*>(base + gs_bytes + ws_bytes) : nullptr;
+    if (gs_maker) {
+        char* cleared = base + gs_bytes + ws_bytes;  // the counters, then the flags
+        check(cudaMemsetAsync(cleared, 0, counter_bytes + flag_bytes, stream), "backward flags");
+        gs_maker->run(dy, carve(scratch, 0, {m, r}, x.scalar_type()), cleared + counter_bytes);
+    }
     if (rows_pass) {
         LoraRowsArgs args{};
         args.in = dy.data_ptr();
@@ -392,7 +408,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     args.grad_b = need_b ? g.grad_b.data_ptr() : nullptr;
     args.workspace = workspace;
     args.counters = counters;
-    args.counters_zeroed = rows_pass;
+    args.counters_zeroed = rows_pass || gs_maker;
     args.m = static_cast<int>(m);
     args.k = static_cast<int>(k);
     args.n = static_cast<int>(n);
@@ -419,9 +435,12 @@ std::mutex tma_mutex;
 std::unordered_map<int64_t, TmaKernel> tma_kernels;
 std::atomic<int64_t> tma_min_rows{INT64_MAX};
 
-int64_t tma_key(bool dx, c10::ScalarType dt, bool kn, bool bias, bool keep, int64_t r) {
+// (produce: the kernel makes h itself, from the adapters read in fp32 (adapter_fp32) or in the GEMM's dtype)
+int64_t tma_key(bool dx, c10::ScalarType dt, bool kn, bool bias, bool keep, int64_t r, bool produce = false,
+                bool adapter_fp32 = false) {
     return static_cast<int64_t>(dx) | static_cast<int64_t>(dt == torch::kBFloat16) << 1 |
            static_cast<int64_t>(kn) << 2 | static_cast<int64_t>(bias) << 3 | static_cast<int64_t>(keep) << 4 |
+           static_cast<int64_t>(produce) << 5 | static_cast<int64_t>(adapter_fp32) << 6 |
            static_cast<int64_t>(lora_rank_block(r)) << 8;
 }
 
@@ -450,31 +469,58 @@ TritonArg i32_arg(int64_t v) {
     return a;
 }
 
+TritonArg f32_arg(double v) {
+    TritonArg a;
+    a.pointer = 0;
+    a.f32 = static_cast<float>(v);
+    return a;
+}
+
+// What a producing kernel (the key's `produce`) takes beside lora_gemm's operands: the adapter that makes h
+// (h = s · x·srcᵀ, written into the h argument) and its flags, one int32 a BM-row block, zero at launch
+struct TmaProduce {
+    Tensor src;
+    void* flags = nullptr;
+    double scale = 1.0;
+};
+
+// The flags' bytes a producing kernel of block rows bm needs for m rows (whole allocator-aligned pieces)
+int64_t tma_flag_bytes(const TmaKernel& k, int64_t m) { return padded((m + k.bm - 1) / k.bm * 4); }
+
 // out (M×N) = x·(W as `kn` stores it, read as the key's direction needs) + h·low (⊙ keep bits / (1−p)) (+ bias)
 void launch_tma(const TmaKernel& k, const Tensor& x, const Tensor& w, const Tensor& h, const Tensor& low,
-                const Tensor& bias, const Tensor& keep, double p, Tensor& out) {
+                const Tensor& bias, const Tensor& keep, double p, Tensor& out, const TmaProduce& produce = {}) {
     const int64_t m = x.size(0), kk = x.size(1), n = out.size(1);
     const int64_t tiles = ((m + k.bm - 1) / k.bm) * ((n + k.bn - 1) / k.bn);
-    TritonArg scale;
-    scale.pointer = 0;
-    scale.f32 = keep.defined() ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;
+    TritonArg flags;
+    flags.pointer = reinterpret_cast<uint64_t>(produce.flags != nullptr ? produce.flags : out.data_ptr());
     const std::vector<TritonArg> args{ptr_arg(x), ptr_arg(w), ptr_arg(h), ptr_arg(low), ptr_arg(out),
                                       ptr_arg(bias.defined() ? bias : out), ptr_arg(keep.defined() ? keep : out),
-                                      i32_arg(m), i32_arg(n), i32_arg(kk), i32_arg(h.size(1)), i32_arg(n / 8), scale};
+                                      ptr_arg(produce.src.defined() ? produce.src : out), flags,
+                                      i32_arg(m), i32_arg(n), i32_arg(kk), i32_arg(h.size(1)), i32_arg(n / 8),
+                                      f32_arg(keep.defined() ? 1.0 / (1.0 - p) : 1.0), f32_arg(produce.scale)};
     triton_kernel_launch(k.id, std::min(k.programs, tiles), args);
 }
 
+// The producing kernel for adapter A (fused_takes passed: both adapters in fp32 or both in dt), where one is registered
+bool tma_find_producing(bool dx, c10::ScalarType dt, bool kn, bool bias, const Tensor& a, TmaKernel& k) {
+    return tma_find(tma_key(dx, dt, kn, bias, false, a.size(0), true, a.scalar_type() == torch::kFloat), k);
+}
+
 // Whether a training forward of these arguments (enough rows: the caller asks tma_min_rows first) takes the one-GEMM
-// route: the fused kernels' layout, every operand 16-byte aligned for TMA, and the forward kernel registered (the
-// backward takes the dx kernel where one is registered for its dropout flag, else the default route's dx)
+// route: the fused kernels' layout, every operand 16-byte aligned for TMA, and a forward kernel registered: without
+// dropout the producing one where registered (`produce`: it makes hs itself, no rows kernel before it), else the one
+// that reads hs (the backward takes the dx kernel where one is registered for its dropout flag and the forward's
+// kind, else the default route's dx)
 bool tma_takes(const Tensor& x, const Tensor& w, const Tensor& a, const Tensor& b, const Tensor& bias, double p,
-               c10::ScalarType dt, bool kn, TmaKernel& fwd) {
+               c10::ScalarType dt, bool kn, TmaKernel& fwd, bool& produce) {
     if (!fused_takes(x, a, b, p, dt, Tensor()) || !w.is_contiguous() || !aligned16(w) || !x.is_contiguous() ||
         !aligned16(x) || (bias.defined() && (!bias.is_contiguous() || !aligned16(bias))))
         return false;
     const int64_t r = a.size(0);
     if (r % 8 != 0) return false;  // (the ranks the route was measured and tested at)
-    return tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd);
+    produce = p == 0.0 && tma_find_producing(false, dt, kn, bias.defined(), a, fwd);
+    return produce || tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd);
 }
 #endif  // PEFT_FAST_CUDA_KERNELS
 
@@ -482,7 +528,7 @@ bool tma_takes(const Tensor& x, const Tensor& w, const Tensor& a, const Tensor& 
 // and dtypes) plus x's sizes, because each entry is a hash-map insert and an IValue: host time every layer pays.
 struct NodeState {
     double scale = 1.0, p = 0.0;
-    bool fused = false, kn = false, has_bias = false, tma = false;
+    bool fused = false, kn = false, has_bias = false, tma = false, produced = false;
     c10::ScalarType a_dtype = torch::kFloat, b_dtype = torch::kFloat, w_dtype = torch::kFloat,
                     bias_dtype = torch::kFloat;
 
@@ -491,7 +537,7 @@ struct NodeState {
         ctx->saved_data["p"] = p;
         ctx->saved_data["state"] = static_cast<int64_t>(fused) | static_cast<int64_t>(kn) << 1 |
                                    static_cast<int64_t>(has_bias) << 2 | static_cast<int64_t>(tma) << 3 |
-                                   code(a_dtype) << 8 | code(b_dtype) << 16 |
+                                   static_cast<int64_t>(produced) << 4 | code(a_dtype) << 8 | code(b_dtype) << 16 |
                                    code(w_dtype) << 24 | code(bias_dtype) << 32;
         ctx->saved_data["x_sizes"] = x_in.sizes();
     }
@@ -501,7 +547,8 @@ struct NodeState {
         st.scale = ctx->saved_data["scale"].toDouble();
         st.p = ctx->saved_data["p"].toDouble();
         const int64_t bits = ctx->saved_data["state"].toInt();
-        st.fused = bits & 1, st.kn = bits >> 1 & 1, st.has_bias = bits >> 2 & 1, st.tma = bits >> 3 & 1;
+        st.fused = bits & 1, st.kn = bits >> 1 & 1, st.has_bias = bits >> 2 & 1, st.tma = bits >> 3 & 1,
+        st.produced = bits >> 4 & 1;
         st.a_dtype = dtype(bits >> 8), st.b_dtype = dtype(bits >> 16), st.w_dtype = dtype(bits >> 24),
         st.bias_dtype = dtype(bits >> 32);
         return st;
@@ -516,7 +563,7 @@ struct NodeState {
 struct Forward {
     Tensor y;
     std::vector<Tensor> saved;
-    bool fused = false, tma = false;
+    bool fused = false, tma = false, produced = false;  // (produced: the one-GEMM route's GEMM made hs)
 };
 
 // The low-rank half of a forward written into y2 (M×N rows, preallocated): y2 = s·drop(x)Aᵀ Bᵀ + bias, or with `add`
@@ -578,16 +625,30 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
     const bool gemm_first = x.size(0) <= kGemmFirstMaxRows;
 #ifdef PEFT_FAST_CUDA_KERNELS
     TmaKernel tma;
+    bool produce = false;
     // (the row count first: off, as by default, a training forward pays one atomic load here and nothing else)
     if (keep && kernels && !gemm_first && x.is_cuda() && x.size(0) >= tma_min_rows.load(std::memory_order_relaxed)) {
         x = x.contiguous();
-        if (tma_takes(x, w, lora_a, lora_b, bias, p, dt, kn, tma)) {  // the one-GEMM route (above)
+        if (tma_takes(x, w, lora_a, lora_b, bias, p, dt, kn, tma, produce)) {  // the one-GEMM route (above)
+            out.fused = out.tma = true;
+            if (produce) {  // hs = s·x·Aᵀ made by the GEMM, which reads the adapters as they are: nothing before it
+                const c10::cuda::CUDAGuard guard(x.device());
+                const int64_t m = x.size(0), hs_bytes = padded(m * lora_a.size(0) * x.element_size());
+                const int64_t flag_bytes = tma_flag_bytes(tma, m);
+                const Tensor buf = at::empty({hs_bytes + flag_bytes}, x.options().dtype(torch::kUInt8));
+                char* flags = static_cast<char*>(buf.data_ptr()) + hs_bytes;
+                check(cudaMemsetAsync(flags, 0, flag_bytes, c10::cuda::getCurrentCUDAStream()), "route flags");
+                const Tensor hs = carve(buf, 0, {m, lora_a.size(0)}, dt);
+                launch_tma(tma, x, w, hs, lora_b, bias, Tensor(), p, y2, TmaProduce{lora_a, flags, scale});
+                out.saved = {x, w, lora_a, lora_b, hs, Tensor()};
+                out.produced = true;
+                return out;
+            }
             FusedSaved f;
             Tensor none;
             fused_forward(x, lora_a, lora_b, Tensor(), Tensor(), scale, p, none, f, true, {}, true);
             launch_tma(tma, x, w, f.hs, f.b, bias, Tensor(), p, y2);
             out.saved = {x, w, f.a, f.b, f.hs, f.mask};
-            out.fused = out.tma = true;
             return out;
         }
     }
@@ -623,9 +684,21 @@ LinearGrads linear_backward(const NodeState& st, const variable_list& saved, con
     LinearGrads g;
 #ifdef PEFT_FAST_CUDA_KERNELS
     TmaKernel tma;  // (its kernels registered at forward; were they dropped since, the default route below)
-    const bool tma_dx = st.fused && st.tma && need.x &&
+    const bool produce_dx = st.produced && need.x && tma_find_producing(true, x.scalar_type(), kn, false, a, tma);
+    const bool tma_dx = !st.produced && st.fused && st.tma && need.x &&
                         tma_find(tma_key(true, x.scalar_type(), kn, false, mask.defined(), a.size(0)), tma);
-    if (tma_dx) {  // dx = dy W + drop(gs A) in one GEMM, gs from the rows kernel's phase 1
+    if (produce_dx) {  // dx = dy W + gs A in one GEMM that makes gs = s·dy B itself, then the reduce kernel
+        g.x = at::empty(x_sizes, x.options());
+        Tensor dx2 = g.x.view({-1, x.size(1)});
+        const Tensor wc = w.contiguous();
+        const auto run = [&](const Tensor& dy_in, const Tensor& gs, void* flags) {
+            launch_tma(tma, dy_in, wc, gs, a, Tensor(), Tensor(), p, dx2, TmaProduce{b, flags, s});
+        };
+        const GsMaker maker{tma_flag_bytes(tma, x.size(0)), run};
+        FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, false, need.a, need.b, x_sizes, st.a_dtype, {},
+                                      nullptr, &maker);
+        dy = f.dy, g.a = f.grad_a, g.b = f.grad_b;
+    } else if (tma_dx) {  // dx = dy W + drop(gs A) in one GEMM, gs from the rows kernel's phase 1
         Tensor gs;
         FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, false, need.a, need.b, x_sizes, st.a_dtype, {},
                                       &gs);
@@ -660,7 +733,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         Forward out = linear_forward(x_in, weight, bias_in, lora_a, lora_b, scale, p, kn, dt, kernels, true);
         ctx->save_for_backward(out.saved);
         NodeState st;
-        st.scale = scale, st.p = p, st.fused = out.fused, st.tma = out.tma, st.kn = kn,
+        st.scale = scale, st.p = p, st.fused = out.fused, st.tma = out.tma, st.produced = out.produced, st.kn = kn,
         st.has_bias = bias_in.has_value();
         st.a_dtype = lora_a.scalar_type(), st.b_dtype = lora_b.scalar_type(), st.w_dtype = weight.scalar_type();
         if (bias_in.has_value()) st.bias_dtype = bias_in->scalar_type();
@@ -920,7 +993,8 @@ struct QLoraLinearFn : public torch::autograd::Function<QLoraLinearFn> {
         out.saved.insert(out.saved.end(), {packed, code, absmax, q.absmax2, q.code2, q.offset});
         ctx->save_for_backward(out.saved);
         NodeState st;
-        st.scale = scale, st.p = p, st.fused = out.fused, st.tma = out.tma, st.has_bias = bias_in.has_value();
+        st.scale = scale, st.p = p, st.fused = out.fused, st.tma = out.tma, st.produced = out.produced,
+        st.has_bias = bias_in.has_value();
         st.a_dtype = lora_a.scalar_type(), st.b_dtype = lora_b.scalar_type();
         if (bias_in.has_value()) st.bias_dtype = bias_in->scalar_type();
         st.save(ctx, x_in);
@@ -1032,12 +1106,15 @@ void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows) {
 }
 
 void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool has_keep, int64_t rank,
-                               int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n, int64_t major) {
+                               int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n, int64_t major,
+                               bool produce, bool adapter_fp32) {
     TORCH_CHECK(rank >= 1 && rank <= kLoraKernelMaxRank && lora_rank_block(rank) == rank,
                 "lora_kernels_register_tma: rank must be the rank block (16, 32, 64 or 128), got ", rank);
     TORCH_CHECK(kernel_id == -1 || (kernel_id >= 0 && programs > 0 && block_m > 0 && block_n > 0),
                 "lora_kernels_register_tma: bad kernel description");
-    const int64_t key = tma_key(dx, bf16 ? torch::kBFloat16 : torch::kHalf, kn, has_bias, has_keep, rank);
+    TORCH_CHECK(!(produce && has_keep), "lora_kernels_register_tma: a producing kernel takes no keep bits");
+    const int64_t key =
+        tma_key(dx, bf16 ? torch::kBFloat16 : torch::kHalf, kn, has_bias, has_keep, rank, produce, adapter_fp32);
     const std::lock_guard<std::mutex> lock(tma_mutex);
     if (kernel_id == -1) tma_kernels.erase(key);  // (that direction back on the default route)
     else tma_kernels[key] = TmaKernel{kernel_id, programs, block_m, block_n, major};

@@ -55,11 +55,12 @@ void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows);
 std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows();
 // The one-GEMM route (lora_autograd.cpp; Python turns it on: ops/one_gemm.py): a Triton GEMM registered through
 // triton_launch.h for one direction (forward or dx), dtype, weight layout (kn), bias / keep-bit use and rank block,
-// with its persistent grid size, tile shape and the GPU generation (compute capability major) its cubin runs on; and
+// with its persistent grid size, tile shape and the GPU generation (compute capability major) its cubin runs on
+// (produce: the kernel makes h itself from the adapters, read in fp32 or in the GEMM's dtype: adapter_fp32); and
 // from how many rows a training forward takes the route.
 void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool has_keep, int64_t rank,
                                int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n,
-                               int64_t major = 9);
+                               int64_t major = 9, bool produce = false, bool adapter_fp32 = false);
 void lora_kernels_set_tma_rows(int64_t rows);
 int64_t lora_kernels_tma_rows();
 std::vector<torch::Tensor> lora_kernels_backward(const torch::Tensor& dy, const torch::Tensor& x,

@@ -68,22 +68,24 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _lora_gemm_kernel(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
-                      M, N, K, R, keep_stride, keep_scale,
+def _lora_gemm_kernel(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_ptr, flags_ptr,
+                      M, N, K, R, keep_stride, keep_scale, h_scale,
                       Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
+                      SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                       FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, M, N, K, R, keep_stride, keep_scale,
-                     Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS,
-                     FLATTEN, WARP_SPECIALIZE)
+    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_ptr, flags_ptr, M, N, K, R,
+                     keep_stride, keep_scale, h_scale, Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, PRODUCE_H,
+                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE)
 
 
 @triton.jit
-def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_ptr,
-                          M, N, K, R, keep_stride, keep_scale,
+def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_ptr, src_ptr, flags_ptr,
+                          M, N, K, R, keep_stride, keep_scale, h_scale,
                           Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
+                          SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                           FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """The same GEMM over plain pointers, its descriptors made on the device: the form a C++ caller launches
@@ -94,38 +96,85 @@ def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_pt
     else:
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
     out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
-    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, M, N, K, R, keep_stride, keep_scale,
-                     Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS,
-                     FLATTEN, WARP_SPECIALIZE)
+    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_ptr, flags_ptr, M, N, K, R,
+                     keep_stride, keep_scale, h_scale, Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, PRODUCE_H,
+                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE)
 
 
 @triton.jit
-def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, M, N, K, R, keep_stride,
-                     keep_scale, Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+def _tile_of(tile, num_m, num_n, PRODUCE_H: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile `tile`'s (row, column) block. With PRODUCE_H the first num_m tiles are the producers, column block 0 of
+    each row block, so that every other tile's producer has a lower number; the rest in grouped order."""
+    if PRODUCE_H:
+        if tile < num_m:
+            pid_m = tile
+            pid_n = 0
+        else:
+            pid_m, pid_n = _tile_coords(tile - num_m, num_m, num_n - 1, GROUP_M)
+            pid_n += 1
+    else:
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+    return pid_m, pid_n
+
+
+@triton.jit
+def _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR: tl.constexpr, PRODUCE: tl.constexpr,
+            SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+            WARP_SPECIALIZE: tl.constexpr):
+    """acc += X[m0:, :]·Y[:, n0:] over K; with PRODUCE also X[m0:, :]·srcᵀ (BM×BR, fp32) from the same X tiles."""
+    h_acc = tl.zeros((BM, BR), dtype=tl.float32)
+    ranks = tl.arange(0, BR)
+    for kk in tl.range(k_tiles, warp_specialize=WARP_SPECIALIZE):
+        a = x_desc.load([m0, kk * BK])
+        if Y_KMAJOR:
+            b = y_desc.load([n0, kk * BK]).T
+        else:
+            b = y_desc.load([kk * BK, n0])
+        acc = tl.dot(a, b, acc)
+        if PRODUCE:
+            ks = kk * BK + tl.arange(0, BK)
+            if SRC_RMAJOR:
+                src = tl.load(src_ptr + ranks[None, :] * K + ks[:, None],
+                              mask=(ranks[None, :] < R) & (ks[:, None] < K), other=0.0)
+            else:
+                src = tl.load(src_ptr + ks[:, None] * R + ranks[None, :],
+                              mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
+            h_acc = tl.dot(a, src.to(a.dtype), h_acc)
+    return acc, h_acc
+
+
+@triton.jit
+def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_ptr, flags_ptr, M, N, K, R,
+                     keep_stride, keep_scale, h_scale, Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr,
+                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
+                     SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
+                     WARP_SPECIALIZE: tl.constexpr):
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
+    ranks = tl.arange(0, BR)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, PRODUCE_H, GROUP_M)
         m0 = pid_m * BM
         n0 = pid_n * BN
         rows = m0 + tl.arange(0, BM)
         cols = n0 + tl.arange(0, BN)
+        h_at = h_ptr + rows[:, None] * R + ranks[None, :]
+        h_inside = (rows[:, None] < M) & (ranks[None, :] < R)
         if HAS_LORA:
             # The term's operands are plain loads issued before the K loop: their latency hides under it (a TMA
-            # load after the loop waited ~2 µs a tile, 4 % of the GEMM at 8192×14336 on an H100)
-            ranks = tl.arange(0, BR)
-            h = tl.load(h_ptr + rows[:, None] * R + ranks[None, :], mask=(rows[:, None] < M) & (ranks[None, :] < R),
-                        other=0.0)
+            # load after the loop waited ~2 µs a tile, 4 % of the GEMM at 8192×14336 on an H100). Adapters in
+            # another dtype (fp32) are rounded to the GEMM's, as autocast rounds them for cuBLAS.
+            if not PRODUCE_H:
+                h = tl.load(h_at, mask=h_inside, other=0.0)
             if L_RMAJOR:  # L stored R×N (dx: A as the adapter holds it)
                 low = tl.load(l_ptr + ranks[:, None] * N + cols[None, :],
                               mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0)
             else:  # L stored N×R (forward: B)
                 low = tl.load(l_ptr + cols[:, None] * R + ranks[None, :],
                               mask=(cols[:, None] < N) & (ranks[None, :] < R), other=0.0).T
+            low = low.to(out_desc.dtype)
         if HAS_KEEP:
             # dropout on the term alone: the term first, scaled by the keep bits / (1−p), and the K loop accumulates
             # onto it, so one fp32 tile is live (a second one after the loop spilled: 1.8× the plain GEMM's time).
@@ -140,13 +189,30 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
             acc = tl.dot(h, low) * (keep.to(tl.float32) * keep_scale)
         else:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kk in tl.range(k_tiles, warp_specialize=WARP_SPECIALIZE):
-            a = x_desc.load([m0, kk * BK])
-            if Y_KMAJOR:
-                b = y_desc.load([n0, kk * BK]).T
+        if PRODUCE_H:
+            tl.static_assert(HAS_LORA and not HAS_KEEP, "a produced h needs the term after the K loop")
+            if pid_n == 0:
+                # the producer: h = h_scale · X·srcᵀ from the X tiles the K loop loads anyway (src: the shrink's
+                # adapter, R×K as the forward's A is stored, or K×R as dx's B), one narrow MMA more a K step, then
+                # published for the row block's other tiles, which wait for it only at their term step (the separate
+                # shrink kernel read all of X once more: 42 µs at 8192×4096 on an H100)
+                acc, h_acc = _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, True, SRC_RMAJOR,
+                                     BM, BK, BR, WARP_SPECIALIZE)
+                h = (h_acc * h_scale).to(h_ptr.dtype.element_ty)
+                tl.store(h_at, h, mask=h_inside)
+                tl.debug_barrier()  # (every thread's part of h stored before the flag says so)
+                tl.atomic_xchg(flags_ptr + pid_m, 1, sem="release", scope="gpu")
             else:
-                b = y_desc.load([kk * BK, n0])
-            acc = tl.dot(a, b, acc)
+                acc, _ = _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, False, SRC_RMAJOR,
+                                 BM, BK, BR, WARP_SPECIALIZE)
+                # the row block's producer has a lower tile number, so it runs or ran on a program already resident
+                # (the grid is at most one program a multiprocessor: all of them resident at once)
+                while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") == 0:
+                    pass
+                h = tl.load(h_at, mask=h_inside, other=0.0, cache_modifier=".cg")
+        else:
+            acc, _ = _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, False, SRC_RMAJOR,
+                             BM, BK, BR, WARP_SPECIALIZE)
         if HAS_LORA and not HAS_KEEP:  # one more MMA step into the same accumulator
             acc = tl.dot(h, low, acc)
         if HAS_BIAS:
@@ -156,19 +222,38 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
 
 def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tensor | None = None,
               low: torch.Tensor | None = None, low_rmajor: bool = False, bias: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None, p: float = 0.0, out: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None, p: float = 0.0, src: torch.Tensor | None = None,
+              src_rmajor: bool = False, h_scale: float = 1.0, out: torch.Tensor | None = None,
               config: dict | None = None, num_programs: int | None = None) -> torch.Tensor:
     """out (M×N) = x·(y_kmajor ? yᵀ : y) + [h·(low_rmajor ? low : lowᵀ)] ⊙ [keep / (1−p)] + bias.
 
     x (M×K), y (N×K or K×N), h (M×R), low (N×R, or R×N with low_rmajor), keep: uint8 bits M×(N/8) (bit j of byte c
     keeps column 8c + j), bias (N). All 2-D contiguous in one dtype (bf16 / fp16; fp32 in the interpreter), rows
-    16-byte aligned (widths multiples of 8), as TMA needs."""
+    16-byte aligned (widths multiples of 8), as TMA needs; low and src may be in another dtype (fp32 adapters).
+    With `src` (R×K with src_rmajor, else K×R) the kernel makes h itself, h = h_scale · x·srcᵀ rounded to x's dtype,
+    and writes it into `h` (lora_gemm_h also returns it)."""
+    return lora_gemm_h(x, y, y_kmajor=y_kmajor, h=h, low=low, low_rmajor=low_rmajor, bias=bias, keep=keep, p=p,
+                       src=src, src_rmajor=src_rmajor, h_scale=h_scale, out=out, config=config,
+                       num_programs=num_programs)[0]
+
+
+def lora_gemm_h(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None, keep=None, p=0.0, src=None,
+                src_rmajor=False, h_scale=1.0, out=None, config=None, num_programs=None):
+    """lora_gemm, returning (out, h): h as given, or as the kernel made it from `src`."""
     if TensorDescriptor is None:
         raise RuntimeError("lora_gemm needs Triton's host TMA descriptors (triton.tools.tensor_descriptor)")
     m, k = x.shape
     n = y.shape[0] if y_kmajor else y.shape[1]
     if (y.shape[1] if y_kmajor else y.shape[0]) != k:
         raise ValueError(f"lora_gemm: x is {tuple(x.shape)}, y {tuple(y.shape)} (y_kmajor={y_kmajor})")
+    produce = src is not None
+    if produce:
+        r = src.shape[0] if src_rmajor else src.shape[1]
+        if (src.shape[1] if src_rmajor else src.shape[0]) != k or keep is not None:
+            raise ValueError(f"lora_gemm: src is {tuple(src.shape)} (src_rmajor={src_rmajor}) for x {tuple(x.shape)}"
+                             "; a produced h goes without keep bits")
+        if h is None:
+            h = torch.empty(m, r, device=x.device, dtype=x.dtype)
     has_lora = h is not None
     if has_lora != (low is not None) or (keep is not None and not has_lora):
         raise ValueError("lora_gemm: h and low come together, and keep bits only with them")
@@ -188,24 +273,32 @@ def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tens
             raise ValueError(f"lora_gemm: h is {tuple(h.shape)}, low {tuple(low.shape)} (low_rmajor={low_rmajor}), "
                              f"out {m}×{n}")
     if num_programs is None:
-        num_programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        # (the interpreter runs programs one after another: a consumer tile must not come before its producer's)
+        num_programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else \
+            1 if produce else 4
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = max(1, min(num_programs, tiles))
+    flags = torch.zeros(triton.cdiv(m, bm) if produce else 1, device=x.device, dtype=torch.int32)
     dummy = out  # (pointer arguments of branches that are compiled out)
     _lora_gemm_kernel[(programs,)](
         x_desc, y_desc, h if has_lora else dummy, low if has_lora else dummy, out_desc,
-        bias if bias is not None else dummy, keep if keep is not None else dummy, m, n, k, r, n // 8,
-        1.0 / (1.0 - p) if keep is not None else 1.0,
+        bias if bias is not None else dummy, keep if keep is not None else dummy, src if produce else dummy, flags,
+        m, n, k, r, n // 8, 1.0 / (1.0 - p) if keep is not None else 1.0, float(h_scale),
         Y_KMAJOR=y_kmajor, L_RMAJOR=low_rmajor, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        HAS_KEEP=keep is not None, BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=group_m, NUM_PROGRAMS=programs,
-        FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, **cfg)
-    return out
+        HAS_KEEP=keep is not None, PRODUCE_H=produce, SRC_RMAJOR=src_rmajor, BM=bm, BN=bn, BK=bk, BR=br,
+        GROUP_M=group_m, NUM_PROGRAMS=programs, FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, **cfg)
+    return out, h
 
 
-def reference(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None, keep=None, p=0.0):
-    """lora_gemm in fp32 torch ops (the keep bits unpacked), rounded to x's dtype once."""
+def reference(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None, keep=None, p=0.0, src=None,
+              src_rmajor=False, h_scale=1.0):
+    """lora_gemm in fp32 torch ops (the keep bits unpacked), rounded to x's dtype once; with `src`, h made as the
+    kernel makes it (the adapter rounded to x's dtype, the product scaled and rounded)."""
+    if src is not None:
+        h = reference_h(x, src, src_rmajor=src_rmajor, h_scale=h_scale)
     out = x.float() @ (y.float().t() if y_kmajor else y.float())
     if h is not None:
+        low = low.to(x.dtype)
         term = h.float() @ (low.float() if low_rmajor else low.float().t())
         if keep is not None:
             bits = (keep.long()[:, :, None] >> torch.arange(8, device=keep.device)) & 1
@@ -216,11 +309,17 @@ def reference(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None, 
     return out.to(x.dtype)
 
 
+def reference_h(x, src, *, src_rmajor, h_scale):
+    """The h that lora_gemm makes from `src`: h_scale · x·srcᵀ in fp32, src rounded to x's dtype first."""
+    s = src.to(x.dtype).float()
+    return (x.float() @ (s.t() if src_rmajor else s) * h_scale).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Ahead-of-time form for a C++ launcher (csrc/triton_launch.h): one cubin a flag set, tile config and rank block
 
 _PTX_KINDS = {".u64": "p", ".b64": "p", ".u32": "i", ".b32": "i", ".s32": "i", ".f32": "f"}
-USER_PARAMS = 13  # _lora_gemm_ptr_kernel's runtime arguments, before Triton's hidden scratch pointers
+USER_PARAMS = 16  # _lora_gemm_ptr_kernel's runtime arguments, before Triton's hidden scratch pointers
 
 
 def _param_kinds(ptx: str, name: str) -> str:
@@ -239,26 +338,32 @@ def _param_kinds(ptx: str, name: str) -> str:
 
 
 def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_rmajor: bool, has_lora: bool,
-                    has_bias: bool, has_keep: bool, rank_block: int, num_programs: int,
-                    config: dict | None = None) -> dict:
+                    has_bias: bool, has_keep: bool, rank_block: int, num_programs: int, produce_h: bool = False,
+                    adapter_dtype: torch.dtype | None = None, config: dict | None = None) -> dict:
     """_lora_gemm_ptr_kernel compiled for one GPU architecture (capability 90 for sm_90) and one set of flags: the
     cubin and what a launcher needs (entry name, tile BM×BN, dynamic shared memory, threads, Triton's scratch bytes a
-    program and their alignment, parameter kinds). Arguments, in order: x, y, h, low, out, bias, keep pointers (16-byte
-    aligned; any valid pointer where a flag leaves one out), M, N, K, R, keep_stride (int32), keep_scale (fp32)."""
+    program and their alignment, parameter kinds). Arguments, in order: x, y, h, low, out, bias, keep, src, flags
+    pointers (16-byte aligned; any valid pointer where a flag leaves one out), M, N, K, R, keep_stride (int32),
+    keep_scale, h_scale (fp32). produce_h: the kernel makes h from src (SRC_RMAJOR with low_rmajor's opposite: the
+    forward's src is A, R×K, dx's is B, K×R) and needs flags zeroed (one int32 a BM-row block); low and src are read
+    in adapter_dtype (None: dtype)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     cfg = _fitting_config(config, rank_block, has_keep)
-    element = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+    element, adapter = types[dtype], types[adapter_dtype or dtype]
     signature = {name: element for name in ("x_ptr", "y_ptr", "h_ptr", "l_ptr", "out_ptr", "bias_ptr")}
-    signature.update({"keep_ptr": "*u8", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "keep_stride": "i32",
-                      "keep_scale": "fp32"})
+    signature.update({"l_ptr": adapter, "keep_ptr": "*u8", "src_ptr": adapter, "flags_ptr": "*i32", "M": "i32",
+                      "N": "i32", "K": "i32", "R": "i32", "keep_stride": "i32", "keep_scale": "fp32",
+                      "h_scale": "fp32"})
     constexprs = {"Y_KMAJOR": y_kmajor, "L_RMAJOR": low_rmajor, "HAS_LORA": has_lora, "HAS_BIAS": has_bias,
-                  "HAS_KEEP": has_keep, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "BR": rank_block,
+                  "HAS_KEEP": has_keep, "PRODUCE_H": produce_h, "SRC_RMAJOR": not low_rmajor, "BM": cfg["BM"],
+                  "BN": cfg["BN"], "BK": cfg["BK"], "BR": rank_block,
                   "GROUP_M": cfg["GROUP_M"], "NUM_PROGRAMS": num_programs, "FLATTEN": cfg.get("FLATTEN", False),
                   "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False)}
     signature.update({name: "constexpr" for name in constexprs})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}  # the pointers: 16-byte aligned, as TMA needs
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}  # the pointers: 16-byte aligned, as TMA needs
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     try:
         compiled = triton.compile(ASTSource(fn=_lora_gemm_ptr_kernel, signature=signature, constexprs=constexprs,
@@ -270,12 +375,14 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
         if not torch.cuda.is_available():
             raise
         t = torch.empty(64, device="cuda", dtype=dtype)
+        ad = torch.empty(64, device="cuda", dtype=adapter_dtype or dtype)
         u8 = torch.empty(64, device="cuda", dtype=torch.uint8)
-        compiled = _lora_gemm_ptr_kernel.warmup(t, t, t, t, t, t, u8, 17, 17, 17, 17, 17, 1.0, grid=(1,),
-                                                **constexprs, **options)
+        i32 = torch.empty(64, device="cuda", dtype=torch.int32)
+        compiled = _lora_gemm_ptr_kernel.warmup(t, t, t, ad, t, t, u8, ad, i32, 17, 17, 17, 17, 17, 1.0, 1.0,
+                                                grid=(1,), **constexprs, **options)
     meta = compiled.metadata
     kinds = _param_kinds(compiled.asm["ptx"], meta.name)
-    if kinds[:USER_PARAMS] != "ppppppp" + "iiiii" + "f" or set(kinds[USER_PARAMS:]) - {"p"}:
+    if kinds[:USER_PARAMS] != "p" * 9 + "i" * 5 + "ff" or set(kinds[USER_PARAMS:]) - {"p"}:
         raise RuntimeError(f"{meta.name}: unexpected parameter layout {kinds!r} for this Triton build")
     return {"cubin": compiled.asm["cubin"], "name": meta.name, "BM": cfg["BM"], "BN": cfg["BN"],
             "shared": meta.shared, "num_warps": meta.num_warps,
@@ -286,63 +393,76 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
 
 class CppLoraGemm:
     """lora_gemm launched by peft_fast._C (csrc/triton_launch.h) instead of Triton's Python launcher: compiled once
-    for this GPU and these flags, then each call is one C++ launch. For tests and probes until the C++ node calls it."""
+    for this GPU and these flags, then each call is one C++ launch. For tests and probes of the node's kernels."""
 
     def __init__(self, ext, device: torch.device, dtype: torch.dtype, *, y_kmajor: bool, low_rmajor: bool = False,
-                 has_lora: bool = False, has_bias: bool = False, has_keep: bool = False, rank: int = 16,
-                 config: dict | None = None):
+                 has_lora: bool = False, has_bias: bool = False, has_keep: bool = False, produce_h: bool = False,
+                 adapter_dtype: torch.dtype | None = None, rank: int = 16, config: dict | None = None):
         major, minor = torch.cuda.get_device_capability(device)
         self.num_programs = torch.cuda.get_device_properties(device).multi_processor_count
         self.flags = dict(y_kmajor=y_kmajor, low_rmajor=low_rmajor, has_lora=has_lora, has_bias=has_bias,
-                          has_keep=has_keep)
+                          has_keep=has_keep, produce_h=produce_h)
         built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, rank_block=_block_r(rank),
-                                num_programs=self.num_programs, config=config, **self.flags)
+                                num_programs=self.num_programs, adapter_dtype=adapter_dtype, config=config,
+                                **self.flags)
         self.tile = built["BM"], built["BN"]
         self.ext = ext
         self.id = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
                                              built["scratch_bytes"], built["scratch_align"], built["kinds"],
                                              USER_PARAMS)
 
-    def __call__(self, x, y, out, h=None, low=None, bias=None, keep=None, p: float = 0.0):
+    def __call__(self, x, y, out, h=None, low=None, bias=None, keep=None, p: float = 0.0, src=None,
+                 h_scale: float = 1.0):
+        """out as lora_gemm computes it; with the produce_h kernel, h is the M×R output and src its adapter."""
         m, k = x.shape
         n = out.shape[1]
         r = h.shape[1] if h is not None else 0
         tiles = triton.cdiv(m, self.tile[0]) * triton.cdiv(n, self.tile[1])
+        flags = torch.zeros(triton.cdiv(m, self.tile[0]), device=x.device, dtype=torch.int32)
         args = [x, y, h if h is not None else x, low if low is not None else x, out,
-                bias if bias is not None else out, keep if keep is not None else out, m, n, k, r, n // 8,
-                1.0 / (1.0 - p) if keep is not None else 1.0]
+                bias if bias is not None else out, keep if keep is not None else out, src if src is not None else x,
+                flags, m, n, k, r, n // 8, 1.0 / (1.0 - p) if keep is not None else 1.0, float(h_scale)]
         self.ext.triton_kernel_launch(self.id, min(self.num_programs, tiles), args)
         return out
 
 
 def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bfloat16, ranks=(16,), kn=(False,),
-                      config: dict | None = None, dx_dropout: bool = True) -> dict:
+                      config: dict | None = None, dx_dropout: bool = True, plain: bool = True,
+                      produce_adapters=()) -> dict:
     """Compile the node's one-GEMM route kernels for this GPU and register them with peft_fast._C
-    (lora_kernels_register_tma): per rank block and weight layout (kn: Conv1D's K×N weight), the forward with and
-    without bias and dx with and without dropout bits (dx_dropout=False: without, and a dx with dropout takes the
-    default route, its kernel unregistered). The route itself stays off until `ext.lora_kernels_set_tma_rows(rows)`.
-    Returns the kernel ids registered, by (rank block, kn, dx, bias or keep bits). `config`: one tile config for
-    all (None: each kernel's default, KEEP_CONFIG for dx with keep bits)."""
+    (lora_kernels_register_tma): per rank block and weight layout (kn: Conv1D's K×N weight), with `plain` the
+    forward with and without bias and dx with and without dropout bits, which read h (dx_dropout=False: no dx with
+    bits, and a dx with dropout takes the default route, its kernel unregistered); for each adapter dtype of
+    `produce_adapters` (fp32, or `dtype` itself) the producing forward, with and without bias, and dx, which make h
+    themselves (the node takes them without dropout). The route itself stays off until
+    `ext.lora_kernels_set_tma_rows(rows)`. Returns the kernel ids registered, by (rank block, kn, dx, bias or keep
+    bits, producing adapter dtype or None). `config`: one tile config for all (None: each kernel's default,
+    KEEP_CONFIG for dx with keep bits)."""
     major, minor = torch.cuda.get_device_capability(device)
     programs = torch.cuda.get_device_properties(device).multi_processor_count
+    bf16 = dtype == torch.bfloat16
+    kinds = [(dx, flag, None) for dx, flag in ((False, False), (False, True), (True, False), (True, True)) if plain]
+    kinds += [(dx, flag, adapter) for adapter in produce_adapters for dx, flag in ((False, False), (False, True),
+                                                                                   (True, False))]
     registered = {}
     for rank in ranks:
         block = _block_r(rank)
         for layout in kn:
-            for dx, flag in ((False, False), (False, True), (True, False), (True, True)):
+            for dx, flag, adapter in kinds:
                 if dx and flag and not dx_dropout:
-                    ext.lora_kernels_register_tma(True, dtype == torch.bfloat16, layout, False, True, block, -1, 0, 0,
-                                                  0)
+                    ext.lora_kernels_register_tma(True, bf16, layout, False, True, block, -1, 0, 0, 0)
                     continue
                 # (forward reads W as stored, N×K: k-major; dx reads it as K×N rows; Conv1D's K×N the other way)
                 y_kmajor = layout if dx else not layout
                 built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, y_kmajor=y_kmajor, low_rmajor=dx,
                                         has_lora=True, has_bias=flag and not dx, has_keep=flag and dx,
-                                        rank_block=block, num_programs=programs, config=config)
+                                        rank_block=block, num_programs=programs, produce_h=adapter is not None,
+                                        adapter_dtype=adapter, config=config)
                 kernel = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
                                                     built["scratch_bytes"], built["scratch_align"], built["kinds"],
                                                     USER_PARAMS)
-                ext.lora_kernels_register_tma(dx, dtype == torch.bfloat16, layout, flag and not dx, flag and dx, block,
-                                              kernel, programs, built["BM"], built["BN"], major)
-                registered[block, layout, dx, flag] = kernel
+                ext.lora_kernels_register_tma(dx, bf16, layout, flag and not dx, flag and dx, block, kernel, programs,
+                                              built["BM"], built["BN"], major, adapter is not None,
+                                              adapter == torch.float32)
+                registered[block, layout, dx, flag, adapter] = kernel
     return registered

@@ -254,19 +254,27 @@ def one_gemm_route():
     layer fwd+bwd on the route against the default route (the threshold restored after), to bf16 accuracy, with the
     Triton GEMM launched for forward and dx (for forward alone where `dx_dropout` is False and dropout is on: dx on
     the default route after the route's forward). `backend` "auto" for a layer whose flat path only auto mode takes
-    (the QLoRA node)."""
+    (the QLoRA node). `produce`: the GEMMs that make h themselves registered (for fp32 and bf16 adapters), which the
+    node takes without dropout: then no rows kernel runs at all."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
     from peft_fast.kernels import lora_gemm_tma as G
     from peft_fast.ops import one_gemm
 
-    def check(layer, x, dy, seed, backend="cuda", dx_dropout=True):
+    def check(layer, x, dy, seed, backend="cuda", dx_dropout=True, produce=False):
         one_gemm.ensure(x, 16, False, torch.bfloat16)  # (the layer's first call would, and set the rows)
         before = _C.lora_kernels_tma_rows()
+        adapters = (torch.float32, torch.bfloat16)
         try:
             _C.lora_kernels_set_tma_rows(1 << 62)  # the default route
             want = lora_fwd_bwd(layer, x, dy, backend, kernels=True, seed=seed)
-            G.register_for_node(_C, torch.device("cuda"), torch.bfloat16, ranks=(16,), dx_dropout=dx_dropout)
+            G.register_for_node(_C, torch.device("cuda"), torch.bfloat16, ranks=(16,), dx_dropout=dx_dropout,
+                                produce_adapters=adapters if produce else ())
+            if not produce:  # (ensure may have registered them: dispatch.ONE_GEMM_PRODUCE)
+                for adapter in adapters:
+                    for dx, bias in ((False, False), (False, True), (True, False)):
+                        _C.lora_kernels_register_tma(dx, True, False, bias, False, 16, -1, 0, 0, 0, 9, True,
+                                                     adapter == torch.float32)
             _C.lora_kernels_set_tma_rows(0)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 got = lora_fwd_bwd(layer, x, dy, backend, kernels=True, seed=seed)
@@ -274,8 +282,11 @@ def one_gemm_route():
         finally:
             _C.lora_kernels_set_tma_rows(before)
         launched = [e.name for e in prof.events() if "lora_gemm_ptr_kernel" in e.name]
+        rows_kernels = [e.name for e in prof.events() if "lora_rows" in e.name]
         dropout = any(m.p > 0 for m in layer.modules() if isinstance(m, nn.Dropout))
         assert len(launched) == (1 if dropout and not dx_dropout else 2), launched  # forward and dx
+        # (producing: h and gs come from the GEMMs, no shrink before them; else one a direction at least)
+        assert (len(rows_kernels) == 0) == (produce and not dropout), rows_kernels
         for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
             assert g.dtype == w.dtype and rel_err(g, w) < 2 * TOL[torch.bfloat16], (name, rel_err(g, w))
     return check
@@ -301,16 +312,29 @@ def test_one_gemm_route_is_not_set_up_inside_a_cuda_graph_capture():
     assert key in one_gemm._done and not one_gemm._failed
 
 
-@pytest.mark.parametrize("p,dx_dropout", [(0.0, True), (0.1, True), (0.1, False)])
+@pytest.mark.parametrize("p,dx_dropout,produce", [(0.0, True, False), (0.1, True, False), (0.1, False, False),
+                                                  (0.0, True, True), (0.1, False, True)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_gemm_route_matches_the_default_route(one_gemm_route, p, dx_dropout, bias):
+def test_one_gemm_route_matches_the_default_route(one_gemm_route, p, dx_dropout, produce, bias):
     """The node's one-GEMM route (kernels/lora_gemm_tma.py launched from C++) gives the default
-    route's y, dx, dA, dB to bf16 accuracy, with the same dropout bits; and it is the Triton GEMM that ran."""
+    route's y, dx, dA, dB to bf16 accuracy, with the same dropout bits; and it is the Triton GEMM that ran (with the
+    producing kernels, at p 0 the only kernels before the reduce; with dropout the forward reads the shrink's h)."""
     m, k, n = 2048, 1024, 1536
     layer = lora_linear_layer(k, n, 16, p, torch.bfloat16, True, bias).train()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    one_gemm_route(layer, x, dy, seed=3, dx_dropout=dx_dropout)
+    one_gemm_route(layer, x, dy, seed=3, dx_dropout=dx_dropout, produce=produce)
+
+
+def test_one_gemm_route_producing_h_with_bf16_adapters_and_odd_rows(one_gemm_route):
+    """Adapters in bf16 (no rounding in the kernel) and a row count that leaves the last row block partial: the
+    producer's h of that block is masked, its consumers wait for it like any other."""
+    m, k, n = 2000, 1024, 1536
+    layer = lora_linear_layer(k, n, 16, 0.0, torch.bfloat16, False, False).train()
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    one_gemm_route(layer, x, dy, seed=4, produce=True)
 
 
 def test_one_gemm_route_takes_the_qlora_node_too(one_gemm_route):
@@ -326,6 +350,8 @@ def test_one_gemm_route_takes_the_qlora_node_too(one_gemm_route):
     x = torch.randn(m, k, device="cuda", dtype=dt)
     dy = torch.randn(m, n, device="cuda", dtype=dt)
     one_gemm_route(layer, x, dy, seed=5, backend="auto")
+    layer.lora_dropout["default"].p = 0.0
+    one_gemm_route(layer, x, dy, seed=5, backend="auto", produce=True)
 
 
 @pytest.mark.parametrize("fp32_adapters", [True, False])

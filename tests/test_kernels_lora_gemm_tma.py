@@ -18,9 +18,13 @@ def _operands(m, n, k, r, dtype, device, seed=0):
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+    def adapter(*shape, scale):  # (fp32, as PEFT keeps adapters by default)
+        return torch.randn(*shape, generator=g, device=device) * scale
     return {"x": rand(m, k), "w": rand(n, k, scale=k**-0.5), "w_t": rand(k, n, scale=k**-0.5), "h": rand(m, r),
             "b": rand(n, r, scale=r**-0.5), "a": rand(r, n, scale=r**-0.5), "bias": rand(n),
-            "keep": torch.randint(0, 256, (m, n // 8), dtype=torch.uint8, generator=g, device=device)}
+            "keep": torch.randint(0, 256, (m, n // 8), dtype=torch.uint8, generator=g, device=device),
+            "shrink_a": adapter(r, k, scale=k**-0.5), "shrink_b": adapter(k, r, scale=k**-0.5),
+            "b32": adapter(n, r, scale=r**-0.5), "a32": adapter(r, n, scale=r**-0.5)}
 
 
 def _check(got, want, dtype):
@@ -35,6 +39,11 @@ CASES = [  # (what, kwargs builder): the forward form, dx with dropout bits, and
                                        keep=o["keep"], p=0.25)),
     ("dx", lambda o: dict(x=o["x"], y=o["w_t"], y_kmajor=False, h=o["h"], low=o["a"], low_rmajor=True)),
     ("plain", lambda o: dict(x=o["x"], y=o["w"], y_kmajor=True)),
+    # h made by the kernel from fp32 adapters: the forward's h = s·x·Aᵀ (A stored r×K), dx's gs = s·dy·B (B K×r here)
+    ("forward producing h", lambda o: dict(x=o["x"], y=o["w"], y_kmajor=True, low=o["b32"], bias=o["bias"],
+                                           src=o["shrink_a"], src_rmajor=True, h_scale=1.5)),
+    ("dx producing h", lambda o: dict(x=o["x"], y=o["w_t"], y_kmajor=False, low=o["a32"], low_rmajor=True,
+                                      src=o["shrink_b"], src_rmajor=False, h_scale=0.75)),
 ]
 
 
@@ -43,7 +52,30 @@ CASES = [  # (what, kwargs builder): the forward form, dx with dropout bits, and
 @pytest.mark.parametrize("m,n,k,r", [(40, 48, 40, 16), (33, 24, 56, 8)])
 def test_lora_gemm_matches_reference_in_the_interpreter(what, build, m, n, k, r):
     args = build(_operands(m, n, k, r, torch.float32, "cpu"))
-    _check(G.lora_gemm(**args, config=SMALL), G.reference(**args), torch.float32)
+    _check_with_h(args, config=SMALL)
+
+
+def _check_with_h(args, **launch):
+    """out against the reference, and a produced h against reference_h (to the dtype's accuracy)."""
+    out, h = G.lora_gemm_h(**args, **launch)
+    dtype = args["x"].dtype
+    _check(out, G.reference(**args), dtype)
+    if "src" in args:
+        _check(h, G.reference_h(args["x"], args["src"], src_rmajor=args["src_rmajor"], h_scale=args["h_scale"]),
+               dtype)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="interpreter tests")
+def test_produced_h_reaches_every_column_block():
+    """Several column blocks a row block: the tiles after the producer use its h (a wrong or missing h shows in their
+    columns of the output, not in column block 0's)."""
+    o = _operands(48, 80, 32, 8, torch.float32, "cpu", seed=4)
+    args = dict(x=o["x"], y=o["w"], y_kmajor=True, low=o["b32"], src=o["shrink_a"], src_rmajor=True, h_scale=2.0)
+    out, _ = G.lora_gemm_h(**args, config=SMALL)
+    want = G.reference(**args)
+    plain = G.reference(**{**args, "src": None, "low": None})
+    assert (want[:, 16:] - plain[:, 16:]).abs().max() > 0.1  # the term is a clear share of those columns
+    _check(out[:, 16:], want[:, 16:], torch.float32)
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="interpreter tests")
@@ -53,6 +85,11 @@ def test_lora_gemm_refuses_mismatched_operands():
         G.lora_gemm(o["x"], o["w"], y_kmajor=True, h=o["h"], config=SMALL)
     with pytest.raises(ValueError, match="x is"):
         G.lora_gemm(o["x"], o["w_t"], y_kmajor=True, config=SMALL)
+    with pytest.raises(ValueError, match="src is"):  # A for the forward is r×K: given as K×r
+        G.lora_gemm(o["x"], o["w"], y_kmajor=True, low=o["b32"], src=o["shrink_b"], src_rmajor=True, config=SMALL)
+    with pytest.raises(ValueError, match="without keep bits"):
+        G.lora_gemm(o["x"], o["w"], y_kmajor=True, low=o["b32"], src=o["shrink_a"], src_rmajor=True,
+                    keep=o["keep"], config=SMALL)
 
 
 @pytest.mark.gpu
@@ -62,7 +99,7 @@ def test_lora_gemm_matches_reference_on_hopper(what, build, m, n, k, r):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
     args = build(_operands(m, n, k, r, torch.bfloat16, "cuda"))
-    _check(G.lora_gemm(**args), G.reference(**args), torch.bfloat16)
+    _check_with_h(args)
 
 
 _AOT = """
@@ -89,7 +126,7 @@ def test_compiles_ahead_of_time_for_hopper_with_the_parameter_layout_the_cpp_lau
     built = json.loads(run.stdout.strip().splitlines()[-1])
     assert built["cubin"] == "7f454c46" and built["name"] == "_lora_gemm_ptr_kernel"  # an ELF cubin
     kinds, user = built["kinds"], built["user"]
-    assert kinds.startswith("ppppppp" + "iiiii" + "f") and len(kinds) > user and set(kinds[user:]) == {"p"}
+    assert kinds.startswith("p" * 9 + "i" * 5 + "ff") and len(kinds) > user and set(kinds[user:]) == {"p"}
     assert built["scratch_bytes"] >= 3 * 128  # three device-made TMA descriptors a program (x, W, out)
     assert built["shared"] > 48 * 1024 and built["num_warps"] == 8
 
@@ -133,11 +170,16 @@ def test_cpp_launch_equals_the_python_launch(what, build):
     if _C is None or not hasattr(_C, "triton_kernel_register"):
         pytest.skip("peft_fast._C is not built")
     args = build(_operands(4096, 3072, 1024, 16, torch.bfloat16, "cuda", seed=2))
+    produce = "src" in args
     launcher = G.CppLoraGemm(_C, torch.device("cuda"), torch.bfloat16, y_kmajor=args["y_kmajor"],
-                             low_rmajor=args.get("low_rmajor", False), has_lora="h" in args,
-                             has_bias="bias" in args, has_keep="keep" in args)
-    want = G.lora_gemm(**args)
-    got = launcher(args["x"], args["y"], torch.empty_like(want), h=args.get("h"), low=args.get("low"),
-                   bias=args.get("bias"), keep=args.get("keep"), p=args.get("p", 0.0))
+                             low_rmajor=args.get("low_rmajor", False), has_lora="h" in args or produce,
+                             has_bias="bias" in args, has_keep="keep" in args, produce_h=produce,
+                             adapter_dtype=args["low"].dtype if produce else None)
+    want, want_h = G.lora_gemm_h(**args)
+    h = torch.empty_like(want_h) if produce else args.get("h")
+    got = launcher(args["x"], args["y"], torch.empty_like(want), h=h, low=args.get("low"), bias=args.get("bias"),
+                   keep=args.get("keep"), p=args.get("p", 0.0), src=args.get("src"), h_scale=args.get("h_scale", 1.0))
     torch.cuda.synchronize()
     assert torch.equal(got, want)
+    if produce:
+        assert torch.equal(h, want_h)

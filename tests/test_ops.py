@@ -302,3 +302,20 @@ def test_one_gemm_rows_setting_and_its_noop_when_off_or_on_the_cpu(monkeypatch):
     monkeypatch.setattr(dispatch, "ONE_GEMM_MIN_ROWS", 0)
     one_gemm.ensure(x, 16, False, torch.bfloat16)
     assert not one_gemm._done and not one_gemm._failed
+
+
+def test_one_gemm_produce_setting_is_off_unless_asked_for():
+    """PEFT_FAST_ONE_GEMM_PRODUCE (read once at import): unset or 0 → off, 1 → on."""
+    import subprocess
+    import sys
+
+    code = "from peft_fast.ops import dispatch; print(dispatch.ONE_GEMM_PRODUCE)"
+    seen = {}
+    for value in (None, "0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "PEFT_FAST_ONE_GEMM_PRODUCE"}
+        if value is not None:
+            env["PEFT_FAST_ONE_GEMM_PRODUCE"] = value
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        seen[value] = run.stdout.strip().splitlines()[-1]
+    assert seen == {None: "False", "0": "False", "1": "True"}

@@ -171,7 +171,7 @@ def linear_with_lora(x: torch.Tensor, base: nn.Module, terms: list[LoraTerm]) ->
         # the node casts to `dtype` and reshapes inside (no autograd node around it); no graph node without grads
         kernels = dispatch.fused_kernels_for(x, weight.shape[1] if kn else weight.shape[0], lora_a.shape[0])
         if dispatch.ONE_GEMM_MIN_ROWS is not None and kernels:
-            one_gemm.ensure(x, lora_a.shape[0], kn, dtype)
+            one_gemm.ensure(x, lora_a.shape[0], kn, dtype, lora_a.dtype)
         return dispatch.call_node(CPP_LORA_LINEAR, x, weight, bias, lora_a, lora_b, scale, p, kn, dtype, kernels)
     k = x.shape[-1]
     x2 = _as(x.reshape(-1, k), dtype)
@@ -216,7 +216,7 @@ def eager_layer_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
     if args is None:
         return None
     if dispatch.ONE_GEMM_MIN_ROWS is not None and args[-1]:  # (args: x, W, bias, A, B, s, p, kn, dtype, kernels)
-        one_gemm.ensure(x, args[3].shape[0], args[7], args[8])
+        one_gemm.ensure(x, args[3].shape[0], args[7], args[8], args[3].dtype)
     try:
         return dispatch.call_node(CPP_LORA_LINEAR, *args)
     except torch.OutOfMemoryError:  # (dispatch.call would only run it twice more)

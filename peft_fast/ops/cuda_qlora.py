@@ -165,7 +165,7 @@ def eager_qlora_call(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor
     if args is None:
         return None
     if dispatch.ONE_GEMM_MIN_ROWS is not None and args[-1]:  # (args: x, bias, A, B, … , dtype, dequant kernel, kernels)
-        one_gemm.ensure(x, args[2].shape[0], False, args[16])
+        one_gemm.ensure(x, args[2].shape[0], False, args[16], args[2].dtype)
     try:
         out = dispatch.call_node(CPP_QLORA_LINEAR, *args)
     except torch.OutOfMemoryError:  # the step does not fit: not the node's failure (the bench's fits check)

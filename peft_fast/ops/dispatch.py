@@ -143,6 +143,11 @@ def _rows_setting(value, default: Optional[int] = None) -> Optional[int]:
 # forward alone on the route: M8192 K=N=4096 1.41× → 1.37×, M2048 K=N=2048 2.12× → 1.30×. dx with dropout stays on
 # the default route: the GEMM with the keep bits applied to its term ran 517 µs against the plain GEMM's 380 µs.
 ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"), 1024)
+# … and on it, without dropout, the GEMMs that make the low-rank product themselves (h = s·x·Aᵀ in the forward,
+# gs = s·dy·B in dx, from the tiles of column block 0, which the row block's other tiles wait for at their last MMA
+# step) instead of a shrink kernel reading x or dy once more before each GEMM. PEFT_FAST_ONE_GEMM_PRODUCE=1 turns it
+# on: off by default until the bench has measured it on a GPU (bench/RESULTS.md).
+ONE_GEMM_PRODUCE: bool = os.environ.get("PEFT_FAST_ONE_GEMM_PRODUCE", "0").strip().lower() in ("1", "on", "true")
 
 # Auto mode's rule: the fused kernels at total rank ≤ FUSED_ANY_SIZE_RANK whatever the size, and above it while
 # M·(K+N)·r ≤ FUSED_MAX_WORK; the ATen route beyond. H100, bf16, fp32 adapters, 2026-12-06 (scripts/probe_lora_kernels.py

@@ -1,8 +1,10 @@
 """Turns on the C++ node's one-GEMM route (dispatch.ONE_GEMM_MIN_ROWS says why and from how many rows): on the first
 node call of each device, dtype, rank block and weight layout, the route's Triton kernels are compiled for that GPU
 and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node; dx with dropout stays on the default
-route, whose kernels were measured faster), and the row threshold is set. Below Hopper, above rank 16 (not
-measured), or when compiling fails (one warning), the node keeps its default route. Off, nothing here runs."""
+route, whose kernels were measured faster), and the row threshold is set; with dispatch.ONE_GEMM_PRODUCE also, per
+adapter dtype, the kernels that make the low-rank product themselves (no shrink kernel before them), which the node
+takes without dropout. Below Hopper, above rank 16 (not measured), or when compiling fails (one warning), the node
+keeps its default route. Off, nothing here runs."""
 
 from __future__ import annotations
 
@@ -13,15 +15,17 @@ import torch
 from . import dispatch
 from .extension import _C
 
-_done: set = set()  # (device index, dtype, rank, kn) already registered or found unsupported
+_done: set = set()  # (device index, dtype, rank, kn[, adapter dtype]) already registered or found unsupported
 _failed = False
 
 
-def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype) -> None:
+def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype,
+           adapter_dtype: torch.dtype = torch.float32) -> None:
     """Register the route's kernels for a node call on `x` (compute dtype `dtype`, LoRA rank `rank`, K×N weight when
-    `kn`), once."""
+    `kn`, adapters in `adapter_dtype`), once."""
     key = (x.get_device(), dtype, rank, kn)
-    if key in _done:  # (every node call of a layer comes here: this test first, and no torch.device made)
+    produce_key = key + (adapter_dtype,)
+    if produce_key in _done:  # (every node call of a layer comes here: this test first, and no torch.device made)
         return
     global _failed
     rows = dispatch.ONE_GEMM_MIN_ROWS
@@ -29,13 +33,18 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype) -> None:
         return
     if torch.cuda.is_current_stream_capturing():  # (no compiling or module loading inside a CUDA-graph capture:
         return                                    # the next call outside one registers)
-    _done.add(key)
+    plain = key not in _done
+    _done.update((key, produce_key))
     if dtype not in (torch.bfloat16, torch.float16) or rank > 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return
+    produce = dispatch.ONE_GEMM_PRODUCE and adapter_dtype in (torch.float32, dtype)
+    if not plain and not produce:
         return
     try:
         from ..kernels import lora_gemm_tma
 
-        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,), dx_dropout=False)
+        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,), dx_dropout=False, plain=plain,
+                                        produce_adapters=(adapter_dtype,) if produce else ())
         _C.lora_kernels_set_tma_rows(rows)
     except Exception as err:  # noqa: BLE001 - a route that cannot be set up leaves the default one, said once
         _failed = True
