@@ -494,17 +494,28 @@ def tma_table():
     # failure is printed and the rest of the part still runs
     before = _C.lora_kernels_tma_rows()
     try:
-        keep_dx = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,))[16, False, True, True]
+        ids = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), produce_adapters=(torch.float32,))
+        keep_dx = ids[16, False, True, True, None]
+        producing = {(dx, bias): ids[16, False, dx, bias, torch.float32] for dx, bias in
+                     ((False, False), (False, True), (True, False))}
         programs = torch.cuda.get_device_properties(0).multi_processor_count
+        major = torch.cuda.get_device_capability()[0]
 
-        def choose(setting):  # (row threshold, dx-with-dropout kernel id or -1: that dx on the default route)
+        def choose(setting):
+            """(row threshold, dx-with-dropout kernel id or -1: that dx on the default route, producing kernels on)"""
             _C.lora_kernels_set_tma_rows(setting[0])
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, setting[1], programs,
-                                         G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"],
-                                         torch.cuda.get_device_capability()[0])
-        route_layer_tables([(8192, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 2048, 2048, 16)], (0.0, 0.1),
-                           {"pf, default route": (1 << 62, keep_dx), "pf, one GEMM (TMA)": (0, keep_dx),
-                            "pf, one GEMM fwd, dx with dropout default": (0, -1)}, choose)
+                                         G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"], major)
+            for (dx, bias), kernel in producing.items():
+                _C.lora_kernels_register_tma(dx, DT == torch.bfloat16, False, bias, False, 16,
+                                             kernel if setting[2] else -1, programs, G.DEFAULT_CONFIG["BM"],
+                                             G.DEFAULT_CONFIG["BN"], major, True, True)
+        route_layer_tables([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (2048, 4096, 11008, 16),
+                            (2048, 2048, 2048, 16)], (0.0, 0.1),
+                           {"pf, default route": (1 << 62, keep_dx, False),
+                            "pf, one GEMM producing h (p0)": (0, -1, True),
+                            "pf, one GEMM reading h": (0, -1, False),
+                            "pf, one GEMM, dx with dropout too": (0, keep_dx, True)}, choose)
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the one-GEMM route failed: {type(err).__name__}: {err}", flush=True)
     finally:
@@ -554,6 +565,7 @@ def tma_table():
         keep = torch.randint(0, 256, (m, k // 8), device="cuda", dtype=torch.uint8)
         y = torch.empty(m, n, device="cuda", dtype=DT)
         dx = torch.empty(m, k, device="cuda", dtype=DT)
+        a32, b32, h_out = a.float(), b.float(), torch.empty(m, r, device="cuda", dtype=DT)
 
         def default_fwd():
             term = _C.lora_kernels_forward(x, a, b, 2.0, 0.0)[0]
@@ -581,6 +593,11 @@ def tma_table():
                                                    config=cfg)),
                 "dx +term p0.1": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=gs, low=a, low_rmajor=True, keep=keep,
                                                         p=0.1, out=dx, config=cfg)),
+                # h made inside from fp32 adapters (the producing kernels: no shrink before them)
+                "fwd producing h": us(lambda: G.lora_gemm(x, w, y_kmajor=True, h=h_out, low=b32, src=a32,
+                                                          src_rmajor=True, h_scale=2.0, out=y, config=cfg)),
+                "dx producing gs": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=h_out, low=a32, low_rmajor=True,
+                                                          src=b32, h_scale=2.0, out=dx, config=cfg)),
             }
             name = f"{bm}x{bn}x{bk} g{group} s{stages} w{warps}" + (" flat" if flatten else "") + (" ws" if ws else "")
             text = "  ".join(f"{key} {val:.1f}" if isinstance(val, float) else f"{key} {val}"
@@ -588,7 +605,11 @@ def tma_table():
             print(f"    {name}: {text}", flush=True)
         got = G.lora_gemm(x, w, y_kmajor=True, h=hs, low=b)
         err = ((got.float() - G.reference(x, w, y_kmajor=True, h=hs, low=b).float()).norm() / got.float().norm())
-        print(f"    (forward with the term against the fp32 reference: relative error {err.item():.2e})", flush=True)
+        produced = dict(low=b32, src=a32, src_rmajor=True, h_scale=2.0)
+        got = G.lora_gemm(x, w, y_kmajor=True, **produced)
+        err2 = ((got.float() - G.reference(x, w, y_kmajor=True, **produced).float()).norm() / got.float().norm())
+        print(f"    (forward with the term against the fp32 reference: relative error {err.item():.2e}; producing h "
+              f"{err2.item():.2e})", flush=True)
 
 
 def dequant_table(reps: int = 20):
