@@ -43,16 +43,18 @@ KEEP_CONFIG = {**DEFAULT_CONFIG, "BN": 128, "num_stages": 4}
 HOPPER_SHARED_BYTES = 232448  # a Hopper block's shared memory limit
 
 
-def _fitting_config(config: dict | None, rank_block: int, has_keep: bool = False) -> dict:
+def _fitting_config(config: dict | None, rank_block: int, has_keep: bool = False, produce: bool = False) -> dict:
     """The tile config (None: KEEP_CONFIG with keep bits, else DEFAULT_CONFIG) with its pipeline made shallow enough
     for the term's operands: h (BM×BR) and L (BR×BN) are loaded before the K loop and sit in shared memory beside the
     K loop's stages and the output tile, so at 128×256×64 three stages fit rank block 16 but not 32 or 64 (262,168
-    bytes asked at 64); those get two."""
+    bytes asked at 64); those get two. A producing kernel's stages hold its adapter's BK×BR tile too (231,472 bytes
+    in all at rank block 16, fp32 adapters, three stages: they still fit)."""
     cfg = dict(config if config is not None else KEEP_CONFIG if has_keep else DEFAULT_CONFIG)
 
     def shared(stages):
+        src = 2 * stages * cfg["BK"] * rank_block if produce else 0
         return 2 * (stages * (cfg["BM"] + cfg["BN"]) * cfg["BK"] + cfg["BM"] * cfg["BN"]
-                    + (cfg["BM"] + cfg["BN"]) * rank_block)
+                    + (cfg["BM"] + cfg["BN"]) * rank_block) + src
     while cfg["num_stages"] > 2 and shared(cfg["num_stages"]) > HOPPER_SHARED_BYTES:
         cfg["num_stages"] -= 1
     return cfg
@@ -68,14 +70,14 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _lora_gemm_kernel(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_ptr, flags_ptr,
+def _lora_gemm_kernel(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr,
                       M, N, K, R, keep_stride, keep_scale, h_scale,
                       Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr, HAS_LORA: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
                       SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                       FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_ptr, flags_ptr, M, N, K, R,
+    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr, M, N, K, R,
                      keep_stride, keep_scale, h_scale, Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, PRODUCE_H,
                      SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE)
 
@@ -96,7 +98,14 @@ def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_pt
     else:
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
     out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
-    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_ptr, flags_ptr, M, N, K, R,
+    if PRODUCE_H:  # (the producer's adapter by TMA too: per-element addresses spilled registers in dx, ptxas sm_90a)
+        if SRC_RMAJOR:
+            src_desc = tl.make_tensor_descriptor(src_ptr, shape=[R, K], strides=[K, 1], block_shape=[BR, BK])
+        else:
+            src_desc = tl.make_tensor_descriptor(src_ptr, shape=[K, R], strides=[R, 1], block_shape=[BK, BR])
+    else:
+        src_desc = src_ptr
+    _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr, M, N, K, R,
                      keep_stride, keep_scale, h_scale, Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, PRODUCE_H,
                      SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE)
 
@@ -118,12 +127,11 @@ def _tile_of(tile, num_m, num_n, PRODUCE_H: tl.constexpr, GROUP_M: tl.constexpr)
 
 
 @triton.jit
-def _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR: tl.constexpr, PRODUCE: tl.constexpr,
+def _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_tiles, Y_KMAJOR: tl.constexpr, PRODUCE: tl.constexpr,
             SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
             WARP_SPECIALIZE: tl.constexpr):
     """acc += X[m0:, :]·Y[:, n0:] over K; with PRODUCE also X[m0:, :]·srcᵀ (BM×BR, fp32) from the same X tiles."""
     h_acc = tl.zeros((BM, BR), dtype=tl.float32)
-    ranks = tl.arange(0, BR)
     for kk in tl.range(k_tiles, warp_specialize=WARP_SPECIALIZE):
         a = x_desc.load([m0, kk * BK])
         if Y_KMAJOR:
@@ -132,19 +140,16 @@ def _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR: tl.co
             b = y_desc.load([kk * BK, n0])
         acc = tl.dot(a, b, acc)
         if PRODUCE:
-            ks = kk * BK + tl.arange(0, BK)
             if SRC_RMAJOR:
-                src = tl.load(src_ptr + ranks[None, :] * K + ks[:, None],
-                              mask=(ranks[None, :] < R) & (ks[:, None] < K), other=0.0)
+                src = src_desc.load([0, kk * BK]).T
             else:
-                src = tl.load(src_ptr + ks[:, None] * R + ranks[None, :],
-                              mask=(ks[:, None] < K) & (ranks[None, :] < R), other=0.0)
+                src = src_desc.load([kk * BK, 0])
             h_acc = tl.dot(a, src.to(a.dtype), h_acc)
     return acc, h_acc
 
 
 @triton.jit
-def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_ptr, flags_ptr, M, N, K, R,
+def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr, M, N, K, R,
                      keep_stride, keep_scale, h_scale, Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr,
                      HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
                      SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -196,14 +201,14 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                 # adapter, R×K as the forward's A is stored, or K×R as dx's B), one narrow MMA more a K step, then
                 # published for the row block's other tiles, which wait for it only at their term step (the separate
                 # shrink kernel read all of X once more: 42 µs at 8192×4096 on an H100)
-                acc, h_acc = _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, True, SRC_RMAJOR,
+                acc, h_acc = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, True, SRC_RMAJOR,
                                      BM, BK, BR, WARP_SPECIALIZE)
                 h = (h_acc * h_scale).to(h_ptr.dtype.element_ty)
                 tl.store(h_at, h, mask=h_inside)
                 tl.debug_barrier()  # (every thread's part of h stored before the flag says so)
                 tl.atomic_xchg(flags_ptr + pid_m, 1, sem="release", scope="gpu")
             else:
-                acc, _ = _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, False, SRC_RMAJOR,
+                acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, False, SRC_RMAJOR,
                                  BM, BK, BR, WARP_SPECIALIZE)
                 # the row block's producer has a lower tile number, so it runs or ran on a program already resident
                 # (the grid is at most one program a multiprocessor: all of them resident at once)
@@ -211,7 +216,7 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                     pass
                 h = tl.load(h_at, mask=h_inside, other=0.0, cache_modifier=".cg")
         else:
-            acc, _ = _k_loop(x_desc, y_desc, src_ptr, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, False, SRC_RMAJOR,
+            acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, False, SRC_RMAJOR,
                              BM, BK, BR, WARP_SPECIALIZE)
         if HAS_LORA and not HAS_KEEP:  # one more MMA step into the same accumulator
             acc = tl.dot(h, low, acc)
@@ -259,7 +264,7 @@ def lora_gemm_h(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None
         raise ValueError("lora_gemm: h and low come together, and keep bits only with them")
     r = h.shape[1] if has_lora else 0
     br = _block_r(r) if has_lora else 16
-    cfg = _fitting_config(config, br, keep is not None)
+    cfg = _fitting_config(config, br, keep is not None, produce)
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     group_m = cfg.pop("GROUP_M")
     flatten, warp_specialize = cfg.pop("FLATTEN", False), cfg.pop("WARP_SPECIALIZE", False)
@@ -280,9 +285,10 @@ def lora_gemm_h(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None
     programs = max(1, min(num_programs, tiles))
     flags = torch.zeros(triton.cdiv(m, bm) if produce else 1, device=x.device, dtype=torch.int32)
     dummy = out  # (pointer arguments of branches that are compiled out)
+    src_desc = TensorDescriptor.from_tensor(src, [br, bk] if src_rmajor else [bk, br]) if produce else dummy
     _lora_gemm_kernel[(programs,)](
         x_desc, y_desc, h if has_lora else dummy, low if has_lora else dummy, out_desc,
-        bias if bias is not None else dummy, keep if keep is not None else dummy, src if produce else dummy, flags,
+        bias if bias is not None else dummy, keep if keep is not None else dummy, src_desc, flags,
         m, n, k, r, n // 8, 1.0 / (1.0 - p) if keep is not None else 1.0, float(h_scale),
         Y_KMAJOR=y_kmajor, L_RMAJOR=low_rmajor, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         HAS_KEEP=keep is not None, PRODUCE_H=produce, SRC_RMAJOR=src_rmajor, BM=bm, BN=bn, BK=bk, BR=br,
@@ -350,7 +356,7 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = _fitting_config(config, rank_block, has_keep)
+    cfg = _fitting_config(config, rank_block, has_keep, produce_h)
     types = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
     element, adapter = types[dtype], types[adapter_dtype or dtype]
     signature = {name: element for name in ("x_ptr", "y_ptr", "h_ptr", "l_ptr", "out_ptr", "bias_ptr")}
