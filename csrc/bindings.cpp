@@ -186,6 +186,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("lora_kernels_set_tma_rows", &lora_kernels_set_tma_rows,
           "from how many rows a training forward takes the one-GEMM route (probes and tests)", py::arg("rows"));
     m.def("lora_kernels_tma_rows", &lora_kernels_tma_rows);
+    m.def("lora_kernels_set_tma_produce_rows", &lora_kernels_set_tma_produce_rows,
+          "from how many rows a training forward without dropout takes the route's producing kernels (where "
+          "registered)", py::arg("rows"));
+    m.def("lora_kernels_tma_produce_rows", &lora_kernels_tma_produce_rows);
     m.def("triton_kernel_register", &triton_kernel_register,
           "load a Triton cubin compiled for this GPU (kernels/lora_gemm_tma.py compile_for_cpp); returns its id",
           py::arg("cubin"), py::arg("name"), py::arg("shared"), py::arg("num_warps"), py::arg("scratch_bytes"),

@@ -434,6 +434,9 @@ struct TmaKernel {
 std::mutex tma_mutex;
 std::unordered_map<int64_t, TmaKernel> tma_kernels;
 std::atomic<int64_t> tma_min_rows{INT64_MAX};
+// … and from how many rows, without dropout, the producing kernels (lora_kernels_set_tma_produce_rows; INT64_MAX until
+// Python sets it: never)
+std::atomic<int64_t> tma_produce_min_rows{INT64_MAX};
 
 // (produce: the kernel makes h itself, from the adapters read in fp32 (adapter_fp32) or in the GEMM's dtype)
 int64_t tma_key(bool dx, c10::ScalarType dt, bool kn, bool bias, bool keep, int64_t r, bool produce = false,
@@ -519,7 +522,8 @@ bool tma_takes(const Tensor& x, const Tensor& w, const Tensor& a, const Tensor& 
         return false;
     const int64_t r = a.size(0);
     if (r % 8 != 0) return false;  // (the ranks the route was measured and tested at)
-    produce = p == 0.0 && tma_find_producing(false, dt, kn, bias.defined(), a, fwd);
+    produce = p == 0.0 && x.size(0) >= tma_produce_min_rows.load(std::memory_order_relaxed) &&
+              tma_find_producing(false, dt, kn, bias.defined(), a, fwd);
     return produce || tma_find(tma_key(false, dt, kn, bias.defined(), false, r), fwd);
 }
 #endif  // PEFT_FAST_CUDA_KERNELS
@@ -1126,6 +1130,13 @@ void lora_kernels_set_tma_rows(int64_t rows) {
 }
 
 int64_t lora_kernels_tma_rows() { return tma_min_rows.load(std::memory_order_relaxed); }
+
+void lora_kernels_set_tma_produce_rows(int64_t rows) {
+    TORCH_CHECK(rows >= 0, "lora_kernels_set_tma_produce_rows: rows must be >= 0, got ", rows);
+    tma_produce_min_rows.store(rows, std::memory_order_relaxed);
+}
+
+int64_t lora_kernels_tma_produce_rows() { return tma_produce_min_rows.load(std::memory_order_relaxed); }
 
 std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows() {
     return {two_pass_min_rows.load(std::memory_order_relaxed), pass2_block_rows.load(std::memory_order_relaxed)};

@@ -63,6 +63,9 @@ void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool 
                                int64_t major = 9, bool produce = false, bool adapter_fp32 = false);
 void lora_kernels_set_tma_rows(int64_t rows);
 int64_t lora_kernels_tma_rows();
+// From how many rows a training forward without dropout takes the route's producing kernels, where registered
+void lora_kernels_set_tma_produce_rows(int64_t rows);
+int64_t lora_kernels_tma_produce_rows();
 std::vector<torch::Tensor> lora_kernels_backward(const torch::Tensor& dy, const torch::Tensor& x,
                                                  const torch::Tensor& lora_a, const torch::Tensor& lora_b,
                                                  const torch::Tensor& hs, const c10::optional<torch::Tensor>& mask,

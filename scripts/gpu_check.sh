@@ -15,7 +15,8 @@
 #   ab | qab  scripts/ab_model_step.py [--qlora]: PEFT vs peft_fast model steps interleaved (noisy hosts)
 #   layer | qlora | model | decode | consumer | all   that `peft-fast bench` suite (JSON + PNG + table)
 #   STEP@route | STEP@noroute   STEP with the node's one-GEMM route from $ROUTE_ROWS rows (default 1024) | off
-#   STEP@produce | STEP@noproduce   STEP with the route's GEMMs making the low-rank product | reading the shrink's
+#   STEP@produce | STEP@noproduce   the route's GEMMs making the low-rank product from $PRODUCE_ROWS rows (default 0)
+#                                   | reading the shrink kernel's (PEFT_FAST_ONE_GEMM_PRODUCE)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
 # Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset); a table of the steps (result, wall
@@ -49,8 +50,8 @@ for step in "${steps[@]}"; do
   start=$SECONDS prev=$rc rc=0 name=$step
   # STEP@route / STEP@noroute: that step with the node's one-GEMM route from $ROUTE_ROWS rows (default 1024) / off
   # STEP@produce / STEP@noproduce: the route's GEMMs making the low-rank product / reading the shrink kernel's
-  if [[ "$step" == *@produce ]]; then export PEFT_FAST_ONE_GEMM_PRODUCE=1; step=${step%@produce}
-  elif [[ "$step" == *@noproduce ]]; then export PEFT_FAST_ONE_GEMM_PRODUCE=0; step=${step%@noproduce}
+  if [[ "$step" == *@produce ]]; then export PEFT_FAST_ONE_GEMM_PRODUCE="${PRODUCE_ROWS:-0}"; step=${step%@produce}
+  elif [[ "$step" == *@noproduce ]]; then export PEFT_FAST_ONE_GEMM_PRODUCE=off; step=${step%@noproduce}
   elif [ -n "$produce_given" ]; then export PEFT_FAST_ONE_GEMM_PRODUCE="$produce_given"
   else unset PEFT_FAST_ONE_GEMM_PRODUCE; fi
   if [[ "$step" == *@route ]]; then export PEFT_FAST_ONE_GEMM_ROWS="${ROUTE_ROWS:-1024}"; step=${step%@route}

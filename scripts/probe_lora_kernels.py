@@ -492,24 +492,19 @@ def tma_table():
 
     # the node's one-GEMM route against its default route, layer fwd+bwd (fp32 adapters, as PEFT's default); a
     # failure is printed and the rest of the part still runs
-    before = _C.lora_kernels_tma_rows()
+    before = _C.lora_kernels_tma_rows(), _C.lora_kernels_tma_produce_rows()
     try:
         ids = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), produce_adapters=(torch.float32,))
         keep_dx = ids[16, False, True, True, None]
-        producing = {(dx, bias): ids[16, False, dx, bias, torch.float32] for dx, bias in
-                     ((False, False), (False, True), (True, False))}
         programs = torch.cuda.get_device_properties(0).multi_processor_count
         major = torch.cuda.get_device_capability()[0]
 
         def choose(setting):
             """(row threshold, dx-with-dropout kernel id or -1: that dx on the default route, producing kernels on)"""
             _C.lora_kernels_set_tma_rows(setting[0])
+            _C.lora_kernels_set_tma_produce_rows(0 if setting[2] else 1 << 62)
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, setting[1], programs,
                                          G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"], major)
-            for (dx, bias), kernel in producing.items():
-                _C.lora_kernels_register_tma(dx, DT == torch.bfloat16, False, bias, False, 16,
-                                             kernel if setting[2] else -1, programs, G.DEFAULT_CONFIG["BM"],
-                                             G.DEFAULT_CONFIG["BN"], major, True, True)
         route_layer_tables([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (2048, 4096, 11008, 16),
                             (2048, 2048, 2048, 16)], (0.0, 0.1),
                            {"pf, default route": (1 << 62, keep_dx, False),
@@ -519,7 +514,8 @@ def tma_table():
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the one-GEMM route failed: {type(err).__name__}: {err}", flush=True)
     finally:
-        _C.lora_kernels_set_tma_rows(before)
+        _C.lora_kernels_set_tma_rows(before[0])
+        _C.lora_kernels_set_tma_produce_rows(before[1])
     try:
         # what launching it from Python costs the host (the C++ node would launch it instead): tiny sizes, enqueue only
         xs = torch.randn(64, 256, device="cuda", dtype=DT)

@@ -254,8 +254,8 @@ def one_gemm_route():
     layer fwd+bwd on the route against the default route (the threshold restored after), to bf16 accuracy, with the
     Triton GEMM launched for forward and dx (for forward alone where `dx_dropout` is False and dropout is on: dx on
     the default route after the route's forward). `backend` "auto" for a layer whose flat path only auto mode takes
-    (the QLoRA node). `produce`: the GEMMs that make h themselves registered (for fp32 and bf16 adapters), which the
-    node takes without dropout: then no rows kernel runs at all."""
+    (the QLoRA node). `produce`: the GEMMs that make h themselves registered (for fp32 and bf16 adapters) and taken
+    from 0 rows, which the node does without dropout: then no rows kernel runs at all."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
     from peft_fast.kernels import lora_gemm_tma as G
@@ -263,24 +263,21 @@ def one_gemm_route():
 
     def check(layer, x, dy, seed, backend="cuda", dx_dropout=True, produce=False):
         one_gemm.ensure(x, 16, False, torch.bfloat16)  # (the layer's first call would, and set the rows)
-        before = _C.lora_kernels_tma_rows()
+        before = _C.lora_kernels_tma_rows(), _C.lora_kernels_tma_produce_rows()
         adapters = (torch.float32, torch.bfloat16)
         try:
             _C.lora_kernels_set_tma_rows(1 << 62)  # the default route
             want = lora_fwd_bwd(layer, x, dy, backend, kernels=True, seed=seed)
             G.register_for_node(_C, torch.device("cuda"), torch.bfloat16, ranks=(16,), dx_dropout=dx_dropout,
                                 produce_adapters=adapters if produce else ())
-            if not produce:  # (ensure may have registered them: dispatch.ONE_GEMM_PRODUCE)
-                for adapter in adapters:
-                    for dx, bias in ((False, False), (False, True), (True, False)):
-                        _C.lora_kernels_register_tma(dx, True, False, bias, False, 16, -1, 0, 0, 0, 9, True,
-                                                     adapter == torch.float32)
+            _C.lora_kernels_set_tma_produce_rows(0 if produce else 1 << 62)  # (else from ensure's rule)
             _C.lora_kernels_set_tma_rows(0)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 got = lora_fwd_bwd(layer, x, dy, backend, kernels=True, seed=seed)
                 torch.cuda.synchronize()
         finally:
-            _C.lora_kernels_set_tma_rows(before)
+            _C.lora_kernels_set_tma_rows(before[0])
+            _C.lora_kernels_set_tma_produce_rows(before[1])
         launched = [e.name for e in prof.events() if "lora_gemm_ptr_kernel" in e.name]
         rows_kernels = [e.name for e in prof.events() if "lora_rows" in e.name]
         dropout = any(m.p > 0 for m in layer.modules() if isinstance(m, nn.Dropout))

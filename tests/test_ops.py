@@ -304,18 +304,21 @@ def test_one_gemm_rows_setting_and_its_noop_when_off_or_on_the_cpu(monkeypatch):
     assert not one_gemm._done and not one_gemm._failed
 
 
-def test_one_gemm_produce_setting_is_off_unless_asked_for():
-    """PEFT_FAST_ONE_GEMM_PRODUCE (read once at import): unset or 0 → off, 1 → on."""
+def test_one_gemm_produce_rows_setting():
+    """PEFT_FAST_ONE_GEMM_PRODUCE (read once at import): unset → 8192 rows (the measured rule), a count → that count,
+    "off" → off (None), a bad value → a warning and the default."""
     import subprocess
     import sys
 
-    code = "from peft_fast.ops import dispatch; print(dispatch.ONE_GEMM_PRODUCE)"
+    code = "from peft_fast.ops import dispatch; print(dispatch.ONE_GEMM_PRODUCE_MIN_ROWS)"
     seen = {}
-    for value in (None, "0", "1"):
+    for value in (None, "4096", "off", "many"):
         env = {k: v for k, v in os.environ.items() if k != "PEFT_FAST_ONE_GEMM_PRODUCE"}
         if value is not None:
             env["PEFT_FAST_ONE_GEMM_PRODUCE"] = value
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         seen[value] = run.stdout.strip().splitlines()[-1]
-    assert seen == {None: "False", "0": "False", "1": "True"}
+        if value == "many":
+            assert "PEFT_FAST_ONE_GEMM_PRODUCE='many' is not a non-negative integer" in run.stderr
+    assert seen == {None: "8192", "4096": "4096", "off": "None", "many": "8192"}

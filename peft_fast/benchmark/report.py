@@ -167,8 +167,9 @@ def _settings_text(settings: dict) -> str:
     rows = settings.get("one_gemm_min_rows")
     parts = [f"fused kernels {settings.get('cuda_kernels')}",
              f"one-GEMM route from {rows} rows" if rows is not None else "one-GEMM route off"]
-    if rows is not None and settings.get("one_gemm_produce") is not None:
-        parts.append("its GEMMs make the low-rank product" if settings["one_gemm_produce"] else
+    produce = settings.get("one_gemm_produce_min_rows")
+    if rows is not None and "one_gemm_produce_min_rows" in settings:
+        parts.append(f"its GEMMs make the low-rank product from {produce} rows" if produce is not None else
                      "its GEMMs read the shrink's low-rank product")
     parts += [f"{key}={value}" for key, value in settings.get("env", {}).items()]
     return ", ".join(parts)

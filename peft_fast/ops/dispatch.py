@@ -116,9 +116,9 @@ except ValueError as err:  # a typo in the variable must not break `import peft_
     CUDA_KERNELS = "auto"
 
 
-def _rows_setting(value, default: Optional[int] = None) -> Optional[int]:
-    """A row threshold from the environment: `default` when unset or empty, None for "off", else a non-negative int
-    (a bad value warns and counts as unset, so that `import peft_fast` never fails on it)."""
+def _rows_setting(value, default: Optional[int] = None, name: str = "PEFT_FAST_ONE_GEMM_ROWS") -> Optional[int]:
+    """A row threshold from the environment variable `name`: `default` when unset or empty, None for "off", else a
+    non-negative int (a bad value warns and counts as unset, so that `import peft_fast` never fails on it)."""
     if value is None or not str(value).strip():
         return default
     if str(value).strip().lower() == "off":
@@ -129,8 +129,7 @@ def _rows_setting(value, default: Optional[int] = None) -> Optional[int]:
             raise ValueError
         return rows
     except ValueError:
-        warnings.warn(f"peft_fast: PEFT_FAST_ONE_GEMM_ROWS={value!r} is not a non-negative integer or 'off'; "
-                      "ignored")
+        warnings.warn(f"peft_fast: {name}={value!r} is not a non-negative integer or 'off'; ignored")
         return default
 
 
@@ -143,11 +142,16 @@ def _rows_setting(value, default: Optional[int] = None) -> Optional[int]:
 # forward alone on the route: M8192 K=N=4096 1.41× → 1.37×, M2048 K=N=2048 2.12× → 1.30×. dx with dropout stays on
 # the default route: the GEMM with the keep bits applied to its term ran 517 µs against the plain GEMM's 380 µs.
 ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"), 1024)
-# … and on it, without dropout, the GEMMs that make the low-rank product themselves (h = s·x·Aᵀ in the forward,
-# gs = s·dy·B in dx, from the tiles of column block 0, which the row block's other tiles wait for at their last MMA
-# step) instead of a shrink kernel reading x or dy once more before each GEMM. PEFT_FAST_ONE_GEMM_PRODUCE=1 turns it
-# on: off by default until the bench has measured it on a GPU (bench/RESULTS.md).
-ONE_GEMM_PRODUCE: bool = os.environ.get("PEFT_FAST_ONE_GEMM_PRODUCE", "0").strip().lower() in ("1", "on", "true")
+# … and on it, from ONE_GEMM_PRODUCE_MIN_ROWS rows without dropout, the GEMMs that make the low-rank product
+# themselves (h = s·x·Aᵀ in the forward, gs = s·dy·B in dx, from the tiles of column block 0, which the row block's
+# other tiles wait for at their last MMA step) instead of a shrink kernel reading x or dy once more before each GEMM.
+# PEFT_FAST_ONE_GEMM_PRODUCE=<rows>|off (read once). H100, bf16, fp32 adapters, r16, p 0, 2026-12-07 (kprobe tma,
+# wall µs fwd+bwd and GPU µs, the route reading the shrink's product → producing it): M8192 K=N=4096 998 → 966
+# (GPU 973 → 899); M8192 K4096 N14336 3278 → 3118 (GPU 3161 → 3040); but M2048 K4096 N11008 690 → 719 (GPU 610 → 638)
+# and M2048 K=N=2048 GPU 99.5 → 103.6: with few row blocks every first-round tile waits for the producers, which are
+# slower by their extra MMA. Bench layer suite, same host: M8192 K=N=4096 fwd+bwd 1.17× → 1.15× the bare layer.
+ONE_GEMM_PRODUCE_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_PRODUCE"), 8192,
+                                                         "PEFT_FAST_ONE_GEMM_PRODUCE")
 
 # Auto mode's rule: the fused kernels at total rank ≤ FUSED_ANY_SIZE_RANK whatever the size, and above it while
 # M·(K+N)·r ≤ FUSED_MAX_WORK; the ATen route beyond. H100, bf16, fp32 adapters, 2026-12-06 (scripts/probe_lora_kernels.py

@@ -1,9 +1,9 @@
 """Turns on the C++ node's one-GEMM route (dispatch.ONE_GEMM_MIN_ROWS says why and from how many rows): on the first
 node call of each device, dtype, rank block and weight layout, the route's Triton kernels are compiled for that GPU
 and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node; dx with dropout stays on the default
-route, whose kernels were measured faster), and the row threshold is set; with dispatch.ONE_GEMM_PRODUCE also, per
-adapter dtype, the kernels that make the low-rank product themselves (no shrink kernel before them), which the node
-takes without dropout. Below Hopper, above rank 16 (not measured), or when compiling fails (one warning), the node
+route, whose kernels were measured faster), and the row threshold is set; unless dispatch.ONE_GEMM_PRODUCE_MIN_ROWS
+is off, also, per adapter dtype, the kernels that make the low-rank product themselves (no shrink kernel before
+them), which the node takes without dropout from that many rows. Below Hopper, above rank 16 (not measured), or when compiling fails (one warning), the node
 keeps its default route. Off, nothing here runs."""
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype,
     _done.update((key, produce_key))
     if dtype not in (torch.bfloat16, torch.float16) or rank > 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
         return
-    produce = dispatch.ONE_GEMM_PRODUCE and adapter_dtype in (torch.float32, dtype)
+    produce_rows = dispatch.ONE_GEMM_PRODUCE_MIN_ROWS
+    produce = produce_rows is not None and adapter_dtype in (torch.float32, dtype)
     if not plain and not produce:
         return
     try:
@@ -46,6 +47,8 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype,
         lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,), dx_dropout=False, plain=plain,
                                         produce_adapters=(adapter_dtype,) if produce else ())
         _C.lora_kernels_set_tma_rows(rows)
+        if produce:
+            _C.lora_kernels_set_tma_produce_rows(produce_rows)
     except Exception as err:  # noqa: BLE001 - a route that cannot be set up leaves the default one, said once
         _failed = True
         warnings.warn(f"peft_fast: the one-GEMM route could not be set up ({type(err).__name__}: {err}); the default "
