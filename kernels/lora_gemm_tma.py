@@ -17,7 +17,7 @@ the first step instead, scaled by the keep bits before the K loop accumulates on
 once. It wins only if the GEMM itself keeps up with cuBLAS, hence TMA loads, 128×256 tiles, a persistent grid with
 grouped tile order.
 
-Producing h (PRODUCE_H; the node's route without dropout, dispatch.ONE_GEMM_PRODUCE): the GEMM makes H itself,
+Producing h (PRODUCE_H; the node's route without dropout, dispatch.ONE_GEMM_PRODUCE_MIN_ROWS): the GEMM makes H itself,
 hs = s·x·Aᵀ in the forward, gs = s·dy·B in dx, so that no shrink kernel reads x or dy once more before it (42 µs at
 8192×4096 on an H100). Tile t < ⌈M/BM⌉ is column block 0 of row block t, the producer: one narrow MMA more a K step
 (X's tile against the adapter's BK×BR tile), then H stored and a flag per row block set (release); every other tile
