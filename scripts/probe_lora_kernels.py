@@ -505,8 +505,8 @@ def tma_table():
             _C.lora_kernels_set_tma_produce_rows(0 if setting[2] else 1 << 62)
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, setting[1], programs,
                                          G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"], major)
-        route_layer_tables([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (2048, 4096, 11008, 16),
-                            (2048, 2048, 2048, 16)], (0.0, 0.1),
+        route_layer_tables([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (4096, 4096, 4096, 16),
+                            (2048, 4096, 11008, 16), (2048, 2048, 2048, 16)], (0.0, 0.1),
                            {"pf, default route": (1 << 62, keep_dx, False),
                             "pf, one GEMM producing h (p0)": (0, -1, True),
                             "pf, one GEMM reading h": (0, -1, False),
