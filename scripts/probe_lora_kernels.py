@@ -588,8 +588,10 @@ def tma_table():
         shrink = {f"bm{bm}{' fp32 adapters' if fp32 else ''}": us(
             lambda bm=bm, aa=aa, bb=bb: _C.lora_kernels_forward(x, aa, bb, 2.0, 0.0, block_rows=bm, shrink_only=True))
             for fp32, aa, bb in ((False, a, b), (True, a.float(), b.float())) for bm in (16, 32, 64)}
-        shrink["bm32 fp32 adapters p0.1 (Philox, bits written)"] = us(
-            lambda: _C.lora_kernels_forward(x, a.float(), b.float(), 2.0, 0.1, block_rows=32, shrink_only=True))
+        for bm in (16, 32, 64):  # with dropout: Philox, the bits written
+            shrink[f"bm{bm} fp32 adapters p0.1"] = us(
+                lambda bm=bm: _C.lora_kernels_forward(x, a.float(), b.float(), 2.0, 0.1, block_rows=bm,
+                                                      shrink_only=True))
         shrink["cuBLAS x At"] = us(lambda: torch.mm(x, a.t()))
         print("    shrink alone: " + "  ".join(f"{key} {val:.1f}" if isinstance(val, float) else f"{key} {val}"
                                              for key, val in shrink.items()), flush=True)
