@@ -56,6 +56,10 @@ from .dispatch import Skip, forced_backend, register
 from .extension import _C
 from .terms import LoraTerm
 
+# The modules a LoRA layer holds only for adapters whose term is no plain LoRA term (tuners/lora/layer.py): Arrow's
+# routers, KaSA's singular values, VeLoRA's projections. A layer holding any of them takes its general path.
+VARIANT_MODULES = frozenset(("lora_arrow", "lora_diag", "lora_velora_embed"))
+
 _NOT_CUDA = Skip("input not on CUDA")
 # mm's out_dtype overload (torch ≥ 2.8 on CUDA: fp16/bf16 inputs accumulated into fp32 output); decided once, at
 # import, so that neither eager calls nor torch.compile traces carry any state about it
@@ -252,7 +256,7 @@ def single_plain_adapter(layer: nn.Module, op: str) -> Optional[tuple]:
         return None
     if not layer.cast_input_dtype_enabled or layer.use_dora.get(name, False) or layer.use_alora.get(name, False):
         return None
-    if "lora_arrow" in modules or "lora_diag" in modules or "lora_velora_embed" in modules:  # (Arrow, KaSA, VeLoRA)
+    if not VARIANT_MODULES.isdisjoint(modules):
         return None
     scale = layer.scaling[name]
     if type(scale) is not float and type(scale) is not int:

@@ -904,8 +904,7 @@ class Linear(_LoraModule):
             # (a BaseTunerLayer base: stacked adapters of a mixed model, the inner one must run)
             return super()._unmerged_forward(x, *args, **kwargs)
         use_dora = self.use_dora
-        if any(use_dora.get(a, False) for a in active) or "lora_arrow" in self._modules or \
-                "lora_diag" in self._modules or "lora_velora_embed" in self._modules:
+        if any(use_dora.get(a, False) for a in active) or not cuda_lora.VARIANT_MODULES.isdisjoint(self._modules):
             return super()._unmerged_forward(x, *args, **kwargs)
         return ops.linear_with_lora(x, base, [self._adapter_term(a) for a in active])
 
