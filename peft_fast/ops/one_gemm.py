@@ -23,8 +23,7 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype,
            adapter_dtype: torch.dtype = torch.float32) -> None:
     """Register the route's kernels for a node call on `x` (compute dtype `dtype`, LoRA rank `rank`, K×N weight when
     `kn`, adapters in `adapter_dtype`), once."""
-    key = (x.get_device(), dtype, rank, kn)
-    produce_key = key + (adapter_dtype,)
+    produce_key = (x.get_device(), dtype, rank, kn, adapter_dtype)
     if produce_key in _done:  # (every node call of a layer comes here: this test first, and no torch.device made)
         return
     global _failed
@@ -33,6 +32,7 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype,
         return
     if torch.cuda.is_current_stream_capturing():  # (no compiling or module loading inside a CUDA-graph capture:
         return                                    # the next call outside one registers)
+    key = produce_key[:4]  # (the kernels that read h: one registration for all adapter dtypes)
     plain = key not in _done
     _done.update((key, produce_key))
     if dtype not in (torch.bfloat16, torch.float16) or rank > 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
