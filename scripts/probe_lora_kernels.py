@@ -153,10 +153,27 @@ def split_table(rounds: int = 5):
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
 
 
-def print_fwd_bwd_table(impls, xs, dy):
+def kernel_breakdown(step, reps: int = 5) -> list[tuple[str, float, float]]:
+    """(kernel name, GPU µs per step, launches per step) of each CUDA kernel or memset `step()` runs, over `reps`
+    profiled steps, largest first: where a layer's GPU time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.self_device_time_total / reps, e.count / reps) for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA]
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def print_fwd_bwd_table(impls, xs, dy, breakdown=()):
     """Wall µs (median) and GPU kernel µs of one fwd+bwd of each implementation, alternating the two inputs xs, with
-    their ratios to impls' "bare F.linear"."""
-    res = {}
+    their ratios to impls' "bare F.linear"; for the implementations named in `breakdown`, GPU µs by kernel."""
+    res, steps = {}, {}
     for name, f in impls.items():
         i = [0]
 
@@ -164,14 +181,20 @@ def print_fwd_bwd_table(impls, xs, dy):
             i[0] ^= 1
             f(xs[i[0]]).backward(dy)
         res[name] = (wall_us(step, n=30, warm=5), kernel_time_ms(step, torch.device("cuda")) * 1e3)
+        steps[name] = step
     bw, bg = res["bare F.linear"]
     for name, (wall, gpu) in res.items():
         print(f"  {name:28s} {wall:9.1f} ({wall / bw:5.2f}x)   GPU {gpu:9.1f} ({gpu / bg:5.2f}x)", flush=True)
+    for name in breakdown:
+        print(f"    GPU µs a step by kernel, {name}: " + "; ".join(
+            f"{key[:60]} {us:.1f}" + (f" ×{count:g}" if count != 1 else "")
+            for key, us, count in kernel_breakdown(steps[name])), flush=True)
 
 
-def route_layer_tables(shapes, ps, routes, choose):
+def route_layer_tables(shapes, ps, routes, choose, breakdown=()):
     """The layer's fwd+bwd (wall µs, GPU kernel µs) of the bare layer and of peft_fast's node under each of `routes`
-    ({name: setting}; `choose(setting)` switches the node before each call), fp32 adapters, per shape and dropout."""
+    ({name: setting}; `choose(setting)` switches the node before each call), fp32 adapters, per shape and dropout;
+    the routes named in `breakdown` also by kernel."""
     for m, k, n, r in shapes:
         for p in ps:
             layers = layer_models(k, n, r, p, with_peft=False)
@@ -186,7 +209,7 @@ def route_layer_tables(shapes, ps, routes, choose):
             dy = torch.randn(m, n, device="cuda", dtype=DT)
             print(f"\n=== layer M{m} K{k} N{n} r{r} p{p} fwd+bwd, fp32 adapters: wall µs (median), GPU kernel µs",
                   flush=True)
-            print_fwd_bwd_table(impls, xs, dy)
+            print_fwd_bwd_table(impls, xs, dy, breakdown=["bare F.linear", *breakdown] if breakdown else ())
 
 
 def layer_table():
@@ -523,7 +546,8 @@ def tma_table():
                             "pf, one GEMM producing h (p0)": (0, off, True),
                             "pf, one GEMM reading h": (0, off, False),
                             "pf, one GEMM, dx with dropout too": (0, keep_dx, True),
-                            "pf, one GEMM, dx with dropout at 128x256": (0, keep_wide, True)}, choose)
+                            "pf, one GEMM, dx with dropout at 128x256": (0, keep_wide, True)}, choose,
+                           breakdown=("pf, one GEMM producing h (p0)", "pf, one GEMM, dx with dropout at 128x256"))
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the one-GEMM route failed: {type(err).__name__}: {err}", flush=True)
     finally:
