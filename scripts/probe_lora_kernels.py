@@ -635,6 +635,13 @@ def tma_table():
                                                           src_rmajor=True, h_scale=2.0, out=y, config=cfg)),
                 "dx producing gs": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=h_out, low=a32, low_rmajor=True,
                                                           src=b32, h_scale=2.0, out=dx, config=cfg)),
+                # the same from adapters rounded to bf16 first (what rounding them once a step would buy)
+                "fwd producing h, bf16 adapters": us(lambda: G.lora_gemm(x, w, y_kmajor=True, h=h_out, low=b, src=a,
+                                                                         src_rmajor=True, h_scale=2.0, out=y,
+                                                                         config=cfg)),
+                "dx producing gs, bf16 adapters": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=h_out, low=a,
+                                                                         low_rmajor=True, src=b, h_scale=2.0, out=dx,
+                                                                         config=cfg)),
             }
             name = f"{bm}x{bn}x{bk} g{group} s{stages} w{warps}" + (" flat" if flatten else "") + (" ws" if ws else "")
             text = "  ".join(f"{key} {val:.1f}" if isinstance(val, float) else f"{key} {val}"
