@@ -637,14 +637,31 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
             out.fused = out.tma = true;
             if (produce) {  // hs = s·x·Aᵀ made by the GEMM, which reads the adapters as they are: nothing before it
                 const c10::cuda::CUDAGuard guard(x.device());
-                const int64_t m = x.size(0), hs_bytes = padded(m * lora_a.size(0) * x.element_size());
+                const int64_t m = x.size(0), r = lora_a.size(0), e = x.element_size(), hs_bytes = padded(m * r * e);
+                // fp32 adapters rounded to dt first, by one small kernel, where lora_kernels_set_preround_rows asks for
+                // it and the producing kernels for dt's adapters are registered: the GEMMs then read them as they
+                // read x (the backward's dx GEMM too, from the same copies)
+                TmaKernel rounded;
+                const bool round = lora_a.scalar_type() != dt &&
+                                   m >= preround_min_rows.load(std::memory_order_relaxed) &&
+                                   tma_find(tma_key(false, dt, kn, bias.defined(), false, r, true, false), rounded);
+                const int64_t copy_bytes = round ? r * (k + n) * e : 0;  // (16-byte multiples: k, n % 8 == 0)
+                if (round) tma = rounded;
                 const int64_t flag_bytes = tma_flag_bytes(tma, m);
-                const Tensor buf = at::empty({hs_bytes + flag_bytes}, x.options().dtype(torch::kUInt8));
-                char* flags = static_cast<char*>(buf.data_ptr()) + hs_bytes;
-                check(cudaMemsetAsync(flags, 0, flag_bytes, c10::cuda::getCurrentCUDAStream()), "route flags");
-                const Tensor hs = carve(buf, 0, {m, lora_a.size(0)}, dt);
-                launch_tma(tma, x, w, hs, lora_b, bias, Tensor(), p, y2, TmaProduce{lora_a, flags, scale});
-                out.saved = {x, w, lora_a, lora_b, hs, Tensor()};
+                const Tensor buf = at::empty({hs_bytes + copy_bytes + flag_bytes}, x.options().dtype(torch::kUInt8));
+                const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+                char* flags = static_cast<char*>(buf.data_ptr()) + hs_bytes + copy_bytes;
+                check(cudaMemsetAsync(flags, 0, flag_bytes, stream), "route flags");
+                const Tensor hs = carve(buf, 0, {m, r}, dt);
+                Tensor a = lora_a, b = lora_b;
+                if (round) {
+                    a = carve(buf, hs_bytes, {r, k}, dt), b = carve(buf, hs_bytes + r * k * e, {n, r}, dt);
+                    check(launch_lora_round_adapters(lora_a.data_ptr<float>(), r * k, lora_b.data_ptr<float>(), n * r,
+                                                     a.data_ptr(), kernel_dtype(dt), stream),
+                          "round adapters");
+                }
+                launch_tma(tma, x, w, hs, b, bias, Tensor(), p, y2, TmaProduce{a, flags, scale});
+                out.saved = {x, w, a, b, hs, Tensor()};
                 out.produced = true;
                 return out;
             }

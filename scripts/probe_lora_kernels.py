@@ -515,9 +515,9 @@ def tma_table():
 
     # the node's one-GEMM route against its default route, layer fwd+bwd (fp32 adapters, as PEFT's default); a
     # failure is printed and the rest of the part still runs
-    before = _C.lora_kernels_tma_rows(), _C.lora_kernels_tma_produce_rows()
+    before = _C.lora_kernels_tma_rows(), _C.lora_kernels_tma_produce_rows(), _C.lora_kernels_preround_rows()
     try:
-        ids = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), produce_adapters=(torch.float32,))
+        ids = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), produce_adapters=(torch.float32, DT))
         keep_dx = ids[16, False, True, True, None], G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"]
         # the same dx with keep bits at the plain GEMM's 128×256 tiles (it spills 96 bytes there, ptxas sm_90a, but
         # the sweep timed it 408.6 µs against 450.8 at KEEP_CONFIG, 8192×4096×4096, H100)
@@ -533,26 +533,30 @@ def tma_table():
 
         def choose(setting):
             """(row threshold, dx-with-dropout kernel (id, BM, BN), id -1: that dx on the default route, producing
-            kernels on)"""
+            kernels on, fp32 adapters rounded first (the producing GEMMs then read bf16 copies))"""
             _C.lora_kernels_set_tma_rows(setting[0])
             _C.lora_kernels_set_tma_produce_rows(0 if setting[2] else 1 << 62)
+            _C.lora_kernels_set_preround_rows(0 if setting[3] else before[2])
             kernel, bm, bn = setting[1]
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, kernel, programs, bm, bn,
                                          major)
         off = (-1, 0, 0)
         route_layer_tables([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (4096, 4096, 4096, 16),
                             (2048, 4096, 11008, 16), (2048, 2048, 2048, 16)], (0.0, 0.1),
-                           {"pf, default route": (1 << 62, keep_dx, False),
-                            "pf, one GEMM producing h (p0)": (0, off, True),
-                            "pf, one GEMM reading h": (0, off, False),
-                            "pf, one GEMM, dx with dropout too": (0, keep_dx, True),
-                            "pf, one GEMM, dx with dropout at 128x256": (0, keep_wide, True)}, choose,
-                           breakdown=("pf, one GEMM producing h (p0)", "pf, one GEMM, dx with dropout at 128x256"))
+                           {"pf, default route": (1 << 62, keep_dx, False, False),
+                            "pf, one GEMM producing h (p0)": (0, off, True, False),
+                            "pf, producing, adapters rounded 1st": (0, off, True, True),
+                            "pf, one GEMM reading h": (0, off, False, False),
+                            "pf, one GEMM, dx with dropout too": (0, keep_dx, True, False),
+                            "pf, one GEMM, dx with dropout at 128x256": (0, keep_wide, True, False)}, choose,
+                           breakdown=("pf, one GEMM producing h (p0)", "pf, producing, adapters rounded 1st",
+                                      "pf, one GEMM, dx with dropout at 128x256"))
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the one-GEMM route failed: {type(err).__name__}: {err}", flush=True)
     finally:
         _C.lora_kernels_set_tma_rows(before[0])
         _C.lora_kernels_set_tma_produce_rows(before[1])
+        _C.lora_kernels_set_preround_rows(before[2])
     try:
         # what launching it from Python costs the host (the C++ node would launch it instead): tiny sizes, enqueue only
         xs = torch.randn(64, 256, device="cuda", dtype=DT)

@@ -255,15 +255,16 @@ def one_gemm_route():
     Triton GEMM launched for forward and dx (for forward alone where `dx_dropout` is False and dropout is on: dx on
     the default route after the route's forward). `backend` "auto" for a layer whose flat path only auto mode takes
     (the QLoRA node). `produce`: the GEMMs that make h themselves registered (for fp32 and bf16 adapters) and taken
-    from 0 rows, which the node does without dropout: then no rows kernel runs at all."""
+    from 0 rows, which the node does without dropout: then no rows kernel runs at all. `preround`: fp32 adapters
+    rounded first (lora_kernels_set_preround_rows 0), which the producing GEMMs then read in bf16."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
     from peft_fast.kernels import lora_gemm_tma as G
     from peft_fast.ops import one_gemm
 
-    def check(layer, x, dy, seed, backend="cuda", dx_dropout=True, produce=False):
+    def check(layer, x, dy, seed, backend="cuda", dx_dropout=True, produce=False, preround=False):
         one_gemm.ensure(x, 16, False, torch.bfloat16)  # (the layer's first call would, and set the rows)
-        before = _C.lora_kernels_tma_rows(), _C.lora_kernels_tma_produce_rows()
+        before = _C.lora_kernels_tma_rows(), _C.lora_kernels_tma_produce_rows(), _C.lora_kernels_preround_rows()
         adapters = (torch.float32, torch.bfloat16)
         try:
             _C.lora_kernels_set_tma_rows(1 << 62)  # the default route
@@ -272,18 +273,24 @@ def one_gemm_route():
                                 produce_adapters=adapters if produce else ())
             _C.lora_kernels_set_tma_produce_rows(0 if produce else 1 << 62)  # (else from ensure's rule)
             _C.lora_kernels_set_tma_rows(0)
+            if preround:
+                _C.lora_kernels_set_preround_rows(0)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 got = lora_fwd_bwd(layer, x, dy, backend, kernels=True, seed=seed)
                 torch.cuda.synchronize()
         finally:
             _C.lora_kernels_set_tma_rows(before[0])
             _C.lora_kernels_set_tma_produce_rows(before[1])
+            _C.lora_kernels_set_preround_rows(before[2])
         launched = [e.name for e in prof.events() if "lora_gemm_ptr_kernel" in e.name]
         rows_kernels = [e.name for e in prof.events() if "lora_rows" in e.name]
         dropout = any(m.p > 0 for m in layer.modules() if isinstance(m, nn.Dropout))
         assert len(launched) == (1 if dropout and not dx_dropout else 2), launched  # forward and dx
         # (producing: h and gs come from the GEMMs, no shrink before them; else one a direction at least)
         assert (len(rows_kernels) == 0) == (produce and not dropout), rows_kernels
+        if produce and not dropout:  # (the rounding kernel: one launch, in the forward)
+            rounds = [e.name for e in prof.events() if "round_pair_kernel" in e.name]
+            assert len(rounds) == (1 if preround else 0), rounds
         for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
             assert g.dtype == w.dtype and rel_err(g, w) < 2 * TOL[torch.bfloat16], (name, rel_err(g, w))
     return check
@@ -332,6 +339,18 @@ def test_one_gemm_route_producing_h_with_bf16_adapters_and_odd_rows(one_gemm_rou
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     one_gemm_route(layer, x, dy, seed=4, produce=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_gemm_route_producing_h_from_adapters_rounded_first(one_gemm_route, bias):
+    """fp32 adapters rounded to bf16 by one kernel before the producing forward GEMM, which then reads the copies, as
+    the producing dx GEMM does: the default route's y, dx, dA, dB (fp32) to bf16 accuracy."""
+    m, k, n = 2048, 1024, 1536
+    layer = lora_linear_layer(k, n, 16, 0.0, torch.bfloat16, True, bias).train()
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    one_gemm_route(layer, x, dy, seed=6, produce=True, preround=True)
 
 
 def test_one_gemm_route_takes_the_qlora_node_too(one_gemm_route):
