@@ -321,10 +321,10 @@ struct FusedGrads {
 };
 
 // A GEMM that computes dx and writes gs itself (the one-GEMM route's producing dx kernel), run by fused_backward in
-// place of its rows pass, with flag_bytes of scratch beside gs that it finds zeroed (cleared with the reduce's counters
-// by one memset)
+// place of its rows pass, with scratch_bytes of scratch beside gs whose first zeroed_bytes it finds zeroed (cleared
+// with the reduce's counters by one memset)
 struct GsMaker {
-    int64_t flag_bytes = 0;
+    int64_t zeroed_bytes = 0, scratch_bytes = 0;
     std::function<void(const Tensor& dy, const Tensor& gs, void* flags)> run;
 };
 
@@ -357,7 +357,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     // allocation
     const int64_t gs_bytes = rows_pass || gs_maker ? padded(m * r * x.element_size()) : 0;
     const int64_t ws_bytes = padded(plan.workspace_floats * 4), counter_bytes = padded(int64_t{plan.counters} * 4);
-    const int64_t flag_bytes = gs_maker ? gs_maker->flag_bytes : 0;
+    const int64_t flag_bytes = gs_maker ? gs_maker->scratch_bytes : 0;
     Tensor scratch;
     if (gs_bytes + ws_bytes + counter_bytes + flag_bytes > 0)
         scratch = at::empty({gs_bytes + ws_bytes + counter_bytes + flag_bytes}, x.options().dtype(torch::kUInt8));
@@ -368,7 +368,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     int* counters = plan.counters > 0 ? reinterpret_cast<int*>(base + gs_bytes + ws_bytes) : nullptr;
     if (gs_maker) {
         char* cleared = base + gs_bytes + ws_bytes;  // the counters, then the flags
-        check(cudaMemsetAsync(cleared, 0, counter_bytes + flag_bytes, stream), "backward flags");
+        check(cudaMemsetAsync(cleared, 0, counter_bytes + gs_maker->zeroed_bytes, stream), "backward flags");
         gs_maker->run(dy, carve(scratch, 0, {m, r}, x.scalar_type()), cleared + counter_bytes);
     }
     if (rows_pass) {
@@ -430,6 +430,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
 // than the default route's dx); a direction whose kernel is missing takes the default route.
 struct TmaKernel {
     int64_t id = -1, programs = 0, bm = 0, bn = 0, major = 9;  // (major: the GPU generation its cubin is for)
+    int64_t bk = 64, br = 16, max_splits = 1;  // (K step, rank block, most producers a row block: producing kernels)
 };
 std::mutex tma_mutex;
 std::unordered_map<int64_t, TmaKernel> tma_kernels;
@@ -488,7 +489,22 @@ struct TmaProduce {
 };
 
 // The flags' bytes a producing kernel of block rows bm needs for m rows (whole allocator-aligned pieces)
-int64_t tma_flag_bytes(const TmaKernel& k, int64_t m) { return padded((m + k.bm - 1) / k.bm * 4); }
+// What a producing kernel of k's tiles needs behind its flags pointer for an m×n output over kk: one int32 counter a
+// BM-row block (zeroed before the launch; 16-byte multiple), then with several producers a row block their fp32
+// partial sums of h (kernels/lora_gemm_tma.py producer_splits and producer_scratch_words: the same arithmetic)
+struct TmaScratch {
+    int64_t zeroed = 0, total = 0;
+};
+
+TmaScratch tma_scratch(const TmaKernel& k, int64_t m, int64_t n, int64_t kk) {
+    const int64_t num_m = (m + k.bm - 1) / k.bm, num_n = (n + k.bn - 1) / k.bn, k_tiles = (kk + k.bk - 1) / k.bk;
+    const int64_t splits =
+        std::max<int64_t>(std::min({k.programs / num_m, k.max_splits, num_n, k_tiles}), 1);
+    TmaScratch s;
+    s.zeroed = (num_m + 3) / 4 * 16;
+    s.total = padded(s.zeroed + (splits > 1 ? num_m * splits * k.bm * k.br * 4 : 0));
+    return s;
+}
 
 // out (M×N) = x·(W as `kn` stores it, read as the key's direction needs) + h·low (⊙ keep bits / (1−p)) (+ bias)
 void launch_tma(const TmaKernel& k, const Tensor& x, const Tensor& w, const Tensor& h, const Tensor& low,
@@ -647,11 +663,12 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
                                    tma_find(tma_key(false, dt, kn, bias.defined(), false, r, true, false), rounded);
                 const int64_t copy_bytes = round ? r * (k + n) * e : 0;  // (16-byte multiples: k, n % 8 == 0)
                 if (round) tma = rounded;
-                const int64_t flag_bytes = tma_flag_bytes(tma, m);
-                const Tensor buf = at::empty({hs_bytes + copy_bytes + flag_bytes}, x.options().dtype(torch::kUInt8));
+                const TmaScratch flag_bytes = tma_scratch(tma, m, n, k);
+                const Tensor buf =
+                    at::empty({hs_bytes + copy_bytes + flag_bytes.total}, x.options().dtype(torch::kUInt8));
                 const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
                 char* flags = static_cast<char*>(buf.data_ptr()) + hs_bytes + copy_bytes;
-                check(cudaMemsetAsync(flags, 0, flag_bytes, stream), "route flags");
+                check(cudaMemsetAsync(flags, 0, flag_bytes.zeroed, stream), "route flags");
                 const Tensor hs = carve(buf, 0, {m, r}, dt);
                 Tensor a = lora_a, b = lora_b;
                 if (round) {
@@ -715,7 +732,8 @@ LinearGrads linear_backward(const NodeState& st, const variable_list& saved, con
         const auto run = [&](const Tensor& dy_in, const Tensor& gs, void* flags) {
             launch_tma(tma, dy_in, wc, gs, a, Tensor(), Tensor(), p, dx2, TmaProduce{b, flags, s});
         };
-        const GsMaker maker{tma_flag_bytes(tma, x.size(0)), run};
+        const TmaScratch flags = tma_scratch(tma, x.size(0), x.size(1), dy.size(1));
+        const GsMaker maker{flags.zeroed, flags.total, run};
         FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, false, need.a, need.b, x_sizes, st.a_dtype, {},
                                       nullptr, &maker);
         dy = f.dy, g.a = f.grad_a, g.b = f.grad_b;
@@ -1128,17 +1146,19 @@ void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows) {
 
 void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool has_keep, int64_t rank,
                                int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n, int64_t major,
-                               bool produce, bool adapter_fp32) {
+                               bool produce, bool adapter_fp32, int64_t block_k, int64_t max_splits) {
     TORCH_CHECK(rank >= 1 && rank <= kLoraKernelMaxRank && lora_rank_block(rank) == rank,
                 "lora_kernels_register_tma: rank must be the rank block (16, 32, 64 or 128), got ", rank);
     TORCH_CHECK(kernel_id == -1 || (kernel_id >= 0 && programs > 0 && block_m > 0 && block_n > 0),
                 "lora_kernels_register_tma: bad kernel description");
     TORCH_CHECK(!(produce && has_keep), "lora_kernels_register_tma: a producing kernel takes no keep bits");
+    TORCH_CHECK(kernel_id == -1 || (block_k > 0 && max_splits >= 1),
+                "lora_kernels_register_tma: block_k must be > 0 and max_splits >= 1, got ", block_k, ", ", max_splits);
     const int64_t key =
         tma_key(dx, bf16 ? torch::kBFloat16 : torch::kHalf, kn, has_bias, has_keep, rank, produce, adapter_fp32);
     const std::lock_guard<std::mutex> lock(tma_mutex);
     if (kernel_id == -1) tma_kernels.erase(key);  // (that direction back on the default route)
-    else tma_kernels[key] = TmaKernel{kernel_id, programs, block_m, block_n, major};
+    else tma_kernels[key] = TmaKernel{kernel_id, programs, block_m, block_n, major, block_k, rank, max_splits};
 }
 
 void lora_kernels_set_tma_rows(int64_t rows) {

@@ -23,6 +23,13 @@ hs = s·x·Aᵀ in the forward, gs = s·dy·B in dx, so that no shrink kernel re
 (X's tile against the adapter's BK×BR tile), then H stored and a flag per row block set (release); every other tile
 of the row block, numbered after all producers, waits for the flag (acquire) only at its term step. Waiting on lower
 tile numbers cannot deadlock while every program of the persistent grid (one a multiprocessor at most) is resident.
+Where the row blocks are fewer than half the programs (2048 rows: 16 of 132), one producer a row block would hold up
+every tile of the first round by its extra MMAs, so the work is split: column blocks 0 … S−1 (S = producer_splits,
+at most MAX_SPLITS) each make h's partial sum over 1/S of the K steps (their K loop starts at their slice and wraps
+round), store it in fp32 behind the flags and count themselves in (release); every tile of the row block, producers
+included, waits for the count to reach S and sums the S partials in order (the same bits in every tile; producer 0
+stores h). All S·⌈M/BM⌉ producers are numbered first and fit the grid's first round, so each waits only on programs
+running beside it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "FLATTEN": False
                   "num_stages": 3, "num_warps": 8}
 # dx with dropout bits: half as many columns a tile, so the expanded bits fit in registers beside the accumulator
 KEEP_CONFIG = {**DEFAULT_CONFIG, "BN": 128, "num_stages": 4}
+# The most producers a row block (PRODUCE_H): S = min(MAX_SPLITS, programs // row blocks, column blocks, K steps)
+MAX_SPLITS = 8
 
 
 HOPPER_SHARED_BYTES = 232448  # a Hopper block's shared memory limit
@@ -83,10 +92,10 @@ def _lora_gemm_kernel(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr
                       HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
                       SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                      FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                      FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr):
     _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr, M, N, K, R,
                      keep_stride, keep_scale, h_scale, Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, PRODUCE_H,
-                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE)
+                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE, MAX_SPLITS)
 
 
 @triton.jit
@@ -96,7 +105,7 @@ def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_pt
                           HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
                           SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                          FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                          FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr):
     """The same GEMM over plain pointers, its descriptors made on the device: the form a C++ caller launches
     (compile_for_cpp), whose arguments are pointers and numbers only."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
@@ -114,45 +123,84 @@ def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_pt
         src_desc = src_ptr
     _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr, M, N, K, R,
                      keep_stride, keep_scale, h_scale, Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, PRODUCE_H,
-                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE)
+                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE, MAX_SPLITS)
 
 
 @triton.jit
-def _tile_of(tile, num_m, num_n, PRODUCE_H: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tile `tile`'s (row, column) block. With PRODUCE_H the first num_m tiles are the producers, column block 0 of
-    each row block, so that every other tile's producer has a lower number; the rest in grouped order."""
+def _tile_of(tile, num_m, num_n, splits, PRODUCE_H: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile `tile`'s (row, column) block. With PRODUCE_H the first num_m·splits tiles are the producers, column blocks
+    0 … splits−1 of each row block, so that every other tile's producers have lower numbers; the rest in grouped
+    order."""
     if PRODUCE_H:
-        if tile < num_m:
-            pid_m = tile
-            pid_n = 0
+        if tile < num_m * splits:
+            pid_m = tile // splits
+            pid_n = tile % splits
         else:
-            pid_m, pid_n = _tile_coords(tile - num_m, num_m, num_n - 1, GROUP_M)
-            pid_n += 1
+            pid_m, pid_n = _tile_coords(tile - num_m * splits, num_m, num_n - splits, GROUP_M)
+            pid_n += splits
     else:
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
     return pid_m, pid_n
 
 
 @triton.jit
-def _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_tiles, Y_KMAJOR: tl.constexpr, PRODUCE: tl.constexpr,
-            SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-            WARP_SPECIALIZE: tl.constexpr):
-    """acc += X[m0:, :]·Y[:, n0:] over K; with PRODUCE also X[m0:, :]·srcᵀ (BM×BR, fp32) from the same X tiles."""
+def _producer_splits(num_m, num_n, k_tiles, NUM_PROGRAMS: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """Producers a row block (producer_splits below: the host's copy, which sizes their scratch)."""
+    return tl.maximum(tl.minimum(tl.minimum(NUM_PROGRAMS // num_m, MAX_SPLITS), tl.minimum(num_n, k_tiles)), 1)
+
+
+def producer_splits(m: int, n: int, k: int, bm: int, bn: int, bk: int, num_programs: int,
+                    max_splits: int = MAX_SPLITS) -> int:
+    """_producer_splits on the host, for M×N outputs over K in BM×BN tiles and BK steps."""
+    num_m, num_n, k_tiles = -(-m // bm), -(-n // bn), -(-k // bk)
+    return max(min(num_programs // num_m, max_splits, num_n, k_tiles), 1)
+
+
+def producer_scratch_words(m: int, bm: int, br: int, splits: int) -> tuple[int, int]:
+    """A producing launch's scratch in 4-byte words: (the counters, one a row block, zeroed before the launch, padded
+    to 16 bytes; all of it, the fp32 partial sums of h after them when splits > 1)."""
+    num_m = -(-m // bm)
+    counters = -(-num_m // 4) * 4
+    return counters, counters + (num_m * splits * bm * br if splits > 1 else 0)
+
+
+@triton.jit
+def _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_lo, k_hi, k_tiles, Y_KMAJOR: tl.constexpr,
+            PRODUCE: tl.constexpr, WRAP: tl.constexpr, SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+            BR: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """acc += X[m0:, ks]·Y[ks, n0:] over K steps k_lo … k_hi−1 (WRAP: taken modulo k_tiles); with PRODUCE also
+    X[m0:, ks]·src[:, ks]ᵀ (BM×BR, fp32) from the same X tiles."""
     h_acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for kk in tl.range(k_tiles, warp_specialize=WARP_SPECIALIZE):
-        a = x_desc.load([m0, kk * BK])
-        if Y_KMAJOR:
-            b = y_desc.load([n0, kk * BK]).T
+    for kk in tl.range(k_lo, k_hi, warp_specialize=WARP_SPECIALIZE):
+        if WRAP:
+            k = (kk % k_tiles) * BK
         else:
-            b = y_desc.load([kk * BK, n0])
+            k = kk * BK
+        a = x_desc.load([m0, k])
+        if Y_KMAJOR:
+            b = y_desc.load([n0, k]).T
+        else:
+            b = y_desc.load([k, n0])
         acc = tl.dot(a, b, acc)
         if PRODUCE:
             if SRC_RMAJOR:
-                src = src_desc.load([0, kk * BK]).T
+                src = src_desc.load([0, k]).T
             else:
-                src = src_desc.load([kk * BK, 0])
+                src = src_desc.load([k, 0])
             h_acc = tl.dot(a, src.to(a.dtype), h_acc)
     return acc, h_acc
+
+
+@triton.jit
+def _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, dtype: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr):
+    """h of row block pid_m from its producers' partial sums (fp32, behind the counters), added in producer order,
+    scaled and rounded: the same bits in every tile that asks."""
+    parts = (flags_ptr + (num_m + 3) // 4 * 4).to(tl.pointer_type(tl.float32), bitcast=True)
+    at = parts + pid_m * splits * (BM * BR) + tl.arange(0, BM)[:, None] * BR + tl.arange(0, BR)[None, :]
+    total = tl.zeros((BM, BR), dtype=tl.float32)
+    for j in range(0, splits):
+        total += tl.load(at + j * (BM * BR), cache_modifier=".cg")
+    return (total * h_scale).to(dtype)
 
 
 @triton.jit
@@ -161,13 +209,14 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                      HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
                      SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
-                     WARP_SPECIALIZE: tl.constexpr):
+                     WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr):
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
     ranks = tl.arange(0, BR)
+    splits = _producer_splits(num_m, num_n, k_tiles, NUM_PROGRAMS, MAX_SPLITS) if PRODUCE_H else 1
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
-        pid_m, pid_n = _tile_of(tile, num_m, num_n, PRODUCE_H, GROUP_M)
+        pid_m, pid_n = _tile_of(tile, num_m, num_n, splits, PRODUCE_H, GROUP_M)
         m0 = pid_m * BM
         n0 = pid_n * BN
         rows = m0 + tl.arange(0, BM)
@@ -203,28 +252,50 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         if PRODUCE_H:
             tl.static_assert(HAS_LORA and not HAS_KEEP, "a produced h needs the term after the K loop")
-            if pid_n == 0:
-                # the producer: h = h_scale · X·srcᵀ from the X tiles the K loop loads anyway (src: the shrink's
-                # adapter, R×K as the forward's A is stored, or K×R as dx's B), one narrow MMA more a K step, then
-                # published for the row block's other tiles, which wait for it only at their term step (the separate
-                # shrink kernel read all of X once more: 42 µs at 8192×4096 on an H100)
-                acc, h_acc = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, True, SRC_RMAJOR,
-                                     BM, BK, BR, WARP_SPECIALIZE)
-                h = (h_acc * h_scale).to(h_ptr.dtype.element_ty)
-                tl.store(h_at, h, mask=h_inside)
-                tl.debug_barrier()  # (every thread's part of h stored before the flag says so)
-                tl.atomic_xchg(flags_ptr + pid_m, 1, sem="release", scope="gpu")
+            if pid_n < splits:
+                # a producer: h = h_scale · X·srcᵀ (or its part over this producer's slice of the K steps) from the X
+                # tiles the K loop loads anyway (src: the shrink's adapter, R×K as the forward's A is stored, or K×R
+                # as dx's B), one narrow MMA more a K step of the slice, then published for the row block's other
+                # tiles, which wait for it only at their term step (the separate shrink kernel read all of X once
+                # more: 42 µs at 8192×4096 on an H100)
+                k_lo = pid_n * k_tiles // splits
+                k_hi = (pid_n + 1) * k_tiles // splits
+                acc, h_acc = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_lo, k_hi, k_tiles, Y_KMAJOR, True,
+                                     False, SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
+                if splits == 1:
+                    h = (h_acc * h_scale).to(h_ptr.dtype.element_ty)
+                    tl.store(h_at, h, mask=h_inside)
+                    tl.debug_barrier()  # (every thread's part of h stored before the flag says so)
+                    tl.atomic_add(flags_ptr + pid_m, 1, sem="release", scope="gpu")
+                else:
+                    # the rest of the K steps, wrapping round; then this part counted in, and h from all parts once
+                    # every producer of the row block has counted in (all of them run in the grid's first round)
+                    acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_hi, k_lo + k_tiles, k_tiles,
+                                     Y_KMAJOR, False, True, SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
+                    parts = (flags_ptr + (num_m + 3) // 4 * 4).to(tl.pointer_type(tl.float32), bitcast=True)
+                    part_at = parts + (pid_m * splits + pid_n) * (BM * BR) + (rows - m0)[:, None] * BR + ranks[None, :]
+                    tl.store(part_at, h_acc)
+                    tl.debug_barrier()
+                    tl.atomic_add(flags_ptr + pid_m, 1, sem="release", scope="gpu")
+                    while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") < splits:
+                        pass
+                    h = _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, h_ptr.dtype.element_ty, BM, BR)
+                    if pid_n == 0:
+                        tl.store(h_at, h, mask=h_inside)
             else:
-                acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, False, SRC_RMAJOR,
-                                 BM, BK, BR, WARP_SPECIALIZE)
-                # the row block's producer has a lower tile number, so it runs or ran on a program already resident
+                acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, 0, k_tiles, k_tiles, Y_KMAJOR, False,
+                                 False, SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
+                # the row block's producers have lower tile numbers, so they run or ran on programs already resident
                 # (the grid is at most one program a multiprocessor: all of them resident at once)
-                while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") == 0:
+                while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") < splits:
                     pass
-                h = tl.load(h_at, mask=h_inside, other=0.0, cache_modifier=".cg")
+                if splits == 1:
+                    h = tl.load(h_at, mask=h_inside, other=0.0, cache_modifier=".cg")
+                else:
+                    h = _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, h_ptr.dtype.element_ty, BM, BR)
         else:
-            acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_tiles, Y_KMAJOR, False, SRC_RMAJOR,
-                             BM, BK, BR, WARP_SPECIALIZE)
+            acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, 0, k_tiles, k_tiles, Y_KMAJOR, False, False,
+                             SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
         if HAS_LORA and not HAS_KEEP:  # one more MMA step into the same accumulator
             acc = tl.dot(h, low, acc)
         if HAS_BIAS:
@@ -236,22 +307,24 @@ def lora_gemm(x: torch.Tensor, y: torch.Tensor, *, y_kmajor: bool, h: torch.Tens
               low: torch.Tensor | None = None, low_rmajor: bool = False, bias: torch.Tensor | None = None,
               keep: torch.Tensor | None = None, p: float = 0.0, src: torch.Tensor | None = None,
               src_rmajor: bool = False, h_scale: float = 1.0, out: torch.Tensor | None = None,
-              config: dict | None = None, num_programs: int | None = None) -> torch.Tensor:
+              config: dict | None = None, num_programs: int | None = None,
+              max_splits: int = MAX_SPLITS) -> torch.Tensor:
     """out (M×N) = x·(y_kmajor ? yᵀ : y) + [h·(low_rmajor ? low : lowᵀ)] ⊙ [keep / (1−p)] + bias.
 
     x (M×K), y (N×K or K×N), h (M×R), low (N×R, or R×N with low_rmajor), keep: uint8 bits M×(N/8) (bit j of byte c
     keeps column 8c + j), bias (N). All 2-D contiguous in one dtype (bf16 / fp16; fp32 in the interpreter), rows
     16-byte aligned (widths multiples of 8), as TMA needs; low and src may be in another dtype (fp32 adapters).
     With `src` (R×K with src_rmajor, else K×R) the kernel makes h itself, h = h_scale · x·srcᵀ rounded to x's dtype,
-    and writes it into `h` (lora_gemm_h also returns it)."""
+    and writes it into `h` (lora_gemm_h also returns it), with up to `max_splits` producers a row block."""
     return lora_gemm_h(x, y, y_kmajor=y_kmajor, h=h, low=low, low_rmajor=low_rmajor, bias=bias, keep=keep, p=p,
                        src=src, src_rmajor=src_rmajor, h_scale=h_scale, out=out, config=config,
-                       num_programs=num_programs)[0]
+                       num_programs=num_programs, max_splits=max_splits)[0]
 
 
 def lora_gemm_h(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None, keep=None, p=0.0, src=None,
-                src_rmajor=False, h_scale=1.0, out=None, config=None, num_programs=None):
-    """lora_gemm, returning (out, h): h as given, or as the kernel made it from `src`."""
+                src_rmajor=False, h_scale=1.0, out=None, config=None, num_programs=None, max_splits=MAX_SPLITS):
+    """lora_gemm, returning (out, h): h as given, or as the kernel made it from `src` (by at most `max_splits`
+    producers a row block)."""
     if TensorDescriptor is None:
         raise RuntimeError("lora_gemm needs Triton's host TMA descriptors (triton.tools.tensor_descriptor)")
     m, k = x.shape
@@ -290,7 +363,9 @@ def lora_gemm_h(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None
             1 if produce else 4
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     programs = max(1, min(num_programs, tiles))
-    flags = torch.zeros(triton.cdiv(m, bm) if produce else 1, device=x.device, dtype=torch.int32)
+    splits = producer_splits(m, n, k, bm, bn, bk, programs, max_splits) if produce else 1
+    flags = torch.zeros(producer_scratch_words(m, bm, br, splits)[1] if produce else 1, device=x.device,
+                        dtype=torch.int32)
     dummy = out  # (pointer arguments of branches that are compiled out)
     src_desc = TensorDescriptor.from_tensor(src, [br, bk] if src_rmajor else [bk, br]) if produce else dummy
     _lora_gemm_kernel[(programs,)](
@@ -299,7 +374,8 @@ def lora_gemm_h(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None
         m, n, k, r, n // 8, 1.0 / (1.0 - p) if keep is not None else 1.0, float(h_scale),
         Y_KMAJOR=y_kmajor, L_RMAJOR=low_rmajor, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         HAS_KEEP=keep is not None, PRODUCE_H=produce, SRC_RMAJOR=src_rmajor, BM=bm, BN=bn, BK=bk, BR=br,
-        GROUP_M=group_m, NUM_PROGRAMS=programs, FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, **cfg)
+        GROUP_M=group_m, NUM_PROGRAMS=programs, FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize,
+        MAX_SPLITS=max_splits, **cfg)
     return out, h
 
 
@@ -352,14 +428,16 @@ def _param_kinds(ptx: str, name: str) -> str:
 
 def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_rmajor: bool, has_lora: bool,
                     has_bias: bool, has_keep: bool, rank_block: int, num_programs: int, produce_h: bool = False,
-                    adapter_dtype: torch.dtype | None = None, config: dict | None = None) -> dict:
+                    adapter_dtype: torch.dtype | None = None, config: dict | None = None,
+                    max_splits: int = MAX_SPLITS) -> dict:
     """_lora_gemm_ptr_kernel compiled for one GPU architecture (capability 90 for sm_90) and one set of flags: the
     cubin and what a launcher needs (entry name, tile BM×BN, dynamic shared memory, threads, Triton's scratch bytes a
     program and their alignment, parameter kinds). Arguments, in order: x, y, h, low, out, bias, keep, src, flags
     pointers (16-byte aligned; any valid pointer where a flag leaves one out), M, N, K, R, keep_stride (int32),
     keep_scale, h_scale (fp32). produce_h: the kernel makes h from src (SRC_RMAJOR with low_rmajor's opposite: the
-    forward's src is A, R×K, dx's is B, K×R) and needs flags zeroed (one int32 a BM-row block); low and src are read
-    in adapter_dtype (None: dtype)."""
+    forward's src is A, R×K, dx's is B, K×R) and needs scratch behind the flags pointer (producer_scratch_words for
+    producer_splits(…, max_splits) producers a row block: its counters zeroed); low and src are read in adapter_dtype
+    (None: dtype)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -374,7 +452,7 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
                   "HAS_KEEP": has_keep, "PRODUCE_H": produce_h, "SRC_RMAJOR": not low_rmajor, "BM": cfg["BM"],
                   "BN": cfg["BN"], "BK": cfg["BK"], "BR": rank_block,
                   "GROUP_M": cfg["GROUP_M"], "NUM_PROGRAMS": num_programs, "FLATTEN": cfg.get("FLATTEN", False),
-                  "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False)}
+                  "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False), "MAX_SPLITS": max_splits}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}  # the pointers: 16-byte aligned, as TMA needs
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -397,8 +475,8 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
     kinds = _param_kinds(compiled.asm["ptx"], meta.name)
     if kinds[:USER_PARAMS] != "p" * 9 + "i" * 5 + "ff" or set(kinds[USER_PARAMS:]) - {"p"}:
         raise RuntimeError(f"{meta.name}: unexpected parameter layout {kinds!r} for this Triton build")
-    return {"cubin": compiled.asm["cubin"], "name": meta.name, "BM": cfg["BM"], "BN": cfg["BN"],
-            "shared": meta.shared, "num_warps": meta.num_warps,
+    return {"cubin": compiled.asm["cubin"], "name": meta.name, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"],
+            "max_splits": max_splits, "shared": meta.shared, "num_warps": meta.num_warps,
             "scratch_bytes": getattr(meta, "global_scratch_size", 0),
             "scratch_align": getattr(meta, "global_scratch_align", 1), "kinds": kinds,
             "ptx": compiled.asm["ptx"]}  # (the tests ask ptxas about its registers)
@@ -410,15 +488,17 @@ class CppLoraGemm:
 
     def __init__(self, ext, device: torch.device, dtype: torch.dtype, *, y_kmajor: bool, low_rmajor: bool = False,
                  has_lora: bool = False, has_bias: bool = False, has_keep: bool = False, produce_h: bool = False,
-                 adapter_dtype: torch.dtype | None = None, rank: int = 16, config: dict | None = None):
+                 adapter_dtype: torch.dtype | None = None, rank: int = 16, config: dict | None = None,
+                 max_splits: int = MAX_SPLITS):
         major, minor = torch.cuda.get_device_capability(device)
         self.num_programs = torch.cuda.get_device_properties(device).multi_processor_count
         self.flags = dict(y_kmajor=y_kmajor, low_rmajor=low_rmajor, has_lora=has_lora, has_bias=has_bias,
                           has_keep=has_keep, produce_h=produce_h)
         built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, rank_block=_block_r(rank),
                                 num_programs=self.num_programs, adapter_dtype=adapter_dtype, config=config,
-                                **self.flags)
-        self.tile = built["BM"], built["BN"]
+                                max_splits=max_splits, **self.flags)
+        self.tile = built["BM"], built["BN"], built["BK"]
+        self.max_splits, self.rank_block = max_splits, _block_r(rank)
         self.ext = ext
         self.id = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
                                              built["scratch_bytes"], built["scratch_align"], built["kinds"],
@@ -430,8 +510,11 @@ class CppLoraGemm:
         m, k = x.shape
         n = out.shape[1]
         r = h.shape[1] if h is not None else 0
-        tiles = triton.cdiv(m, self.tile[0]) * triton.cdiv(n, self.tile[1])
-        flags = torch.zeros(triton.cdiv(m, self.tile[0]), device=x.device, dtype=torch.int32)
+        bm, bn, bk = self.tile
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        splits = producer_splits(m, n, k, bm, bn, bk, self.num_programs, self.max_splits)
+        flags = torch.zeros(producer_scratch_words(m, bm, self.rank_block, splits)[1], device=x.device,
+                            dtype=torch.int32)
         args = [x, y, h if h is not None else x, low if low is not None else x, out,
                 bias if bias is not None else out, keep if keep is not None else out, src if src is not None else x,
                 flags, m, n, k, r, n // 8, 1.0 / (1.0 - p) if keep is not None else 1.0, float(h_scale)]
@@ -441,7 +524,7 @@ class CppLoraGemm:
 
 def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bfloat16, ranks=(16,), kn=(False,),
                       config: dict | None = None, dx_dropout: bool = True, plain: bool = True,
-                      produce_adapters=()) -> dict:
+                      produce_adapters=(), max_splits: int = MAX_SPLITS) -> dict:
     """Compile the node's one-GEMM route kernels for this GPU and register them with peft_fast._C
     (lora_kernels_register_tma): per rank block and weight layout (kn: Conv1D's K×N weight), with `plain` the
     forward with and without bias and dx with and without dropout bits, which read h (dx_dropout=False: no dx with
@@ -450,7 +533,7 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
     themselves (the node takes them without dropout). The route itself stays off until
     `ext.lora_kernels_set_tma_rows(rows)`. Returns the kernel ids registered, by (rank block, kn, dx, bias or keep
     bits, producing adapter dtype or None). `config`: one tile config for all (None: each kernel's default,
-    KEEP_CONFIG for dx with keep bits)."""
+    KEEP_CONFIG for dx with keep bits); `max_splits`: the most producers a row block of the producing kernels."""
     major, minor = torch.cuda.get_device_capability(device)
     programs = torch.cuda.get_device_properties(device).multi_processor_count
     bf16 = dtype == torch.bfloat16
@@ -470,12 +553,12 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
                 built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, y_kmajor=y_kmajor, low_rmajor=dx,
                                         has_lora=True, has_bias=flag and not dx, has_keep=flag and dx,
                                         rank_block=block, num_programs=programs, produce_h=adapter is not None,
-                                        adapter_dtype=adapter, config=config)
+                                        adapter_dtype=adapter, config=config, max_splits=max_splits)
                 kernel = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
                                                     built["scratch_bytes"], built["scratch_align"], built["kinds"],
                                                     USER_PARAMS)
                 ext.lora_kernels_register_tma(dx, bf16, layout, flag and not dx, flag and dx, block, kernel, programs,
                                               built["BM"], built["BN"], major, adapter is not None,
-                                              adapter == torch.float32)
+                                              adapter == torch.float32, built["BK"], built["max_splits"])
                 registered[block, layout, dx, flag, adapter] = kernel
     return registered

@@ -191,16 +191,19 @@ def print_fwd_bwd_table(impls, xs, dy, breakdown=()):
             for key, us, count in kernel_breakdown(steps[name])), flush=True)
 
 
-def route_layer_tables(shapes, ps, routes, choose, breakdown=()):
+def route_layer_tables(shapes, ps, routes, choose, breakdown=(), applies=lambda setting, p: True):
     """The layer's fwd+bwd (wall µs, GPU kernel µs) of the bare layer and of peft_fast's node under each of `routes`
-    ({name: setting}; `choose(setting)` switches the node before each call), fp32 adapters, per shape and dropout;
-    the routes named in `breakdown` also by kernel."""
+    ({name: setting}; `choose(setting)` switches the node before each call; only where `applies(setting, p)`), fp32
+    adapters, per shape and dropout; the routes named in `breakdown` also by kernel."""
     for m, k, n, r in shapes:
         for p in ps:
             layers = layer_models(k, n, r, p, with_peft=False)
             bare = layers["bare"]
             impls = {"bare F.linear": lambda x, bare=bare: F.linear(x, bare.weight)}
             for name, setting in routes.items():
+                if not applies(setting, p):
+                    continue
+
                 def run(x, layer=layers["pf"].train(), setting=setting):
                     choose(setting)
                     return layer(x)
@@ -209,7 +212,8 @@ def route_layer_tables(shapes, ps, routes, choose, breakdown=()):
             dy = torch.randn(m, n, device="cuda", dtype=DT)
             print(f"\n=== layer M{m} K{k} N{n} r{r} p{p} fwd+bwd, fp32 adapters: wall µs (median), GPU kernel µs",
                   flush=True)
-            print_fwd_bwd_table(impls, xs, dy, breakdown=["bare F.linear", *breakdown] if breakdown else ())
+            shown = [name for name in breakdown if name in impls]
+            print_fwd_bwd_table(impls, xs, dy, breakdown=["bare F.linear", *shown] if shown else ())
 
 
 def layer_table():
@@ -530,27 +534,44 @@ def tma_table():
                                               wide["scratch_bytes"], wide["scratch_align"], wide["kinds"],
                                               G.USER_PARAMS), wide["BM"], wide["BN"]
         programs = torch.cuda.get_device_properties(0).multi_processor_count
+        # the producing kernels (fp32 adapters) with one producer a row block, as before the split (registered last
+        # by the default, with up to G.MAX_SPLITS)
+        one = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), plain=False,
+                                  produce_adapters=(torch.float32,), max_splits=1)
+        split = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), plain=False,
+                                    produce_adapters=(torch.float32,))
+
+        def producers(ids, max_splits):
+            for (block, layout, dx, flag, adapter), kernel in ids.items():
+                _C.lora_kernels_register_tma(dx, DT == torch.bfloat16, layout, flag and not dx, False, block, kernel,
+                                             programs, G.DEFAULT_CONFIG["BM"], G.DEFAULT_CONFIG["BN"], major, True,
+                                             adapter == torch.float32, G.DEFAULT_CONFIG["BK"], max_splits)
 
         def choose(setting):
-            """(row threshold, dx-with-dropout kernel (id, BM, BN), id -1: that dx on the default route, producing
-            kernels on, fp32 adapters rounded first (the producing GEMMs then read bf16 copies))"""
-            _C.lora_kernels_set_tma_rows(setting[0])
-            _C.lora_kernels_set_tma_produce_rows(0 if setting[2] else 1 << 62)
-            _C.lora_kernels_set_preround_rows(0 if setting[3] else before[2])
-            kernel, bm, bn = setting[1]
+            """setting: rows (the route's row threshold), dx_keep (the dx-with-dropout kernel (id, BM, BN), id -1:
+            that dx on the default route), produce (producing kernels on), one (one producer a row block), rounded
+            (fp32 adapters rounded first: the producing GEMMs then read bf16 copies)"""
+            _C.lora_kernels_set_tma_rows(setting["rows"])
+            _C.lora_kernels_set_tma_produce_rows(0 if setting.get("produce") else 1 << 62)
+            _C.lora_kernels_set_preround_rows(0 if setting.get("rounded") else before[2])
+            producers(one, 1) if setting.get("one") else producers(split, G.MAX_SPLITS)
+            kernel, bm, bn = setting["dx_keep"]
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, kernel, programs, bm, bn,
                                          major)
         off = (-1, 0, 0)
+        p0, p01 = (0.0,), (0.1,)  # (producing kernels run without dropout only; dx kernels with bits with it only)
         route_layer_tables([(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (4096, 4096, 4096, 16),
                             (2048, 4096, 11008, 16), (2048, 2048, 2048, 16)], (0.0, 0.1),
-                           {"pf, default route": (1 << 62, keep_dx, False, False),
-                            "pf, one GEMM producing h (p0)": (0, off, True, False),
-                            "pf, producing, adapters rounded 1st": (0, off, True, True),
-                            "pf, one GEMM reading h": (0, off, False, False),
-                            "pf, one GEMM, dx with dropout too": (0, keep_dx, True, False),
-                            "pf, one GEMM, dx with dropout at 128x256": (0, keep_wide, True, False)}, choose,
-                           breakdown=("pf, one GEMM producing h (p0)", "pf, producing, adapters rounded 1st",
-                                      "pf, one GEMM, dx with dropout at 128x256"))
+                           {"pf, default route": dict(rows=1 << 62, dx_keep=keep_dx),
+                            "pf, producing (split)": dict(rows=0, dx_keep=off, produce=True, ps=p0),
+                            "pf, producing, one a row block": dict(rows=0, dx_keep=off, produce=True, one=True, ps=p0),
+                            "pf, producing, rounded 1st": dict(rows=0, dx_keep=off, produce=True, rounded=True, ps=p0),
+                            "pf, one GEMM reading h": dict(rows=0, dx_keep=off),
+                            "pf, dx with dropout too": dict(rows=0, dx_keep=keep_dx, ps=p01),
+                            "pf, dx with dropout, 128x256": dict(rows=0, dx_keep=keep_wide, ps=p01)}, choose,
+                           breakdown=("pf, producing (split)", "pf, producing, rounded 1st",
+                                      "pf, dx with dropout, 128x256"),
+                           applies=lambda setting, p: p in setting.get("ps", (p,)))
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the one-GEMM route failed: {type(err).__name__}: {err}", flush=True)
     finally:
@@ -588,7 +609,8 @@ def tma_table():
     # (BM, BN, BK, GROUP_M, stages, warps, flatten, warp-specialized)
     # (the others of 2026-12-07 09:32 UTC, 128×128 warp-specialized, 128×256 warp-specialized, 256×128 s3, 128×128 s5,
     # gained nothing: bench/RESULTS.md)
-    configs = [(128, 256, 64, 8, 3, 8, False, False), (128, 128, 64, 8, 4, 8, False, False)]
+    # (128×128 s4 lost everywhere, 2026-12-07 13:09 UTC)
+    configs = [(128, 256, 64, 8, 3, 8, False, False)]
     print("\n=== one TMA GEMM with the LoRA term inside (bf16, r16, do_bench median µs)", flush=True)
     for m, k, n in [(8192, 4096, 4096), (8192, 4096, 14336), (2048, 4096, 4096), (2048, 2048, 2048)]:
         r = 16
@@ -639,6 +661,13 @@ def tma_table():
                                                           src_rmajor=True, h_scale=2.0, out=y, config=cfg)),
                 "dx producing gs": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=h_out, low=a32, low_rmajor=True,
                                                           src=b32, h_scale=2.0, out=dx, config=cfg)),
+                # one producer a row block (before the split over column blocks)
+                "fwd producing h, 1 producer": us(lambda: G.lora_gemm(x, w, y_kmajor=True, h=h_out, low=b32, src=a32,
+                                                                      src_rmajor=True, h_scale=2.0, out=y, config=cfg,
+                                                                      max_splits=1)),
+                "dx producing gs, 1 producer": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=h_out, low=a32,
+                                                                      low_rmajor=True, src=b32, h_scale=2.0, out=dx,
+                                                                      config=cfg, max_splits=1)),
                 # the same from adapters rounded to bf16 first (what rounding them once a step would buy)
                 "fwd producing h, bf16 adapters": us(lambda: G.lora_gemm(x, w, y_kmajor=True, h=h_out, low=b, src=a,
                                                                          src_rmajor=True, h_scale=2.0, out=y,

@@ -92,6 +92,54 @@ def test_lora_gemm_refuses_mismatched_operands():
                     keep=o["keep"], config=SMALL)
 
 
+def test_producers_a_row_block_fit_the_first_round():
+    """How many column blocks share a row block's h (producer_splits): as many as the grid's programs allow for every
+    row block at once (all producers in the first round: they wait on one another), at most MAX_SPLITS, the column
+    blocks and the K steps; one where the row blocks fill half the grid or more. Their scratch: a 16-byte run of
+    counters, then the fp32 partial sums."""
+    splits = G.producer_splits
+    assert splits(2048, 4096, 4096, 128, 256, 64, 132) == 8  # 16 row blocks: 8 producers each, 128 programs busy
+    assert splits(8192, 4096, 4096, 128, 256, 64, 132) == 2  # 64 row blocks
+    assert splits(16384, 4096, 4096, 128, 256, 64, 132) == 1  # 128 row blocks: one producer each, as before
+    assert splits(32768, 4096, 4096, 128, 256, 64, 132) == 1  # more row blocks than programs
+    assert splits(2048, 512, 4096, 128, 256, 64, 132) == 2  # two column blocks
+    assert splits(2048, 4096, 128, 128, 256, 64, 132) == 2  # two K steps
+    assert splits(2048, 4096, 4096, 128, 256, 64, 132, max_splits=1) == 1
+    for m in (1, 2048, 2000, 8192):
+        for n, k in ((4096, 4096), (512, 128)):
+            s = splits(m, n, k, 128, 256, 64, 132)
+            num_m = -(-m // 128)
+            assert 1 <= s and (s == 1 or num_m * s <= 132)
+            counters, total = G.producer_scratch_words(m, 128, 16, s)
+            assert counters % 4 == 0 and counters >= num_m
+            assert total == counters + (num_m * s * 128 * 16 if s > 1 else 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(2048, 4096, 4096), (2000, 1536, 200), (640, 2048, 1024)])
+@pytest.mark.parametrize("dx", [False, True])
+def test_producers_split_over_column_blocks_make_the_same_h(m, n, k, dx):
+    """Several producers a row block (each a slice of the K steps, their fp32 parts summed in order by every tile)
+    give the reference's out and h, as one producer a row block does; K steps fewer than the producers included."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA descriptors need a Hopper (sm_90+) GPU")
+    o = _operands(m, n, k, 16, torch.bfloat16, "cuda", seed=7)
+    if dx:  # dx's form: out = dy·W + gs·A, gs = s·dy·B (B K×r)
+        args = dict(x=o["x"], y=o["w_t"], y_kmajor=False, low=o["a32"], low_rmajor=True, src=o["shrink_b"],
+                    src_rmajor=False, h_scale=0.75)
+    else:
+        args = dict(x=o["x"], y=o["w"], y_kmajor=True, low=o["b32"], bias=o["bias"], src=o["shrink_a"],
+                    src_rmajor=True, h_scale=1.5)
+    cfg = G.DEFAULT_CONFIG
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    assert G.producer_splits(m, n, k, cfg["BM"], cfg["BN"], cfg["BK"], programs) > 1
+    _check_with_h(args)
+    one, one_h = G.lora_gemm_h(**args, max_splits=1)
+    _check(one, G.reference(**args), torch.bfloat16)
+    _check(one_h, G.reference_h(args["x"], args["src"], src_rmajor=args["src_rmajor"], h_scale=args["h_scale"]),
+           torch.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("what,build", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("m,n,k,r", [(8192, 4096, 4096, 16), (777, 3000, 1024, 64)])
