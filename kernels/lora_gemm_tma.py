@@ -50,8 +50,10 @@ except ImportError:  # pragma: no cover - older Triton: lora_gemm is not availab
 # WARP_SPECIALIZE: producer / consumer warps for the K loop, where the Triton build supports it on the GPU)
 DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "FLATTEN": False, "WARP_SPECIALIZE": False,
                   "num_stages": 3, "num_warps": 8}
-# dx with dropout bits: half as many columns a tile, so the expanded bits fit in registers beside the accumulator
-KEEP_CONFIG = {**DEFAULT_CONFIG, "BN": 128, "num_stages": 4}
+# dx with dropout bits: the same tiles. At 128×256 the expanded bits spill 96 bytes beside the accumulator (ptxas
+# sm_90a), at 128×128 with 4 stages nothing, yet 128×256 ran faster (H100, 8192×4096×4096: 408.6 µs against 450.8
+# alone; the layer's fwd+bwd at p 0.1 GPU 975 µs against 1018, bench/RESULTS.md 2026-12-07)
+KEEP_CONFIG = dict(DEFAULT_CONFIG)
 # The most producers a row block (PRODUCE_H): S = min(MAX_SPLITS, programs // row blocks, column blocks, K steps)
 MAX_SPLITS = 8
 
@@ -241,7 +243,8 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
             # onto it, so one fp32 tile is live (a second one after the loop spilled: 1.8× the plain GEMM's time).
             # The bits come as one byte a row and 8 columns, expanded in registers (not one load per element, whose
             # 64-bit addresses filled the registers: 255 and 236 bytes spilled at 128×256, ptxas sm_90a); at 128×128
-            # tiles with 8 warps (KEEP_CONFIG) the kernel fits in 175 registers with no spill, at 128×256 it spills.
+            # tiles with 8 warps the kernel fits in 175 registers with no spill, at 128×256 (KEEP_CONFIG) 96 bytes
+            # spill, which measured faster all the same.
             groups = n0 // 8 + tl.arange(0, BN // 8)
             inside = (rows[:, None] < M) & (groups[None, :] < keep_stride)
             packed = tl.load(keep_ptr + rows[:, None] * keep_stride + groups[None, :], mask=inside, other=0)

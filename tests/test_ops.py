@@ -305,14 +305,14 @@ def test_one_gemm_rows_setting_and_its_noop_when_off_or_on_the_cpu(monkeypatch):
 
 
 def test_one_gemm_produce_rows_setting():
-    """PEFT_FAST_ONE_GEMM_PRODUCE (read once at import): unset → 8192 rows (the measured rule), a count → that count,
+    """PEFT_FAST_ONE_GEMM_PRODUCE (read once at import): unset → 4096 rows (the measured rule), a count → that count,
     "off" → off (None), a bad value → a warning and the default."""
     import subprocess
     import sys
 
     code = "from peft_fast.ops import dispatch; print(dispatch.ONE_GEMM_PRODUCE_MIN_ROWS)"
     seen = {}
-    for value in (None, "4096", "off", "many"):
+    for value in (None, "8192", "off", "many"):
         env = {k: v for k, v in os.environ.items() if k != "PEFT_FAST_ONE_GEMM_PRODUCE"}
         if value is not None:
             env["PEFT_FAST_ONE_GEMM_PRODUCE"] = value
@@ -321,4 +321,4 @@ def test_one_gemm_produce_rows_setting():
         seen[value] = run.stdout.strip().splitlines()[-1]
         if value == "many":
             assert "PEFT_FAST_ONE_GEMM_PRODUCE='many' is not a non-negative integer" in run.stderr
-    assert seen == {None: "8192", "4096": "4096", "off": "None", "many": "8192"}
+    assert seen == {None: "4096", "8192": "8192", "off": "None", "many": "4096"}

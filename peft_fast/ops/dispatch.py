@@ -139,8 +139,10 @@ def _rows_setting(value, default: Optional[int] = None, name: str = "PEFT_FAST_O
 # call of each dtype and weight layout (rank ≤ 16: the ranks measured). PEFT_FAST_ONE_GEMM_ROWS (read once) sets the
 # rows, "off" turns it off. H100, bf16, fp32 adapters, 2026-12-07 (bench layer suite, wall × the bare layer, default
 # route → one GEMM): M8192 K=N=4096 r16 fwd+bwd p0 1.28× → 1.22×, M8192 K4096 N14336 p0 1.15× → 1.09×; probe, p0.1,
-# forward alone on the route: M8192 K=N=4096 1.41× → 1.37×, M2048 K=N=2048 2.12× → 1.30×. dx with dropout stays on
-# the default route: the GEMM with the keep bits applied to its term ran 517 µs against the plain GEMM's 380 µs.
+# forward alone on the route: M8192 K=N=4096 1.41× → 1.37×, M2048 K=N=2048 2.12× → 1.30×. dx with dropout is on the
+# route too since its GEMM runs at 128×256 tiles (kernels/lora_gemm_tma.py KEEP_CONFIG): kprobe tma, H100, p 0.1,
+# fwd+bwd GPU µs, dx on the default route → on the route: M8192 K=N=4096 984 → 975, M4096 K=N=4096 519 → 506,
+# M2048 K4096 N11008 620 → 609, M2048 K=N=2048 110.5 → 105.8; M8192 K4096 N14336 3146 → 3199 (wall 3280 → 3088).
 ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"), 1024)
 # … and on it, from ONE_GEMM_PRODUCE_MIN_ROWS rows without dropout, the GEMMs that make the low-rank product
 # themselves (h = s·x·Aᵀ in the forward, gs = s·dy·B in dx, from the tiles of column block 0, which the row block's
@@ -150,7 +152,11 @@ ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_G
 # (GPU 973 → 899); M8192 K4096 N14336 3278 → 3118 (GPU 3161 → 3040); but M2048 K4096 N11008 690 → 719 (GPU 610 → 638)
 # and M2048 K=N=2048 GPU 99.5 → 103.6: with few row blocks every first-round tile waits for the producers, which are
 # slower by their extra MMA. Bench layer suite, same host: M8192 K=N=4096 fwd+bwd 1.17× → 1.15× the bare layer.
-ONE_GEMM_PRODUCE_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_PRODUCE"), 8192,
+# Since h is split over up to 8 producers a row block (kernels/lora_gemm_tma.py producer_splits; 2026-12-07 14:45 UTC,
+# another H100, GPU µs, one producer → split, against reading h): M8192 K=N=4096 914 → 899 (927), M4096 K=N=4096
+# 488 → 473 (480; wall 534 against 574), M2048 K4096 N11008 619 → 609 (599), M2048 K=N=2048 103 → 98.5 (99.1); M8192
+# K4096 N14336 2921 → 2951 (3025). So from 4096 rows; at 2048 reading h still ties or wins.
+ONE_GEMM_PRODUCE_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_PRODUCE"), 4096,
                                                          "PEFT_FAST_ONE_GEMM_PRODUCE")
 
 # Auto mode's rule: the fused kernels at total rank ≤ FUSED_ANY_SIZE_RANK whatever the size, and above it while
