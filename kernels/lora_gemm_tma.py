@@ -194,11 +194,18 @@ def _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_lo, k_hi, k_tiles, Y_
 
 
 @triton.jit
+def _part_at(flags_ptr, num_m, pid_m, splits, j, BM: tl.constexpr, BR: tl.constexpr):
+    """Where producer j of row block pid_m keeps its BM×BR fp32 part of h, behind the counters
+    (producer_scratch_words)."""
+    parts = (flags_ptr + (num_m + 3) // 4 * 4).to(tl.pointer_type(tl.float32), bitcast=True)
+    return parts + (pid_m * splits + j) * (BM * BR) + tl.arange(0, BM)[:, None] * BR + tl.arange(0, BR)[None, :]
+
+
+@triton.jit
 def _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, dtype: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr):
     """h of row block pid_m from its producers' partial sums (fp32, behind the counters), added in producer order,
     scaled and rounded: the same bits in every tile that asks."""
-    parts = (flags_ptr + (num_m + 3) // 4 * 4).to(tl.pointer_type(tl.float32), bitcast=True)
-    at = parts + pid_m * splits * (BM * BR) + tl.arange(0, BM)[:, None] * BR + tl.arange(0, BR)[None, :]
+    at = _part_at(flags_ptr, num_m, pid_m, splits, 0, BM, BR)
     total = tl.zeros((BM, BR), dtype=tl.float32)
     for j in range(0, splits):
         total += tl.load(at + j * (BM * BR), cache_modifier=".cg")
@@ -275,9 +282,7 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                     # every producer of the row block has counted in (all of them run in the grid's first round)
                     acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_hi, k_lo + k_tiles, k_tiles,
                                      Y_KMAJOR, False, True, SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
-                    parts = (flags_ptr + (num_m + 3) // 4 * 4).to(tl.pointer_type(tl.float32), bitcast=True)
-                    part_at = parts + (pid_m * splits + pid_n) * (BM * BR) + (rows - m0)[:, None] * BR + ranks[None, :]
-                    tl.store(part_at, h_acc)
+                    tl.store(_part_at(flags_ptr, num_m, pid_m, splits, pid_n, BM, BR), h_acc)
                     tl.debug_barrier()
                     tl.atomic_add(flags_ptr + pid_m, 1, sem="release", scope="gpu")
                     while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") < splits:

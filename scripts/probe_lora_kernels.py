@@ -694,22 +694,13 @@ def dequant_table(reps: int = 20):
     rows where the node dequantizes) and bitsandbytes' dequantize_4bit, each µs a call and the bandwidth of its
     bytes (4 bits + absmax codes read, 16 bits written)."""
     from torch import nn
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     import bitsandbytes.functional as bnbf
     from peft_fast.benchmark.quantized import quantize_linears
     from peft_fast.ops import cuda_qlora
 
     def per_call_us(fn, kernel):
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                fn()
-            torch.cuda.synchronize()
-        return sum(e.self_device_time_total for e in prof.key_averages()
-                   if e.device_type == DeviceType.CUDA and kernel in e.key) / reps
+        return sum(us for key, us, _ in kernel_breakdown(fn, reps) if kernel in key)
 
     print("\n=== 4-bit dequantization (NF4, double quantization, bf16 out): GPU µs a call (TB/s)", flush=True)
     for n, k in [(4096, 4096), (11008, 4096), (4096, 11008)]:
