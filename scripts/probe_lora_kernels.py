@@ -523,16 +523,16 @@ def tma_table():
     try:
         ids = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), produce_adapters=(torch.float32, DT))
         keep_dx = ids[16, False, True, True, None], G.KEEP_CONFIG["BM"], G.KEEP_CONFIG["BN"]
-        # the same dx with keep bits at the plain GEMM's 128×256 tiles (it spills 96 bytes there, ptxas sm_90a, but
-        # the sweep timed it 408.6 µs against 450.8 at KEEP_CONFIG, 8192×4096×4096, H100)
+        # the same dx with keep bits at 128×128 tiles, 4 stages (KEEP_CONFIG before 2026-12-07 14:45 UTC: no spill,
+        # but slower than 128×256 with its 96 spilled bytes)
         major, minor = torch.cuda.get_device_capability()
-        wide = G.compile_for_cpp(dtype=DT, capability=10 * major + minor, y_kmajor=False, low_rmajor=True, has_lora=True,
-                                 has_bias=False, has_keep=True, rank_block=16,
-                                 num_programs=torch.cuda.get_device_properties(0).multi_processor_count,
-                                 config=G.DEFAULT_CONFIG)
-        keep_wide = _C.triton_kernel_register(wide["cubin"], wide["name"], wide["shared"], wide["num_warps"],
-                                              wide["scratch_bytes"], wide["scratch_align"], wide["kinds"],
-                                              G.USER_PARAMS), wide["BM"], wide["BN"]
+        narrow = G.compile_for_cpp(dtype=DT, capability=10 * major + minor, y_kmajor=False, low_rmajor=True,
+                                   has_lora=True, has_bias=False, has_keep=True, rank_block=16,
+                                   num_programs=torch.cuda.get_device_properties(0).multi_processor_count,
+                                   config={**G.DEFAULT_CONFIG, "BN": 128, "num_stages": 4})
+        keep_narrow = _C.triton_kernel_register(narrow["cubin"], narrow["name"], narrow["shared"], narrow["num_warps"],
+                                                narrow["scratch_bytes"], narrow["scratch_align"], narrow["kinds"],
+                                                G.USER_PARAMS), narrow["BM"], narrow["BN"]
         programs = torch.cuda.get_device_properties(0).multi_processor_count
         # the producing kernels (fp32 adapters) with one producer a row block, as before the split (registered last
         # by the default, with up to G.MAX_SPLITS)
@@ -567,10 +567,10 @@ def tma_table():
                             "pf, producing, one a row block": dict(rows=0, dx_keep=off, produce=True, one=True, ps=p0),
                             "pf, producing, rounded 1st": dict(rows=0, dx_keep=off, produce=True, rounded=True, ps=p0),
                             "pf, one GEMM reading h": dict(rows=0, dx_keep=off),
-                            "pf, dx with dropout too": dict(rows=0, dx_keep=keep_dx, ps=p01),
-                            "pf, dx with dropout, 128x256": dict(rows=0, dx_keep=keep_wide, ps=p01)}, choose,
+                            "pf, dx with dropout (128x256)": dict(rows=0, dx_keep=keep_dx, ps=p01),
+                            "pf, dx with dropout, 128x128": dict(rows=0, dx_keep=keep_narrow, ps=p01)}, choose,
                            breakdown=("pf, producing (split)", "pf, producing, rounded 1st",
-                                      "pf, dx with dropout, 128x256"),
+                                      "pf, dx with dropout (128x256)"),
                            applies=lambda setting, p: p in setting.get("ps", (p,)))
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the one-GEMM route failed: {type(err).__name__}: {err}", flush=True)
