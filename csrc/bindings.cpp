@@ -180,11 +180,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node); "
           "kernel_id -1 removes that key's kernel; major: the GPU generation its cubin runs on; produce: it makes h "
           "itself from adapters in fp32 (adapter_fp32) or the GEMM's dtype, by up to max_splits producers a row block "
-          "with block_k-wide K steps",
+          "with block_k-wide K steps (max_splits as compiled; the default is lora_gemm_tma.MAX_SPLITS, and a value above "
+          "the kernel's only over-sizes its scratch)",
           py::arg("dx"), py::arg("bf16"), py::arg("kn"), py::arg("has_bias"), py::arg("has_keep"), py::arg("rank"),
           py::arg("kernel_id"), py::arg("programs"), py::arg("block_m"), py::arg("block_n"), py::arg("major") = 9,
           py::arg("produce") = false, py::arg("adapter_fp32") = false, py::arg("block_k") = 64,
-          py::arg("max_splits") = 1);
+          py::arg("max_splits") = 8);
     m.def("lora_kernels_set_tma_rows", &lora_kernels_set_tma_rows,
           "from how many rows a training forward takes the one-GEMM route (probes and tests)", py::arg("rows"));
     m.def("lora_kernels_tma_rows", &lora_kernels_tma_rows);

@@ -61,7 +61,7 @@ std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows();
 void lora_kernels_register_tma(bool dx, bool bf16, bool kn, bool has_bias, bool has_keep, int64_t rank,
                                int64_t kernel_id, int64_t programs, int64_t block_m, int64_t block_n,
                                int64_t major = 9, bool produce = false, bool adapter_fp32 = false,
-                               int64_t block_k = 64, int64_t max_splits = 1);
+                               int64_t block_k = 64, int64_t max_splits = 8);
 void lora_kernels_set_tma_rows(int64_t rows);
 int64_t lora_kernels_tma_rows();
 // From how many rows a training forward without dropout takes the route's producing kernels, where registered
