@@ -180,8 +180,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node); "
           "kernel_id -1 removes that key's kernel; major: the GPU generation its cubin runs on; produce: it makes h "
           "itself from adapters in fp32 (adapter_fp32) or the GEMM's dtype, by up to max_splits producers a row block "
-          "with block_k-wide K steps (max_splits as compiled; the default is lora_gemm_tma.MAX_SPLITS, and a value above "
-          "the kernel's only over-sizes its scratch)",
+          "with block_k-wide K steps (max_splits as compiled; the default is lora_gemm_tma.MAX_SPLITS, and a value "
+          "above the kernel's only over-sizes its scratch)",
           py::arg("dx"), py::arg("bf16"), py::arg("kn"), py::arg("has_bias"), py::arg("has_keep"), py::arg("rank"),
           py::arg("kernel_id"), py::arg("programs"), py::arg("block_m"), py::arg("block_n"), py::arg("major") = 9,
           py::arg("produce") = false, py::arg("adapter_fp32") = false, py::arg("block_k") = 64,
