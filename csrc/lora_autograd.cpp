@@ -488,7 +488,6 @@ struct TmaProduce {
     double scale = 1.0;
 };
 
-// The flags' bytes a producing kernel of block rows bm needs for m rows (whole allocator-aligned pieces)
 // What a producing kernel of k's tiles needs behind its flags pointer for an m×n output over kk: one int32 counter a
 // BM-row block (zeroed before the launch; 16-byte multiple), then with several producers a row block their fp32
 // partial sums of h (kernels/lora_gemm_tma.py producer_splits and producer_scratch_words: the same arithmetic)
@@ -664,12 +663,12 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
                                    tma_find(tma_key(false, dt, kn, bias.defined(), false, r, true, false), rounded);
                 const int64_t copy_bytes = round ? r * (k + n) * e : 0;  // (16-byte multiples: k, n % 8 == 0)
                 if (round) tma = rounded;
-                const TmaScratch flag_bytes = tma_scratch(tma, m, n, k);
+                const TmaScratch scratch = tma_scratch(tma, m, n, k);
                 const Tensor buf =
-                    at::empty({hs_bytes + copy_bytes + flag_bytes.total}, x.options().dtype(torch::kUInt8));
+                    at::empty({hs_bytes + copy_bytes + scratch.total}, x.options().dtype(torch::kUInt8));
                 const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
                 char* flags = static_cast<char*>(buf.data_ptr()) + hs_bytes + copy_bytes;
-                check(cudaMemsetAsync(flags, 0, flag_bytes.zeroed, stream), "route flags");
+                check(cudaMemsetAsync(flags, 0, scratch.zeroed, stream), "route flags");
                 const Tensor hs = carve(buf, 0, {m, r}, dt);
                 Tensor a = lora_a, b = lora_b;
                 if (round) {
@@ -733,8 +732,8 @@ LinearGrads linear_backward(const NodeState& st, const variable_list& saved, con
         const auto run = [&](const Tensor& dy_in, const Tensor& gs, void* flags) {
             launch_tma(tma, dy_in, wc, gs, a, Tensor(), Tensor(), p, dx2, TmaProduce{b, flags, s});
         };
-        const TmaScratch flags = tma_scratch(tma, x.size(0), x.size(1), dy.size(1));
-        const GsMaker maker{flags.zeroed, flags.total, run};
+        const TmaScratch scratch = tma_scratch(tma, x.size(0), x.size(1), dy.size(1));
+        const GsMaker maker{scratch.zeroed, scratch.total, run};
         FusedGrads f = fused_backward(dy, x, a, b, h, mask, s, p, false, need.a, need.b, x_sizes, st.a_dtype, {},
                                       nullptr, &maker);
         dy = f.dy, g.a = f.grad_a, g.b = f.grad_b;
