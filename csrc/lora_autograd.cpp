@@ -481,7 +481,7 @@ TritonArg f32_arg(double v) {
 }
 
 // What a producing kernel (the key's `produce`) takes beside lora_gemm's operands: the adapter that makes h
-// (h = s · x·srcᵀ, written into the h argument) and its flags, one int32 a BM-row block, zero at launch
+// (h = s · x·srcᵀ, written into the h argument) and its scratch (tma_scratch below: counters zero at launch)
 struct TmaProduce {
     Tensor src;
     void* flags = nullptr;

@@ -168,7 +168,7 @@ def producer_scratch_words(m: int, bm: int, br: int, splits: int) -> tuple[int, 
 
 
 @triton.jit
-def _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_lo, k_hi, k_tiles, Y_KMAJOR: tl.constexpr,
+def _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, k_lo, k_hi, k_tiles, Y_KMAJOR: tl.constexpr,
             PRODUCE: tl.constexpr, WRAP: tl.constexpr, SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
             BR: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """acc += X[m0:, ks]·Y[ks, n0:] over K steps k_lo … k_hi−1 (WRAP: taken modulo k_tiles); with PRODUCE also
@@ -195,7 +195,7 @@ def _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_lo, k_hi, k_tiles, Y_
 
 
 @triton.jit
-def _part_at(flags_ptr, num_m, pid_m, splits, j, BM: tl.constexpr, BR: tl.constexpr):
+def _part_at(flags_ptr, pid_m, num_m, splits, j, BM: tl.constexpr, BR: tl.constexpr):
     """Where producer j of row block pid_m keeps its BM×BR fp32 part of h, behind the counters
     (producer_scratch_words)."""
     parts = (flags_ptr + (num_m + 3) // 4 * 4).to(tl.pointer_type(tl.float32), bitcast=True)
@@ -206,7 +206,7 @@ def _part_at(flags_ptr, num_m, pid_m, splits, j, BM: tl.constexpr, BR: tl.conste
 def _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, dtype: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr):
     """h of row block pid_m from its producers' partial sums (fp32, behind the counters), added in producer order,
     scaled and rounded: the same bits in every tile that asks."""
-    at = _part_at(flags_ptr, num_m, pid_m, splits, 0, BM, BR)
+    at = _part_at(flags_ptr, pid_m, num_m, splits, 0, BM, BR)
     total = tl.zeros((BM, BR), dtype=tl.float32)
     for j in range(0, splits):
         total += tl.load(at + j * (BM * BR), cache_modifier=".cg")
@@ -271,7 +271,7 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                 # more: 42 µs at 8192×4096 on an H100)
                 k_lo = pid_n * k_tiles // splits
                 k_hi = (pid_n + 1) * k_tiles // splits
-                acc, h_acc = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_lo, k_hi, k_tiles, Y_KMAJOR, True,
+                acc, h_acc = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, k_lo, k_hi, k_tiles, Y_KMAJOR, True,
                                      False, SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
                 if splits == 1:
                     h = (h_acc * h_scale).to(h_ptr.dtype.element_ty)
@@ -281,9 +281,9 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                 else:
                     # the rest of the K steps, wrapping round; then this part counted in, and h from all parts once
                     # every producer of the row block has counted in (all of them run in the grid's first round)
-                    acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, k_hi, k_lo + k_tiles, k_tiles,
+                    acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, k_hi, k_lo + k_tiles, k_tiles,
                                      Y_KMAJOR, False, True, SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
-                    tl.store(_part_at(flags_ptr, num_m, pid_m, splits, pid_n, BM, BR), h_acc)
+                    tl.store(_part_at(flags_ptr, pid_m, num_m, splits, pid_n, BM, BR), h_acc)
                     tl.debug_barrier()
                     tl.atomic_add(flags_ptr + pid_m, 1, sem="release", scope="gpu")
                     while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") < splits:
@@ -292,7 +292,7 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                     if pid_n == 0:
                         tl.store(h_at, h, mask=h_inside)
             else:
-                acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, 0, k_tiles, k_tiles, Y_KMAJOR, False,
+                acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, 0, k_tiles, k_tiles, Y_KMAJOR, False,
                                  False, SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
                 # the row block's producers have lower tile numbers, so they run or ran on programs already resident
                 # (the grid is at most one program a multiprocessor: all of them resident at once)
@@ -303,7 +303,7 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                 else:
                     h = _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, h_ptr.dtype.element_ty, BM, BR)
         else:
-            acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, K, R, 0, k_tiles, k_tiles, Y_KMAJOR, False, False,
+            acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, 0, k_tiles, k_tiles, Y_KMAJOR, False, False,
                              SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
         if HAS_LORA and not HAS_KEEP:  # one more MMA step into the same accumulator
             acc = tl.dot(h, low, acc)

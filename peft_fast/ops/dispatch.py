@@ -146,18 +146,18 @@ def _rows_setting(value, default: Optional[int] = None, name: str = "PEFT_FAST_O
 # M2048 K=N=2048 110.5 → 105.8; M8192 K4096 N14336 3146 → 3199 (wall 3280 → 3088). That kernel at those tiles has
 # not run the GPU tests yet (tests/test_gpu_lora_kernels.py dx_dropout=True): they decide, then one_gemm turns it on.
 ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"), 1024)
-# … and on it, from ONE_GEMM_PRODUCE_MIN_ROWS rows without dropout, the GEMMs that make the low-rank product
-# themselves (h = s·x·Aᵀ in the forward, gs = s·dy·B in dx, from the tiles of column block 0, which the row block's
-# other tiles wait for at their last MMA step) instead of a shrink kernel reading x or dy once more before each GEMM.
-# PEFT_FAST_ONE_GEMM_PRODUCE=<rows>|off (read once). H100, bf16, fp32 adapters, r16, p 0, 2026-12-07 (kprobe tma,
-# wall µs fwd+bwd and GPU µs, the route reading the shrink's product → producing it): M8192 K=N=4096 998 → 966
-# (GPU 973 → 899); M8192 K4096 N14336 3278 → 3118 (GPU 3161 → 3040); but M2048 K4096 N11008 690 → 719 (GPU 610 → 638)
-# and M2048 K=N=2048 GPU 99.5 → 103.6: with few row blocks every first-round tile waits for the producers, which are
-# slower by their extra MMA. Bench layer suite, same host: M8192 K=N=4096 fwd+bwd 1.17× → 1.15× the bare layer.
-# Since h is split over up to 8 producers a row block (kernels/lora_gemm_tma.py producer_splits; 2026-12-07 14:45 UTC,
-# another H100, GPU µs, one producer → split, against reading h): M8192 K=N=4096 914 → 899 (927), M4096 K=N=4096
-# 488 → 473 (480; wall 534 against 574), M2048 K4096 N11008 619 → 609 (599), M2048 K=N=2048 103 → 98.5 (99.1); M8192
-# K4096 N14336 2921 → 2951 (3025). So from 4096 rows; at 2048 reading h still ties or wins.
+# … and on it, from ONE_GEMM_PRODUCE_MIN_ROWS rows without dropout, the GEMMs that make the low-rank product themselves
+# (h = s·x·Aᵀ in the forward, gs = s·dy·B in dx, from the tiles of the first column blocks, which the row block's other
+# tiles wait for at their last MMA step) instead of a shrink kernel reading x or dy once more before each GEMM.
+# PEFT_FAST_ONE_GEMM_PRODUCE=<rows>|off (read once). H100, bf16, fp32 adapters, r16, p 0, 2026-12-07 (kprobe tma, wall
+# µs fwd+bwd and GPU µs, the route reading the shrink's product → producing it): M8192 K=N=4096 998 → 966 (GPU 973 →
+# 899); M8192 K4096 N14336 3278 → 3118 (GPU 3161 → 3040); but M2048 K4096 N11008 690 → 719 (GPU 610 → 638) and M2048
+# K=N=2048 GPU 99.5 → 103.6: with few row blocks every first-round tile waits for the producers, which are slower by
+# their extra MMA. Bench layer suite, same host: M8192 K=N=4096 fwd+bwd 1.17× → 1.15× the bare layer. Since h is split
+# over up to 8 producers a row block (kernels/lora_gemm_tma.py producer_splits; 2026-12-07 14:45 UTC, another H100, GPU
+# µs, one producer → split, against reading h): M8192 K=N=4096 914 → 899 (927), M4096 K=N=4096 488 → 473 (480; wall 534
+# against 574), M2048 K4096 N11008 619 → 609 (599), M2048 K=N=2048 103 → 98.5 (99.1); M8192 K4096 N14336 2921 → 2951
+# (3025). So from 4096 rows; at 2048 reading h still ties or wins.
 ONE_GEMM_PRODUCE_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_PRODUCE"), 4096,
                                                          "PEFT_FAST_ONE_GEMM_PRODUCE")
 

@@ -2,9 +2,9 @@
 node call of each device, dtype, rank block and weight layout, the route's Triton kernels are compiled for that GPU
 and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node; dx with dropout stays on the default
 route until its kernel at 128×256 tiles, measured faster, has passed the GPU tests: dispatch.ONE_GEMM_MIN_ROWS), and
-the row threshold is set; unless dispatch.ONE_GEMM_PRODUCE_MIN_ROWS
-is off, also, per adapter dtype, the kernels that make the low-rank product themselves (no shrink kernel before
-them), which the node takes without dropout from that many rows. Below Hopper, above rank 16 (not measured), or
+the row threshold is set; unless dispatch.ONE_GEMM_PRODUCE_MIN_ROWS is off, also, per adapter dtype, the kernels
+that make the low-rank product themselves (no shrink kernel before them), which the node takes without dropout from
+that many rows. Below Hopper, above rank 16 (not measured), or
 when compiling fails (one warning), the node keeps its default route. Off, nothing here runs."""
 
 from __future__ import annotations
