@@ -637,11 +637,10 @@ def tma_table():
         # memory floor: x's bytes at the HBM bandwidth, ~22 µs at 8192×4096 bf16 on an H100)
         shrink = {f"bm{bm}{' fp32 adapters' if fp32 else ''}": us(
             lambda bm=bm, aa=aa, bb=bb: _C.lora_kernels_forward(x, aa, bb, 2.0, 0.0, block_rows=bm, shrink_only=True))
-            for fp32, aa, bb in ((False, a, b), (True, a.float(), b.float())) for bm in (16, 32, 64)}
+            for fp32, aa, bb in ((False, a, b), (True, a32, b32)) for bm in (16, 32, 64)}
         for bm in (16, 32, 64):  # with dropout: Philox, the bits written
             shrink[f"bm{bm} fp32 adapters p0.1"] = us(
-                lambda bm=bm: _C.lora_kernels_forward(x, a.float(), b.float(), 2.0, 0.1, block_rows=bm,
-                                                      shrink_only=True))
+                lambda bm=bm: _C.lora_kernels_forward(x, a32, b32, 2.0, 0.1, block_rows=bm, shrink_only=True))
         shrink["cuBLAS x At"] = us(lambda: torch.mm(x, a.t()))
         print("    shrink alone: " + "  ".join(f"{key} {val:.1f}" if isinstance(val, float) else f"{key} {val}"
                                              for key, val in shrink.items()), flush=True)
