@@ -426,8 +426,8 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
 // csrc/triton_launch.h) after the rows kernel's phase 1, and its backward dx = dy W + drop(gs A) in another, instead
 // of the rows kernel writing the M×N term and cuBLAS adding its GEMM onto it (beta = 1): the output is written once,
 // not written, read and written again. Python compiles the kernels for this GPU and registers them here by key
-// (peft_fast.kernels.lora_gemm_tma.register_for_node; ops/one_gemm.py registers no dx kernel with dropout bits yet:
-// dispatch.ONE_GEMM_MIN_ROWS says why); a direction whose kernel is missing takes the default route.
+// (peft_fast.kernels.lora_gemm_tma.register_for_node, called by ops/one_gemm.py); a direction whose kernel is missing
+// takes the default route.
 struct TmaKernel {
     int64_t id = -1, programs = 0, bm = 0, bn = 0, major = 9;  // (major: the GPU generation its cubin is for)
     int64_t bk = 64, br = 16, max_splits = 1;  // (K step, rank block, most producers a row block: producing kernels)

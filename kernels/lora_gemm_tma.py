@@ -52,8 +52,7 @@ DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "FLATTEN": False
                   "num_stages": 3, "num_warps": 8}
 # dx with dropout bits: the same tiles. At 128×256 the expanded bits spill 96 bytes beside the accumulator (ptxas
 # sm_90a), at 128×128 with 4 stages nothing, yet 128×256 ran faster (H100, 8192×4096×4096: 408.6 µs against 450.8
-# alone; the layer's fwd+bwd at p 0.1 GPU 975 µs against 1018, bench/RESULTS.md 2026-12-07; the GPU tests have not run
-# it at these tiles yet, so the node's default registers no dx with bits: ops/one_gemm.py)
+# alone; the layer's fwd+bwd at p 0.1 GPU 975 µs against 1018, bench/RESULTS.md 2026-12-07)
 KEEP_CONFIG = dict(DEFAULT_CONFIG)
 # The most producers a row block (PRODUCE_H): S = min(MAX_SPLITS, programs // row blocks, column blocks, K steps)
 MAX_SPLITS = 8

@@ -135,16 +135,14 @@ def _rows_setting(value, default: Optional[int] = None, name: str = "PEFT_FAST_O
 
 # The C++ node's one-GEMM route (csrc/lora_autograd.cpp, kernels/lora_gemm_tma.py): from ONE_GEMM_MIN_ROWS rows a
 # training forward on a Hopper GPU computes y = x Wᵀ + hs Bᵀ (+ bias) in one Triton GEMM, and its backward
-# dx = dy W + gs A in another where dropout is off; ops/one_gemm.py compiles and registers the kernels on the first
+# dx = dy W + drop(gs A) in another; ops/one_gemm.py compiles and registers the kernels on the first
 # call of each dtype and weight layout (rank ≤ 16: the ranks measured). PEFT_FAST_ONE_GEMM_ROWS (read once) sets the
 # rows, "off" turns it off. H100, bf16, fp32 adapters, 2026-12-07 (bench layer suite, wall × the bare layer, default
 # route → one GEMM): M8192 K=N=4096 r16 fwd+bwd p0 1.28× → 1.22×, M8192 K4096 N14336 p0 1.15× → 1.09×; probe, p0.1,
-# forward alone on the route: M8192 K=N=4096 1.41× → 1.37×, M2048 K=N=2048 2.12× → 1.30×. dx with dropout stays on
-# the default route (ops/one_gemm.py registers no dx kernel with keep bits) although at 128×256 tiles
-# (kernels/lora_gemm_tma.py KEEP_CONFIG) it measured faster: kprobe tma, H100, p 0.1, fwd+bwd GPU µs, dx on the
-# default route → on the route: M8192 K=N=4096 984 → 975, M4096 K=N=4096 519 → 506, M2048 K4096 N11008 620 → 609,
-# M2048 K=N=2048 110.5 → 105.8; M8192 K4096 N14336 3146 → 3199 (wall 3280 → 3088). That kernel at those tiles has
-# not run the GPU tests yet (tests/test_gpu_lora_kernels.py dx_dropout=True): they decide, then one_gemm turns it on.
+# forward alone on the route: M8192 K=N=4096 1.41× → 1.37×, M2048 K=N=2048 2.12× → 1.30×. dx with dropout on the
+# route too, its keep-bit kernel at 128×256 tiles (kernels/lora_gemm_tma.py KEEP_CONFIG): kprobe tma, H100, p 0.1,
+# fwd+bwd GPU µs, dx on the default route → on the route: M8192 K=N=4096 984 → 975, M4096 K=N=4096 519 → 506, M2048
+# K4096 N11008 620 → 609, M2048 K=N=2048 110.5 → 105.8; M8192 K4096 N14336 3146 → 3199 (wall 3280 → 3088).
 ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"), 1024)
 # … and on it, from ONE_GEMM_PRODUCE_MIN_ROWS rows without dropout, the GEMMs that make the low-rank product themselves
 # (h = s·x·Aᵀ in the forward, gs = s·dy·B in dx, from the tiles of the first column blocks, which the row block's other

@@ -1,11 +1,10 @@
 """Turns on the C++ node's one-GEMM route (dispatch.ONE_GEMM_MIN_ROWS says why and from how many rows): on the first
 node call of each device, dtype, rank block and weight layout, the route's Triton kernels are compiled for that GPU
-and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node; dx with dropout stays on the default
-route until its kernel at 128×256 tiles, measured faster, has passed the GPU tests: dispatch.ONE_GEMM_MIN_ROWS), and
-the row threshold is set; unless dispatch.ONE_GEMM_PRODUCE_MIN_ROWS is off, also, per adapter dtype, the kernels
-that make the low-rank product themselves (no shrink kernel before them), which the node takes without dropout from
-that many rows. Below Hopper, above rank 16 (not measured), or
-when compiling fails (one warning), the node keeps its default route. Off, nothing here runs."""
+and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node: forward and dx, with and without
+dropout), and the row threshold is set; unless dispatch.ONE_GEMM_PRODUCE_MIN_ROWS is off, also, per adapter dtype,
+the kernels that make the low-rank product themselves (no shrink kernel before them), which the node takes without
+dropout from that many rows. Below Hopper, above rank 16 (not measured), or when compiling fails (one warning), the
+node keeps its default route. Off, nothing here runs."""
 
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype,
     try:
         from ..kernels import lora_gemm_tma
 
-        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,), dx_dropout=False, plain=plain,
+        lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,), plain=plain,
                                         produce_adapters=(adapter_dtype,) if produce else ())
         _C.lora_kernels_set_tma_rows(rows)
         if produce:
