@@ -8,6 +8,8 @@
 #   kprobe  scripts/probe_lora_kernels.py $KPROBE (the fused kernels vs the ATen route: host, split, layer, qlayer,
 #           pieces, merged, shapes, qgemv, dequant, preround, once, model)
 #   ncu     Nsight Compute over the fused kernels, each launched once at M8192 (speed of light, occupancy, stalls)
+#   timeline  scripts/probe_timeline.py $TIMELINE (one bench layer step under torch.profiler: GPU idle gaps inside it
+#           and the host ops that ran meanwhile, base / PEFT / peft_fast; Chrome traces kept)
 #   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
 #   phases  scripts/profile_model_step.py --phases (syncs a step makes; host issue vs GPU time per phase)
@@ -72,6 +74,7 @@ for step in "${steps[@]}"; do
            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum" \
            python3 scripts/probe_lora_kernels.py once > "$OUT/ncu.log" 2>&1 || rc=1
          grep -E "lora_|Duration|DRAM Through|L2 Cache Through|Compute \(SM\)|Achieved Occ|Registers Per|Block Limit Sh|inst_executed|stalled_(long|short|barrier|mio|lg|wait|math|not_sel|no_inst|branch|dispatch)" "$OUT/ncu.log" | head -200 ;;
+    timeline) timeout "$STEP_TIMEOUT" python3 scripts/probe_timeline.py ${TIMELINE:-} 2>&1 | tee "$OUT/timeline.log" | grep -v Warning || rc=1 ;;
     dprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_decode.py 2>&1 | tee "$OUT/dprobe.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
