@@ -55,7 +55,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace):
-    """Run the chosen suite; the JSON payload (None for an unknown suite)."""
+    """Run the chosen suite (its cases `--only` names); the JSON payload, None for an unknown suite or an `--only`
+    that names none of its cases."""
     import datetime
     import time
 
@@ -72,6 +73,14 @@ def _run_bench(args: argparse.Namespace):
         print(f"unknown suite {args.suite!r}; choose from {sorted(available)}", file=sys.stderr)
         return None
     cases = available[args.suite]
+    if args.only:  # (e.g. one case of a long suite: --suite consumer --only 4x2048)
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        chosen = [c for c in cases if any(w in c.id for w in wanted)]
+        if not chosen:
+            ids = "\n  ".join(c.id for c in cases)
+            print(f"--only {args.only!r} matches no case of suite {args.suite!r}; its cases:\n  {ids}", file=sys.stderr)
+            return None
+        cases = chosen
     repeats = 5 if args.quick and device.type == "cpu" else (50 if device.type == "cuda" else 20)
     results = []
     total = sum(len(impl_names(c, device)) for c in cases)
@@ -178,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="time peft_fast against HF PEFT and the bare base (table, JSON, plot)")
     bench.add_argument("--suite", default="all", help="all | layer | qlora | model | decode | consumer (the 7B QLoRA case: minutes) (default: all)")
     bench.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    bench.add_argument("--only", default=None, metavar="TEXT[,TEXT…]",
+                       help="run only the suite's cases whose name contains one of these texts")
     bench.add_argument("--out", default="peft_fast_bench", help="directory for bench.json and bench.png (default: peft_fast_bench)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],

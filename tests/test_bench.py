@@ -118,6 +118,19 @@ def test_compare_to_flags_a_regression(tmp_path, capsys):
     assert none == []
 
 
+def test_only_runs_the_cases_it_names_and_a_miss_lists_the_suite(tmp_path, capsys):
+    out = tmp_path / "only"
+    assert cli.main(["bench", "--quick", "--suite", "layer", "--only", "decode", "--out", str(out),
+                     "--no-progress"]) == 0
+    ids = [case["id"] for case in json.loads((out / "bench.json").read_text())["cases"]]
+    assert ids and all("decode" in i for i in ids)
+    capsys.readouterr()
+    assert cli.main(["bench", "--quick", "--suite", "layer", "--only", "no such case", "--out", str(out),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "matches no case" in err and "layer decode fwd" in err
+
+
 def test_table_shows_gpu_kernel_time_beside_wall_time():
     """A host-bound row must be visible: wall 1.000 ms with 0.250 ms of kernels prints as "1.000 (0.250)"."""
     from peft_fast.benchmark import report
