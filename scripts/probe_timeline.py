@@ -2,19 +2,20 @@
 torch.profiler (host and GPU on one clock), timed as the bench times it (the GPU idle before the step, a sync
 after). Prints per implementation: wall (first host op → last GPU work), GPU busy, the latency before the first GPU
 work, and each GPU idle gap inside the step with the host ops that ran while the GPU waited; then the host ops of
-peft_fast's step with their host µs. Usage: probe_timeline.py [case …] with case = M,K,N,p[,fwd] (default: the
-bench's layer cases). Chrome traces go to $OUT/timeline_*.json."""
+peft_fast's step with their host µs. Usage: probe_timeline.py [case …] with case = [q]M,K,N,p[,fwd] (q: the QLoRA
+layer case, bitsandbytes needed; default: the bench's layer cases). Chrome traces go to $OUT/timeline_*.json."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 
 import torch
 
-from peft_fast.benchmark.cases import LayerCase
+from peft_fast.benchmark.cases import LayerCase, QLoraLayerCase
 
 GAP_US = 4.0  # GPU idle shorter than this is launch granularity, not a wait
 GPU_CATS = ("kernel", "gpu_memset", "gpu_memcpy")
@@ -80,7 +81,8 @@ def profile_case(case: LayerCase, names, out_dir: str) -> None:
                 with record_function(f"step{i}"):
                     impl.step(i % case.n_inputs)
                 sync()
-        path = os.path.join(out_dir, f"timeline_{case.id.replace(' ', '_')}_{name.replace(' ', '_')}.json")
+        # (file names of letters, digits, '.', '_' and '-' only: the device returns no others)
+        path = os.path.join(out_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", f"timeline_{case.id}_{name}") + ".json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             trace = json.load(f)
@@ -92,10 +94,12 @@ def profile_case(case: LayerCase, names, out_dir: str) -> None:
 
 
 def parse(arg: str) -> LayerCase:
-    parts = arg.split(",")
+    kind = QLoraLayerCase if arg.startswith("q") else LayerCase
+    parts = arg.lstrip("q").split(",")
     m, k, n = (int(v) for v in parts[:3])
     p = float(parts[3]) if len(parts) > 3 else 0.0
-    return LayerCase(m, k, n, 16, dropout=p, backward=not (len(parts) > 4 and parts[4] == "fwd"))
+    backward = not (len(parts) > 4 and parts[4] == "fwd")
+    return kind(m, k, n, 16, p, backward) if kind is LayerCase else kind(m, k, n, 16, p, backward, triton_row=False)
 
 
 def main() -> None:
