@@ -47,9 +47,10 @@ except ImportError:  # pragma: no cover - older Triton: lora_gemm is not availab
 
 # Tile shape and pipeline depth by default (Hopper, bf16): the probe sweeps others
 # (FLATTEN: the tile and K loops pipelined as one, so the next tile's loads start under this one's epilogue;
-# WARP_SPECIALIZE: producer / consumer warps for the K loop, where the Triton build supports it on the GPU)
+# WARP_SPECIALIZE: producer / consumer warps for the K loop, where the Triton build supports it on the GPU;
+# EARLY_H: the producing kernels' other tiles ask for h as they start, not after their K loop: not yet measured)
 DEFAULT_CONFIG = {"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "FLATTEN": False, "WARP_SPECIALIZE": False,
-                  "num_stages": 3, "num_warps": 8}
+                  "EARLY_H": False, "num_stages": 3, "num_warps": 8}
 # dx with dropout bits: the same tiles. At 128×256 the expanded bits spill 96 bytes beside the accumulator (ptxas
 # sm_90a), at 128×128 with 4 stages nothing, yet 128×256 ran faster (H100, 8192×4096×4096: 408.6 µs against 450.8
 # alone; the layer's fwd+bwd at p 0.1 GPU 975 µs against 1018, bench/RESULTS.md 2026-12-07)
@@ -94,10 +95,11 @@ def _lora_gemm_kernel(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr
                       HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
                       SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                      FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr):
+                      FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                      EARLY_H: tl.constexpr):
     _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr, M, N, K, R,
                      keep_stride, keep_scale, h_scale, Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, PRODUCE_H,
-                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE, MAX_SPLITS)
+                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE, MAX_SPLITS, EARLY_H)
 
 
 @triton.jit
@@ -107,7 +109,8 @@ def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_pt
                           HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
                           SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                          FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr):
+                          FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                          EARLY_H: tl.constexpr):
     """The same GEMM over plain pointers, its descriptors made on the device: the form a C++ caller launches
     (compile_for_cpp), whose arguments are pointers and numbers only."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
@@ -125,7 +128,7 @@ def _lora_gemm_ptr_kernel(x_ptr, y_ptr, h_ptr, l_ptr, out_ptr, bias_ptr, keep_pt
         src_desc = src_ptr
     _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr, M, N, K, R,
                      keep_stride, keep_scale, h_scale, Y_KMAJOR, L_RMAJOR, HAS_LORA, HAS_BIAS, HAS_KEEP, PRODUCE_H,
-                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE, MAX_SPLITS)
+                     SRC_RMAJOR, BM, BN, BK, BR, GROUP_M, NUM_PROGRAMS, FLATTEN, WARP_SPECIALIZE, MAX_SPLITS, EARLY_H)
 
 
 @triton.jit
@@ -213,12 +216,23 @@ def _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, dtype: tl.constexpr, BM:
 
 
 @triton.jit
+def _row_block_h(h_at, h_inside, flags_ptr, pid_m, num_m, splits, h_scale, BM: tl.constexpr, BR: tl.constexpr):
+    """A consumer tile's h once its row block's producers have all counted in: the one producer's stored h, or the
+    sum of the producers' parts."""
+    if splits == 1:
+        h = tl.load(h_at, mask=h_inside, other=0.0, cache_modifier=".cg")
+    else:
+        h = _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, h_at.dtype.element_ty, BM, BR)
+    return h
+
+
+@triton.jit
 def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr, src_desc, flags_ptr, M, N, K, R,
                      keep_stride, keep_scale, h_scale, Y_KMAJOR: tl.constexpr, L_RMAJOR: tl.constexpr,
                      HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PRODUCE_H: tl.constexpr,
                      SRC_RMAJOR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      BR: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
-                     WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr):
+                     WARP_SPECIALIZE: tl.constexpr, MAX_SPLITS: tl.constexpr, EARLY_H: tl.constexpr):
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
@@ -291,16 +305,23 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                     if pid_n == 0:
                         tl.store(h_at, h, mask=h_inside)
             else:
+                h = tl.zeros((BM, BR), dtype=h_ptr.dtype.element_ty)
+                ready = False
+                if EARLY_H:
+                    # the count asked as the tile starts: where the producers are done (every tile after the grid's
+                    # first round, but for stragglers), h's loads are issued before the K loop and land under it,
+                    # not in two round trips to L2 (the count, then h) between the loop and the term's MMA
+                    ready = tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") >= splits
+                    if ready:
+                        h = _row_block_h(h_at, h_inside, flags_ptr, pid_m, num_m, splits, h_scale, BM, BR)
                 acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, 0, k_tiles, k_tiles, Y_KMAJOR, False,
                                  False, SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
-                # the row block's producers have lower tile numbers, so they run or ran on programs already resident
-                # (the grid is at most one program a multiprocessor: all of them resident at once)
-                while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") < splits:
-                    pass
-                if splits == 1:
-                    h = tl.load(h_at, mask=h_inside, other=0.0, cache_modifier=".cg")
-                else:
-                    h = _summed_h(flags_ptr, pid_m, num_m, splits, h_scale, h_ptr.dtype.element_ty, BM, BR)
+                if not ready:
+                    # the row block's producers have lower tile numbers, so they run or ran on programs already
+                    # resident (the grid is at most one program a multiprocessor: all of them resident at once)
+                    while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire", scope="gpu") < splits:
+                        pass
+                    h = _row_block_h(h_at, h_inside, flags_ptr, pid_m, num_m, splits, h_scale, BM, BR)
         else:
             acc, _ = _k_loop(x_desc, y_desc, src_desc, acc, m0, n0, 0, k_tiles, k_tiles, Y_KMAJOR, False, False,
                              SRC_RMAJOR, BM, BK, BR, WARP_SPECIALIZE)
@@ -356,6 +377,7 @@ def lora_gemm_h(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None
     bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
     group_m = cfg.pop("GROUP_M")
     flatten, warp_specialize = cfg.pop("FLATTEN", False), cfg.pop("WARP_SPECIALIZE", False)
+    early_h = cfg.pop("EARLY_H", False)
     if out is None:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
@@ -383,7 +405,7 @@ def lora_gemm_h(x, y, *, y_kmajor, h=None, low=None, low_rmajor=False, bias=None
         Y_KMAJOR=y_kmajor, L_RMAJOR=low_rmajor, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
         HAS_KEEP=keep is not None, PRODUCE_H=produce, SRC_RMAJOR=src_rmajor, BM=bm, BN=bn, BK=bk, BR=br,
         GROUP_M=group_m, NUM_PROGRAMS=programs, FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize,
-        MAX_SPLITS=max_splits, **cfg)
+        MAX_SPLITS=max_splits, EARLY_H=early_h, **cfg)
     return out, h
 
 
@@ -460,7 +482,8 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
                   "HAS_KEEP": has_keep, "PRODUCE_H": produce_h, "SRC_RMAJOR": not low_rmajor, "BM": cfg["BM"],
                   "BN": cfg["BN"], "BK": cfg["BK"], "BR": rank_block,
                   "GROUP_M": cfg["GROUP_M"], "NUM_PROGRAMS": num_programs, "FLATTEN": cfg.get("FLATTEN", False),
-                  "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False), "MAX_SPLITS": max_splits}
+                  "WARP_SPECIALIZE": cfg.get("WARP_SPECIALIZE", False), "MAX_SPLITS": max_splits,
+                  "EARLY_H": cfg.get("EARLY_H", False)}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}  # the pointers: 16-byte aligned, as TMA needs
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}

@@ -540,6 +540,9 @@ def tma_table():
                                   produce_adapters=(torch.float32,), max_splits=1)
         split = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), plain=False,
                                     produce_adapters=(torch.float32,))
+        # the same with the other tiles asking for h as they start (EARLY_H), not after their K loop
+        early = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), plain=False,
+                                    produce_adapters=(torch.float32,), config={**G.DEFAULT_CONFIG, "EARLY_H": True})
 
         def producers(ids, max_splits):
             for (block, layout, dx, flag, adapter), kernel in ids.items():
@@ -549,12 +552,16 @@ def tma_table():
 
         def choose(setting):
             """setting: rows (the route's row threshold), dx_keep (the dx-with-dropout kernel (id, BM, BN), id -1:
-            that dx on the default route), produce (producing kernels on), one (one producer a row block), rounded
-            (fp32 adapters rounded first: the producing GEMMs then read bf16 copies)"""
+            that dx on the default route), produce (producing kernels on), one (one producer a row block), early
+            (EARLY_H producing kernels), rounded (fp32 adapters rounded first: the producing GEMMs then read bf16
+            copies)"""
             _C.lora_kernels_set_tma_rows(setting["rows"])
             _C.lora_kernels_set_tma_produce_rows(0 if setting.get("produce") else 1 << 62)
             _C.lora_kernels_set_preround_rows(0 if setting.get("rounded") else before[2])
-            producers(one, 1) if setting.get("one") else producers(split, G.MAX_SPLITS)
+            if setting.get("one"):
+                producers(one, 1)
+            else:
+                producers(early if setting.get("early") else split, G.MAX_SPLITS)
             kernel, bm, bn = setting["dx_keep"]
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, kernel, programs, bm, bn,
                                          major)
@@ -565,11 +572,12 @@ def tma_table():
                            {"pf, default route": dict(rows=1 << 62, dx_keep=keep_dx),
                             "pf, producing (split)": dict(rows=0, dx_keep=off, produce=True, ps=p0),
                             "pf, producing, one a row block": dict(rows=0, dx_keep=off, produce=True, one=True, ps=p0),
+                            "pf, producing, h early": dict(rows=0, dx_keep=off, produce=True, early=True, ps=p0),
                             "pf, producing, rounded 1st": dict(rows=0, dx_keep=off, produce=True, rounded=True, ps=p0),
                             "pf, one GEMM reading h": dict(rows=0, dx_keep=off),
                             "pf, dx with dropout (128x256)": dict(rows=0, dx_keep=keep_dx, ps=p01),
                             "pf, dx with dropout, 128x128": dict(rows=0, dx_keep=keep_narrow, ps=p01)}, choose,
-                           breakdown=("pf, producing (split)", "pf, producing, rounded 1st",
+                           breakdown=("pf, producing (split)", "pf, producing, h early",
                                       "pf, dx with dropout (128x256)"),
                            applies=lambda setting, p: p in setting.get("ps", (p,)))
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
@@ -660,6 +668,13 @@ def tma_table():
                                                           src_rmajor=True, h_scale=2.0, out=y, config=cfg)),
                 "dx producing gs": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=h_out, low=a32, low_rmajor=True,
                                                           src=b32, h_scale=2.0, out=dx, config=cfg)),
+                # the other tiles asking for h as they start (EARLY_H)
+                "fwd producing h, early": us(lambda: G.lora_gemm(x, w, y_kmajor=True, h=h_out, low=b32, src=a32,
+                                                                 src_rmajor=True, h_scale=2.0, out=y,
+                                                                 config={**cfg, "EARLY_H": True})),
+                "dx producing gs, early": us(lambda: G.lora_gemm(dy, w, y_kmajor=False, h=h_out, low=a32,
+                                                                 low_rmajor=True, src=b32, h_scale=2.0, out=dx,
+                                                                 config={**cfg, "EARLY_H": True})),
                 # one producer a row block (before the split over column blocks)
                 "fwd producing h, 1 producer": us(lambda: G.lora_gemm(x, w, y_kmajor=True, h=h_out, low=b32, src=a32,
                                                                       src_rmajor=True, h_scale=2.0, out=y, config=cfg,

@@ -46,6 +46,8 @@ CASES = [  # (what, kwargs builder): the forward form, dx with dropout bits, and
                                       src=o["shrink_b"], src_rmajor=False, h_scale=0.75)),
 ]
 
+PRODUCING = [case for case in CASES if "producing" in case[0]]
+
 
 @pytest.mark.skipif(not INTERPRETER, reason="interpreter tests (CPU tensors); the gpu-marked test covers the GPU")
 @pytest.mark.parametrize("what,build", CASES, ids=[c[0] for c in CASES])
@@ -66,16 +68,25 @@ def _check_with_h(args, **launch):
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="interpreter tests")
-def test_produced_h_reaches_every_column_block():
+@pytest.mark.parametrize("early_h", [False, True])
+def test_produced_h_reaches_every_column_block(early_h):
     """Several column blocks a row block: the tiles after the producer use its h (a wrong or missing h shows in their
-    columns of the output, not in column block 0's)."""
+    columns of the output, not in column block 0's), asked for after their K loop or, EARLY_H, before it."""
     o = _operands(48, 80, 32, 8, torch.float32, "cpu", seed=4)
     args = dict(x=o["x"], y=o["w"], y_kmajor=True, low=o["b32"], src=o["shrink_a"], src_rmajor=True, h_scale=2.0)
-    out, _ = G.lora_gemm_h(**args, config=SMALL)
+    out, _ = G.lora_gemm_h(**args, config={**SMALL, "EARLY_H": early_h})
     want = G.reference(**args)
     plain = G.reference(**{**args, "src": None, "low": None})
     assert (want[:, 16:] - plain[:, 16:]).abs().max() > 0.1  # the term is a clear share of those columns
     _check(out[:, 16:], want[:, 16:], torch.float32)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="interpreter tests")
+@pytest.mark.parametrize("what,build", PRODUCING, ids=[c[0] for c in PRODUCING])
+def test_producing_kernels_with_h_asked_early_match_the_reference(what, build):
+    """EARLY_H: the producing kernels' other tiles take h before their K loop once its producers are done (in the
+    interpreter's one program, always: the producers come first), forward and dx, odd sizes."""
+    _check_with_h(build(_operands(33, 40, 56, 8, torch.float32, "cpu", seed=5)), config={**SMALL, "EARLY_H": True})
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="interpreter tests")
@@ -135,6 +146,7 @@ def test_producers_split_over_column_blocks_make_the_same_h(m, n, k, dx):
     assert G.producer_splits(m, n, k, cfg["BM"], cfg["BN"], cfg["BK"], programs) > 1
     _check_with_h(args)
     _check_with_h(args, max_splits=1)
+    _check_with_h(args, config={**cfg, "EARLY_H": True})  # (the first round's other tiles still wait after the loop)
 
 
 @pytest.mark.gpu
@@ -180,16 +192,19 @@ _PTXAS = """
 import subprocess, sys, tempfile, torch
 from triton import knobs
 from peft_fast.kernels import lora_gemm_tma as G
-# the route's dx kernels at their default configs, then the producing forward and dx (fp32 adapters)
-for keep, produce, dx in ((False, False, True), (True, False, True), (False, True, False), (False, True, True)):
+# the route's dx kernels at their default configs, then the producing forward and dx (fp32 adapters), those also
+# with EARLY_H
+for keep, produce, dx, early in ((False, False, True, False), (True, False, True, False), (False, True, False, False),
+                                 (False, True, True, False), (False, True, False, True), (False, True, True, True)):
     built = G.compile_for_cpp(dtype=torch.bfloat16, capability=90, y_kmajor=not dx, low_rmajor=dx, has_lora=True,
                               has_bias=False, has_keep=keep, rank_block=16, num_programs=132, produce_h=produce,
-                              adapter_dtype=torch.float32 if produce else None)
+                              adapter_dtype=torch.float32 if produce else None,
+                              config={**G.DEFAULT_CONFIG, "EARLY_H": True} if early else None)
     with tempfile.TemporaryDirectory() as d:
         open(f"{d}/k.ptx", "w").write(built["ptx"])
         run = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
                              capture_output=True, text=True, check=True)
-    print(keep, produce, dx, [line for line in run.stderr.splitlines() if "spill" in line][0])
+    print(keep, produce, dx, early, [line for line in run.stderr.splitlines() if "spill" in line][0])
 """
 
 
@@ -197,7 +212,8 @@ def test_dx_kernels_keep_their_accumulator_in_registers():
     """The dx kernel with dropout bits at KEEP_CONFIG (128×256) spills at most 128 bytes (ptxas -v for sm_90a, no GPU
     needed): its expanded bits sit beside the fp32 accumulator (96 bytes spill, measured faster than 128×128 tiles
     without); per-element loads spilled 236 bytes and ran 1.8× the plain GEMM's time. The plain dx kernel spills
-    nothing, nor do the producing ones (whose adapter tiles come by TMA: loaded by element, dx's spilled 24 bytes)."""
+    nothing, nor do the producing ones (whose adapter tiles come by TMA: loaded by element, dx's spilled 24 bytes),
+    h asked for early (EARLY_H) or not."""
     import subprocess
     import sys
 
@@ -205,9 +221,10 @@ def test_dx_kernels_keep_their_accumulator_in_registers():
     run = subprocess.run([sys.executable, "-c", _PTXAS], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 4, lines
-    spills = {tuple(line.split()[:3]): int(line.split(",")[1].split()[0]) for line in lines}  # (keep, produce, dx)
-    assert spills.pop(("True", "False", "True")) <= 128 and set(spills.values()) == {0}, lines
+    assert len(lines) == 6, lines
+    # (keep, produce, dx, early) → bytes spilled
+    spills = {tuple(line.split()[:4]): int(line.split(",")[1].split()[0]) for line in lines}
+    assert spills.pop(("True", "False", "True", "False")) <= 128 and set(spills.values()) == {0}, lines
 
 
 @pytest.mark.gpu
