@@ -176,6 +176,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "from how many rows the rows kernels run as two launches, and the second's rows a block (probes and tests)",
           py::arg("rows"), py::arg("pass2_rows") = 64);
     m.def("lora_kernels_two_pass_rows", &lora_kernels_two_pass_rows);
+    m.def("lora_kernels_set_reduce_cols", &lora_kernels_set_reduce_cols,
+          "the reduce kernel's column tile, 64 or 128, for every backward (probes and tests)", py::arg("cols"));
+    m.def("lora_kernels_reduce_cols", &lora_kernels_reduce_cols);
     m.def("lora_kernels_register_tma", &lora_kernels_register_tma,
           "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node); "
           "kernel_id -1 removes that key's kernel; major: the GPU generation its cubin runs on; produce: it makes h "
@@ -203,6 +206,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("lora_kernels_backward", &lora_kernels_backward, "the fused LoRA backward kernels alone (tests)",
           py::arg("dy"), py::arg("x"), py::arg("lora_a"), py::arg("lora_b"), py::arg("hs"), py::arg("mask"),
           py::arg("scale"), py::arg("p"), py::arg("need_x") = true, py::arg("need_a") = true, py::arg("need_b") = true,
-          py::arg("block_rows") = 0, py::arg("column_splits") = 0, py::arg("fp32_grads") = false);
+          py::arg("block_rows") = 0, py::arg("column_splits") = 0, py::arg("fp32_grads") = false,
+          py::arg("reduce_cols") = 0);
 #endif
 }

@@ -220,10 +220,16 @@ LoraPhilox philox_for(const Tensor& x) {
     return ph;
 }
 
-// The rows kernel's block shape, when a caller forces one (0, 0: the launcher's rule; tests and probes only)
+// The rows kernel's block shape, when a caller forces one (0, 0: the launcher's rule; tests and probes only), and
+// the reduce kernel's column tile (0: reduce_columns below)
 struct RowsShape {
-    int block_rows = 0, column_splits = 0;
+    int block_rows = 0, column_splits = 0, reduce_cols = 0;
 };
+
+// The reduce kernel's column tile, 64 or 128 (lora_kernels_set_reduce_cols changes it). 128 reads each row of x and dy
+// in 256-byte runs instead of 128 (the kernel ran at 2.0 TB/s with 64, 62 µs at M8192 K=N=4096 r16 on an H100,
+// bench/RESULTS.md 2026-12-07 16:22 UTC); not yet measured, so 64 stays.
+std::atomic<int> reduce_columns{64};
 
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
 // changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes. The forward kernels gain
@@ -351,7 +357,10 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
     const bool rows_pass = !gs_maker && (dx2.defined() || need_a || gs_out != nullptr), reduce_pass = need_a || need_b;
     const LoraReducePlan plan = reduce_pass ? lora_reduce_plan(static_cast<int>(m), static_cast<int>(k),
                                                                static_cast<int>(n), static_cast<int>(r), need_a,
-                                                               need_b, sms)
+                                                               need_b, sms,
+                                                               shape.reduce_cols > 0
+                                                                   ? shape.reduce_cols
+                                                                   : reduce_columns.load(std::memory_order_relaxed))
                                             : LoraReducePlan{};
     // gs (M×r), the reduce kernel's fp32 workspace and its counters (and gs_maker's flags): scratch of this call, one
     // allocation
@@ -1119,14 +1128,25 @@ void require_rows(const c10::optional<Tensor>& t, const char* name, const Tensor
                 sizes, " on ", x.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
 }
 
-RowsShape rows_shape(int64_t block_rows, int64_t column_splits) {
+RowsShape rows_shape(int64_t block_rows, int64_t column_splits, int64_t reduce_cols = 0) {
     TORCH_CHECK(block_rows == 0 || block_rows == 16 || block_rows == 32 || block_rows == 64,
                 "lora_kernels: block_rows must be 0 (the launcher's rule), 16, 32 or 64, got ", block_rows);
     TORCH_CHECK(column_splits >= 0 && column_splits <= 1024, "lora_kernels: column_splits must be 0 (the launcher's rule) "
                 "to 1024, got ", column_splits);
-    return {static_cast<int>(block_rows), static_cast<int>(column_splits)};
+    TORCH_CHECK(reduce_cols == 0 || lora_reduce_cols_supported(static_cast<int>(reduce_cols)),
+                "lora_kernels: reduce_cols must be 0 (lora_kernels_set_reduce_cols' value), 64 or 128, got ",
+                reduce_cols);
+    return {static_cast<int>(block_rows), static_cast<int>(column_splits), static_cast<int>(reduce_cols)};
 }
 }  // namespace
+
+void lora_kernels_set_reduce_cols(int64_t cols) {
+    TORCH_CHECK(lora_reduce_cols_supported(static_cast<int>(cols)),
+                "lora_kernels_set_reduce_cols: cols must be 64 or 128, got ", cols);
+    reduce_columns.store(static_cast<int>(cols), std::memory_order_relaxed);
+}
+
+int64_t lora_kernels_reduce_cols() { return reduce_columns.load(std::memory_order_relaxed); }
 
 void lora_kernels_set_preround_rows(int64_t rows) {
     TORCH_CHECK(rows >= 0, "lora_kernels_set_preround_rows: rows must be >= 0, got ", rows);
@@ -1202,7 +1222,7 @@ std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, 
 std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,
                                           const Tensor& hs, const c10::optional<Tensor>& mask, double scale, double p,
                                           bool need_x, bool need_a, bool need_b, int64_t block_rows,
-                                          int64_t column_splits, bool fp32_grads) {
+                                          int64_t column_splits, bool fp32_grads, int64_t reduce_cols) {
     TORCH_CHECK(x.dim() == 2 && fused_takes(x, lora_a, lora_b, p, x.scalar_type(), dy),
                 "lora_kernels_backward: the fused kernels do not take these arguments");
     const int64_t m = x.size(0), k = x.size(1), n = lora_b.size(0), r = lora_a.size(0);
@@ -1215,7 +1235,7 @@ std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, con
     TORCH_CHECK(bits.defined() || p == 0.0, "lora_kernels_backward: dropout p > 0 needs the forward's mask");
     FusedGrads g = fused_backward(dy, x, lora_a, lora_b, hs, bits, scale, p, need_x, need_a, need_b, x.sizes(),
                                   fp32_grads ? torch::kFloat : lora_a.scalar_type(),
-                                  rows_shape(block_rows, column_splits));
+                                  rows_shape(block_rows, column_splits, reduce_cols));
     return {g.grad_x, g.grad_a, g.grad_b};
 }
 #endif

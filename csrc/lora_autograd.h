@@ -53,6 +53,10 @@ int64_t lora_kernels_preround_rows();
 // blocks, 0: the launcher's rule), forward and backward. Default: never (lora_autograd.cpp); probes and tests set it.
 void lora_kernels_set_two_pass_rows(int64_t rows, int64_t pass2_rows);
 std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows();
+// The reduce kernel's column tile (dA over K, dB over N), 64 or 128, for every backward. Default 64
+// (lora_autograd.cpp); probes and tests set it.
+void lora_kernels_set_reduce_cols(int64_t cols);
+int64_t lora_kernels_reduce_cols();
 // The one-GEMM route (lora_autograd.cpp; Python turns it on: ops/one_gemm.py): a Triton GEMM registered through
 // triton_launch.h for one direction (forward or dx), dtype, weight layout (kn), bias / keep-bit use and rank block,
 // with its persistent grid size, tile shape and the GPU generation (compute capability major) its cubin runs on
@@ -71,5 +75,6 @@ std::vector<torch::Tensor> lora_kernels_backward(const torch::Tensor& dy, const 
                                                  const torch::Tensor& lora_a, const torch::Tensor& lora_b,
                                                  const torch::Tensor& hs, const c10::optional<torch::Tensor>& mask,
                                                  double scale, double p, bool need_x, bool need_a, bool need_b,
-                                                 int64_t block_rows, int64_t column_splits, bool fp32_grads);
+                                                 int64_t block_rows, int64_t column_splits, bool fp32_grads,
+                                                 int64_t reduce_cols);
 #endif

@@ -751,13 +751,14 @@ cudaError_t launch_rows_dir(const LoraRowsArgs& args, int sm_count, cudaStream_t
 
 // ---------------------------------------------------------------------------------------------------------------
 // The reduce kernel: out[c][j] = Σ_m big[m][c] · small[m][j] over a split of the rows, for a BC-column tile of
-// big; job = blockIdx.x (the dA tiles over K first: big = drop(x), small = gs, out = dAᵀ; then the dB tiles over
-// N: big = dy, small = hs, out = dB), split = blockIdx.y. With several splits each block writes its partial tile
-// to the workspace, and the last block to finish a tile (a counter per tile) sums the partials in split order.
+// big (BC 64, or 128: each row's read twice as long, half the rows a step); job = blockIdx.x (the dA tiles over K
+// first: big = drop(x), small = gs, out = dAᵀ; then the dB tiles over N: big = dy, small = hs, out = dB), split =
+// blockIdx.y. With several splits each block writes its partial tile to the workspace, and the last block to finish
+// a tile (a counter per tile) sums the partials in split order.
 
-template <typename T, int R>
+template <typename T, int R, int BC_>
 struct ReduceConfig {
-    static constexpr int BC = 64, BMR = R <= 32 ? 128 : 64;  // rows a step
+    static constexpr int BC = BC_, BMR = R <= 32 && BC == 64 ? 128 : 64;  // rows a step
     static constexpr int LDG = BC + 8, LDS = R + 8, LDR = R + 4;
     static constexpr int FR = (BC / 16) * (R / 16);
     static constexpr int KS = FR >= kWarps ? 1 : kWarps / FR;
@@ -774,12 +775,12 @@ struct ReduceConfig {
                   "WMMA tiles start 32-byte aligned; within consumer GPUs' shared memory");
 };
 
-template <typename T, typename TO, int R>
+template <typename T, typename TO, int R, int BC_>
 __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs args, LoraReducePlan plan) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // never launched there: lora_kernels_support refuses GPUs below sm_80 (bf16 WMMA)
 #else
-    using Cfg = ReduceConfig<T, R>;
+    using Cfg = ReduceConfig<T, R, BC_>;
     constexpr int BC = Cfg::BC, BMR = Cfg::BMR, S = Cfg::STAGES;
     extern __shared__ __align__(128) unsigned char smem[];
     auto big_stage = [&](int st) { return reinterpret_cast<T*>(smem + st * Cfg::STAGE_BYTES); };
@@ -918,26 +919,33 @@ __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs ar
 #endif
 }
 
-template <typename T, typename TO, int R>
+template <typename T, typename TO, int R, int BC>
 cudaError_t launch_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream) {
-    using Cfg = ReduceConfig<T, R>;
-    if (const cudaError_t err = allow_dynamic_smem<lora_reduce_kernel<T, TO, R>, Cfg::SMEM>(); err != cudaSuccess)
+    using Cfg = ReduceConfig<T, R, BC>;
+    if (const cudaError_t err = allow_dynamic_smem<lora_reduce_kernel<T, TO, R, BC>, Cfg::SMEM>(); err != cudaSuccess)
         return err;
     if (plan.splits > 1 && !args.counters_zeroed) {
         const cudaError_t err = cudaMemsetAsync(args.counters, 0, sizeof(int) * plan.counters, stream);
         if (err != cudaSuccess) return err;
     }
-    lora_reduce_kernel<T, TO, R><<<dim3(plan.tiles_a + plan.tiles_b, plan.splits), kThreads, Cfg::SMEM, stream>>>(
-        args, plan);
+    lora_reduce_kernel<T, TO, R, BC><<<dim3(plan.tiles_a + plan.tiles_b, plan.splits), kThreads, Cfg::SMEM,
+                                         stream>>>(args, plan);
     return cudaGetLastError();
+}
+
+template <typename T, typename TO, int BC>
+cudaError_t launch_reduce_cols(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream) {
+    if (args.r <= 16) return launch_reduce<T, TO, 16, BC>(args, plan, stream);
+    if (args.r <= 32) return launch_reduce<T, TO, 32, BC>(args, plan, stream);
+    if (args.r <= 64) return launch_reduce<T, TO, 64, BC>(args, plan, stream);
+    return launch_reduce<T, TO, 128, BC>(args, plan, stream);
 }
 
 template <typename T, typename TO>
 cudaError_t launch_reduce_for(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream) {
-    if (args.r <= 16) return launch_reduce<T, TO, 16>(args, plan, stream);
-    if (args.r <= 32) return launch_reduce<T, TO, 32>(args, plan, stream);
-    if (args.r <= 64) return launch_reduce<T, TO, 64>(args, plan, stream);
-    return launch_reduce<T, TO, 128>(args, plan, stream);
+    if (plan.cols == 128) return launch_reduce_cols<T, TO, 128>(args, plan, stream);
+    if (plan.cols == 64) return launch_reduce_cols<T, TO, 64>(args, plan, stream);
+    return cudaErrorInvalidValue;  // (a plan not made by lora_reduce_plan)
 }
 
 }  // namespace lora_kernels

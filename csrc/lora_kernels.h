@@ -86,6 +86,7 @@ struct LoraReduceArgs {
 
 struct LoraReducePlan {
     int tiles_a, tiles_b, splits, rows_per_split;
+    int cols;  // a tile's columns of x or dy (kLoraReduceCols: 64 or 128)
     int64_t workspace_floats;
     int counters;
 };
@@ -95,7 +96,10 @@ struct LoraReducePlan {
 bool lora_device_supported();
 // Whether the kernels take this call (dtype pair, rank and widths); the caller checks devices, layout and alignment.
 bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64_t k, int64_t n);
-LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count);
+// The reduce kernel's column tile widths: 64 (the default) or 128 (twice the bytes of each row read at once, half
+// the rows a step; not yet measured)
+bool lora_reduce_cols_supported(int cols);
+LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count, int cols = 64);
 cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream);
 // fp32 adapters rounded to the compute dtype (bf16 / fp16) in one launch: dst = A's na elements, then B's nb

@@ -23,13 +23,17 @@ bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64
            n <= INT32_MAX;
 }
 
-LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count) {
-    constexpr int bc = 64, rows_step = 64;
+bool lora_reduce_cols_supported(int cols) { return cols == 64 || cols == 128; }
+
+LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count, int cols) {
+    constexpr int rows_step = 64;
+    const int bc = lora_reduce_cols_supported(cols) ? cols : 64;
     LoraReducePlan plan{};
+    plan.cols = bc;
     plan.tiles_a = grad_a ? (k + bc - 1) / bc : 0;
     plan.tiles_b = grad_b ? (n + bc - 1) / bc : 0;
     const int tiles = plan.tiles_a + plan.tiles_b;
-    // one wave of two blocks per multiprocessor (what shared memory allows: each block keeps two or three steps in
+    // one wave of two blocks per multiprocessor (what shared memory allows: each block keeps one to three steps in
     // flight, lora_kernels.cuh ReduceConfig), each summing at least 128 rows; counted as if both gradients were asked
     // for, so that each one's summation order (its bits) does not depend on whether the other is computed
     const int all_tiles = (k + bc - 1) / bc + (n + bc - 1) / bc;

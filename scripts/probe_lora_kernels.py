@@ -17,6 +17,8 @@ against the same node on ATen ops (the route before them), the bare layer and HF
           kernels alone and the node's fwd+bwd, at the 1B / 7B steps' 2048-row shapes and the bench layer's
   twopass the rows kernels as one launch against two (phase 1 alone, then phase 2 alone from its saved result, in
           other row blocks with split columns): kernels alone and the node's fwd+bwd (lora_kernels_set_two_pass_rows)
+  reduce  the reduce kernel (dA, dB) at 64- against 128-column tiles (lora_kernels_set_reduce_cols): alone (do_bench
+          µs and the bandwidth of its x and dy reads) and in the node's fwd+bwd
   tma     kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside, several tile configs) against cuBLAS and
           the default route, forward and dx (with and without dropout bits), at the bench layer's and the models' shapes
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
@@ -458,6 +460,40 @@ def preround_table():
         _C.lora_kernels_set_preround_rows(before)
 
 
+def reduce_table():
+    """The reduce kernel at 64- and 128-column tiles: the backward without dx (the rows kernel making gs, then the
+    reduce: dA and dB), and dB alone (the reduce kernel alone, over dy: its bandwidth), on the forward's bf16 adapter
+    copies as the node runs it (do_bench median µs); then the layer's fwd+bwd through the node at the bench layer's
+    size and the 7B step's (lora_kernels_set_reduce_cols)."""
+    import triton.testing
+
+    before = _C.lora_kernels_reduce_cols()
+    print("\n=== backward without dx (gs rows kernel + reduce) | dB alone (reduce over dy, TB/s); bf16, fp32 grads",
+          flush=True)
+    try:
+        for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (2048, 4096, 11008, 16),
+                           (8192, 4096, 4096, 64)]:
+            x = torch.randn(m, k, device="cuda", dtype=DT)
+            a = torch.randn(r, k, device="cuda") / k**0.5
+            b = torch.randn(n, r, device="cuda") / r**0.5
+            dy = torch.randn(m, n, device="cuda", dtype=DT)
+            cells = []
+            for p in (0.0, 0.1):
+                _, hs, mask, ac, bc = _C.lora_kernels_forward(x, a, b, 2.0, p, copies=True)
+                for cols in (64, 128):
+                    both, db = (triton.testing.do_bench(lambda need_a=need_a: _C.lora_kernels_backward(
+                        dy, x, ac, bc, hs, mask, 2.0, p, need_x=False, need_a=need_a, fp32_grads=True,
+                        reduce_cols=cols), return_mode="median") * 1e3 for need_a in (True, False))
+                    cells.append(f"p{p:g} {cols} cols {both:.1f} | {db:.1f} ({m * n * 2 / db / 1e6:.2f} TB/s)")
+            print(f"  M{m} K{k} N{n} r{r}: " + "   ".join(cells), flush=True)
+        route_layer_tables([(8192, 4096, 4096, 16), (2048, 4096, 11008, 16)], (0.0, 0.1),
+                           {"pf, reduce 64 columns": 64, "pf, reduce 128 columns": 128},
+                           _C.lora_kernels_set_reduce_cols,
+                           breakdown=("pf, reduce 64 columns", "pf, reduce 128 columns"))
+    finally:
+        _C.lora_kernels_set_reduce_cols(before)
+
+
 def two_pass_table():
     """The rows kernels as one launch against two (phase 1 alone, then phase 2 alone in pass-2 row blocks with split
     columns; lora_kernels_set_two_pass_rows): forward and backward kernels as the node runs them (do_bench median µs;
@@ -849,4 +885,5 @@ if __name__ == "__main__":
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
          "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "tma": tma_table,
+         "reduce": reduce_table,
          "once": once, "model": model_table, "consumer": consumer_table}[part]()

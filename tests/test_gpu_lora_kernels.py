@@ -209,6 +209,45 @@ def test_prerounded_fp32_adapters_give_the_same_numbers(preround_rows, m, k, n, 
         assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("m,k,n,r", [(8192, 4096, 4096, 16), (777, 1024, 3000, 64), (100, 520, 264, 12),
+                                     (16, 2048, 2048, 128), (300, 64, 8, 1)])
+@pytest.mark.parametrize("fp32_adapters", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_reduce_kernel_with_128_column_tiles_matches_fp32_reference(m, k, n, r, fp32_adapters, p):
+    """The reduce kernel's 128-column tiles (lora_kernels_set_reduce_cols' other width: half the rows a step) give
+    the reference's dA and dB, widths that are not multiples of 128 included, with the same bits whichever of the
+    two gradients is asked for."""
+    check_backward(m, k, n, r, torch.bfloat16, torch.float32 if fp32_adapters else torch.bfloat16, p, reduce_cols=128)
+
+
+def test_the_node_takes_the_reduce_column_setting():
+    """lora_kernels_set_reduce_cols: the node's backward with 128-column tiles gives the 64-column numbers to bf16
+    accuracy (another summation order), the setting reads back and is restored, other widths are refused."""
+    before = _C.lora_kernels_reduce_cols()
+    assert before == 64  # (the default)
+    layer = lora_linear_layer(1024, 3000, 16, 0.1, torch.bfloat16, True, True).train()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(777, 1024, device="cuda", generator=g).to(torch.bfloat16)
+    dy = torch.randn(777, 3000, device="cuda", generator=g).to(torch.bfloat16)
+    try:
+        runs = []
+        for cols in (64, 128):
+            _C.lora_kernels_set_reduce_cols(cols)
+            assert _C.lora_kernels_reduce_cols() == cols
+            runs.append(lora_fwd_bwd(layer, x, dy, "cuda", kernels=True, seed=5))
+        with pytest.raises(RuntimeError, match="64 or 128"):
+            _C.lora_kernels_set_reduce_cols(96)
+    finally:
+        _C.lora_kernels_set_reduce_cols(before)
+    (y1, dx1, da1, db1), (y2, dx2, da2, db2) = runs
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)  # (the same bits drawn, the reduce alone differs)
+    assert rel_err(da2, da1) < TOL[torch.bfloat16] and rel_err(db2, db1) < TOL[torch.bfloat16]
+    with pytest.raises(RuntimeError, match="reduce_cols"):
+        _C.lora_kernels_backward(dy, x, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                 torch.zeros(777, 16, device="cuda", dtype=torch.bfloat16), None, 1.0, 0.0,
+                                 reduce_cols=96)
+
+
 @pytest.fixture
 def two_pass_rows():
     """lora_kernels_set_two_pass_rows for one test, restored after it."""
