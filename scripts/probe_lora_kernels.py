@@ -274,16 +274,21 @@ def qlayer_table():
             torch.cuda.empty_cache()
 
 
+def _kernel_operands(m, k, n, r):
+    """x (M×K) and dy (M×N) in the compute dtype, fp32 adapters A (r×K) and B (N×r) at the kernels' scales."""
+    x = torch.randn(m, k, device="cuda", dtype=DT)
+    a = torch.randn(r, k, device="cuda") / k**0.5
+    b = torch.randn(n, r, device="cuda") / r**0.5
+    return x, a, b, torch.randn(m, n, device="cuda", dtype=DT)
+
+
 def pieces_table():
     import triton.testing
 
     print("\n=== kernels alone (do_bench median µs), bf16 x, fp32 adapters", flush=True)
     for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 4096, 128),
                        (2048, 2048, 2048, 16), (16, 4096, 4096, 16)]:
-        x = torch.randn(m, k, device="cuda", dtype=DT)
-        a = torch.randn(r, k, device="cuda") / k**0.5
-        b = torch.randn(n, r, device="cuda") / r**0.5
-        dy = torch.randn(m, n, device="cuda", dtype=DT)
+        x, a, b, dy = _kernel_operands(m, k, n, r)
         row = []
         for p in (0.0, 0.1):
             # backward as the node runs it: on the forward's bf16 copies of the adapters, fp32 gradients
@@ -365,10 +370,7 @@ def shapes_table():
                        (4096, 2048, 2048, 16), (2048, 2048, 8192, 16), (16, 4096, 4096, 16),
                        (2048, 2048, 2048, 16), (2048, 2048, 5632, 16), (2048, 5632, 2048, 16),
                        (2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 4096, 16)]:
-        x = torch.randn(m, k, device="cuda", dtype=DT)
-        a = torch.randn(r, k, device="cuda") / k**0.5
-        b = torch.randn(n, r, device="cuda") / r**0.5
-        dy = torch.randn(m, n, device="cuda", dtype=DT)
+        x, a, b, dy = _kernel_operands(m, k, n, r)
         _, hs, mask = _C.lora_kernels_forward(x, a, b, 2.0, 0.1)
         a16, b16 = a.to(DT), b.to(DT)  # the same call with bf16 adapters: what reading fp32 ones costs
         f16 = triton.testing.do_bench(lambda: _C.lora_kernels_forward(x, a16, b16, 2.0, 0.1), return_mode="median")
@@ -473,10 +475,7 @@ def reduce_table():
     try:
         for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (2048, 4096, 11008, 16),
                            (8192, 4096, 4096, 64)]:
-            x = torch.randn(m, k, device="cuda", dtype=DT)
-            a = torch.randn(r, k, device="cuda") / k**0.5
-            b = torch.randn(n, r, device="cuda") / r**0.5
-            dy = torch.randn(m, n, device="cuda", dtype=DT)
+            x, a, b, dy = _kernel_operands(m, k, n, r)
             cells = []
             for p in (0.0, 0.1):
                 _, hs, mask, ac, bc = _C.lora_kernels_forward(x, a, b, 2.0, p, copies=True)
@@ -510,10 +509,7 @@ def two_pass_table():
         for m, k, n, r in [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 14336, 16),
                            (2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 4096, 16),
                            (2048, 2048, 2048, 16)]:
-            x = torch.randn(m, k, device="cuda", dtype=DT)
-            a = torch.randn(r, k, device="cuda") / k**0.5
-            b = torch.randn(n, r, device="cuda") / r**0.5
-            dy = torch.randn(m, n, device="cuda", dtype=DT)
+            x, a, b, dy = _kernel_operands(m, k, n, r)
             cells = []
             for rows, pass2, splits, name in variants:
                 _C.lora_kernels_set_two_pass_rows(rows, pass2)
@@ -773,10 +769,7 @@ def dequant_table(reps: int = 20):
 def once():
     # the bench's layer size, then a 1B model projection at the bench's 2×1024 tokens
     for m, k, n, r in [(8192, 4096, 4096, 16), (2048, 2048, 2048, 16)]:
-        x = torch.randn(m, k, device="cuda", dtype=DT)
-        a = torch.randn(r, k, device="cuda") / k**0.5
-        b = torch.randn(n, r, device="cuda") / r**0.5
-        dy = torch.randn(m, n, device="cuda", dtype=DT)
+        x, a, b, dy = _kernel_operands(m, k, n, r)
         for p in (0.0, 0.1):
             _, hs, mask, ac, bc = _C.lora_kernels_forward(x, a, b, 2.0, p, copies=True)
             _C.lora_kernels_backward(dy, x, ac, bc, hs, mask, 2.0, p, fp32_grads=True)
