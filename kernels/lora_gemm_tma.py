@@ -305,8 +305,8 @@ def _lora_gemm_tiles(x_desc, y_desc, h_ptr, l_ptr, out_desc, bias_ptr, keep_ptr,
                     if pid_n == 0:
                         tl.store(h_at, h, mask=h_inside)
             else:
-                h = tl.zeros((BM, BR), dtype=h_ptr.dtype.element_ty)
-                ready = False
+                h = tl.zeros((BM, BR), dtype=h_ptr.dtype.element_ty)  # (defined on every path, as Triton's ifs need;
+                ready = False                                          # without EARLY_H the compiler drops both)
                 if EARLY_H:
                     # the count asked as the tile starts: where the producers are done (every tile after the grid's
                     # first round, but for stragglers), h's loads are issued before the K loop and land under it,
@@ -513,6 +513,13 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
             "ptx": compiled.asm["ptx"]}  # (the tests ask ptxas about its registers)
 
 
+def load_for_cpp(ext, built: dict) -> int:
+    """Load a compile_for_cpp result into peft_fast._C's registry of Triton kernels (csrc/triton_launch.h); its id
+    for ext.triton_kernel_launch and lora_kernels_register_tma."""
+    return ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
+                                      built["scratch_bytes"], built["scratch_align"], built["kinds"], USER_PARAMS)
+
+
 class CppLoraGemm:
     """lora_gemm launched by peft_fast._C (csrc/triton_launch.h) instead of Triton's Python launcher: compiled once
     for this GPU and these flags, then each call is one C++ launch. For tests and probes of the node's kernels."""
@@ -531,9 +538,7 @@ class CppLoraGemm:
         self.tile = built["BM"], built["BN"], built["BK"]
         self.max_splits, self.rank_block = max_splits, _block_r(rank)
         self.ext = ext
-        self.id = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
-                                             built["scratch_bytes"], built["scratch_align"], built["kinds"],
-                                             USER_PARAMS)
+        self.id = load_for_cpp(ext, built)
 
     def __call__(self, x, y, out, h=None, low=None, bias=None, keep=None, p: float = 0.0, src=None,
                  h_scale: float = 1.0):
@@ -585,9 +590,7 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
                                         has_lora=True, has_bias=flag and not dx, has_keep=flag and dx,
                                         rank_block=block, num_programs=programs, produce_h=adapter is not None,
                                         adapter_dtype=adapter, config=config, max_splits=max_splits)
-                kernel = ext.triton_kernel_register(built["cubin"], built["name"], built["shared"], built["num_warps"],
-                                                    built["scratch_bytes"], built["scratch_align"], built["kinds"],
-                                                    USER_PARAMS)
+                kernel = load_for_cpp(ext, built)
                 ext.lora_kernels_register_tma(dx, bf16, layout, flag and not dx, flag and dx, block, kernel, programs,
                                               built["BM"], built["BN"], major, adapter is not None,
                                               adapter == torch.float32, built["BK"], built["max_splits"])

@@ -558,14 +558,11 @@ def tma_table():
         # the same dx with keep bits at 128×128 tiles, 4 stages (KEEP_CONFIG before 2026-12-07 14:45 UTC: no spill,
         # but slower than 128×256 with its 96 spilled bytes)
         major, minor = torch.cuda.get_device_capability()
-        narrow = G.compile_for_cpp(dtype=DT, capability=10 * major + minor, y_kmajor=False, low_rmajor=True,
-                                   has_lora=True, has_bias=False, has_keep=True, rank_block=16,
-                                   num_programs=torch.cuda.get_device_properties(0).multi_processor_count,
-                                   config={**G.DEFAULT_CONFIG, "BN": 128, "num_stages": 4})
-        keep_narrow = _C.triton_kernel_register(narrow["cubin"], narrow["name"], narrow["shared"], narrow["num_warps"],
-                                                narrow["scratch_bytes"], narrow["scratch_align"], narrow["kinds"],
-                                                G.USER_PARAMS), narrow["BM"], narrow["BN"]
         programs = torch.cuda.get_device_properties(0).multi_processor_count
+        narrow = G.compile_for_cpp(dtype=DT, capability=10 * major + minor, y_kmajor=False, low_rmajor=True,
+                                   has_lora=True, has_bias=False, has_keep=True, rank_block=16, num_programs=programs,
+                                   config={**G.DEFAULT_CONFIG, "BN": 128, "num_stages": 4})
+        keep_narrow = G.load_for_cpp(_C, narrow), narrow["BM"], narrow["BN"]
         # the producing kernels (fp32 adapters) with one producer a row block, as before the split (registered last
         # by the default, with up to G.MAX_SPLITS)
         one = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), plain=False,
