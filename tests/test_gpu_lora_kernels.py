@@ -94,7 +94,8 @@ def check_backward(m, k, n, r, dt, adt, p, **shape):
         assert rel_err(got, ref) < TOL[dt], (name, rel_err(got, ref))
     # only what is asked for is computed, and the same bits come back (sums over M in a fixed order, whatever else
     # is computed beside; without the rows kernel the counters are cleared by a memset instead)
-    dx2, da2, db2 = _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, p, need_x=False, need_a=False, need_b=True)
+    dx2, da2, db2 = _C.lora_kernels_backward(dy, x, a, b, hs, mask, s, p, need_x=False, need_a=False, need_b=True,
+                                             **shape)
     assert dx2 is None and da2 is None and torch.equal(db2, db)
 
 
