@@ -227,8 +227,9 @@ struct RowsShape {
 };
 
 // The reduce kernel's column tile, 64 or 128 (lora_kernels_set_reduce_cols changes it). 128 reads each row of x and dy
-// in 256-byte runs instead of 128 (the kernel ran at 2.0 TB/s with 64, 62 µs at M8192 K=N=4096 r16 on an H100,
-// bench/RESULTS.md 2026-12-07 16:22 UTC); not yet measured, so 64 stays.
+// in 256-byte runs instead of 128. Measured no better, so 64 stays (H100, reduce µs in the layer's fwd+bwd, 64 → 128
+// columns: M8192 K=N=4096 r16 66.9 → 69.0 at p 0, 80.2 → 78.5 at p 0.1; M2048 K4096 N11008 34.7 → 38.6, 36.6 →
+// 44.7; dB alone at r64 73.2 → 79.3; bench/RESULTS.md 2026-12-07 17:45 UTC).
 std::atomic<int> reduce_columns{64};
 
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
