@@ -7,7 +7,9 @@
 #   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
 #   kprobe  scripts/probe_lora_kernels.py $KPROBE (the fused kernels vs the ATen route: host, split, layer, qlayer,
 #           pieces, merged, shapes, qgemv, dequant, preround, twopass, tma, reduce, once, model, consumer)
-#   ncu     Nsight Compute over the fused kernels, each launched once at M8192 (speed of light, occupancy, stalls)
+#   ncu     Nsight Compute over the fused kernels, each launched once at M8192 (speed of light, occupancy, stalls;
+#           $NCU_KERNELS narrows them, default regex:lora_; $NCU_ARGS adds options, e.g. --print-details all for
+#           the source lines behind the uncoalesced-access counts)
 #   timeline  scripts/probe_timeline.py $TIMELINE (one bench layer step under torch.profiler: GPU idle gaps inside it
 #           and the host ops that ran meanwhile, base / PEFT / peft_fast; Chrome traces kept)
 #   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
@@ -69,7 +71,8 @@ for step in "${steps[@]}"; do
     qmprof) timeout "$STEP_TIMEOUT" python3 scripts/profile_model_step.py --qlora 2>&1 | tee "$OUT/qmprof.log" | grep -v Warning || rc=1 ;;
     ab|qab) timeout "$STEP_TIMEOUT" python3 scripts/ab_model_step.py $([ "$step" = qab ] && echo --qlora) 2>&1 | tee "$OUT/$step.log" | grep -v Warning || rc=1 ;;
     kprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_kernels.py ${KPROBE:-} 2>&1 | tee "$OUT/kprobe.log" | grep -v Warning || rc=1 ;;
-    ncu) timeout "$STEP_TIMEOUT" ncu --clock-control none -k regex:lora_ --section SpeedOfLight --section Occupancy \
+    ncu) timeout "$STEP_TIMEOUT" ncu --clock-control none -k "${NCU_KERNELS:-regex:lora_}" ${NCU_ARGS:-} \
+           --section SpeedOfLight --section Occupancy \
            --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum" \
            python3 scripts/probe_lora_kernels.py once > "$OUT/ncu.log" 2>&1 || rc=1
