@@ -97,7 +97,7 @@ bool lora_device_supported();
 // Whether the kernels take this call (dtype pair, rank and widths); the caller checks devices, layout and alignment.
 bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64_t k, int64_t n);
 // The reduce kernel's column tile widths: 64 (the default) or 128 (twice the bytes of each row read at once, half
-// the rows a step; not yet measured)
+// the rows a step; measured no faster, H100 2026-12-07: lora_autograd.cpp's reduce_columns has the numbers)
 bool lora_reduce_cols_supported(int cols);
 LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count, int cols = 64);
 cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
