@@ -179,6 +179,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("lora_kernels_set_reduce_cols", &lora_kernels_set_reduce_cols,
           "the reduce kernel's column tile, 64 or 128, for every backward (probes and tests)", py::arg("cols"));
     m.def("lora_kernels_reduce_cols", &lora_kernels_reduce_cols);
+    m.def("lora_kernels_set_reduce_compact", &lora_kernels_set_reduce_compact,
+          "rank <= 16 backwards at 64 columns run the reduce kernel's compact layout, three blocks a Hopper "
+          "multiprocessor (probes and tests)", py::arg("on"));
+    m.def("lora_kernels_reduce_compact", &lora_kernels_reduce_compact);
     m.def("lora_kernels_register_tma", &lora_kernels_register_tma,
           "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node); "
           "kernel_id -1 removes that key's kernel; major: the GPU generation its cubin runs on; produce: it makes h "

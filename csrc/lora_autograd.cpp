@@ -232,6 +232,11 @@ struct RowsShape {
 // 44.7; dB alone at r64 73.2 → 79.3; bench/RESULTS.md 2026-12-07 17:45 UTC).
 std::atomic<int> reduce_columns{64};
 
+// Whether rank ≤ 16 backwards at 64 columns run the reduce kernel's compact layout, three blocks a Hopper
+// multiprocessor instead of two (lora_kernels.cuh ReduceConfig; lora_kernels_set_reduce_compact). Off until it
+// has run and been timed on a GPU.
+std::atomic<bool> reduce_compact{false};
+
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
 // changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes. The forward kernels gain
 // (H200, 2026-12-07, kprobe preround, µs, in kernel → first): M2048 K4096 N4096 r16 40.0 → 33.4, K11008 N4096
@@ -361,7 +366,8 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
                                                                need_b, sms,
                                                                shape.reduce_cols > 0
                                                                    ? shape.reduce_cols
-                                                                   : reduce_columns.load(std::memory_order_relaxed))
+                                                                   : reduce_columns.load(std::memory_order_relaxed),
+                                                               reduce_compact.load(std::memory_order_relaxed))
                                             : LoraReducePlan{};
     // gs (M×r), the reduce kernel's fp32 workspace and its counters (and gs_maker's flags): scratch of this call, one
     // allocation
@@ -1148,6 +1154,10 @@ void lora_kernels_set_reduce_cols(int64_t cols) {
 }
 
 int64_t lora_kernels_reduce_cols() { return reduce_columns.load(std::memory_order_relaxed); }
+
+void lora_kernels_set_reduce_compact(bool on) { reduce_compact.store(on, std::memory_order_relaxed); }
+
+bool lora_kernels_reduce_compact() { return reduce_compact.load(std::memory_order_relaxed); }
 
 void lora_kernels_set_preround_rows(int64_t rows) {
     TORCH_CHECK(rows >= 0, "lora_kernels_set_preround_rows: rows must be >= 0, got ", rows);

@@ -57,6 +57,10 @@ std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows();
 // (lora_autograd.cpp); probes and tests set it.
 void lora_kernels_set_reduce_cols(int64_t cols);
 int64_t lora_kernels_reduce_cols();
+// Whether rank ≤ 16 backwards at 64 columns run the reduce kernel in its compact layout (three blocks a Hopper
+// multiprocessor). Default off (lora_autograd.cpp); probes and tests set it.
+void lora_kernels_set_reduce_compact(bool on);
+bool lora_kernels_reduce_compact();
 // The one-GEMM route (lora_autograd.cpp; Python turns it on: ops/one_gemm.py): a Triton GEMM registered through
 // triton_launch.h for one direction (forward or dx), dtype, weight layout (kn), bias / keep-bit use and rank block,
 // with its persistent grid size, tile shape and the GPU generation (compute capability major) its cubin runs on

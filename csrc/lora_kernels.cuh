@@ -756,17 +756,22 @@ cudaError_t launch_rows_dir(const LoraRowsArgs& args, int sm_count, cudaStream_t
 // blockIdx.y. With several splits each block writes its partial tile to the workspace, and the last block to finish
 // a tile (a counter per tile) sums the partials in split order.
 
-template <typename T, int R, int BC_>
+template <typename T, int R, int BC_, bool COMPACT = false>
 struct ReduceConfig {
     static constexpr int BC = BC_, BMR = R <= 32 && BC == 64 ? 128 : 64;  // rows a step
-    static constexpr int LDG = BC + 8, LDS = R + 8, LDR = R + 4;
+    // COMPACT (rank 16 at 64 columns only; lora_kernels_set_reduce_compact): the rank tile unpadded and at most three
+    // stages, 70.6 KB a block instead of 76.8, so that three blocks fit a Hopper multiprocessor (228 KB) where two
+    // do. Nsight Compute found the kernel at 24 % occupancy, shared memory its limit, DRAM at 66 % (H100, M8192
+    // K=N=4096, 2026-12-07). The unpadded rows cost the rank operand's fragment loads a 2-way bank conflict.
+    static_assert(!COMPACT || (R == 16 && BC == 64), "the compact layout is rank 16 at 64 columns");
+    static constexpr int LDG = BC + 8, LDS = COMPACT ? R : R + 8, LDR = R + 4;
     static constexpr int FR = (BC / 16) * (R / 16);
     static constexpr int KS = FR >= kWarps ? 1 : kWarps / FR;
     static constexpr int FPW = FR >= kWarps ? FR / kWarps : 1;
     // a stage: the big tile, the small tile and (dA with dropout) the tile's keep bytes
     static constexpr int G_ELEMS = BMR * LDG, S_ELEMS = BMR * LDS, KEEP_BYTES = BMR * BC / 8;
     static constexpr int STAGE_BYTES = (G_ELEMS + S_ELEMS) * int(sizeof(T)) + KEEP_BYTES;
-    static constexpr int STAGES = stages_for(STAGE_BYTES, 0, 4);
+    static constexpr int STAGES = stages_for(STAGE_BYTES, 0, COMPACT ? 3 : 4);
     static constexpr int LOOP_BYTES = STAGES * STAGE_BYTES;
     static constexpr int RED_BYTES = KS * BC * LDR * 4;
     static constexpr int SMEM = cmax<LOOP_BYTES, RED_BYTES>();
@@ -775,12 +780,12 @@ struct ReduceConfig {
                   "WMMA tiles start 32-byte aligned; within consumer GPUs' shared memory");
 };
 
-template <typename T, typename TO, int R, int BC_>
+template <typename T, typename TO, int R, int BC_, bool COMPACT = false>
 __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs args, LoraReducePlan plan) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // never launched there: lora_kernels_support refuses GPUs below sm_80 (bf16 WMMA)
 #else
-    using Cfg = ReduceConfig<T, R, BC_>;
+    using Cfg = ReduceConfig<T, R, BC_, COMPACT>;
     constexpr int BC = Cfg::BC, BMR = Cfg::BMR, S = Cfg::STAGES;
     extern __shared__ __align__(128) unsigned char smem[];
     auto big_stage = [&](int st) { return reinterpret_cast<T*>(smem + st * Cfg::STAGE_BYTES); };
@@ -919,22 +924,24 @@ __global__ void __launch_bounds__(kThreads) lora_reduce_kernel(LoraReduceArgs ar
 #endif
 }
 
-template <typename T, typename TO, int R, int BC>
+template <typename T, typename TO, int R, int BC, bool COMPACT = false>
 cudaError_t launch_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream) {
-    using Cfg = ReduceConfig<T, R, BC>;
-    if (const cudaError_t err = allow_dynamic_smem<lora_reduce_kernel<T, TO, R, BC>, Cfg::SMEM>(); err != cudaSuccess)
-        return err;
+    using Cfg = ReduceConfig<T, R, BC, COMPACT>;
+    constexpr auto kernel = lora_reduce_kernel<T, TO, R, BC, COMPACT>;
+    if (const cudaError_t err = allow_dynamic_smem<kernel, Cfg::SMEM>(); err != cudaSuccess) return err;
     if (plan.splits > 1 && !args.counters_zeroed) {
         const cudaError_t err = cudaMemsetAsync(args.counters, 0, sizeof(int) * plan.counters, stream);
         if (err != cudaSuccess) return err;
     }
-    lora_reduce_kernel<T, TO, R, BC><<<dim3(plan.tiles_a + plan.tiles_b, plan.splits), kThreads, Cfg::SMEM,
-                                         stream>>>(args, plan);
+    kernel<<<dim3(plan.tiles_a + plan.tiles_b, plan.splits), kThreads, Cfg::SMEM, stream>>>(args, plan);
     return cudaGetLastError();
 }
 
 template <typename T, typename TO, int BC>
 cudaError_t launch_reduce_cols(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream) {
+    if constexpr (BC == 64) {
+        if (plan.compact) return launch_reduce<T, TO, 16, 64, true>(args, plan, stream);  // (only made for r ≤ 16)
+    }
     if (args.r <= 16) return launch_reduce<T, TO, 16, BC>(args, plan, stream);
     if (args.r <= 32) return launch_reduce<T, TO, 32, BC>(args, plan, stream);
     if (args.r <= 64) return launch_reduce<T, TO, 64, BC>(args, plan, stream);

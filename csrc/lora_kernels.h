@@ -86,7 +86,8 @@ struct LoraReduceArgs {
 
 struct LoraReducePlan {
     int tiles_a, tiles_b, splits, rows_per_split;
-    int cols;  // a tile's columns of x or dy (kLoraReduceCols: 64 or 128)
+    int cols;      // a tile's columns of x or dy (kLoraReduceCols: 64 or 128)
+    bool compact;  // rank 16 at 64 columns in the compact layout (lora_kernels.cuh ReduceConfig)
     int64_t workspace_floats;
     int counters;
 };
@@ -99,7 +100,10 @@ bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64
 // The reduce kernel's column tile widths: 64 (the default) or 128 (twice the bytes of each row read at once, half
 // the rows a step; measured no faster, H100 2026-12-07: lora_autograd.cpp's reduce_columns has the numbers)
 bool lora_reduce_cols_supported(int cols);
-LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count, int cols = 64);
+// compact: rank ≤ 16 at 64 columns in the layout that fits three blocks on a Hopper multiprocessor, the splits then
+// filling as many blocks a multiprocessor as the GPU holds (not yet run on a GPU: off by default); ignored elsewhere
+LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count, int cols = 64,
+                                bool compact = false);
 cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream);
 // fp32 adapters rounded to the compute dtype (bf16 / fp16) in one launch: dst = A's na elements, then B's nb

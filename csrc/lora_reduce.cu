@@ -25,19 +25,45 @@ bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64
 
 bool lora_reduce_cols_supported(int cols) { return cols == 64 || cols == 128; }
 
-LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count, int cols) {
+namespace {
+// How many blocks of the compact reduce kernel one multiprocessor of the current GPU holds at once (its shared memory
+// and registers), asked once per device: three on Hopper. Its bf16 instance stands for all (the same shared memory).
+int compact_reduce_blocks_per_sm() {
+    using namespace lora_kernels;
+    static int per_device[64] = {};
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return 2;
+    if (device < 64 && per_device[device] > 0) return per_device[device];
+    constexpr auto kernel = lora_reduce_kernel<__nv_bfloat16, float, 16, 64, true>;
+    constexpr int smem = ReduceConfig<__nv_bfloat16, 16, 64, true>::SMEM;
+    int blocks = 0;
+    if (allow_dynamic_smem<kernel, smem>() != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
+        (void)cudaGetLastError();  // (a launch would report a real failure; this only sizes the grid)
+        blocks = 2;
+    }
+    blocks = std::max(1, std::min(blocks, 4));
+    if (device < 64) per_device[device] = blocks;
+    return blocks;
+}
+}  // namespace
+
+LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count, int cols,
+                                bool compact) {
     constexpr int rows_step = 64;
     const int bc = lora_reduce_cols_supported(cols) ? cols : 64;
     LoraReducePlan plan{};
     plan.cols = bc;
+    plan.compact = compact && bc == 64 && r <= 16;
     plan.tiles_a = grad_a ? (k + bc - 1) / bc : 0;
     plan.tiles_b = grad_b ? (n + bc - 1) / bc : 0;
     const int tiles = plan.tiles_a + plan.tiles_b;
     // one wave of two blocks per multiprocessor (what shared memory allows: each block keeps one to three steps in
-    // flight, lora_kernels.cuh ReduceConfig), each summing at least 128 rows; counted as if both gradients were asked
-    // for, so that each one's summation order (its bits) does not depend on whether the other is computed
+    // flight, lora_kernels.cuh ReduceConfig; compact: as many as the GPU holds), each summing at least 128 rows;
+    // counted as if both gradients were asked for, so that each one's summation order (its bits) does not depend on
+    // whether the other is computed
     const int all_tiles = (k + bc - 1) / bc + (n + bc - 1) / bc;
-    int splits = 2 * sm_count / all_tiles;
+    int splits = (plan.compact ? compact_reduce_blocks_per_sm() : 2) * sm_count / all_tiles;
     splits = std::max(1, std::min(splits, (m + 127) / 128));
     const int steps = (m + rows_step - 1) / rows_step;
     plan.rows_per_split = ((steps + splits - 1) / splits) * rows_step;

@@ -17,8 +17,9 @@ against the same node on ATen ops (the route before them), the bare layer and HF
           kernels alone and the node's fwd+bwd, at the 1B / 7B steps' 2048-row shapes and the bench layer's
   twopass the rows kernels as one launch against two (phase 1 alone, then phase 2 alone from its saved result, in
           other row blocks with split columns): kernels alone and the node's fwd+bwd (lora_kernels_set_two_pass_rows)
-  reduce  the reduce kernel (dA, dB) at 64- against 128-column tiles (lora_kernels_set_reduce_cols): alone (do_bench
-          µs and the bandwidth of its x and dy reads) and in the node's fwd+bwd
+  reduce  the reduce kernel (dA, dB) at 64- against 128-column tiles (lora_kernels_set_reduce_cols) and in its compact
+          layout (lora_kernels_set_reduce_compact): alone (do_bench µs and the bandwidth of its x and dy reads) and in
+          the node's fwd+bwd
   tma     kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside, several tile configs) against cuBLAS and
           the default route, forward and dx (with and without dropout bits), at the bench layer's and the models' shapes
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
@@ -463,13 +464,19 @@ def preround_table():
 
 
 def reduce_table():
-    """The reduce kernel at 64- and 128-column tiles: the backward without dx (the rows kernel making gs, then the
-    reduce: dA and dB), and dB alone (the reduce kernel alone, over dy: its bandwidth), on the forward's bf16 adapter
-    copies as the node runs it (do_bench median µs); then the layer's fwd+bwd through the node at the bench layer's
-    size and the 7B step's (lora_kernels_set_reduce_cols)."""
+    """The reduce kernel at 64- and 128-column tiles and in its compact 64-column layout (three blocks a Hopper
+    multiprocessor): the backward without dx (the rows kernel making gs, then the reduce: dA and dB), and dB alone
+    (the reduce kernel alone, over dy: its bandwidth), on the forward's bf16 adapter copies as the node runs it
+    (do_bench median µs); then the layer's fwd+bwd through the node at the bench layer's size and the 7B step's
+    (lora_kernels_set_reduce_cols, lora_kernels_set_reduce_compact)."""
     import triton.testing
 
-    before = _C.lora_kernels_reduce_cols()
+    before = _C.lora_kernels_reduce_cols(), _C.lora_kernels_reduce_compact()
+
+    def tiles(setting):  # 64 | 128 columns, or "compact" (64 columns in the compact layout)
+        _C.lora_kernels_set_reduce_cols(64 if setting == "compact" else setting)
+        _C.lora_kernels_set_reduce_compact(setting == "compact")
+
     print("\n=== backward without dx (gs rows kernel + reduce) | dB alone (reduce over dy, TB/s); bf16, fp32 grads",
           flush=True)
     try:
@@ -479,18 +486,21 @@ def reduce_table():
             cells = []
             for p in (0.0, 0.1):
                 _, hs, mask, ac, bc = _C.lora_kernels_forward(x, a, b, 2.0, p, copies=True)
-                for cols in (64, 128):
+                for setting in (64, 128, "compact"):
+                    tiles(setting)
                     both, db = (triton.testing.do_bench(lambda need_a=need_a: _C.lora_kernels_backward(
-                        dy, x, ac, bc, hs, mask, 2.0, p, need_x=False, need_a=need_a, fp32_grads=True,
-                        reduce_cols=cols), return_mode="median") * 1e3 for need_a in (True, False))
-                    cells.append(f"p{p:g} {cols} cols {both:.1f} | {db:.1f} ({m * n * 2 / db / 1e6:.2f} TB/s)")
+                        dy, x, ac, bc, hs, mask, 2.0, p, need_x=False, need_a=need_a, fp32_grads=True),
+                        return_mode="median") * 1e3 for need_a in (True, False))
+                    name = setting if setting == "compact" else f"{setting} cols"
+                    cells.append(f"p{p:g} {name} {both:.1f} | {db:.1f} ({m * n * 2 / db / 1e6:.2f} TB/s)")
             print(f"  M{m} K{k} N{n} r{r}: " + "   ".join(cells), flush=True)
         route_layer_tables([(8192, 4096, 4096, 16), (2048, 4096, 11008, 16)], (0.0, 0.1),
-                           {"pf, reduce 64 columns": 64, "pf, reduce 128 columns": 128},
-                           _C.lora_kernels_set_reduce_cols,
-                           breakdown=("pf, reduce 64 columns", "pf, reduce 128 columns"))
+                           {"pf, reduce 64 columns": 64, "pf, reduce 128 columns": 128,
+                            "pf, reduce compact": "compact"},
+                           tiles, breakdown=("pf, reduce 64 columns", "pf, reduce compact"))
     finally:
-        _C.lora_kernels_set_reduce_cols(before)
+        _C.lora_kernels_set_reduce_cols(before[0])
+        _C.lora_kernels_set_reduce_compact(before[1])
 
 
 def two_pass_table():

@@ -249,6 +249,24 @@ def test_the_node_takes_the_reduce_column_setting():
                                  reduce_cols=96)
 
 
+@pytest.mark.parametrize("m,k,n,r", [(8192, 4096, 4096, 16), (777, 1024, 3000, 8), (100, 520, 264, 12),
+                                     (300, 64, 8, 1), (777, 1024, 3000, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_reduce_kernel_compact_layout_matches_fp32_reference(m, k, n, r, p):
+    """lora_kernels_set_reduce_compact: rank ≤ 16 at 64 columns in the compact layout (rank tile unpadded, three
+    stages, as many blocks a multiprocessor as fit) gives the reference's dA and dB with the same bits whichever
+    gradient is asked for; rank 64 ignores the setting. The setting reads back and is restored."""
+    before = _C.lora_kernels_reduce_compact()
+    assert before is False  # (the default)
+    try:
+        _C.lora_kernels_set_reduce_compact(True)
+        assert _C.lora_kernels_reduce_compact() is True
+        check_backward(m, k, n, r, torch.bfloat16, torch.float32, p)
+    finally:
+        _C.lora_kernels_set_reduce_compact(before)
+    assert _C.lora_kernels_reduce_compact() is before
+
+
 @pytest.fixture
 def two_pass_rows():
     """lora_kernels_set_two_pass_rows for one test, restored after it."""
