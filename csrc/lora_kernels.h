@@ -86,7 +86,7 @@ struct LoraReduceArgs {
 
 struct LoraReducePlan {
     int tiles_a, tiles_b, splits, rows_per_split;
-    int cols;      // a tile's columns of x or dy (kLoraReduceCols: 64 or 128)
+    int cols;      // a tile's columns of x or dy, 64 or 128 (lora_reduce_cols_supported)
     bool compact;  // rank 16 at 64 columns in the compact layout (lora_kernels.cuh ReduceConfig)
     int64_t workspace_floats;
     int counters;
