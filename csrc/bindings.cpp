@@ -183,6 +183,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "rank <= 16 backwards at 64 columns run the reduce kernel's compact layout, three blocks a Hopper "
           "multiprocessor (probes and tests)", py::arg("on"));
     m.def("lora_kernels_reduce_compact", &lora_kernels_reduce_compact);
+    m.def("lora_kernels_set_rows_cluster", &lora_kernels_set_rows_cluster,
+          "up to how many blocks (1: off) form a cluster that splits the rows kernel's phase 1 over K where its "
+          "16-row blocks split their columns (decode; sm_90+) (probes and tests)", py::arg("blocks"));
+    m.def("lora_kernels_rows_cluster", &lora_kernels_rows_cluster);
     m.def("lora_kernels_register_tma", &lora_kernels_register_tma,
           "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node); "
           "kernel_id -1 removes that key's kernel; major: the GPU generation its cubin runs on; produce: it makes h "

@@ -237,6 +237,11 @@ std::atomic<int> reduce_columns{64};
 // has run and been timed on a GPU.
 std::atomic<bool> reduce_compact{false};
 
+// Blocks a cluster that splits the rows kernel's phase 1 over K where its 16-row blocks split their columns (decode:
+// LoraRowsArgs::cluster_k; lora_kernels_set_rows_cluster changes it); 1: never. Off until it has run and been timed
+// on a GPU.
+std::atomic<int> rows_cluster_k{1};
+
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
 // changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes. The forward kernels gain
 // (H200, 2026-12-07, kprobe preround, µs, in kernel → first): M2048 K4096 N4096 r16 40.0 → 33.4, K11008 N4096
@@ -257,9 +262,11 @@ std::atomic<int64_t> preround_min_rows{INT64_MAX};
 std::atomic<int64_t> two_pass_min_rows{INT64_MAX};
 std::atomic<int> pass2_block_rows{64};
 
-void set_two_pass(LoraRowsArgs& args, int64_t m) {
+// the process-wide launch rules of the rows kernels (two passes from some rows; clusters)
+void set_rows_rules(LoraRowsArgs& args, int64_t m) {
     args.two_pass = m >= two_pass_min_rows.load(std::memory_order_relaxed);
     args.pass2_rows = pass2_block_rows.load(std::memory_order_relaxed);
+    args.cluster_k = rows_cluster_k.load(std::memory_order_relaxed);
 }
 
 // What a forward leaves for backward beside y: hs (M×r), with dropout the bit mask (M×K/8), and with adapters in
@@ -323,7 +330,7 @@ void fused_forward(const Tensor& x, const Tensor& a, const Tensor& b, const Tens
     args.block_rows = shape.block_rows;
     args.column_splits = shape.column_splits;
     if (copies && !preround) args.w1_copy = saved.a.data_ptr(), args.w2_copy = saved.b.data_ptr();
-    set_two_pass(args, m);
+    set_rows_rules(args, m);
     check(launch_lora_rows(args, sm_count(), c10::cuda::getCurrentCUDAStream()), "forward");
 }
 
@@ -408,7 +415,7 @@ FusedGrads fused_backward(const Tensor& dy_rows, const Tensor& x, const Tensor& 
         args.zero_count = counters != nullptr ? plan.counters : 0;
         args.block_rows = shape.block_rows;
         args.column_splits = shape.column_splits;
-        set_two_pass(args, m);
+        set_rows_rules(args, m);
         check(launch_lora_rows(args, sms, stream), "backward rows");
     }
     if (!reduce_pass) return g;
@@ -1158,6 +1165,14 @@ int64_t lora_kernels_reduce_cols() { return reduce_columns.load(std::memory_orde
 void lora_kernels_set_reduce_compact(bool on) { reduce_compact.store(on, std::memory_order_relaxed); }
 
 bool lora_kernels_reduce_compact() { return reduce_compact.load(std::memory_order_relaxed); }
+
+void lora_kernels_set_rows_cluster(int64_t blocks) {
+    TORCH_CHECK(blocks >= 1 && blocks <= kLoraRowsMaxCluster, "lora_kernels_set_rows_cluster: blocks must be 1 (off) "
+                "to ", kLoraRowsMaxCluster, ", got ", blocks);
+    rows_cluster_k.store(static_cast<int>(blocks), std::memory_order_relaxed);
+}
+
+int64_t lora_kernels_rows_cluster() { return rows_cluster_k.load(std::memory_order_relaxed); }
 
 void lora_kernels_set_preround_rows(int64_t rows) {
     TORCH_CHECK(rows >= 0, "lora_kernels_set_preround_rows: rows must be >= 0, got ", rows);

@@ -61,6 +61,10 @@ int64_t lora_kernels_reduce_cols();
 // multiprocessor). Default off (lora_autograd.cpp); probes and tests set it.
 void lora_kernels_set_reduce_compact(bool on);
 bool lora_kernels_reduce_compact();
+// Up to how many blocks (1: off, at most 8) form a cluster splitting the rows kernel's phase 1 over K where its 16-row
+// blocks split their columns (decode), on sm_90+. Default off (lora_autograd.cpp); probes and tests set it.
+void lora_kernels_set_rows_cluster(int64_t blocks);
+int64_t lora_kernels_rows_cluster();
 // The one-GEMM route (lora_autograd.cpp; Python turns it on: ops/one_gemm.py): a Triton GEMM registered through
 // triton_launch.h for one direction (forward or dx), dtype, weight layout (kn), bias / keep-bit use and rank block,
 // with its persistent grid size, tile shape and the GPU generation (compute capability major) its cubin runs on

@@ -8,6 +8,7 @@
 // autocast rounds them for cuBLAS; the rank is zero-padded to R (a multiple of 16) there.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -388,7 +389,9 @@ cudaError_t allow_dynamic_smem() {
 // ---------------------------------------------------------------------------------------------------------------
 // The rows kernel. A block owns BM rows of `in`: phase 1 reduces them over K1 against w1 (small = s · in · w1ᵀ or
 // s · in · w1, M×R in registers, then shared memory), phase 2 expands small against w2 into out, BN columns at a
-// time. gridDim.y > 1 splits phase 2's columns over blocks (each recomputes phase 1: for few rows, as in decode).
+// time. gridDim.y > 1 splits phase 2's columns over blocks (each recomputes phase 1: for few rows, as in decode). On
+// Hopper those blocks can instead form clusters along y (LoraRowsArgs::cluster_k) that split phase 1's K among them
+// and sum their partials through distributed shared memory, in rank order: a decode block walks 1/8 of K, not all.
 // Where the time goes at training sizes (ncu, H100, M8192 K=N=4096 r16, fp32 adapters, 32-row blocks, p 0; 2026-12-06):
 // forward 85 µs, backward 96 µs, DRAM at 40% / 36% of its bandwidth but L2 at 64% / 65% and L1 at 70% / 67%, 2 blocks
 // a multiprocessor (shared memory). Every row block reads the whole of both adapters (A in phase 1, B in phase 2:
@@ -465,6 +468,16 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     const TA* w1 = static_cast<const TA*>(args.w1);
     const TA* w2 = static_cast<const TA*>(args.w2);
     const bool first_y = blockIdx.y == 0;
+    // phase 1's K split over the cluster's blocks along y (1: each block walks all of K). Code built for GPUs without
+    // clusters walks all of K in every block whatever the launch: the same sums, none of the gain.
+#if __CUDA_ARCH__ >= 900
+    const int ksplit = max(1, args.cluster_k);
+#else
+    const int ksplit = 1;
+#endif
+    const int krank = blockIdx.y % ksplit;
+    // the blocks whose phase 1 is the first to cover its K tiles (they write the mask and A's rounded copy)
+    const bool first_cover = blockIdx.y < ksplit;
     if (blockIdx.x == 0 && first_y)
         for (int i = threadIdx.x; i < args.zero_count; i += kThreads) args.zero[i] = 0;
     const bool phase2_only = args.small_ready;  // (small holds phase 1's result: LoraRowsArgs::two_pass)
@@ -478,16 +491,17 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
     }
     const uint32_t threshold = keep_threshold(args.p);
     const float inv_keep = args.p > 0.f ? 1.f / (1.f - args.p) : 1.f;
-    uint8_t* mask_out = dropout && first_y ? args.mask : nullptr;
+    uint8_t* mask_out = dropout && first_cover ? args.mask : nullptr;
 
     // ---- phase 1: small = scale · in[m0:m0+BM] · w1 over K1, S − 1 tiles in flight
     using XStage = RowStage<T, BM, BK, Cfg::LDX>;
     using W1Stage = std::conditional_t<BWD, RankStage<TA, BK, R, Cfg::LD1>, RowStage<TA, R, BK, Cfg::LD1>>;
     using B1Layout = std::conditional_t<BWD, wmma::row_major, wmma::col_major>;
-    const int tiles1 = phase2_only ? 0 : (K1 + BK - 1) / BK;
-    auto issue = [&](int t) {  // tile t's copies into stage t % S; one commit group per call, empty past the end
-        if (t < tiles1) {
-            const int st = t % S, k0 = t * BK;
+    const int k_tiles = phase2_only ? 0 : (K1 + BK - 1) / BK, per_rank = (k_tiles + ksplit - 1) / ksplit;
+    const int t1_begin = min(k_tiles, krank * per_rank), tiles1 = min(k_tiles, t1_begin + per_rank) - t1_begin;
+    auto issue = [&](int i) {  // this block's tile i into stage i % S; one commit group per call, empty past the end
+        if (i < tiles1) {
+            const int st = i % S, k0 = (t1_begin + i) * BK;
             XStage::issue(x_stage(st), in, M, K1, m0, k0);
             if constexpr (BWD) W1Stage::issue(w1_stage(st), w1, K1, r, k0);  // B rows k0…: K1×r
             else W1Stage::issue(w1_stage(st), w1, r, K1, 0, k0);             // A columns k0…: r×K1
@@ -502,26 +516,26 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
 
 #pragma unroll
     for (int t = 0; t < S - 1; ++t) issue(t);
-    for (int t = 0; t < tiles1; ++t) {
-        cp_async_wait<S - 2>();  // this thread's copies of tile t have landed
-        const int st = t % S;
+    for (int i = 0; i < tiles1; ++i) {
+        cp_async_wait<S - 2>();  // this thread's copies of tile i have landed
+        const int st = i % S, t = t1_begin + i;
         T* x_s = x_stage(st);
         if (dropout) XStage::drop(x_s, M, K1, m0, t * BK, seed, offset, threshold, inv_keep, mask_out);
         const T* w_s;
         if constexpr (Cfg::kSame) {
             w_s = w1_stage(st);
-        } else {  // (the buffer held tile t − 2, which every warp finished before the last barrier)
-            T* d = w1t + (t & 1) * Cfg::W1_ELEMS;
+        } else {  // (the buffer held tile i − 2, which every warp finished before the last barrier)
+            T* d = w1t + (i & 1) * Cfg::W1_ELEMS;
             W1Stage::convert(w1_stage(st), d);
             w_s = d;
             if constexpr (!BWD) {  // A's rounded copy: tile t from block t mod gridDim.x
                 using W1T = RowStage<T, R, BK, Cfg::LD1>;
-                if (args.w1_copy != nullptr && first_y && t % gridDim.x == blockIdx.x)
+                if (args.w1_copy != nullptr && first_cover && t % gridDim.x == blockIdx.x)
                     W1T::store_own(d, static_cast<T*>(args.w1_copy), r, K1, 0, t * BK);
             }
         }
-        __syncthreads();  // tile t visible to all; every warp is done with tile t − 1, whose stage the next copies take
-        issue(t + S - 1);
+        __syncthreads();  // tile i visible to all; every warp is done with tile i − 1, whose stage the next copies take
+        issue(i + S - 1);
 #pragma unroll
         for (int s = ks; s < BK / 16; s += Cfg::KS1) {
 #pragma unroll
@@ -575,12 +589,39 @@ __global__ void __launch_bounds__(kThreads) lora_rows_kernel(LoraRowsArgs args) 
                                     wmma::mem_row_major);
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < BM * R; e += kThreads) {
-            const int m = e / R, j = e % R;
-            float v = 0.f;
+        constexpr int kPer = (BM * R + kThreads - 1) / kThreads;  // elements of Hs a thread makes
+        float v[kPer];
 #pragma unroll
-            for (int q = 0; q < Cfg::KS1; ++q) v += fs[(q * BM + m) * Cfg::LDR + j];
-            const T h = from_float<T>(v * args.scale);
+        for (int u = 0; u < kPer; ++u) {
+            const int e = threadIdx.x + u * kThreads, m = e / R, j = e % R;
+            v[u] = 0.f;
+            if (e < BM * R)
+#pragma unroll
+                for (int q = 0; q < Cfg::KS1; ++q) v[u] += fs[(q * BM + m) * Cfg::LDR + j];
+        }
+#if __CUDA_ARCH__ >= 900
+        if (ksplit > 1) {  // this block's partials into fs's first BM·R floats; every block sums all, in rank order
+            auto cluster = cooperative_groups::this_cluster();
+            __syncthreads();  // every thread has read its k-split sums out of fs
+#pragma unroll
+            for (int u = 0; u < kPer; ++u)
+                if (threadIdx.x + u * kThreads < BM * R) fs[threadIdx.x + u * kThreads] = v[u];
+            cluster.sync();  // every block's partials written
+#pragma unroll
+            for (int u = 0; u < kPer; ++u) {
+                const int e = threadIdx.x + u * kThreads;
+                v[u] = 0.f;
+                if (e < BM * R)
+                    for (int q = 0; q < ksplit; ++q) v[u] += cluster.map_shared_rank(fs, q)[e];
+            }
+            cluster.sync();  // every block done reading: phase 2 may take fs's bytes, and a block may exit
+        }
+#endif
+#pragma unroll
+        for (int u = 0; u < kPer; ++u) {
+            const int e = threadIdx.x + u * kThreads, m = e / R, j = e % R;
+            if (e >= BM * R) continue;
+            const T h = from_float<T>(v[u] * args.scale);
             hs[m * Cfg::LDH + j] = h;
             if (small != nullptr && first_y && j < r && m0 + m < M) small[static_cast<int64_t>(m0 + m) * r + j] = h;
         }
@@ -709,8 +750,29 @@ cudaError_t launch_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t str
     if (args.column_splits > 0) y = min(n_tiles, args.column_splits);
     else if (args.small_ready) y = max(1, min(n_tiles, (4 * sm_count + m_blocks - 1) / m_blocks));
     else if (2 * m_blocks <= sm_count) y = max(1, min(n_tiles, (2 * sm_count + m_blocks - 1) / m_blocks));
-    lora_rows_kernel<T, TA, R, BM, BWD><<<dim3(m_blocks, y), kThreads, Cfg::SMEM, stream>>>(args);
-    return cudaGetLastError();
+    // Clusters along y that split phase 1's K (Hopper; 16-row blocks whose columns are split, as in decode): y rounded
+    // up to whole clusters (a block past the last column tile still walks its share of K)
+    const int k_tiles = (args.k1 + Cfg::BK - 1) / Cfg::BK;
+    const int cluster = BM == 16 && y > 1 && !args.small_ready && lora_device_major() >= 9
+                            ? std::min({args.cluster_k, kLoraRowsMaxCluster, k_tiles})
+                            : 1;
+    LoraRowsArgs a = args;
+    a.cluster_k = std::max(1, cluster);
+    if (a.cluster_k == 1) {
+        lora_rows_kernel<T, TA, R, BM, BWD><<<dim3(m_blocks, y), kThreads, Cfg::SMEM, stream>>>(a);
+        return cudaGetLastError();
+    }
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = 1, attr.val.clusterDim.y = a.cluster_k, attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(m_blocks, (y + a.cluster_k - 1) / a.cluster_k * a.cluster_k);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = Cfg::SMEM;
+    config.stream = stream;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, lora_rows_kernel<T, TA, R, BM, BWD>, a);
 }
 
 // rank padded to a multiple of 16 (R ∈ {16, 32, 64, 128}); rows per block (unless args.block_rows forces 16, 32 or

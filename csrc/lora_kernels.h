@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 constexpr int kLoraKernelMaxRank = 128;
+constexpr int kLoraRowsMaxCluster = 8;  // (the portable cluster size)
 
 // The rank as the kernels pad it: 16, 32, 64 or 128
 inline int lora_rank_block(int64_t r) { return r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128; }
@@ -65,6 +66,10 @@ struct LoraRowsArgs {
     bool two_pass = false;
     int pass2_rows = 0;
     bool small_ready = false;  // (set by launch_lora_rows: this launch is phase 2 alone, small written before it)
+    // Up to this many blocks (at most kLoraRowsMaxCluster) form a cluster that splits phase 1's K, where the launcher
+    // splits 16-row blocks' columns (decode) on a GPU with clusters (sm_90+); 1: never. The kernel reads the size
+    // the launch has.
+    int cluster_k = 1;
 };
 
 // dA = gsᵀ drop(x) (r×K) and dB = dyᵀ hs (N×r), in the adapters' dtype; grad_a / grad_b null skips that one.
@@ -95,6 +100,8 @@ struct LoraReducePlan {
 // Whether the current GPU has what the kernels (and qgemv.cu) are written for: sm_80+, bf16 tensor cores; asked once
 // per device. Older GPUs (T4, V100) keep the ATen route of the autograd node.
 bool lora_device_supported();
+// The current GPU's compute capability major (0 where it cannot be asked), asked once per device
+int lora_device_major();
 // Whether the kernels take this call (dtype pair, rank and widths); the caller checks devices, layout and alignment.
 bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64_t k, int64_t n);
 // The reduce kernel's column tile widths: 64 (the default) or 128 (twice the bytes of each row read at once, half

@@ -4,16 +4,18 @@
 cudaError_t launch_lora_rows_forward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_rows_backward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 
-bool lora_device_supported() {
+int lora_device_major() {
     static int majors[64] = {};
     int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return false;
-    if (device < 64 && majors[device] > 0) return majors[device] >= 8;
+    if (cudaGetDevice(&device) != cudaSuccess) return 0;
+    if (device < 64 && majors[device] > 0) return majors[device];
     int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 0;
     if (device < 64) majors[device] = major;
-    return major >= 8;
+    return major;
 }
+
+bool lora_device_supported() { return lora_device_major() >= 8; }
 
 bool lora_kernels_support(LoraDtype dtype, LoraDtype adapter_dtype, int r, int64_t k, int64_t n) {
     if (dtype != LoraDtype::kBFloat16 && dtype != LoraDtype::kFloat16) return false;

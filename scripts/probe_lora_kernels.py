@@ -20,6 +20,9 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   reduce  the reduce kernel (dA, dB) at 64- against 128-column tiles (lora_kernels_set_reduce_cols) and in its compact
           layout (lora_kernels_set_reduce_compact): alone (do_bench µs and the bandwidth of its x and dy reads) and in
           the node's fwd+bwd
+  cluster the rows kernel's 16-row blocks with split columns (decode) each walking all of K against clusters of up
+          to 8 blocks splitting K (lora_kernels_set_rows_cluster): the forward and backward kernels alone, the decode
+          layer (no_grad, wall and GPU µs) and the node's fwd+bwd at a few hundred rows
   tma     kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside, several tile configs) against cuBLAS and
           the default route, forward and dx (with and without dropout bits), at the bench layer's and the models' shapes
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
@@ -503,6 +506,60 @@ def reduce_table():
         _C.lora_kernels_set_reduce_compact(before[1])
 
 
+def cluster_table():
+    """The rows kernel where its 16-row blocks split their columns (decode, up to ~1000 rows on an H100): every block
+    walking all of phase 1's K against clusters of up to 8 blocks splitting it (lora_kernels_set_rows_cluster): the
+    kernels alone (do_bench median µs: the forward with an addend, as decode adds onto cuBLAS's output; the backward
+    rows kernel making gs and dx), the decode layer through the module (no_grad: wall µs with a sync a call, as the
+    bench times it, and GPU µs), and the node's fwd+bwd at a few hundred rows."""
+    import triton.testing
+
+    before = _C.lora_kernels_rows_cluster()
+    settings = (1, 4, 8)
+    print("\n=== rows kernel, clusters splitting phase 1's K (1: none), fp32 adapters, bf16: forward | backward µs",
+          flush=True)
+    try:
+        for m, k, n, r in [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (16, 4096, 11008, 16), (16, 11008, 4096, 16),
+                           (16, 2048, 2048, 16), (16, 4096, 4096, 64), (256, 4096, 4096, 16), (1000, 4096, 4096, 16)]:
+            x, a, b, dy = _kernel_operands(m, k, n, r)
+            addend = torch.randn(m, n, device="cuda", dtype=DT)
+            _, hs, _ = _C.lora_kernels_forward(x, a, b, 2.0, 0.0)
+            cells = []
+            for blocks in settings:
+                _C.lora_kernels_set_rows_cluster(blocks)
+                fwd = triton.testing.do_bench(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, addend),
+                                              return_mode="median") * 1e3
+                bwd = triton.testing.do_bench(lambda: _C.lora_kernels_backward(
+                    dy, x, a, b, hs, None, 2.0, 0.0, need_a=False, need_b=False), return_mode="median") * 1e3
+                cells.append(f"{blocks}: {fwd:6.1f} | {bwd:6.1f}")
+            print(f"  M{m} K{k} N{n} r{r}: " + "   ".join(cells), flush=True)
+        for m in (1, 16):
+            print(f"\n=== decode M{m} K4096 N4096 r16, fwd no_grad: wall µs (median, a sync a call), GPU µs",
+                  flush=True)
+            layers = layer_models(4096, 4096, 16, 0.0, with_peft=False)
+            pf, bare = layers["pf"].eval(), layers["bare"]
+            x = torch.randn(m, 4096, device="cuda", dtype=DT)
+            impls = {"bare F.linear": lambda: F.linear(x, bare.weight)}
+            for blocks in settings:
+                def call(blocks=blocks):
+                    _C.lora_kernels_set_rows_cluster(blocks)
+                    return pf(x)
+                impls[f"pf, cluster {blocks}"] = call
+            with torch.no_grad():
+                for _ in range(3):  # interleaved rounds: a host's drift spreads over every row
+                    cells = []
+                    for name, f in impls.items():
+                        wall = wall_us(f, n=200, warm=20)
+                        gpu = kernel_time_ms(f, torch.device("cuda")) * 1e3
+                        cells.append(f"{name} {wall:.1f} (GPU {gpu:.1f})")
+                    print("  " + "   ".join(cells), flush=True)
+        route_layer_tables([(256, 4096, 4096, 16), (1000, 4096, 4096, 16)], (0.0, 0.1),
+                           {f"pf, cluster {blocks}": blocks for blocks in settings}, _C.lora_kernels_set_rows_cluster,
+                           breakdown=("pf, cluster 1", "pf, cluster 8"))
+    finally:
+        _C.lora_kernels_set_rows_cluster(before)
+
+
 def two_pass_table():
     """The rows kernels as one launch against two (phase 1 alone, then phase 2 alone in pass-2 row blocks with split
     columns; lora_kernels_set_two_pass_rows): forward and backward kernels as the node runs them (do_bench median µs;
@@ -885,5 +942,5 @@ if __name__ == "__main__":
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
          "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "tma": tma_table,
-         "reduce": reduce_table,
+         "reduce": reduce_table, "cluster": cluster_table,
          "once": once, "model": model_table, "consumer": consumer_table}[part]()

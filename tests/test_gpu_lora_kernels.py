@@ -267,6 +267,42 @@ def test_reduce_kernel_compact_layout_matches_fp32_reference(m, k, n, r, p):
     assert _C.lora_kernels_reduce_compact() is before
 
 
+@pytest.mark.parametrize("blocks", [2, 8])
+@pytest.mark.parametrize("m,k,n,r", [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (5, 1096, 3000, 64),
+                                     (16, 2048, 2048, 128), (9, 256, 520, 12), (300, 1024, 776, 16)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_rows_kernel_clusters_splitting_k_match_fp32_reference(blocks, m, k, n, r, p):
+    """lora_kernels_set_rows_cluster: where 16-row blocks split their columns (decode), clusters of blocks split
+    phase 1's K (uneven shares, ranks without a tile, blocks past the last column tile); forward and backward match
+    the reference, and the forward draws the same dropout bits and writes the same adapter copies as without
+    clusters. (Off GPUs without clusters the setting changes nothing.) Out-of-range settings raise."""
+    before = _C.lora_kernels_rows_cluster()
+    assert before == 1  # (the default)
+    x, a, b = _inputs(m, k, n, r, torch.bfloat16, torch.float32, seed=2)
+    addend = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
+    def forward():
+        torch.manual_seed(7)
+        return _C.lora_kernels_forward(x, a, b, 0.5, p, None, addend, copies=True, block_rows=16)
+    plain = forward()
+    try:
+        _C.lora_kernels_set_rows_cluster(blocks)
+        assert _C.lora_kernels_rows_cluster() == blocks
+        check_forward(m, k, n, r, torch.bfloat16, torch.float32, p, block_rows=16)
+        check_backward(m, k, n, r, torch.bfloat16, torch.float32, p, block_rows=16)
+        clustered = forward()
+    finally:
+        _C.lora_kernels_set_rows_cluster(before)
+    assert _C.lora_kernels_rows_cluster() == before
+    y, hs, mask, a_copy, b_copy = clustered
+    assert torch.equal(mask, plain[2]) and torch.equal(a_copy, plain[3]) and torch.equal(b_copy, plain[4])
+    assert rel_err(hs, plain[1]) < 1e-2 and rel_err(y, plain[0]) < 1e-2
+    for bad in (0, 9):
+        with pytest.raises(RuntimeError, match="blocks"):
+            _C.lora_kernels_set_rows_cluster(bad)
+    assert _C.lora_kernels_rows_cluster() == before
+
+
 @pytest.fixture
 def two_pass_rows():
     """lora_kernels_set_two_pass_rows for one test, restored after it."""
