@@ -187,6 +187,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "up to how many blocks (1: off) form a cluster that splits the rows kernel's phase 1 over K where its "
           "16-row blocks split their columns (decode; sm_90+) (probes and tests)", py::arg("blocks"));
     m.def("lora_kernels_rows_cluster", &lora_kernels_rows_cluster);
+    m.def("lora_kernels_set_decode_kernel", &lora_kernels_set_decode_kernel,
+          "inference forwards of at most 16 rows run the one-launch decode kernel (sm_90+) instead of cuBLAS then the "
+          "rows kernel (probes and tests)", py::arg("on"));
+    m.def("lora_kernels_decode_kernel", &lora_kernels_decode_kernel);
+    m.def("lora_kernels_decode", &lora_kernels_decode, "the decode kernel alone (tests)", py::arg("x"),
+          py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"));
     m.def("lora_kernels_register_tma", &lora_kernels_register_tma,
           "register a compiled Triton GEMM for the node's one-GEMM route (kernels/lora_gemm_tma.register_for_node); "
           "kernel_id -1 removes that key's kernel; major: the GPU generation its cubin runs on; produce: it makes h "

@@ -242,6 +242,11 @@ std::atomic<bool> reduce_compact{false};
 // on a GPU.
 std::atomic<int> rows_cluster_k{1};
 
+// Whether inference forwards of at most kLoraDecodeMaxRows rows (decode; nn.Linear weights, no dropout) run the
+// one-launch decode kernel (lora_decode.cu, Hopper) instead of cuBLAS's GEMM then the rows kernel adding the term
+// (lora_kernels_set_decode_kernel changes it). Off until it has run and been timed on a GPU.
+std::atomic<bool> decode_kernel{false};
+
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
 // changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes. The forward kernels gain
 // (H200, 2026-12-07, kprobe preround, µs, in kernel → first): M2048 K4096 N4096 r16 40.0 → 33.4, K11008 N4096
@@ -640,6 +645,34 @@ LowRank low_rank_into(Tensor& x, const Tensor& lora_a, const Tensor& lora_b, con
     return l;
 }
 
+#ifdef PEFT_FAST_CUDA_KERNELS
+// Whether the decode kernel takes this call: x (M×K rows, dt), w (the layer's weight in dt, N×K unless kn), bias (in
+// dt, or undefined), the adapters
+bool decode_takes(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& a, const Tensor& b, double p,
+                  c10::ScalarType dt, bool kn) {
+    if (kn || p != 0.0 || !fused_takes(x, a, b, p, dt)) return false;
+    if (!lora_decode_supported(x.size(0), x.size(1), w.size(0), a.size(0))) return false;
+    if (w.scalar_type() != dt || w.dim() != 2 || w.size(1) != x.size(1) || w.size(0) != b.size(0) ||
+        !w.is_contiguous() || !aligned16(w) || w.device() != x.device())
+        return false;
+    return !bias.defined() || (bias.scalar_type() == dt && bias.is_contiguous() && bias.device() == x.device());
+}
+
+// y2 (M×N) = x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ in one launch (decode_takes said yes)
+void decode_forward(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& a, const Tensor& b, double s,
+                    Tensor& y2) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    LoraDecodeArgs args{};
+    args.x = x.data_ptr(), args.w = w.data_ptr(), args.bias = bias.defined() ? bias.data_ptr() : nullptr;
+    args.a = a.data_ptr(), args.b = b.data_ptr(), args.y = y2.data_ptr();
+    args.m = static_cast<int>(x.size(0)), args.n = static_cast<int>(w.size(0)), args.k = static_cast<int>(x.size(1));
+    args.r = static_cast<int>(a.size(0));
+    args.scale = static_cast<float>(s);
+    args.dtype = kernel_dtype(x.scalar_type()), args.adapter_dtype = kernel_dtype(a.scalar_type());
+    check(launch_lora_decode(args, c10::cuda::getCurrentCUDAStream()), "decode");
+}
+#endif
+
 // Up to this many rows (decode) a forward issues the base GEMM first and adds the low-rank term onto its output, as
 // the QLoRA decode route does after its 4-bit GEMM (for the bf16 LoRA layer the order measured the same: H100 decode
 // M16 0.060 ms against 0.059 term-first). Above it the term goes first and cuBLAS adds the GEMM onto it (beta = 1):
@@ -666,6 +699,15 @@ Forward linear_forward(const Tensor& x_in, const Tensor& weight, const c10::opti
     Tensor y2 = out.y.view({-1, n});
     const bool gemm_first = x.size(0) <= kGemmFirstMaxRows;
 #ifdef PEFT_FAST_CUDA_KERNELS
+    if (!keep && kernels && x.size(0) <= kLoraDecodeMaxRows && x.is_cuda() &&
+        decode_kernel.load(std::memory_order_relaxed)) {
+        x = x.contiguous();
+        if (decode_takes(x, w, bias, lora_a, lora_b, p, dt, kn)) {  // decode: one launch
+            decode_forward(x, w, bias, lora_a, lora_b, scale, y2);
+            out.fused = true;
+            return out;
+        }
+    }
     TmaKernel tma;
     bool produce = false;
     // (the row count first: off, as by default, a training forward pays one atomic load here and nothing else)
@@ -1166,6 +1208,10 @@ void lora_kernels_set_reduce_compact(bool on) { reduce_compact.store(on, std::me
 
 bool lora_kernels_reduce_compact() { return reduce_compact.load(std::memory_order_relaxed); }
 
+void lora_kernels_set_decode_kernel(bool on) { decode_kernel.store(on, std::memory_order_relaxed); }
+
+bool lora_kernels_decode_kernel() { return decode_kernel.load(std::memory_order_relaxed); }
+
 void lora_kernels_set_rows_cluster(int64_t blocks) {
     TORCH_CHECK(blocks >= 1 && blocks <= kLoraRowsMaxCluster, "lora_kernels_set_rows_cluster: blocks must be 1 (off) "
                 "to ", kLoraRowsMaxCluster, ", got ", blocks);
@@ -1243,6 +1289,18 @@ std::vector<Tensor> lora_kernels_forward(const Tensor& x, const Tensor& lora_a, 
     const Tensor mask = f.mask.defined() ? f.mask : at::empty({0}, x.options().dtype(torch::kUInt8));
     if (copies) return {y, f.hs, mask, f.a, f.b};
     return {y, f.hs, mask};
+}
+
+Tensor lora_kernels_decode(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                           const Tensor& lora_a, const Tensor& lora_b, double scale) {
+    TORCH_CHECK(x.dim() == 2 && decode_takes(x, weight, bias.value_or(Tensor()), lora_a, lora_b, 0.0,
+                                             x.scalar_type(), false),
+                "lora_kernels_decode: the decode kernel does not take these arguments (sm_90+, 1 to ",
+                kLoraDecodeMaxRows, " rows, K a multiple of 32, rank 1 to 64, contiguous 16-byte aligned tensors)");
+    require_rows(bias, "bias", x, {weight.size(0)});
+    Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+    decode_forward(x, weight, bias.value_or(Tensor()), lora_a, lora_b, scale, y);
+    return y;
 }
 
 std::vector<Tensor> lora_kernels_backward(const Tensor& dy, const Tensor& x, const Tensor& lora_a, const Tensor& lora_b,

@@ -64,6 +64,14 @@ bool lora_kernels_reduce_compact();
 // Up to how many blocks (1: off, at most 8) form a cluster splitting the rows kernel's phase 1 over K where its 16-row
 // blocks split their columns (decode), on sm_90+. Default off (lora_autograd.cpp); probes and tests set it.
 void lora_kernels_set_rows_cluster(int64_t blocks);
+// Whether inference forwards of at most 16 rows (decode) run the one-launch decode kernel (lora_decode.cu, sm_90+)
+// instead of cuBLAS then the rows kernel. Default off (lora_autograd.cpp); probes and tests set it.
+void lora_kernels_set_decode_kernel(bool on);
+bool lora_kernels_decode_kernel();
+// The decode kernel alone: y = x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ for x of at most 16 rows (tests, probes)
+torch::Tensor lora_kernels_decode(const torch::Tensor& x, const torch::Tensor& weight,
+                                  const c10::optional<torch::Tensor>& bias, const torch::Tensor& lora_a,
+                                  const torch::Tensor& lora_b, double scale);
 int64_t lora_kernels_rows_cluster();
 // The one-GEMM route (lora_autograd.cpp; Python turns it on: ops/one_gemm.py): a Triton GEMM registered through
 // triton_launch.h for one direction (forward or dx), dtype, weight layout (kn), bias / keep-bit use and rank block,

@@ -97,6 +97,21 @@ struct LoraReducePlan {
     int counters;
 };
 
+// Decode (1 ≤ M ≤ kLoraDecodeMaxRows) in one launch on Hopper (lora_decode.cu): y = x·Wᵀ (+ bias) + hs·Bᵀ with
+// hs = s·x·Aᵀ rounded to the compute dtype; W N×K (nn.Linear's layout), adapters in the compute dtype or fp32.
+constexpr int kLoraDecodeMaxRows = 16;
+struct LoraDecodeArgs {
+    const void* x;     // M×K, compute dtype, contiguous, 16-byte aligned
+    const void* w;     // N×K, compute dtype, contiguous, 16-byte aligned
+    const void* bias;  // N, compute dtype, or null
+    const void* a;     // r×K, adapter dtype, contiguous, 16-byte aligned
+    const void* b;     // N×r, adapter dtype, contiguous
+    void* y;           // M×N, compute dtype
+    int m, n, k, r;
+    float scale;
+    LoraDtype dtype, adapter_dtype;
+};
+
 // Whether the current GPU has what the kernels (and qgemv.cu) are written for: sm_80+, bf16 tensor cores; asked once
 // per device. Older GPUs (T4, V100) keep the ATen route of the autograd node.
 bool lora_device_supported();
@@ -112,6 +127,9 @@ bool lora_reduce_cols_supported(int cols);
 LoraReducePlan lora_reduce_plan(int m, int k, int n, int r, bool grad_a, bool grad_b, int sm_count, int cols = 64,
                                 bool compact = false);
 cudaError_t launch_lora_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
+// Whether the decode kernel takes these sizes on the current GPU (sm_90+: clusters), pointers aside
+bool lora_decode_supported(int64_t m, int64_t k, int64_t n, int64_t r);
+cudaError_t launch_lora_decode(const LoraDecodeArgs& args, cudaStream_t stream);
 cudaError_t launch_lora_reduce(const LoraReduceArgs& args, const LoraReducePlan& plan, cudaStream_t stream);
 // fp32 adapters rounded to the compute dtype (bf16 / fp16) in one launch: dst = A's na elements, then B's nb
 cudaError_t launch_lora_round_adapters(const float* a, int64_t na, const float* b, int64_t nb, void* dst,

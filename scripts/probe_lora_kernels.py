@@ -20,9 +20,10 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   reduce  the reduce kernel (dA, dB) at 64- against 128-column tiles (lora_kernels_set_reduce_cols) and in its compact
           layout (lora_kernels_set_reduce_compact): alone (do_bench µs and the bandwidth of its x and dy reads) and in
           the node's fwd+bwd
-  cluster the rows kernel's 16-row blocks with split columns (decode) each walking all of K against clusters of up
-          to 8 blocks splitting K (lora_kernels_set_rows_cluster): the forward and backward kernels alone, the decode
-          layer (no_grad, wall and GPU µs) and the node's fwd+bwd at a few hundred rows
+  decode  few rows: the rows kernel's 16-row blocks with split columns each walking all of K against clusters of up
+          to 8 blocks splitting K (lora_kernels_set_rows_cluster), and the one-launch decode kernel
+          (lora_kernels_set_decode_kernel) against cuBLAS + the rows kernel: kernels alone, the decode layer (no_grad,
+          wall and GPU µs) and the node's fwd+bwd at a few hundred rows
   tma     kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside, several tile configs) against cuBLAS and
           the default route, forward and dx (with and without dropout bits), at the bench layer's and the models' shapes
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
@@ -506,15 +507,19 @@ def reduce_table():
         _C.lora_kernels_set_reduce_compact(before[1])
 
 
-def cluster_table():
-    """The rows kernel where its 16-row blocks split their columns (decode, up to ~1000 rows on an H100): every block
-    walking all of phase 1's K against clusters of up to 8 blocks splitting it (lora_kernels_set_rows_cluster): the
-    kernels alone (do_bench median µs: the forward with an addend, as decode adds onto cuBLAS's output; the backward
-    rows kernel making gs and dx), the decode layer through the module (no_grad: wall µs with a sync a call, as the
-    bench times it, and GPU µs), and the node's fwd+bwd at a few hundred rows."""
+def decode_table():
+    """Few rows. The rows kernel where its 16-row blocks split their columns (decode, up to ~1000 rows on an H100):
+    every block walking all of phase 1's K against clusters of up to 8 blocks splitting it
+    (lora_kernels_set_rows_cluster): the kernels alone (do_bench median µs: the forward with an addend, as decode adds
+    onto cuBLAS's output; the backward rows kernel making gs and dx). The one-launch decode kernel against cuBLAS's
+    GEMM then the rows kernel. The decode layer through the module under each (no_grad: wall µs with a sync a call,
+    as the bench times it, and GPU µs), and the node's fwd+bwd at a few hundred rows."""
     import triton.testing
 
-    before = _C.lora_kernels_rows_cluster()
+    def us(fn):
+        return triton.testing.do_bench(fn, return_mode="median") * 1e3
+
+    before = _C.lora_kernels_rows_cluster(), _C.lora_kernels_decode_kernel()
     settings = (1, 4, 8)
     print("\n=== rows kernel, clusters splitting phase 1's K (1: none), fp32 adapters, bf16: forward | backward µs",
           flush=True)
@@ -533,6 +538,21 @@ def cluster_table():
                     dy, x, a, b, hs, None, 2.0, 0.0, need_a=False, need_b=False), return_mode="median") * 1e3
                 cells.append(f"{blocks}: {fwd:6.1f} | {bwd:6.1f}")
             print(f"  M{m} K{k} N{n} r{r}: " + "   ".join(cells), flush=True)
+        print("\n=== decode kernel against cuBLAS + the rows kernel (cluster 1 | 8), fp32 adapters, bf16: do_bench µs",
+              flush=True)
+        for m, k, n, r in [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (16, 4096, 11008, 16), (16, 11008, 4096, 16),
+                           (1, 2048, 2048, 16), (1, 2048, 8192, 16), (16, 4096, 4096, 64)]:
+            x, a, b, _ = _kernel_operands(m, k, n, r)
+            w = torch.randn(n, k, device="cuda", dtype=DT) / k**0.5
+            cells = {"F.linear": us(lambda: F.linear(x, w))}
+            for blocks in (1, 8):
+                _C.lora_kernels_set_rows_cluster(blocks)
+                cells[f"cuBLAS + rows, cluster {blocks}"] = us(
+                    lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, F.linear(x, w)))
+            cells["decode kernel"] = us(lambda: _C.lora_kernels_decode(x, w, None, a, b, 2.0))
+            floor = n * k * 2 / 3.35e12 * 1e6
+            print(f"  M{m} K{k} N{n} r{r}: " + "  ".join(f"{name} {v:.1f}" for name, v in cells.items()) +
+                  f"  (W's bytes at 3.35 TB/s: {floor:.1f})", flush=True)
         for m in (1, 16):
             print(f"\n=== decode M{m} K4096 N4096 r16, fwd no_grad: wall µs (median, a sync a call), GPU µs",
                   flush=True)
@@ -542,9 +562,15 @@ def cluster_table():
             impls = {"bare F.linear": lambda: F.linear(x, bare.weight)}
             for blocks in settings:
                 def call(blocks=blocks):
+                    _C.lora_kernels_set_decode_kernel(False)
                     _C.lora_kernels_set_rows_cluster(blocks)
                     return pf(x)
                 impls[f"pf, cluster {blocks}"] = call
+
+            def one_launch():
+                _C.lora_kernels_set_decode_kernel(True)
+                return pf(x)
+            impls["pf, decode kernel"] = one_launch
             with torch.no_grad():
                 for _ in range(3):  # interleaved rounds: a host's drift spreads over every row
                     cells = []
@@ -557,7 +583,8 @@ def cluster_table():
                            {f"pf, cluster {blocks}": blocks for blocks in settings}, _C.lora_kernels_set_rows_cluster,
                            breakdown=("pf, cluster 1", "pf, cluster 8"))
     finally:
-        _C.lora_kernels_set_rows_cluster(before)
+        _C.lora_kernels_set_rows_cluster(before[0])
+        _C.lora_kernels_set_decode_kernel(before[1])
 
 
 def two_pass_table():
@@ -942,5 +969,5 @@ if __name__ == "__main__":
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
          "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "tma": tma_table,
-         "reduce": reduce_table, "cluster": cluster_table,
+         "reduce": reduce_table, "decode": decode_table,
          "once": once, "model": model_table, "consumer": consumer_table}[part]()

@@ -304,6 +304,75 @@ def test_rows_kernel_clusters_splitting_k_match_fp32_reference(blocks, m, k, n, 
     assert _C.lora_kernels_rows_cluster() == before
 
 
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                            reason="the decode kernel needs clusters (sm_90+)")
+
+
+@hopper
+@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m,k,n,r", [(16, 4096, 4096, 16), (1, 4096, 4096, 16), (5, 1056, 1000, 64),
+                                     (9, 64, 8, 1), (16, 11008, 4096, 12), (3, 2048, 300, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_kernel_matches_fp32_reference(m, k, n, r, dt, adt, bias):
+    """lora_decode.cu: x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ in one launch, hs rounded to the compute dtype as the rows kernel
+    rounds it; K slices of uneven length and slices without a chunk (K = 64 over 8 blocks), column blocks past N,
+    rows 9…15 absent (M = 9), odd ranks."""
+    x, a, b = _inputs(m, k, n, r, dt, adt, seed=3)
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dt)
+    bvec = torch.randn(n, device="cuda").to(dt) if bias else None
+    s = 2.0 / r**0.5
+    poison_allocator()
+    y = _C.lora_kernels_decode(x, w, bvec, a, b, s)
+    assert y.shape == (m, n) and y.dtype == dt
+    base = x.float() @ w.float().t() + (bvec.float() if bias else 0.0)
+    hs = (x.float() @ a.to(dt).float().t() * s).to(dt).float()
+    y_ref = base + hs @ b.to(dt).float().t()
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) < TOL[dt], rel_err(y, y_ref)
+    assert rel_err(base, y_ref) > 10 * TOL[dt]  # (a kernel that dropped the term would fail above)
+
+
+@hopper
+def test_decode_kernel_refuses_what_it_cannot_take():
+    x, a, b = _inputs(16, 256, 128, 16, torch.bfloat16, torch.float32)
+    w = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    for args in ((torch.cat([x, x[:1]]), w, None, a, b),  # 17 rows
+                 (x[:, :248].contiguous(), w[:, :248].contiguous(), None, a[:, :248].contiguous(), b),  # K % 32
+                 (x, w, None, torch.randn(65, 256, device="cuda"), torch.randn(128, 65, device="cuda")),  # rank 65
+                 (x, w.t().contiguous().t(), None, a, b)):  # W not contiguous
+        with pytest.raises(RuntimeError, match="decode kernel does not take"):
+            _C.lora_kernels_decode(*args, 1.0)
+    with pytest.raises(RuntimeError, match="bias"):
+        _C.lora_kernels_decode(x, w, torch.zeros(127, device="cuda", dtype=torch.bfloat16), a, b, 1.0)
+
+
+@hopper
+@pytest.mark.parametrize("m", [1, 16, 17])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_node_takes_the_decode_kernel_for_inference(m, bias):
+    """lora_kernels_set_decode_kernel: a LoRA layer's inference forward of at most 16 rows runs the decode kernel
+    (17 rows, and training forwards, keep the default route) and gives the default route's output; the setting reads
+    back and is restored."""
+    layer = lora_linear_layer(4096, 4096, 16, 0.0, torch.bfloat16, True, bias).eval()
+    x = torch.randn(1, m, 4096, device="cuda", dtype=torch.bfloat16)
+    before = _C.lora_kernels_decode_kernel()
+    assert before is False  # (the default)
+    try:
+        with torch.no_grad(), pf.ops.use_backend("cuda"):
+            _C.lora_kernels_set_decode_kernel(False)
+            plain = layer(x)
+            _C.lora_kernels_set_decode_kernel(True)
+            assert _C.lora_kernels_decode_kernel() is True
+            fused = layer(x)
+        y_train, *_ = lora_fwd_bwd(layer.train(), x, torch.randn_like(plain), "cuda")
+    finally:
+        _C.lora_kernels_set_decode_kernel(before)
+    assert _C.lora_kernels_decode_kernel() is before
+    assert fused.shape == plain.shape == (1, m, 4096)
+    assert rel_err(fused, plain) < 1e-2 and rel_err(y_train, plain) < 1e-2
+    if m > 16:
+        assert torch.equal(fused, plain)  # (not taken: the same route, the same bits)
+
+
 @pytest.fixture
 def two_pass_rows():
     """lora_kernels_set_two_pass_rows for one test, restored after it."""
