@@ -242,9 +242,10 @@ std::atomic<bool> reduce_compact{false};
 // on a GPU.
 std::atomic<int> rows_cluster_k{1};
 
-// Whether inference forwards of at most kLoraDecodeMaxRows rows (decode; nn.Linear weights, no dropout) run the
-// one-launch decode kernel (lora_decode.cu, Hopper) instead of cuBLAS's GEMM then the rows kernel adding the term
-// (lora_kernels_set_decode_kernel changes it). Off until it has run and been timed on a GPU.
+// Whether inference forwards of at most kLoraDecodeMaxRows rows (decode; nn.Linear or bitsandbytes 4-bit weights, no
+// dropout) run the one-launch decode kernel (lora_decode.cu, Hopper) instead of cuBLAS's GEMM (or qgemv.cu's 4-bit
+// one) then the rows kernel adding the term (lora_kernels_set_decode_kernel changes it). Off until it has run and
+// been timed on a GPU.
 std::atomic<bool> decode_kernel{false};
 
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
@@ -1043,6 +1044,21 @@ Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Te
     const Tensor bias = bias_in.has_value() ? as(*bias_in, dt).contiguous() : Tensor();
     Tensor y = at::empty(with_last(x_in.sizes(), q.n), x.options());
     Tensor y2 = y.view({-1, q.n});
+    if (kernels && p == 0.0 && decode_kernel.load(std::memory_order_relaxed) && fused_takes(x, lora_a, lora_b, p, dt) &&
+        lora_decode_supported(m, q.k, q.n, lora_a.size(0))) {  // the GEMM and the term in one launch (lora_decode.cu)
+        LoraDecodeArgs d{};
+        d.x = x.data_ptr(), d.w = nullptr, d.bias = bias.defined() ? bias.data_ptr() : nullptr;
+        d.a = lora_a.data_ptr(), d.b = lora_b.data_ptr(), d.y = y.data_ptr();
+        d.m = static_cast<int>(m), d.n = static_cast<int>(q.n), d.k = static_cast<int>(q.k);
+        d.r = static_cast<int>(lora_a.size(0));
+        d.scale = static_cast<float>(scale);
+        d.dtype = kernel_dtype(dt), d.adapter_dtype = kernel_dtype(lora_a.scalar_type());
+        d.packed = packed_bytes(q.packed).data_ptr<uint8_t>();
+        set_scales(d, q);
+        d.blocksize = static_cast<int>(q.blocksize), d.blocksize2 = static_cast<int>(q.blocksize2);
+        check(launch_lora_decode(d, c10::cuda::getCurrentCUDAStream()), "4-bit decode");
+        return y;
+    }
     QgemvArgs args{};
     args.x = x.data_ptr();
     args.w = packed_bytes(q.packed).data_ptr<uint8_t>();

@@ -1,7 +1,9 @@
 // Decode (M ≤ 16 rows) LoRA linear in one launch, for Hopper: y = x·Wᵀ (+ bias) + hs·Bᵀ with hs = s·x·Aᵀ rounded to
 // the compute dtype T, as the rows kernel rounds it; the adapters (T or fp32) rounded to T as they are read. Without
 // it, decode runs cuBLAS's GEMM (with its split-K reduction) and then the rows kernel adding the term: three launches,
-// and a rows kernel whose every block walked all of A's K (H100, M16 K=N=4096: 6.8 + 1.9 + 9.5 µs GPU).
+// and a rows kernel whose every block walked all of A's K (H100, M16 K=N=4096: 6.8 + 1.9 + 9.5 µs GPU). W is T, or a
+// bitsandbytes 4-bit weight dequantized in registers as qgemv.cu does it (QLoRA decode: there qgemv's every column
+// block read all of x, 4× the packed weight's bytes at K=N=4096, then the rows kernel added the term).
 //
 // A cluster of kCluster blocks owns kClusterCols output columns and splits K among its blocks: block `rank` reads
 // only its K slice of x, of those columns' rows of W and of A, so x and A are read once a cluster, not once a
@@ -54,6 +56,24 @@ __device__ __forceinline__ void load_pairs(uint32_t (&r)[16], const E* p, bool v
     }
 }
 
+// 32 consecutive weights of a bitsandbytes 4-bit row (16 packed bytes; element 2i in the high nibble of byte i) as 16
+// pairs of T, value = code · scale rounded once to T, as dequantize_4bit makes it
+template <typename T>
+__device__ __forceinline__ void dequant_pairs(uint32_t (&r)[16], const uint4 packed, float scale, const float* code) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        const uint32_t word = (&packed.x)[v];
+        float f[8];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const uint32_t byte = word >> (8 * b) & 0xffu;
+            f[2 * b] = __fmul_rn(code[byte >> 4], scale), f[2 * b + 1] = __fmul_rn(code[byte & 15u], scale);
+        }
+        const uint4 u = lora_kernels::pack8<T>(f);
+        r[4 * v] = u.x, r[4 * v + 1] = u.y, r[4 * v + 2] = u.z, r[4 * v + 3] = u.w;
+    }
+}
+
 // acc += x (rows g, g+8 in xlo / xhi) · one 8-row tile (this thread's row in w): the 8 mmas of a 128-wide step
 template <typename T>
 __device__ __forceinline__ void mma_step(float (&acc)[4], const uint32_t (&xlo)[16], const uint32_t (&xhi)[16],
@@ -65,12 +85,17 @@ __device__ __forceinline__ void mma_step(float (&acc)[4], const uint32_t (&xlo)[
     }
 }
 
-template <typename T, typename TA, bool kUpper>  // kUpper: M > 8, x rows g + 8 exist
+// kUpper: M > 8, x rows g + 8 exist; kQuant: W is a 4-bit weight (LoraDecodeArgs::packed)
+template <typename T, typename TA, bool kUpper, bool kQuant>
 __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDecodeArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     __shared__ float y_part[16][kClusterCols];  // this block's partial sums over its K slice
     __shared__ float h_part[16][kMaxRank];
     __shared__ float h_s[16][kMaxRank];         // hs of every row: summed, scaled, rounded to T
+    __shared__ float code[16];
+    if (kQuant && threadIdx.x < 16) code[threadIdx.x] = args.code[threadIdx.x];
+    const float offset = kQuant && args.absmax == nullptr ? __ldg(args.offset) : 0.f;
+    if (kQuant) __syncthreads();
     auto cluster = cooperative_groups::this_cluster();
     const int rank = static_cast<int>(cluster.block_rank());
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
@@ -91,15 +116,39 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDeco
         load_pairs<T>(xlo, x + static_cast<int64_t>(g) * K + 32 * c, in_k && g < M);
         if constexpr (kUpper) load_pairs<T>(xhi, x + static_cast<int64_t>(g + 8) * K + 32 * c, in_k && g + 8 < M);
         uint32_t wt[kTilesW][16];
+        uint4 packed[kTilesW];  // (4-bit: dequantized a tile at a time, just before its mmas, so fewer are live)
+        float scale[kTilesW];
+        if constexpr (kQuant) {
 #pragma unroll
-        for (int t = 0; t < kTilesW; ++t) {
-            const int n = n0 + 16 * warp + 8 * t + g;
-            load_pairs<T>(wt[t], w + static_cast<int64_t>(n) * K + 32 * c, in_k && n < N);
+            for (int t = 0; t < kTilesW; ++t) {
+                const int n = n0 + 16 * warp + 8 * t + g;
+                const int64_t flat = static_cast<int64_t>(n) * K + 32 * c, block = flat / args.blocksize;
+                const bool valid = in_k && n < N;
+                packed[t] = make_uint4(0, 0, 0, 0);
+                scale[t] = 0.f;  // (a missing row or chunk: code · 0)
+                if (valid) {
+                    packed[t] = __ldg(reinterpret_cast<const uint4*>(args.packed + flat / 2));
+                    scale[t] = args.absmax != nullptr
+                                   ? __ldg(args.absmax + block)
+                                   : __fadd_rn(__fmul_rn(__ldg(args.code2 + __ldg(args.qabsmax + block)),
+                                                         __ldg(args.absmax2 + block / args.blocksize2)),
+                                               offset);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int t = 0; t < kTilesW; ++t) {
+                const int n = n0 + 16 * warp + 8 * t + g;
+                load_pairs<T>(wt[t], w + static_cast<int64_t>(n) * K + 32 * c, in_k && n < N);
+            }
         }
         uint32_t at[16];
         if (has_a) load_pairs<T>(at, a + static_cast<int64_t>(8 * warp + g) * K + 32 * c, in_k && 8 * warp + g < r);
 #pragma unroll
-        for (int t = 0; t < kTilesW; ++t) mma_step<T>(acc[t], xlo, xhi, wt[t]);
+        for (int t = 0; t < kTilesW; ++t) {
+            if constexpr (kQuant) dequant_pairs<T>(wt[t], packed[t], scale[t], code);
+            mma_step<T>(acc[t], xlo, xhi, wt[t]);
+        }
         if (has_a) mma_step<T>(acc_a, xlo, xhi, at);
     }
     // accumulator i of an m16n8 tile: row g (+8 for i ≥ 2), column 2q (+1 for odd i)
@@ -136,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDeco
 #endif
 }
 
-template <typename T, typename TA>
+template <typename T, typename TA, bool kQuant>
 cudaError_t launch_for(const LoraDecodeArgs& args, cudaStream_t stream) {
     cudaLaunchAttribute attr{};
     attr.id = cudaLaunchAttributeClusterDimension;
@@ -147,8 +196,13 @@ cudaError_t launch_for(const LoraDecodeArgs& args, cudaStream_t stream) {
     config.stream = stream;
     config.attrs = &attr;
     config.numAttrs = 1;
-    if (args.m > 8) return cudaLaunchKernelEx(&config, lora_decode_kernel<T, TA, true>, args);
-    return cudaLaunchKernelEx(&config, lora_decode_kernel<T, TA, false>, args);
+    if (args.m > 8) return cudaLaunchKernelEx(&config, lora_decode_kernel<T, TA, true, kQuant>, args);
+    return cudaLaunchKernelEx(&config, lora_decode_kernel<T, TA, false, kQuant>, args);
+}
+
+template <typename T, typename TA>
+cudaError_t launch_weight(const LoraDecodeArgs& args, cudaStream_t stream) {
+    return args.packed != nullptr ? launch_for<T, TA, true>(args, stream) : launch_for<T, TA, false>(args, stream);
 }
 
 }  // namespace
@@ -159,15 +213,22 @@ bool lora_decode_supported(int64_t m, int64_t k, int64_t n, int64_t r) {
 }
 
 cudaError_t launch_lora_decode(const LoraDecodeArgs& args, cudaStream_t stream) {
+    const bool quant = args.packed != nullptr;
     if (!lora_decode_supported(args.m, args.k, args.n, args.r) ||
-        (args.adapter_dtype != args.dtype && args.adapter_dtype != LoraDtype::kFloat32))
+        (args.adapter_dtype != args.dtype && args.adapter_dtype != LoraDtype::kFloat32) ||
+        (quant && (args.code == nullptr || args.blocksize < 32 || args.blocksize % 32 != 0)))
         return cudaErrorInvalidValue;
-    for (const void* p : {args.x, args.w, args.a})
-        if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return cudaErrorMisalignedAddress;
+    if (quant && args.absmax == nullptr &&  // double-quantized: every part of the absmax given
+        (args.qabsmax == nullptr || args.absmax2 == nullptr || args.code2 == nullptr || args.offset == nullptr ||
+         args.blocksize2 < 1))
+        return cudaErrorInvalidValue;
+    for (const void* p : {args.x, quant ? static_cast<const void*>(args.packed) : args.w, args.a})
+        if (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 != 0) return cudaErrorMisalignedAddress;
     const bool fp32 = args.adapter_dtype == LoraDtype::kFloat32;
     if (args.dtype == LoraDtype::kBFloat16)
-        return fp32 ? launch_for<__nv_bfloat16, float>(args, stream) : launch_for<__nv_bfloat16, __nv_bfloat16>(args, stream);
+        return fp32 ? launch_weight<__nv_bfloat16, float>(args, stream)
+                    : launch_weight<__nv_bfloat16, __nv_bfloat16>(args, stream);
     if (args.dtype == LoraDtype::kFloat16)
-        return fp32 ? launch_for<__half, float>(args, stream) : launch_for<__half, __half>(args, stream);
+        return fp32 ? launch_weight<__half, float>(args, stream) : launch_weight<__half, __half>(args, stream);
     return cudaErrorInvalidValue;
 }

@@ -102,7 +102,7 @@ struct LoraReducePlan {
 constexpr int kLoraDecodeMaxRows = 16;
 struct LoraDecodeArgs {
     const void* x;     // M×K, compute dtype, contiguous, 16-byte aligned
-    const void* w;     // N×K, compute dtype, contiguous, 16-byte aligned
+    const void* w;     // N×K, compute dtype, contiguous, 16-byte aligned; or null and the 4-bit weight below
     const void* bias;  // N, compute dtype, or null
     const void* a;     // r×K, adapter dtype, contiguous, 16-byte aligned
     const void* b;     // N×r, adapter dtype, contiguous
@@ -110,6 +110,17 @@ struct LoraDecodeArgs {
     int m, n, k, r;
     float scale;
     LoraDtype dtype, adapter_dtype;
+    // a bitsandbytes 4-bit weight instead of w (qgemv.h's layout and scales): packed N·K/2 bytes (16-byte aligned),
+    // 16 code values, an fp32 absmax per block of blocksize (a multiple of 32) flat weights or, double-quantized,
+    // absmax[b] = code2[qabsmax[b]] · absmax2[b / blocksize2] + *offset
+    const uint8_t* packed = nullptr;
+    const float* code = nullptr;
+    const float* absmax = nullptr;
+    const uint8_t* qabsmax = nullptr;
+    const float* absmax2 = nullptr;
+    const float* code2 = nullptr;
+    const float* offset = nullptr;
+    int blocksize = 0, blocksize2 = 0;
 };
 
 // Whether the current GPU has what the kernels (and qgemv.cu) are written for: sm_80+, bf16 tensor cores; asked once

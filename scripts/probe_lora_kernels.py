@@ -11,7 +11,8 @@ against the same node on ATen ops (the route before them), the bare layer and HF
   merged  dropout 0: the fused kernels against a merged-weight design (W' = W + s·B·A remade each direction)
   shapes  the rows kernel alone under each forced block shape (block_rows × column_splits) at the bench's sizes
   qgemv   decode over a 4-bit weight (NF4, double quantization): csrc/qgemv.cu alone, the whole-layer node's decode
-          route (GEMM + LoRA term), bitsandbytes' gemm_4bit, dequantize + mm, the bf16 layer, the bytes' floor
+          route (GEMM + LoRA term; and in one launch, lora_decode.cu), bitsandbytes' gemm_4bit, dequantize + mm,
+          the bf16 layer, the bytes' floor
   preround  the training forward with fp32 adapters: the rows kernel rounding them as it reads them (and writing
           the copies backward reads) against one kernel rounding both first (lora_kernels_set_preround_rows),
           kernels alone and the node's fwd+bwd, at the 1B / 7B steps' 2048-row shapes and the bench layer's
@@ -405,6 +406,16 @@ def qgemv_table():
     def us(fn):
         return triton.testing.do_bench(fn, return_mode="median") * 1e3
 
+    def one_launch_us(fn):  # the node's decode route on lora_decode.cu (Hopper), the switch restored after
+        if torch.cuda.get_device_capability()[0] < 9:
+            return float("nan")
+        before = _C.lora_kernels_decode_kernel()
+        try:
+            _C.lora_kernels_set_decode_kernel(True)
+            return us(fn)
+        finally:
+            _C.lora_kernels_set_decode_kernel(before)
+
     print("\n=== decode over NF4 + double quantization, bf16 (do_bench median µs; floor = packed bytes at 3.35 TB/s)",
           flush=True)
     for k, n in [(4096, 4096), (4096, 11008), (11008, 4096)]:
@@ -422,6 +433,7 @@ def qgemv_table():
                 cells = {
                     "qgemv": us(lambda: _C.qgemv_lora(x, flat, state.code, absmax, 64, n, k, None, None, None)),
                     "node decode": us(lambda: CPP_QLORA_LINEAR(*node)),
+                    "node decode, one launch": one_launch_us(lambda: CPP_QLORA_LINEAR(*node)),
                     "bnb gemm_4bit": us(lambda: torch.ops.bitsandbytes.gemm_4bit.default(
                         x, packed, state.shape, state.state2.absmax, 64, "nf4", absmax_8bit=state.absmax,
                         absmax_code=state.state2.code, absmax_offset=state.offset)),

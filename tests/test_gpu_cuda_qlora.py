@@ -147,13 +147,19 @@ def test_qlora_node_raises_on_bad_arguments():
 
 
 @pytest.mark.skipif(cuda_qlora.CPP_QLORA_LINEAR is None, reason="peft_fast._C not built")
+@pytest.mark.parametrize("one_launch", [False, True], ids=["qgemv", "decode-kernel"])
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("quant", list(QUANT4), ids=list(QUANT4))
-def test_decode_runs_the_4bit_gemm_and_matches_dequantize_then_matmul(quant, rows):
+def test_decode_runs_the_4bit_gemm_and_matches_dequantize_then_matmul(quant, rows, one_launch):
     """An inference call of ≤ QLORA_GEMV_MAX_ROWS rows takes the node's decode route: csrc/qgemv.cu's tensor-core
-    GEMM over the packed weight (no dequantized copy: the dequantization kernel does not run), then the LoRA term, against x·Wᵀ with W from bitsandbytes' dequantize_4bit plus the term, with a bias and K not a multiple of
-    128 (the kernel's step)."""
+    GEMM over the packed weight (no dequantized copy: the dequantization kernel does not run), then the LoRA term, or
+    with lora_kernels_set_decode_kernel (Hopper) csrc/lora_decode.cu doing both in one launch; against x·Wᵀ with W
+    from bitsandbytes' dequantize_4bit plus the term, with a bias and K not a multiple of 128 (the kernels' step)."""
     import bitsandbytes.functional as bnbf
+
+    from peft_fast.ops.extension import _C
+    if one_launch and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the decode kernel needs clusters (sm_90+)")
 
     kwargs, dtype = QUANT4[quant]
     k, n, r = 4096 + 32, 3000, 16
@@ -163,13 +169,21 @@ def test_decode_runs_the_4bit_gemm_and_matches_dequantize_then_matmul(quant, row
     nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)
     layer.eval()
     x = torch.randn(rows, k, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        assert cuda_qlora.qlora_node_args(layer, x) is not None
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            y = layer(x)
-            torch.cuda.synchronize()
+    before = _C.lora_kernels_decode_kernel()
+    try:
+        _C.lora_kernels_set_decode_kernel(one_launch)
+        with torch.no_grad():
+            assert cuda_qlora.qlora_node_args(layer, x) is not None
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                y = layer(x)
+                torch.cuda.synchronize()
+    finally:
+        _C.lora_kernels_set_decode_kernel(before)
     names = " ".join(e.name for e in prof.events())
-    assert "qgemv_lora_kernel" in names and "dequant4" not in names, names[:2000]
+    gemm, other = ("lora_decode_kernel", "qgemv_lora_kernel") if one_launch else ("qgemv_lora_kernel", "lora_decode")
+    assert gemm in names and other not in names and "dequant4" not in names, names[:2000]
+    if one_launch:
+        assert "lora_rows_kernel" not in names, names[:2000]  # (the term inside it)
     weight = layer.base_layer.weight
     w = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype).double()
     a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
