@@ -659,17 +659,25 @@ bool decode_takes(const Tensor& x, const Tensor& w, const Tensor& bias, const Te
     return !bias.defined() || (bias.scalar_type() == dt && bias.is_contiguous() && bias.device() == x.device());
 }
 
+// The decode kernel's arguments for y2 (M×N) = x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ, but for the weight
+LoraDecodeArgs decode_args(const Tensor& x, const Tensor& bias, const Tensor& a, const Tensor& b, double s,
+                           Tensor& y2) {
+    LoraDecodeArgs args{};
+    args.x = x.data_ptr(), args.bias = bias.defined() ? bias.data_ptr() : nullptr;
+    args.a = a.data_ptr(), args.b = b.data_ptr(), args.y = y2.data_ptr();
+    args.m = static_cast<int>(x.size(0)), args.n = static_cast<int>(y2.size(1)), args.k = static_cast<int>(x.size(1));
+    args.r = static_cast<int>(a.size(0));
+    args.scale = static_cast<float>(s);
+    args.dtype = kernel_dtype(x.scalar_type()), args.adapter_dtype = kernel_dtype(a.scalar_type());
+    return args;
+}
+
 // y2 (M×N) = x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ in one launch (decode_takes said yes)
 void decode_forward(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& a, const Tensor& b, double s,
                     Tensor& y2) {
     const c10::cuda::CUDAGuard guard(x.device());
-    LoraDecodeArgs args{};
-    args.x = x.data_ptr(), args.w = w.data_ptr(), args.bias = bias.defined() ? bias.data_ptr() : nullptr;
-    args.a = a.data_ptr(), args.b = b.data_ptr(), args.y = y2.data_ptr();
-    args.m = static_cast<int>(x.size(0)), args.n = static_cast<int>(w.size(0)), args.k = static_cast<int>(x.size(1));
-    args.r = static_cast<int>(a.size(0));
-    args.scale = static_cast<float>(s);
-    args.dtype = kernel_dtype(x.scalar_type()), args.adapter_dtype = kernel_dtype(a.scalar_type());
+    LoraDecodeArgs args = decode_args(x, bias, a, b, s, y2);
+    args.w = w.data_ptr();
     check(launch_lora_decode(args, c10::cuda::getCurrentCUDAStream()), "decode");
 }
 #endif
@@ -1046,13 +1054,7 @@ Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Te
     Tensor y2 = y.view({-1, q.n});
     if (kernels && p == 0.0 && decode_kernel.load(std::memory_order_relaxed) && fused_takes(x, lora_a, lora_b, p, dt) &&
         lora_decode_supported(m, q.k, q.n, lora_a.size(0))) {  // the GEMM and the term in one launch (lora_decode.cu)
-        LoraDecodeArgs d{};
-        d.x = x.data_ptr(), d.w = nullptr, d.bias = bias.defined() ? bias.data_ptr() : nullptr;
-        d.a = lora_a.data_ptr(), d.b = lora_b.data_ptr(), d.y = y.data_ptr();
-        d.m = static_cast<int>(m), d.n = static_cast<int>(q.n), d.k = static_cast<int>(q.k);
-        d.r = static_cast<int>(lora_a.size(0));
-        d.scale = static_cast<float>(scale);
-        d.dtype = kernel_dtype(dt), d.adapter_dtype = kernel_dtype(lora_a.scalar_type());
+        LoraDecodeArgs d = decode_args(x, bias, lora_a, lora_b, scale, y2);
         d.packed = packed_bytes(q.packed).data_ptr<uint8_t>();
         set_scales(d, q);
         d.blocksize = static_cast<int>(q.blocksize), d.blocksize2 = static_cast<int>(q.blocksize2);
