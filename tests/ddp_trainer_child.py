@@ -1,6 +1,7 @@
 """Child of tests/test_ddp.py, launched with torchrun: transformers' Trainer trains a peft_fast LoRA model on the CPU
 under DDP (one process per rank, gloo) and checkpoints it. argv: output folder."""
 
+import os
 import sys
 
 import torch
@@ -28,11 +29,17 @@ def main(out: str) -> None:
     assert trainer.args.world_size == 2, trainer.args.world_size
     trainer.train()
     trainer.save_model(out + "/final")
-    # Trainer leaves the process group up; a rank that exits with gloo's threads still running can abort in its
-    # destructors ("terminate called without an active exception", seen once in CI): both ranks finish, then close it
+    # Both ranks wait for each other, then leave without running destructors. Trainer leaves the process group up, and
+    # tearing it down has gone wrong two ways here: a rank that exited with gloo's threads still running aborted
+    # ("terminate called without an active exception", seen once in CI), and after destroy_process_group a rank
+    # hung for good at interpreter exit, the DDP reducer dropping the group's last reference with the GIL held while
+    # gloo's worker thread waited for the GIL to free a finished barrier's tensors (torch's ~ProcessGroupGloo joining
+    # that thread; gdb, 2026-12-07). The files are written and closed by now.
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ hanging it. The NCCL / multi-GPU runs of the same script need a machine with sev
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,12 +19,27 @@ SCRIPT = os.path.join(ROOT, "scripts", "ddp_lora.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
-def _torchrun(nproc: int, out, *extra, timeout=300):
+def _run_job(cmd: list, timeout: float) -> subprocess.CompletedProcess:
+    """Run a torchrun job in its own process group; past `timeout` the whole group is killed (torchrun's ranks too,
+    which would otherwise outlive the test) and the test fails with the job's output."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the torchrun job ran over {timeout} s and was killed; its output ends:\n{out[-2000:]}\n"
+                    f"{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _torchrun(nproc: int, out, *extra, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT,
            "--device", "cpu", "--backend", "gloo", "--out", str(out), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    return _run_job(cmd, timeout)
 
 
 ENGINES = {"ddp": [], "fsdp2": ["--fsdp"],
@@ -69,10 +85,9 @@ def test_trainer_under_ddp_checkpoints_the_adapter_once(tmp_path):
     import peft_fast as pf
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "ddp_trainer_child.py"), str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
+    done = _run_job(cmd, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     for folder in ("checkpoint-2", "checkpoint-4", "final"):
         files = os.listdir(tmp_path / folder)
