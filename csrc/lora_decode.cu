@@ -176,7 +176,8 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDeco
         const T* bias = static_cast<const T*>(args.bias);
         const TA* b = static_cast<const TA*>(args.b);
         if (bias != nullptr) v += to_float(bias[n]);
-        for (int j = 0; j < r; ++j) v += h_s[m][j] * to_float(from_float<T>(to_float(b[static_cast<int64_t>(n) * r + j])));
+        for (int j = 0; j < r; ++j)  // (B rounded to T, as the rows kernel reads it)
+            v += h_s[m][j] * to_float(from_float<T>(to_float(b[static_cast<int64_t>(n) * r + j])));
         static_cast<T*>(args.y)[static_cast<int64_t>(m) * N + n] = from_float<T>(v);
     }
     cluster.sync();  // every block done reading the others' partials before any of them exits
