@@ -238,9 +238,12 @@ std::atomic<int> reduce_columns{64};
 std::atomic<bool> reduce_compact{false};
 
 // Blocks a cluster that splits the rows kernel's phase 1 over K where its 16-row blocks split their columns (decode:
-// LoraRowsArgs::cluster_k; lora_kernels_set_rows_cluster changes it); 1: never. Off until it has run and been timed
-// on a GPU.
-std::atomic<int> rows_cluster_k{1};
+// LoraRowsArgs::cluster_k; lora_kernels_set_rows_cluster changes it); 1: never. H100, 2026-12-07 (kprobe decode; bf16,
+// fp32 adapters, forward | backward rows kernel do_bench µs, cluster 1 → 8): M1 K=N=4096 24.9 | 22.0 → 10.9 | 10.0,
+// M16 25.1 | 22.1 → 10.7 | 9.6, M16 K11008 N4096 56.4 | 23.0 → 14.5 | 10.4, M16 r64 59.5 | 48.6 → 16.9 | 15.1, M256
+// 36.4 | 46.5 → 20.3 | 19.8, M1000 54.9 | 63.3 → 36.0 | 32.8; decode layer M16 GPU 27.0 → 15.6 µs; the node's fwd+bwd
+// GPU µs at M256 115.9 → 77.7, M1000 207.0 → 163.3 (p 0.1: 235.6 → 168.6). Cluster 4 lies between.
+std::atomic<int> rows_cluster_k{kLoraRowsMaxCluster};
 
 // Whether inference forwards of at most kLoraDecodeMaxRows rows (decode; nn.Linear or bitsandbytes 4-bit weights, no
 // dropout) run the one-launch decode kernel (lora_decode.cu, Hopper) instead of cuBLAS's GEMM (or qgemv.cu's 4-bit

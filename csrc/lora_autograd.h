@@ -62,7 +62,7 @@ int64_t lora_kernels_reduce_cols();
 void lora_kernels_set_reduce_compact(bool on);
 bool lora_kernels_reduce_compact();
 // Up to how many blocks (1: off, at most 8) form a cluster splitting the rows kernel's phase 1 over K where its 16-row
-// blocks split their columns (decode), on sm_90+. Default off (lora_autograd.cpp); probes and tests set it.
+// blocks split their columns (decode), on sm_90+. Default 8 (lora_autograd.cpp: measured); probes and tests set it.
 void lora_kernels_set_rows_cluster(int64_t blocks);
 // Whether inference forwards of at most 16 rows (decode; LoRA and 4-bit QLoRA layers) run the one-launch decode kernel
 // (lora_decode.cu, sm_90+) instead of cuBLAS or qgemv then the rows kernel. Default off (lora_autograd.cpp); probes

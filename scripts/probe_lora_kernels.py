@@ -434,9 +434,11 @@ def qgemv_table():
                     "qgemv": us(lambda: _C.qgemv_lora(x, flat, state.code, absmax, 64, n, k, None, None, None)),
                     "node decode": us(lambda: CPP_QLORA_LINEAR(*node)),
                     "node decode, one launch": one_launch_us(lambda: CPP_QLORA_LINEAR(*node)),
+                    # (bitsandbytes' own decode op: gemm_4bit in the version this probe was written against)
                     "bnb gemm_4bit": us(lambda: torch.ops.bitsandbytes.gemm_4bit.default(
                         x, packed, state.shape, state.state2.absmax, 64, "nf4", absmax_8bit=state.absmax,
-                        absmax_code=state.state2.code, absmax_offset=state.offset)),
+                        absmax_code=state.state2.code, absmax_offset=state.offset))
+                    if hasattr(torch.ops.bitsandbytes, "gemm_4bit") else float("nan"),
                     "dequant+mm": us(lambda: x @ bnbf.dequantize_4bit(packed, state).t()),
                     "bf16 F.linear": us(lambda: F.linear(x, w)),
                 }
