@@ -247,8 +247,10 @@ std::atomic<int> rows_cluster_k{kLoraRowsMaxCluster};
 
 // Whether inference forwards of at most kLoraDecodeMaxRows rows (decode; nn.Linear or bitsandbytes 4-bit weights, no
 // dropout) run the one-launch decode kernel (lora_decode.cu, Hopper) instead of cuBLAS's GEMM (or qgemv.cu's 4-bit
-// one) then the rows kernel adding the term (lora_kernels_set_decode_kernel changes it). Off until it has run and
-// been timed on a GPU.
+// one) then the rows kernel adding the term (lora_kernels_set_decode_kernel changes it). Off: slower on the GPU (H100,
+// 2026-12-07, decode layer M16 K=N=4096 r16 GPU µs: 27.8 against 15.6 for cuBLAS + the rows kernel's clusters; its
+// warps walk K one memory round trip a step), though its one launch gave the shorter wall (65–69 µs against 93–107;
+// bench/RESULTS.md). Its loads need pipelining before it can be the default.
 std::atomic<bool> decode_kernel{false};
 
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
