@@ -20,14 +20,15 @@
 #include <cooperative_groups.h>
 
 #include "lora_kernels.cuh"
+#include "qgemv.h"
 
 namespace {
 
 using lora_kernels::from_float;
+using lora_kernels::kThreads;
+using lora_kernels::kWarps;
 using lora_kernels::to_float;
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kCluster = 8;                   // blocks a cluster (the portable size): K split in 8
 constexpr int kTilesW = 2;                    // 8-column tiles of W a warp
 constexpr int kClusterCols = 8 * kTilesW * kWarps;  // 128 columns a cluster
@@ -122,17 +123,12 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDeco
 #pragma unroll
             for (int t = 0; t < kTilesW; ++t) {
                 const int n = n0 + 16 * warp + 8 * t + g;
-                const int64_t flat = static_cast<int64_t>(n) * K + 32 * c, block = flat / args.blocksize;
-                const bool valid = in_k && n < N;
+                const int64_t flat = static_cast<int64_t>(n) * K + 32 * c;
                 packed[t] = make_uint4(0, 0, 0, 0);
                 scale[t] = 0.f;  // (a missing row or chunk: code · 0)
-                if (valid) {
+                if (in_k && n < N) {
                     packed[t] = __ldg(reinterpret_cast<const uint4*>(args.packed + flat / 2));
-                    scale[t] = args.absmax != nullptr
-                                   ? __ldg(args.absmax + block)
-                                   : __fadd_rn(__fmul_rn(__ldg(args.code2 + __ldg(args.qabsmax + block)),
-                                                         __ldg(args.absmax2 + block / args.blocksize2)),
-                                               offset);
+                    scale[t] = quant4_block_absmax(args, flat / args.blocksize, offset);
                 }
             }
         } else {
@@ -188,17 +184,11 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDeco
 
 template <typename T, typename TA, bool kQuant>
 cudaError_t launch_for(const LoraDecodeArgs& args, cudaStream_t stream) {
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = kCluster, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3((args.n + kClusterCols - 1) / kClusterCols * kCluster);
-    config.blockDim = dim3(kThreads);
-    config.stream = stream;
-    config.attrs = &attr;
-    config.numAttrs = 1;
-    if (args.m > 8) return cudaLaunchKernelEx(&config, lora_decode_kernel<T, TA, true, kQuant>, args);
-    return cudaLaunchKernelEx(&config, lora_decode_kernel<T, TA, false, kQuant>, args);
+    const dim3 grid((args.n + kClusterCols - 1) / kClusterCols * kCluster), cluster(kCluster);
+    using lora_kernels::launch_in_clusters;
+    if (args.m > 8)
+        return launch_in_clusters(lora_decode_kernel<T, TA, true, kQuant>, grid, cluster, 0, stream, args);
+    return launch_in_clusters(lora_decode_kernel<T, TA, false, kQuant>, grid, cluster, 0, stream, args);
 }
 
 template <typename T, typename TA>
@@ -217,11 +207,8 @@ cudaError_t launch_lora_decode(const LoraDecodeArgs& args, cudaStream_t stream) 
     const bool quant = args.packed != nullptr;
     if (!lora_decode_supported(args.m, args.k, args.n, args.r) ||
         (args.adapter_dtype != args.dtype && args.adapter_dtype != LoraDtype::kFloat32) ||
-        (quant && (args.code == nullptr || args.blocksize < 32 || args.blocksize % 32 != 0)))
-        return cudaErrorInvalidValue;
-    if (quant && args.absmax == nullptr &&  // double-quantized: every part of the absmax given
-        (args.qabsmax == nullptr || args.absmax2 == nullptr || args.code2 == nullptr || args.offset == nullptr ||
-         args.blocksize2 < 1))
+        (quant && (args.code == nullptr || !quant4_scales_given(args) ||  // (qgemv.cu's blocksizes: the same reads)
+                   !qgemv_supports(args.m, args.k, args.blocksize, args.absmax == nullptr, args.blocksize2))))
         return cudaErrorInvalidValue;
     for (const void* p : {args.x, quant ? static_cast<const void*>(args.packed) : args.w, args.a})
         if (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 != 0) return cudaErrorMisalignedAddress;

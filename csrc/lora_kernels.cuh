@@ -386,6 +386,23 @@ cudaError_t allow_dynamic_smem() {
     return err;
 }
 
+// kernel<<<grid, kThreads, smem, stream>>>(args) in clusters of `cluster` blocks (sm_90+: the caller checks)
+template <typename Kernel, typename Args>
+cudaError_t launch_in_clusters(Kernel kernel, dim3 grid, dim3 cluster, int smem, cudaStream_t stream,
+                               const Args& args) {
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = cluster.x, attr.val.clusterDim.y = cluster.y, attr.val.clusterDim.z = cluster.z;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, args);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The rows kernel. A block owns BM rows of `in`: phase 1 reduces them over K1 against w1 (small = s · in · w1ᵀ or
 // s · in · w1, M×R in registers, then shared memory), phase 2 expands small against w2 into out, BN columns at a
@@ -762,17 +779,9 @@ cudaError_t launch_rows(const LoraRowsArgs& args, int sm_count, cudaStream_t str
         lora_rows_kernel<T, TA, R, BM, BWD><<<dim3(m_blocks, y), kThreads, Cfg::SMEM, stream>>>(a);
         return cudaGetLastError();
     }
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = 1, attr.val.clusterDim.y = a.cluster_k, attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(m_blocks, (y + a.cluster_k - 1) / a.cluster_k * a.cluster_k);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = Cfg::SMEM;
-    config.stream = stream;
-    config.attrs = &attr;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, lora_rows_kernel<T, TA, R, BM, BWD>, a);
+    return launch_in_clusters(lora_rows_kernel<T, TA, R, BM, BWD>,
+                              dim3(m_blocks, (y + a.cluster_k - 1) / a.cluster_k * a.cluster_k),
+                              dim3(1, a.cluster_k), Cfg::SMEM, stream, a);
 }
 
 // rank padded to a multiple of 16 (R ∈ {16, 32, 64, 128}); rows per block (unless args.block_rows forces 16, 32 or

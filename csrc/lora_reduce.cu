@@ -4,15 +4,26 @@
 cudaError_t launch_lora_rows_forward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_rows_backward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 
+namespace {
+// compute(device) for the current device, asked once per device: kept where positive (`fallback` where the current
+// device cannot be asked)
+template <typename F>
+int once_per_device(int (&cache)[64], int fallback, F compute) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return fallback;
+    if (device < 64 && cache[device] > 0) return cache[device];
+    const int value = compute(device);
+    if (device < 64 && value > 0) cache[device] = value;
+    return value;
+}
+}  // namespace
+
 int lora_device_major() {
     static int majors[64] = {};
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return 0;
-    if (device < 64 && majors[device] > 0) return majors[device];
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 0;
-    if (device < 64) majors[device] = major;
-    return major;
+    return once_per_device(majors, 0, [](int device) {
+        int major = 0;
+        return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess ? major : 0;
+    });
 }
 
 bool lora_device_supported() { return lora_device_major() >= 8; }
@@ -31,22 +42,19 @@ namespace {
 // How many blocks of the compact reduce kernel one multiprocessor of the current GPU holds at once (its shared memory
 // and registers), asked once per device: three on Hopper. Its bf16 instance stands for all (the same shared memory).
 int compact_reduce_blocks_per_sm() {
-    using namespace lora_kernels;
     static int per_device[64] = {};
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return 2;
-    if (device < 64 && per_device[device] > 0) return per_device[device];
-    constexpr auto kernel = lora_reduce_kernel<__nv_bfloat16, float, 16, 64, true>;
-    constexpr int smem = ReduceConfig<__nv_bfloat16, 16, 64, true>::SMEM;
-    int blocks = 0;
-    if (allow_dynamic_smem<kernel, smem>() != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
-        (void)cudaGetLastError();  // (a launch would report a real failure; this only sizes the grid)
-        blocks = 2;
-    }
-    blocks = std::max(1, std::min(blocks, 4));
-    if (device < 64) per_device[device] = blocks;
-    return blocks;
+    return once_per_device(per_device, 2, [](int) {
+        using namespace lora_kernels;
+        constexpr auto kernel = lora_reduce_kernel<__nv_bfloat16, float, 16, 64, true>;
+        constexpr int smem = ReduceConfig<__nv_bfloat16, 16, 64, true>::SMEM;
+        int blocks = 0;
+        if (allow_dynamic_smem<kernel, smem>() != cudaSuccess ||
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
+            (void)cudaGetLastError();  // (a launch would report a real failure; this only sizes the grid)
+            blocks = 2;
+        }
+        return std::max(1, std::min(blocks, 4));
+    });
 }
 }  // namespace
 

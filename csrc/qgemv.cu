@@ -114,12 +114,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemv_lora_kernel(const QgemvArgs
             if (in_k && n < a.n) {
                 const int64_t flat = (int64_t)n * a.k + 32 * c;
                 packed[t] = __ldg(reinterpret_cast<const uint4*>(a.w + flat / 2));
-                const int64_t block = flat / a.blocksize;
-                scale[t] = a.absmax != nullptr
-                               ? __ldg(a.absmax + block)
-                               : __fadd_rn(__fmul_rn(__ldg(a.code2 + __ldg(a.qabsmax + block)),
-                                                     __ldg(a.absmax2 + block / a.blocksize2)),
-                                           offset);
+                scale[t] = quant4_block_absmax(a, flat / a.blocksize, offset);
             }
         }
 #pragma unroll
@@ -186,7 +181,7 @@ cudaError_t launch_qgemv_lora(const QgemvArgs& args, cudaStream_t stream) {
     const bool nested = args.absmax == nullptr;
     if (!qgemv_supports(args.m, args.k, args.blocksize, nested, args.blocksize2) || args.n < 1 || args.r < 0 ||
         args.r > 128 || (args.hs != nullptr) != (args.lora_b != nullptr) ||
-        (nested && (args.qabsmax == nullptr || args.absmax2 == nullptr || args.code2 == nullptr || args.offset == nullptr)))
+        !quant4_scales_given(args))
         return cudaErrorInvalidValue;
     if (reinterpret_cast<uintptr_t>(args.x) % 16 != 0 || reinterpret_cast<uintptr_t>(args.w) % 16 != 0)
         return cudaErrorMisalignedAddress;

@@ -27,5 +27,24 @@ struct QgemvArgs {
 // Whether the kernel takes these sizes on the current GPU (sm_80 or newer: bf16 mma), pointers aside
 bool qgemv_supports(int64_t m, int64_t k, int64_t blocksize, bool nested, int64_t blocksize2);
 
+// The 4-bit weight's scales as the kernels that read the packed bytes in place take them (Args: QgemvArgs or
+// LoraDecodeArgs, the same fields). Given: an fp32 absmax, or every part of the double-quantized one.
+template <typename Args>
+bool quant4_scales_given(const Args& a) {
+    return a.absmax != nullptr ||
+           (a.qabsmax != nullptr && a.absmax2 != nullptr && a.code2 != nullptr && a.offset != nullptr);
+}
+
+#ifdef __CUDACC__
+// The absmax of flat block `block` (offset: *a.offset, read once a thread where double-quantized)
+template <typename Args>
+__device__ __forceinline__ float quant4_block_absmax(const Args& a, int64_t block, float offset) {
+    return a.absmax != nullptr ? __ldg(a.absmax + block)
+                               : __fadd_rn(__fmul_rn(__ldg(a.code2 + __ldg(a.qabsmax + block)),
+                                                     __ldg(a.absmax2 + block / a.blocksize2)),
+                                           offset);
+}
+#endif
+
 // y = x · deq(W)ᵀ (+ bias) (+ hs · lora_bᵀ), reading the packed weight once
 cudaError_t launch_qgemv_lora(const QgemvArgs& args, cudaStream_t stream);

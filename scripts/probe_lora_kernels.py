@@ -280,6 +280,13 @@ def qlayer_table():
             torch.cuda.empty_cache()
 
 
+def bench_us(fn) -> float:
+    """do_bench's median time of fn(), in µs."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, return_mode="median") * 1e3
+
+
 def _kernel_operands(m, k, n, r):
     """x (M×K) and dy (M×N) in the compute dtype, fp32 adapters A (r×K) and B (N×r) at the kernels' scales."""
     x = torch.randn(m, k, device="cuda", dtype=DT)
@@ -320,11 +327,7 @@ def merged_table():
     """Dropout 0: the fused kernels as the node runs them against a merged-weight design built from the same pieces
     (W' = W + s·B·A by one cuBLAS addmm, remade in forward and in backward; one GEMM each way on W'; hs by the rows
     kernel's shrink alone, gs + dA + dB by the backward kernels without dx): is it worth a route of its own?"""
-    import triton.testing
-
-    def us(fn):
-        return triton.testing.do_bench(fn, return_mode="median") * 1e3
-
+    us = bench_us
     print("\n=== merged-weight design vs the fused kernels, p 0, bf16, fp32 adapters (do_bench median µs, "
           "fwd / bwd / both)", flush=True)
     s = 2.0
@@ -399,12 +402,10 @@ def shapes_table():
 
 def qgemv_table():
     import bitsandbytes.functional as bnbf
-    import triton.testing
 
     from peft_fast.ops.cuda_qlora import CPP_QLORA_LINEAR
 
-    def us(fn):
-        return triton.testing.do_bench(fn, return_mode="median") * 1e3
+    us = bench_us
 
     def one_launch_us(fn):  # the node's decode route on lora_decode.cu (Hopper), the switch restored after
         if torch.cuda.get_device_capability()[0] < 9:
@@ -528,11 +529,7 @@ def decode_table():
     onto cuBLAS's output; the backward rows kernel making gs and dx). The one-launch decode kernel against cuBLAS's
     GEMM then the rows kernel. The decode layer through the module under each (no_grad: wall µs with a sync a call,
     as the bench times it, and GPU µs), and the node's fwd+bwd at a few hundred rows."""
-    import triton.testing
-
-    def us(fn):
-        return triton.testing.do_bench(fn, return_mode="median") * 1e3
-
+    us = bench_us
     before = _C.lora_kernels_rows_cluster(), _C.lora_kernels_decode_kernel()
     settings = (1, 4, 8)
     print("\n=== rows kernel, clusters splitting phase 1's K (1: none), fp32 adapters, bf16: forward | backward µs",
@@ -546,10 +543,9 @@ def decode_table():
             cells = []
             for blocks in settings:
                 _C.lora_kernels_set_rows_cluster(blocks)
-                fwd = triton.testing.do_bench(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, addend),
-                                              return_mode="median") * 1e3
-                bwd = triton.testing.do_bench(lambda: _C.lora_kernels_backward(
-                    dy, x, a, b, hs, None, 2.0, 0.0, need_a=False, need_b=False), return_mode="median") * 1e3
+                fwd = us(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, addend))
+                bwd = us(lambda: _C.lora_kernels_backward(dy, x, a, b, hs, None, 2.0, 0.0, need_a=False,
+                                                          need_b=False))
                 cells.append(f"{blocks}: {fwd:6.1f} | {bwd:6.1f}")
             print(f"  M{m} K{k} N{n} r{r}: " + "   ".join(cells), flush=True)
         print("\n=== decode kernel against cuBLAS + the rows kernel (cluster 1 | 8), fp32 adapters, bf16: do_bench µs",
