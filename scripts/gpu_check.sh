@@ -9,7 +9,7 @@
 #           pieces, merged, shapes, qgemv, dequant, preround, twopass, tma, reduce, decode, once, model, consumer)
 #   ncu     Nsight Compute over the fused kernels, each launched once at M8192 (speed of light, occupancy, stalls;
 #           $NCU_KERNELS narrows them, default regex:lora_; $NCU_ARGS adds options, e.g. --print-details all for
-#           the source lines behind the uncoalesced-access counts)
+#           the source lines behind the uncoalesced-access counts; NCU_ONCE=oncedecode: the decode routes at M1, M16)
 #   timeline  scripts/probe_timeline.py $TIMELINE (one bench layer step under torch.profiler: GPU idle gaps inside it
 #           and the host ops that ran meanwhile, base / PEFT / peft_fast; Chrome traces kept)
 #   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
@@ -75,7 +75,7 @@ for step in "${steps[@]}"; do
            --section SpeedOfLight --section Occupancy \
            --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum" \
-           python3 scripts/probe_lora_kernels.py once > "$OUT/ncu.log" 2>&1 || rc=1
+           python3 scripts/probe_lora_kernels.py "${NCU_ONCE:-once}" > "$OUT/ncu.log" 2>&1 || rc=1
          grep -E "lora_|Duration|DRAM Through|L2 Cache Through|Compute \(SM\)|Achieved Occ|Registers Per|Block Limit Sh|inst_executed|stalled_(long|short|barrier|mio|lg|wait|math|not_sel|no_inst|branch|dispatch)" "$OUT/ncu.log" | head -200 ;;
     timeline) timeout "$STEP_TIMEOUT" python3 scripts/probe_timeline.py ${TIMELINE:-} 2>&1 | tee "$OUT/timeline.log" | grep -v Warning || rc=1 ;;
     dprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_decode.py 2>&1 | tee "$OUT/dprobe.log" | grep -v Warning || rc=1 ;;

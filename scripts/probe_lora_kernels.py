@@ -31,6 +31,7 @@ against the same node on ATen ops (the route before them), the bare layer and HF
           dequantize_4bit at the 7B step's weight shapes (NF4, double quantization): GPU µs and TB/s
   once    each fused kernel launched once at M8192 K=N=4096 and M2048 K=N=2048, r16, p 0 and 0.1 (for ncu:
           scripts/gpu_check.sh ncu)
+  oncedecode  the decode kernel and cuBLAS + the rows kernel launched once at M1 and M16 (NCU_ONCE=oncedecode)
   model   the bench's 1B Llama LoRA step (r16 all-linear, 2×1024, bf16 autocast, dropout 0.05, AdamW): tok/s, GPU ms
           (with a row of the fp32 adapters rounded first: that default's A/B)
   consumer  the bench's 7B-shaped QLoRA step (batch 1, checkpointing): HF PEFT + bitsandbytes, peft_fast, and peft_fast
@@ -878,6 +879,23 @@ def once():
         print(f"launched at M{m} K{k} N{n} r{r}: rows fwd, rows bwd, reduce at p 0 then p 0.1", flush=True)
 
 
+def once_decode():
+    """Decode at M1 and M16, K=N=4096 r16, each route launched once (for ncu): the decode kernel, then F.linear and
+    the rows kernel at cluster 8 adding the term."""
+    before = _C.lora_kernels_rows_cluster()
+    try:
+        _C.lora_kernels_set_rows_cluster(8)
+        for m in (1, 16):
+            x, a, b, _ = _kernel_operands(m, 4096, 4096, 16)
+            w = torch.randn(4096, 4096, device="cuda", dtype=DT) / 64
+            _C.lora_kernels_decode(x, w, None, a, b, 2.0)
+            _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, F.linear(x, w))
+            torch.cuda.synchronize()
+            print(f"launched at M{m}: decode kernel, then F.linear + rows kernel (cluster 8)", flush=True)
+    finally:
+        _C.lora_kernels_set_rows_cluster(before)
+
+
 def model_table():
     import peft
     from transformers import LlamaForCausalLM
@@ -980,4 +998,4 @@ if __name__ == "__main__":
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
          "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "tma": tma_table,
          "reduce": reduce_table, "decode": decode_table,
-         "once": once, "model": model_table, "consumer": consumer_table}[part]()
+         "once": once, "oncedecode": once_decode, "model": model_table, "consumer": consumer_table}[part]()
