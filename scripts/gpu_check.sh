@@ -76,7 +76,7 @@ for step in "${steps[@]}"; do
            --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
            --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum" \
            python3 scripts/probe_lora_kernels.py "${NCU_ONCE:-once}" > "$OUT/ncu.log" 2>&1 || rc=1
-         grep -E "lora_|Duration|DRAM Through|L2 Cache Through|Compute \(SM\)|Achieved Occ|Registers Per|Block Limit Sh|inst_executed|stalled_(long|short|barrier|mio|lg|wait|math|not_sel|no_inst|branch|dispatch)" "$OUT/ncu.log" | head -200 ;;
+         grep -E "lora_|Duration|Cluster|Waves|Grid Size|DRAM Through|L2 Cache Through|Compute \(SM\)|Achieved Occ|Registers Per|Block Limit Sh|inst_executed|stalled_(long|short|barrier|mio|lg|wait|math|not_sel|no_inst|branch|dispatch)" "$OUT/ncu.log" | head -200 ;;
     timeline) timeout "$STEP_TIMEOUT" python3 scripts/probe_timeline.py ${TIMELINE:-} 2>&1 | tee "$OUT/timeline.log" | grep -v Warning || rc=1 ;;
     dprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_decode.py 2>&1 | tee "$OUT/dprobe.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
