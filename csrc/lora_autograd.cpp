@@ -252,6 +252,9 @@ std::atomic<int> rows_cluster_k{kLoraRowsMaxCluster};
 // warps walk K one memory round trip a step), though its one launch gave the shorter wall (65–69 µs against 93–107;
 // bench/RESULTS.md). Its loads need pipelining before it can be the default.
 std::atomic<bool> decode_kernel{false};
+// The decode kernel's blocks a cluster: 0 for its launcher's rule (LoraDecodeArgs::cluster;
+// lora_kernels_set_decode_cluster)
+std::atomic<int> decode_cluster{0};
 
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
 // changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes. The forward kernels gain
@@ -674,6 +677,7 @@ LoraDecodeArgs decode_args(const Tensor& x, const Tensor& bias, const Tensor& a,
     args.r = static_cast<int>(a.size(0));
     args.scale = static_cast<float>(s);
     args.dtype = kernel_dtype(x.scalar_type()), args.adapter_dtype = kernel_dtype(a.scalar_type());
+    args.cluster = decode_cluster.load(std::memory_order_relaxed);
     return args;
 }
 
@@ -1234,6 +1238,14 @@ bool lora_kernels_reduce_compact() { return reduce_compact.load(std::memory_orde
 void lora_kernels_set_decode_kernel(bool on) { decode_kernel.store(on, std::memory_order_relaxed); }
 
 bool lora_kernels_decode_kernel() { return decode_kernel.load(std::memory_order_relaxed); }
+
+void lora_kernels_set_decode_cluster(int64_t blocks) {
+    TORCH_CHECK(blocks == 0 || blocks == 1 || blocks == 2 || blocks == 4 || blocks == 8,
+                "lora_kernels_set_decode_cluster: blocks must be 0 (the launcher's rule), 1, 2, 4 or 8, got ", blocks);
+    decode_cluster.store(static_cast<int>(blocks), std::memory_order_relaxed);
+}
+
+int64_t lora_kernels_decode_cluster() { return decode_cluster.load(std::memory_order_relaxed); }
 
 void lora_kernels_set_rows_cluster(int64_t blocks) {
     TORCH_CHECK(blocks >= 1 && blocks <= kLoraRowsMaxCluster, "lora_kernels_set_rows_cluster: blocks must be 1 (off) "

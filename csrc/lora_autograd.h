@@ -69,6 +69,10 @@ void lora_kernels_set_rows_cluster(int64_t blocks);
 // and tests set it.
 void lora_kernels_set_decode_kernel(bool on);
 bool lora_kernels_decode_kernel();
+// Blocks a cluster of the decode kernel (splitting K): 0, the default, for its launcher's rule (lora_decode.cu: the
+// most whose clusters all run at once), or 1, 2, 4, 8 forced (probes and tests)
+void lora_kernels_set_decode_cluster(int64_t blocks);
+int64_t lora_kernels_decode_cluster();
 // The decode kernel alone: y = x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ for x of at most 16 rows (tests, probes)
 torch::Tensor lora_kernels_decode(const torch::Tensor& x, const torch::Tensor& weight,
                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& lora_a,

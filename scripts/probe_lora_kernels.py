@@ -25,6 +25,7 @@ against the same node on ATen ops (the route before them), the bare layer and HF
           to 8 blocks splitting K (lora_kernels_set_rows_cluster), and the one-launch decode kernel
           (lora_kernels_set_decode_kernel) against cuBLAS + the rows kernel: kernels alone, the decode layer (no_grad,
           wall and GPU µs) and the node's fwd+bwd at a few hundred rows
+  decodek the decode kernel's tables of decode alone (the rows kernel at cluster 8)
   tma     kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside, several tile configs) against cuBLAS and
           the default route, forward and dx (with and without dropout bits), at the bench layer's and the models' shapes
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
@@ -523,21 +524,24 @@ def reduce_table():
         _C.lora_kernels_set_reduce_compact(before[1])
 
 
-def decode_table():
+def decode_table(rows: bool = True):
     """Few rows. The rows kernel where its 16-row blocks split their columns (decode, up to ~1000 rows on an H100):
     every block walking all of phase 1's K against clusters of up to 8 blocks splitting it
     (lora_kernels_set_rows_cluster): the kernels alone (do_bench median µs: the forward with an addend, as decode adds
-    onto cuBLAS's output; the backward rows kernel making gs and dx). The one-launch decode kernel against cuBLAS's
-    GEMM then the rows kernel. The decode layer through the module under each (no_grad: wall µs with a sync a call,
-    as the bench times it, and GPU µs), and the node's fwd+bwd at a few hundred rows."""
+    onto cuBLAS's output; the backward rows kernel making gs and dx). The one-launch decode kernel (its launcher's
+    cluster rule, and 2, 4, 8 blocks forced) against cuBLAS's GEMM then the rows kernel. The decode layer through the
+    module under each (no_grad: wall µs with a sync a call, as the bench times it, and GPU µs), and the node's fwd+bwd
+    at a few hundred rows. rows=False (part decodek): the decode kernel's tables alone, the rows kernel at cluster 8."""
     us = bench_us
-    before = _C.lora_kernels_rows_cluster(), _C.lora_kernels_decode_kernel()
-    settings = (1, 4, 8)
-    print("\n=== rows kernel, clusters splitting phase 1's K (1: none), fp32 adapters, bf16: forward | backward µs",
-          flush=True)
+    before = _C.lora_kernels_rows_cluster(), _C.lora_kernels_decode_kernel(), _C.lora_kernels_decode_cluster()
+    settings = (1, 4, 8) if rows else (8,)
+    if rows:
+        print("\n=== rows kernel, clusters splitting phase 1's K (1: none), fp32 adapters, bf16: forward | backward "
+              "µs", flush=True)
     try:
-        for m, k, n, r in [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (16, 4096, 11008, 16), (16, 11008, 4096, 16),
-                           (16, 2048, 2048, 16), (16, 4096, 4096, 64), (256, 4096, 4096, 16), (1000, 4096, 4096, 16)]:
+        shapes = [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (16, 4096, 11008, 16), (16, 11008, 4096, 16),
+                  (16, 2048, 2048, 16), (16, 4096, 4096, 64), (256, 4096, 4096, 16), (1000, 4096, 4096, 16)]
+        for m, k, n, r in shapes if rows else []:
             x, a, b, dy = _kernel_operands(m, k, n, r)
             addend = torch.randn(m, n, device="cuda", dtype=DT)
             _, hs, _ = _C.lora_kernels_forward(x, a, b, 2.0, 0.0)
@@ -549,18 +553,20 @@ def decode_table():
                                                           need_b=False))
                 cells.append(f"{blocks}: {fwd:6.1f} | {bwd:6.1f}")
             print(f"  M{m} K{k} N{n} r{r}: " + "   ".join(cells), flush=True)
-        print("\n=== decode kernel against cuBLAS + the rows kernel (cluster 1 | 8), fp32 adapters, bf16: do_bench µs",
+        print("\n=== decode kernel against cuBLAS + the rows kernel (cluster 8), fp32 adapters, bf16: do_bench µs",
               flush=True)
         for m, k, n, r in [(1, 4096, 4096, 16), (16, 4096, 4096, 16), (16, 4096, 11008, 16), (16, 11008, 4096, 16),
                            (1, 2048, 2048, 16), (1, 2048, 8192, 16), (16, 4096, 4096, 64)]:
             x, a, b, _ = _kernel_operands(m, k, n, r)
             w = torch.randn(n, k, device="cuda", dtype=DT) / k**0.5
             cells = {"F.linear": us(lambda: F.linear(x, w))}
-            for blocks in (1, 8):
-                _C.lora_kernels_set_rows_cluster(blocks)
-                cells[f"cuBLAS + rows, cluster {blocks}"] = us(
-                    lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, F.linear(x, w)))
-            cells["decode kernel"] = us(lambda: _C.lora_kernels_decode(x, w, None, a, b, 2.0))
+            _C.lora_kernels_set_rows_cluster(8)
+            cells["cuBLAS + rows"] = us(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, F.linear(x, w)))
+            for blocks in (0, 2, 4, 8):  # 0: the launcher's rule (one wave)
+                _C.lora_kernels_set_decode_cluster(blocks)
+                cells[f"decode kernel, cluster {blocks or 'auto'}"] = us(
+                    lambda: _C.lora_kernels_decode(x, w, None, a, b, 2.0))
+            _C.lora_kernels_set_decode_cluster(0)
             floor = n * k * 2 / 3.35e12 * 1e6
             print(f"  M{m} K{k} N{n} r{r}: " + "  ".join(f"{name} {v:.1f}" for name, v in cells.items()) +
                   f"  (W's bytes at 3.35 TB/s: {floor:.1f})", flush=True)
@@ -590,12 +596,14 @@ def decode_table():
                         gpu = kernel_time_ms(f, torch.device("cuda")) * 1e3
                         cells.append(f"{name} {wall:.1f} (GPU {gpu:.1f})")
                     print("  " + "   ".join(cells), flush=True)
-        route_layer_tables([(256, 4096, 4096, 16), (1000, 4096, 4096, 16)], (0.0, 0.1),
-                           {f"pf, cluster {blocks}": blocks for blocks in settings}, _C.lora_kernels_set_rows_cluster,
-                           breakdown=("pf, cluster 1", "pf, cluster 8"))
+        if rows:
+            route_layer_tables([(256, 4096, 4096, 16), (1000, 4096, 4096, 16)], (0.0, 0.1),
+                               {f"pf, cluster {blocks}": blocks for blocks in settings},
+                               _C.lora_kernels_set_rows_cluster, breakdown=("pf, cluster 1", "pf, cluster 8"))
     finally:
         _C.lora_kernels_set_rows_cluster(before[0])
         _C.lora_kernels_set_decode_kernel(before[1])
+        _C.lora_kernels_set_decode_cluster(before[2])
 
 
 def two_pass_table():
@@ -998,4 +1006,5 @@ if __name__ == "__main__":
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
          "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "tma": tma_table,
          "reduce": reduce_table, "decode": decode_table,
+         "decodek": lambda: decode_table(rows=False),
          "once": once, "oncedecode": once_decode, "model": model_table, "consumer": consumer_table}[part]()

@@ -311,7 +311,8 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 @hopper
 @pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("m,k,n,r", [(16, 4096, 4096, 16), (1, 4096, 4096, 16), (5, 1056, 1000, 64),
-                                     (9, 64, 8, 1), (16, 11008, 4096, 12), (3, 2048, 304, 33)])
+                                     (9, 64, 8, 1), (16, 11008, 4096, 12), (3, 2048, 304, 33),
+                                     (2, 512, 20480, 8)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_decode_kernel_matches_fp32_reference(m, k, n, r, dt, adt, bias):
     """lora_decode.cu: x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ in one launch, hs rounded to the compute dtype as the rows kernel
@@ -329,6 +330,32 @@ def test_decode_kernel_matches_fp32_reference(m, k, n, r, dt, adt, bias):
     y_ref = base + hs @ b.to(dt).float().t()
     assert torch.isfinite(y).all() and rel_err(y, y_ref) < TOL[dt], rel_err(y, y_ref)
     assert rel_err(base, y_ref) > 10 * TOL[dt]  # (a kernel that dropped the term would fail above)
+
+
+@hopper
+@pytest.mark.parametrize("m,k,n,r", [(16, 4096, 4096, 16), (1, 2048, 20480, 8), (9, 96, 300 - 4, 64)])
+def test_decode_kernel_cluster_sizes_match_fp32_reference(m, k, n, r):
+    """lora_kernels_set_decode_cluster: clusters of 1, 2, 4, 8 blocks splitting K (forced) and the launcher's rule
+    (0) give the fp32 reference's numbers, each split its own summation order; K = 96 leaves blocks without a chunk."""
+    x, a, b = _inputs(m, k, n, r, torch.bfloat16, torch.float32, seed=5)
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+    bvec = torch.randn(n, device="cuda").to(torch.bfloat16)
+    hs = (x.float() @ a.to(torch.bfloat16).float().t() * 0.5).to(torch.bfloat16).float()
+    y_ref = x.float() @ w.float().t() + bvec.float() + hs @ b.to(torch.bfloat16).float().t()
+    before = _C.lora_kernels_decode_cluster()
+    assert before == 0
+    try:
+        for blocks in (1, 2, 4, 8, 0):
+            _C.lora_kernels_set_decode_cluster(blocks)
+            assert _C.lora_kernels_decode_cluster() == blocks
+            y = _C.lora_kernels_decode(x, w, bvec, a, b, 0.5)
+            assert rel_err(y, y_ref) < TOL[torch.bfloat16], (blocks, rel_err(y, y_ref))
+        for bad in (3, 16, -1):
+            with pytest.raises(RuntimeError, match="blocks"):
+                _C.lora_kernels_set_decode_cluster(bad)
+    finally:
+        _C.lora_kernels_set_decode_cluster(before)
+    assert _C.lora_kernels_decode_cluster() == before
 
 
 @hopper
@@ -375,10 +402,13 @@ def test_the_node_takes_the_decode_kernel_for_inference(m, bias):
 
 @pytest.fixture
 def two_pass_rows():
-    """lora_kernels_set_two_pass_rows for one test, restored after it."""
-    before = _C.lora_kernels_two_pass_rows()
+    """lora_kernels_set_two_pass_rows for one test, restored after it. The rows kernel's clusters are off meanwhile:
+    their blocks split phase 1's K (another summation order than phase 1 alone walking all of it)."""
+    before = _C.lora_kernels_two_pass_rows(), _C.lora_kernels_rows_cluster()
+    _C.lora_kernels_set_rows_cluster(1)
     yield _C.lora_kernels_set_two_pass_rows
-    _C.lora_kernels_set_two_pass_rows(*before)
+    _C.lora_kernels_set_two_pass_rows(*before[0])
+    _C.lora_kernels_set_rows_cluster(before[1])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
