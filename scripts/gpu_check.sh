@@ -21,6 +21,8 @@
 #   STEP@route | STEP@noroute   STEP with the node's one-GEMM route from $ROUTE_ROWS rows (default 1024) | off
 #   STEP@produce | STEP@noproduce   the route's GEMMs making the low-rank product from $PRODUCE_ROWS rows (default 0)
 #                                   | reading the shrink kernel's (PEFT_FAST_ONE_GEMM_PRODUCE)
+#   STEP@decodek | STEP@nodecodek   decode (≤ 16 rows, inference) on the one-launch decode kernel | off
+#                                   (PEFT_FAST_DECODE_KERNEL)
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
 # Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset); a table of the steps (result, wall
@@ -49,6 +51,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests layer)
 summary=()
 rows_given="${PEFT_FAST_ONE_GEMM_ROWS:-}" produce_given="${PEFT_FAST_ONE_GEMM_PRODUCE:-}"
+decodek_given="${PEFT_FAST_DECODE_KERNEL:-}"
 for step in "${steps[@]}"; do
   echo "=== $step ($(date +%T))"
   start=$SECONDS prev=$rc rc=0 name=$step
@@ -58,6 +61,10 @@ for step in "${steps[@]}"; do
   elif [[ "$step" == *@noproduce ]]; then export PEFT_FAST_ONE_GEMM_PRODUCE=off; step=${step%@noproduce}
   elif [ -n "$produce_given" ]; then export PEFT_FAST_ONE_GEMM_PRODUCE="$produce_given"
   else unset PEFT_FAST_ONE_GEMM_PRODUCE; fi
+  if [[ "$step" == *@decodek ]]; then export PEFT_FAST_DECODE_KERNEL=on; step=${step%@decodek}
+  elif [[ "$step" == *@nodecodek ]]; then export PEFT_FAST_DECODE_KERNEL=off; step=${step%@nodecodek}
+  elif [ -n "$decodek_given" ]; then export PEFT_FAST_DECODE_KERNEL="$decodek_given"
+  else unset PEFT_FAST_DECODE_KERNEL; fi
   if [[ "$step" == *@route ]]; then export PEFT_FAST_ONE_GEMM_ROWS="${ROUTE_ROWS:-1024}"; step=${step%@route}
   elif [[ "$step" == *@noroute ]]; then export PEFT_FAST_ONE_GEMM_ROWS=off; step=${step%@noroute}
   elif [ -n "$rows_given" ]; then export PEFT_FAST_ONE_GEMM_ROWS="$rows_given"; else unset PEFT_FAST_ONE_GEMM_ROWS; fi

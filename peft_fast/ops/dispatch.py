@@ -159,6 +159,25 @@ ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_G
 ONE_GEMM_PRODUCE_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_PRODUCE"), 4096,
                                                          "PEFT_FAST_ONE_GEMM_PRODUCE")
 
+
+
+def _switch_setting(name: str) -> Optional[bool]:
+    """An on/off switch from the environment variable `name`: None when unset or empty (the built-in default), True
+    for on/1/true, False for off/0/false (anything else warns and counts as unset)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in ("on", "1", "true", "off", "0", "false"):
+        return value in ("on", "1", "true")
+    warnings.warn(f"peft_fast: {name}={value!r} is not on or off; ignored")
+    return None
+
+
+# Whether inference calls of at most 16 rows run the one-launch decode kernel (csrc/lora_decode.cu, Hopper) instead of
+# cuBLAS's GEMM then the rows kernel: PEFT_FAST_DECODE_KERNEL=on|off (read once, applied when the extension loads);
+# unset, the extension's default (csrc/lora_autograd.cpp `decode_kernel` says which and why).
+DECODE_KERNEL: Optional[bool] = _switch_setting("PEFT_FAST_DECODE_KERNEL")
+
 # Auto mode's rule: the fused kernels at total rank ≤ FUSED_ANY_SIZE_RANK whatever the size, and above it while
 # M·(K+N)·r ≤ FUSED_MAX_WORK; the ATen route beyond. H100, bf16, fp32 adapters, 2026-12-06 (scripts/probe_lora_kernels.py
 # layer, one process; wall µs per fwd+bwd × the bare layer, kernels vs ATen route vs HF PEFT; GPU kernel time ×):

@@ -20,3 +20,9 @@ except ImportError as exc:
     else:
         WHY_NO_EXTENSION = f"peft_fast._C does not load (built for another torch? rebuild with pip install -e .): {exc}"
         warnings.warn(f"{WHY_NO_EXTENSION}; using the Triton / torch paths", RuntimeWarning, stacklevel=2)
+
+if _C is not None and hasattr(_C, "lora_kernels_set_decode_kernel"):  # (built with the fused kernels)
+    from .dispatch import DECODE_KERNEL
+
+    if DECODE_KERNEL is not None:
+        _C.lora_kernels_set_decode_kernel(DECODE_KERNEL)
