@@ -322,3 +322,18 @@ def test_one_gemm_produce_rows_setting():
         if value == "many":
             assert "PEFT_FAST_ONE_GEMM_PRODUCE='many' is not a non-negative integer" in run.stderr
     assert seen == {None: "4096", "8192": "8192", "off": "None", "many": "4096"}
+
+
+def test_decode_kernel_switch_setting(monkeypatch):
+    """PEFT_FAST_DECODE_KERNEL: unset or empty → None (the extension's default stays), on/1/true → True, off/0/false →
+    False, anything else → a warning and None."""
+    for value, want in ((None, None), ("", None), (" ON ", True), ("1", True), ("true", True), ("off", False),
+                        ("0", False), ("False", False)):
+        if value is None:
+            monkeypatch.delenv("PEFT_FAST_DECODE_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("PEFT_FAST_DECODE_KERNEL", value)
+        assert dispatch._switch_setting("PEFT_FAST_DECODE_KERNEL") is want, value
+    monkeypatch.setenv("PEFT_FAST_DECODE_KERNEL", "maybe")
+    with pytest.warns(UserWarning, match="PEFT_FAST_DECODE_KERNEL='maybe' is not on or off"):
+        assert dispatch._switch_setting("PEFT_FAST_DECODE_KERNEL") is None
