@@ -233,9 +233,12 @@ struct RowsShape {
 std::atomic<int> reduce_columns{64};
 
 // Whether rank ≤ 16 backwards at 64 columns run the reduce kernel's compact layout, three blocks a Hopper
-// multiprocessor instead of two (lora_kernels.cuh ReduceConfig; lora_kernels_set_reduce_compact). Off until it
-// has run and been timed on a GPU.
-std::atomic<bool> reduce_compact{false};
+// multiprocessor instead of two (lora_kernels.cuh ReduceConfig; lora_kernels_set_reduce_compact). On: never slower
+// (H100, 2026-12-07 22:54 UTC, kprobe reduce, r16, backward without dx | dB alone µs, 64 columns → compact: M8192
+// K=N=4096 p0 110.2 | 47.2 → 105.6 | 46.8; M8192 K4096 N14336 281.6 | 116.5 → 256.8 | 106.7; M2048 K4096 N11008
+// 76.0 | 37.6 → 67.8 | 31.6, p0.1 76.0 | 37.1 → 73.0 | 32.1; the reduce kernel inside the layer's fwd+bwd 65.2 → 60.4
+// and 30.1 → 22.9 µs at p0).
+std::atomic<bool> reduce_compact{true};
 
 // Blocks a cluster that splits the rows kernel's phase 1 over K where its 16-row blocks split their columns (decode:
 // LoraRowsArgs::cluster_k; lora_kernels_set_rows_cluster changes it); 1: never. H100, 2026-12-07 (kprobe decode; bf16,

@@ -58,7 +58,7 @@ std::tuple<int64_t, int64_t> lora_kernels_two_pass_rows();
 void lora_kernels_set_reduce_cols(int64_t cols);
 int64_t lora_kernels_reduce_cols();
 // Whether rank ≤ 16 backwards at 64 columns run the reduce kernel in its compact layout (three blocks a Hopper
-// multiprocessor). Default off (lora_autograd.cpp); probes and tests set it.
+// multiprocessor). Default on (lora_autograd.cpp: measured); probes and tests set it.
 void lora_kernels_set_reduce_compact(bool on);
 bool lora_kernels_reduce_compact();
 // Up to how many blocks (1: off, at most 8) form a cluster splitting the rows kernel's phase 1 over K where its 16-row

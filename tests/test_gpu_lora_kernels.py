@@ -254,14 +254,16 @@ def test_the_node_takes_the_reduce_column_setting():
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_reduce_kernel_compact_layout_matches_fp32_reference(m, k, n, r, p):
     """lora_kernels_set_reduce_compact: rank ≤ 16 at 64 columns in the compact layout (rank tile unpadded, three
-    stages, as many blocks a multiprocessor as fit) gives the reference's dA and dB with the same bits whichever
-    gradient is asked for; rank 64 ignores the setting. The setting reads back and is restored."""
+    stages, as many blocks a multiprocessor as fit; the default) and in the padded one give the reference's dA and dB
+    with the same bits whichever gradient is asked for; rank 64 ignores the setting. The setting reads back and is
+    restored."""
     before = _C.lora_kernels_reduce_compact()
-    assert before is False  # (the default)
+    assert before is True  # (the default)
     try:
-        _C.lora_kernels_set_reduce_compact(True)
-        assert _C.lora_kernels_reduce_compact() is True
-        check_backward(m, k, n, r, torch.bfloat16, torch.float32, p)
+        for compact in (False, True):
+            _C.lora_kernels_set_reduce_compact(compact)
+            assert _C.lora_kernels_reduce_compact() is compact
+            check_backward(m, k, n, r, torch.bfloat16, torch.float32, p)
     finally:
         _C.lora_kernels_set_reduce_compact(before)
     assert _C.lora_kernels_reduce_compact() is before
