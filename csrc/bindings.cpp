@@ -188,13 +188,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "16-row blocks split their columns (decode; sm_90+) (probes and tests)", py::arg("blocks"));
     m.def("lora_kernels_rows_cluster", &lora_kernels_rows_cluster);
     m.def("lora_kernels_set_decode_kernel", &lora_kernels_set_decode_kernel,
-          "inference forwards of at most 16 rows run the one-launch decode kernel (sm_90+) instead of cuBLAS then the "
-          "rows kernel (probes and tests)", py::arg("on"));
+          "inference forwards of at most 16 rows on nn.Linear weights run the one-launch decode kernel (sm_90+) "
+          "instead of cuBLAS then the rows kernel (default on)", py::arg("on"));
     m.def("lora_kernels_decode_kernel", &lora_kernels_decode_kernel);
-    m.def("lora_kernels_set_decode_cluster", &lora_kernels_set_decode_cluster,
-          "blocks a cluster of the decode kernel (splitting K): 0 for its launcher's rule, or 1, 2, 4, 8 forced "
-          "(probes and tests)", py::arg("blocks"));
-    m.def("lora_kernels_decode_cluster", &lora_kernels_decode_cluster);
+    m.def("lora_kernels_set_decode_kernel_4bit", &lora_kernels_set_decode_kernel_4bit,
+          "the same for bitsandbytes 4-bit weights: the decode kernel instead of qgemv then the rows kernel (default "
+          "off)", py::arg("on"));
+    m.def("lora_kernels_decode_kernel_4bit", &lora_kernels_decode_kernel_4bit);
     m.def("lora_kernels_decode", &lora_kernels_decode, "the decode kernel alone (tests)", py::arg("x"),
           py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"));
     m.def("lora_kernels_register_tma", &lora_kernels_register_tma,

@@ -248,16 +248,19 @@ std::atomic<bool> reduce_compact{true};
 // GPU µs at M256 115.9 → 77.7, M1000 207.0 → 163.3 (p 0.1: 235.6 → 168.6). Cluster 4 lies between.
 std::atomic<int> rows_cluster_k{kLoraRowsMaxCluster};
 
-// Whether inference forwards of at most kLoraDecodeMaxRows rows (decode; nn.Linear or bitsandbytes 4-bit weights, no
-// dropout) run the one-launch decode kernel (lora_decode.cu, Hopper) instead of cuBLAS's GEMM (or qgemv.cu's 4-bit
-// one) then the rows kernel adding the term (lora_kernels_set_decode_kernel changes it). Off: slower on the GPU (H100,
-// 2026-12-07, decode layer M16 K=N=4096 r16 GPU µs: 27.8 against 15.6 for cuBLAS + the rows kernel's clusters; its
-// warps walk K one memory round trip a step), though its one launch gave the shorter wall (65–69 µs against 93–107;
-// bench/RESULTS.md). Its loads need pipelining before it can be the default.
-std::atomic<bool> decode_kernel{false};
-// The decode kernel's blocks a cluster: 0 for its launcher's rule (LoraDecodeArgs::cluster;
-// lora_kernels_set_decode_cluster)
-std::atomic<int> decode_cluster{0};
+// Whether inference forwards of at most kLoraDecodeMaxRows rows (decode; nn.Linear weights, no dropout) run the
+// one-launch decode kernel (lora_decode.cu, Hopper) instead of cuBLAS's GEMM then the rows kernel adding the term
+// (lora_kernels_set_decode_kernel changes it). On, for the wall: a decode call's time is the host's, and the one launch
+// skips cuBLAS's host work though its GPU time is longer. H100, M16 K=N=4096 r16 through the module, no_grad, a sync a
+// call, wall µs (GPU µs), interleaved rounds (bench/RESULTS.md): 2026-12-07 21:52 UTC bare 52.6–53.6 (8.7–9.0), cuBLAS
+// + rows kernel 93.2–106.6 (15.5–15.6), decode kernel 65.4–69.0 (27.8–27.9); 23:48 UTC on another host (a reworked
+// kernel, since reverted: its GPU time was longer still) bare 68.8–72.8, cuBLAS + rows 132.9–138.0, decode kernel
+// 88.5–90.6. The kernel alone on the GPU (do_bench, L2 flushed, µs, cuBLAS + rows → decode kernel): M16 K=N=4096
+// 30.9 → 34.8, M1 K=N=2048 18.3 → 14.8; where many layers queue on the GPU (large K·N at M16) the GPU time may bind.
+std::atomic<bool> decode_kernel{true};
+// The same for bitsandbytes 4-bit weights (QLoRA decode: the decode kernel dequantizing in registers, instead of
+// qgemv.cu's GEMM then the rows kernel; lora_kernels_set_decode_kernel_4bit). Off: tested, not yet timed.
+std::atomic<bool> decode_kernel_4bit{false};
 
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
 // changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes. The forward kernels gain
@@ -680,7 +683,6 @@ LoraDecodeArgs decode_args(const Tensor& x, const Tensor& bias, const Tensor& a,
     args.r = static_cast<int>(a.size(0));
     args.scale = static_cast<float>(s);
     args.dtype = kernel_dtype(x.scalar_type()), args.adapter_dtype = kernel_dtype(a.scalar_type());
-    args.cluster = decode_cluster.load(std::memory_order_relaxed);
     return args;
 }
 
@@ -1064,8 +1066,8 @@ Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Te
     const Tensor bias = bias_in.has_value() ? as(*bias_in, dt).contiguous() : Tensor();
     Tensor y = at::empty(with_last(x_in.sizes(), q.n), x.options());
     Tensor y2 = y.view({-1, q.n});
-    if (kernels && p == 0.0 && decode_kernel.load(std::memory_order_relaxed) && fused_takes(x, lora_a, lora_b, p, dt) &&
-        lora_decode_supported(m, q.k, q.n, lora_a.size(0))) {  // the GEMM and the term in one launch (lora_decode.cu)
+    if (kernels && p == 0.0 && decode_kernel_4bit.load(std::memory_order_relaxed) &&
+        fused_takes(x, lora_a, lora_b, p, dt) && lora_decode_supported(m, q.k, q.n, lora_a.size(0))) {  // the GEMM and the term in one launch (lora_decode.cu)
         LoraDecodeArgs d = decode_args(x, bias, lora_a, lora_b, scale, y2);
         d.packed = packed_bytes(q.packed).data_ptr<uint8_t>();
         set_scales(d, q);
@@ -1242,13 +1244,9 @@ void lora_kernels_set_decode_kernel(bool on) { decode_kernel.store(on, std::memo
 
 bool lora_kernels_decode_kernel() { return decode_kernel.load(std::memory_order_relaxed); }
 
-void lora_kernels_set_decode_cluster(int64_t blocks) {
-    TORCH_CHECK(blocks == 0 || blocks == 1 || blocks == 2 || blocks == 4 || blocks == 8,
-                "lora_kernels_set_decode_cluster: blocks must be 0 (the launcher's rule), 1, 2, 4 or 8, got ", blocks);
-    decode_cluster.store(static_cast<int>(blocks), std::memory_order_relaxed);
-}
+void lora_kernels_set_decode_kernel_4bit(bool on) { decode_kernel_4bit.store(on, std::memory_order_relaxed); }
 
-int64_t lora_kernels_decode_cluster() { return decode_cluster.load(std::memory_order_relaxed); }
+bool lora_kernels_decode_kernel_4bit() { return decode_kernel_4bit.load(std::memory_order_relaxed); }
 
 void lora_kernels_set_rows_cluster(int64_t blocks) {
     TORCH_CHECK(blocks >= 1 && blocks <= kLoraRowsMaxCluster, "lora_kernels_set_rows_cluster: blocks must be 1 (off) "

@@ -64,15 +64,14 @@ bool lora_kernels_reduce_compact();
 // Up to how many blocks (1: off, at most 8) form a cluster splitting the rows kernel's phase 1 over K where its 16-row
 // blocks split their columns (decode), on sm_90+. Default 8 (lora_autograd.cpp: measured); probes and tests set it.
 void lora_kernels_set_rows_cluster(int64_t blocks);
-// Whether inference forwards of at most 16 rows (decode; LoRA and 4-bit QLoRA layers) run the one-launch decode kernel
-// (lora_decode.cu, sm_90+) instead of cuBLAS or qgemv then the rows kernel. Default off (lora_autograd.cpp); probes
-// and tests set it.
+// Whether inference forwards of at most 16 rows (decode) of LoRA layers on nn.Linear weights run the one-launch decode
+// kernel (lora_decode.cu, sm_90+) instead of cuBLAS then the rows kernel. Default on (lora_autograd.cpp: measured);
+// PEFT_FAST_DECODE_KERNEL, probes and tests set it.
 void lora_kernels_set_decode_kernel(bool on);
 bool lora_kernels_decode_kernel();
-// Blocks a cluster of the decode kernel (splitting K): 0, the default, for its launcher's rule (lora_decode.cu: the
-// most whose clusters all run at once), or 1, 2, 4, 8 forced (probes and tests)
-void lora_kernels_set_decode_cluster(int64_t blocks);
-int64_t lora_kernels_decode_cluster();
+// The same for 4-bit QLoRA layers (the decode kernel instead of qgemv then the rows kernel). Default off.
+void lora_kernels_set_decode_kernel_4bit(bool on);
+bool lora_kernels_decode_kernel_4bit();
 // The decode kernel alone: y = x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ for x of at most 16 rows (tests, probes)
 torch::Tensor lora_kernels_decode(const torch::Tensor& x, const torch::Tensor& weight,
                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& lora_a,

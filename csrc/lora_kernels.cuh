@@ -386,18 +386,6 @@ cudaError_t allow_dynamic_smem() {
     return err;
 }
 
-// compute(device) for the current device, asked once per device: kept where positive (`fallback` where the current
-// device cannot be asked)
-template <typename F>
-int once_per_device(int (&cache)[64], int fallback, F compute) {
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return fallback;
-    if (device < 64 && cache[device] > 0) return cache[device];
-    const int value = compute(device);
-    if (device < 64 && value > 0) cache[device] = value;
-    return value;
-}
-
 // kernel<<<grid, kThreads, smem, stream>>>(args) in clusters of `cluster` blocks (sm_90+: the caller checks)
 template <typename Kernel, typename Args>
 cudaError_t launch_in_clusters(Kernel kernel, dim3 grid, dim3 cluster, int smem, cudaStream_t stream,

@@ -121,7 +121,6 @@ struct LoraDecodeArgs {
     const float* code2 = nullptr;
     const float* offset = nullptr;
     int blocksize = 0, blocksize2 = 0;
-    int cluster = 0;  // blocks a cluster (1, 2, 4, 8), or 0: the launcher's rule (lora_decode.cu)
 };
 
 // Whether the current GPU has what the kernels (and qgemv.cu) are written for: sm_80+, bf16 tensor cores; asked once

@@ -4,9 +4,23 @@
 cudaError_t launch_lora_rows_forward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 cudaError_t launch_lora_rows_backward(const LoraRowsArgs& args, int sm_count, cudaStream_t stream);
 
+namespace {
+// compute(device) for the current device, asked once per device: kept where positive (`fallback` where the current
+// device cannot be asked)
+template <typename F>
+int once_per_device(int (&cache)[64], int fallback, F compute) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return fallback;
+    if (device < 64 && cache[device] > 0) return cache[device];
+    const int value = compute(device);
+    if (device < 64 && value > 0) cache[device] = value;
+    return value;
+}
+}  // namespace
+
 int lora_device_major() {
     static int majors[64] = {};
-    return lora_kernels::once_per_device(majors, 0, [](int device) {
+    return once_per_device(majors, 0, [](int device) {
         int major = 0;
         return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess ? major : 0;
     });
@@ -29,7 +43,7 @@ namespace {
 // and registers), asked once per device: three on Hopper. Its bf16 instance stands for all (the same shared memory).
 int compact_reduce_blocks_per_sm() {
     static int per_device[64] = {};
-    return lora_kernels::once_per_device(per_device, 2, [](int) {
+    return once_per_device(per_device, 2, [](int) {
         using namespace lora_kernels;
         constexpr auto kernel = lora_reduce_kernel<__nv_bfloat16, float, 16, 64, true>;
         constexpr int smem = ReduceConfig<__nv_bfloat16, 16, 64, true>::SMEM;

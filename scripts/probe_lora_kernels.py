@@ -412,12 +412,12 @@ def qgemv_table():
     def one_launch_us(fn):  # the node's decode route on lora_decode.cu (Hopper), the switch restored after
         if torch.cuda.get_device_capability()[0] < 9:
             return float("nan")
-        before = _C.lora_kernels_decode_kernel()
+        before = _C.lora_kernels_decode_kernel_4bit()
         try:
-            _C.lora_kernels_set_decode_kernel(True)
+            _C.lora_kernels_set_decode_kernel_4bit(True)
             return us(fn)
         finally:
-            _C.lora_kernels_set_decode_kernel(before)
+            _C.lora_kernels_set_decode_kernel_4bit(before)
 
     print("\n=== decode over NF4 + double quantization, bf16 (do_bench median µs; floor = packed bytes at 3.35 TB/s)",
           flush=True)
@@ -528,12 +528,12 @@ def decode_table(rows: bool = True):
     """Few rows. The rows kernel where its 16-row blocks split their columns (decode, up to ~1000 rows on an H100):
     every block walking all of phase 1's K against clusters of up to 8 blocks splitting it
     (lora_kernels_set_rows_cluster): the kernels alone (do_bench median µs: the forward with an addend, as decode adds
-    onto cuBLAS's output; the backward rows kernel making gs and dx). The one-launch decode kernel (its launcher's
-    cluster rule, and 2, 4, 8 blocks forced) against cuBLAS's GEMM then the rows kernel. The decode layer through the
+    onto cuBLAS's output; the backward rows kernel making gs and dx). The one-launch decode kernel against cuBLAS's
+    GEMM then the rows kernel. The decode layer through the
     module under each (no_grad: wall µs with a sync a call, as the bench times it, and GPU µs), and the node's fwd+bwd
     at a few hundred rows. rows=False (part decodek): the decode kernel's tables alone, the rows kernel at cluster 8."""
     us = bench_us
-    before = _C.lora_kernels_rows_cluster(), _C.lora_kernels_decode_kernel(), _C.lora_kernels_decode_cluster()
+    before = _C.lora_kernels_rows_cluster(), _C.lora_kernels_decode_kernel()
     settings = (1, 4, 8) if rows else (8,)
     if rows:
         print("\n=== rows kernel, clusters splitting phase 1's K (1: none), fp32 adapters, bf16: forward | backward "
@@ -562,11 +562,7 @@ def decode_table(rows: bool = True):
             cells = {"F.linear": us(lambda: F.linear(x, w))}
             _C.lora_kernels_set_rows_cluster(8)
             cells["cuBLAS + rows"] = us(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, F.linear(x, w)))
-            for blocks in (0, 2, 4, 8):  # 0: the launcher's rule (one wave)
-                _C.lora_kernels_set_decode_cluster(blocks)
-                cells[f"decode kernel, cluster {blocks or 'auto'}"] = us(
-                    lambda: _C.lora_kernels_decode(x, w, None, a, b, 2.0))
-            _C.lora_kernels_set_decode_cluster(0)
+            cells["decode kernel"] = us(lambda: _C.lora_kernels_decode(x, w, None, a, b, 2.0))
             floor = n * k * 2 / 3.35e12 * 1e6
             print(f"  M{m} K{k} N{n} r{r}: " + "  ".join(f"{name} {v:.1f}" for name, v in cells.items()) +
                   f"  (W's bytes at 3.35 TB/s: {floor:.1f})", flush=True)
@@ -603,7 +599,6 @@ def decode_table(rows: bool = True):
     finally:
         _C.lora_kernels_set_rows_cluster(before[0])
         _C.lora_kernels_set_decode_kernel(before[1])
-        _C.lora_kernels_set_decode_cluster(before[2])
 
 
 def two_pass_table():

@@ -153,8 +153,9 @@ def test_qlora_node_raises_on_bad_arguments():
 def test_decode_runs_the_4bit_gemm_and_matches_dequantize_then_matmul(quant, rows, one_launch):
     """An inference call of ≤ QLORA_GEMV_MAX_ROWS rows takes the node's decode route: csrc/qgemv.cu's tensor-core
     GEMM over the packed weight (no dequantized copy: the dequantization kernel does not run), then the LoRA term, or
-    with lora_kernels_set_decode_kernel (Hopper) csrc/lora_decode.cu doing both in one launch; against x·Wᵀ with W
-    from bitsandbytes' dequantize_4bit plus the term, with a bias and K not a multiple of 128 (the kernels' step)."""
+    with lora_kernels_set_decode_kernel_4bit (Hopper) csrc/lora_decode.cu doing both in one launch; against x·Wᵀ with
+    W from bitsandbytes' dequantize_4bit plus the term, with a bias and K not a multiple of 128 (the kernels' step).
+    The nn.Linear layers' decode switch (on by default) does not move 4-bit layers."""
     import bitsandbytes.functional as bnbf
 
     from peft_fast.ops.extension import _C
@@ -169,16 +170,18 @@ def test_decode_runs_the_4bit_gemm_and_matches_dequantize_then_matmul(quant, row
     nn.init.normal_(layer.lora_B["default"].weight, std=0.5 / r**0.5)
     layer.eval()
     x = torch.randn(rows, k, device="cuda", dtype=dtype)
-    before = _C.lora_kernels_decode_kernel()
+    before = _C.lora_kernels_decode_kernel_4bit()
+    assert before is False  # (the default: untimed)
     try:
-        _C.lora_kernels_set_decode_kernel(one_launch)
+        _C.lora_kernels_set_decode_kernel_4bit(one_launch)
+        assert _C.lora_kernels_decode_kernel_4bit() is one_launch
         with torch.no_grad():
             assert cuda_qlora.qlora_node_args(layer, x) is not None
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 y = layer(x)
                 torch.cuda.synchronize()
     finally:
-        _C.lora_kernels_set_decode_kernel(before)
+        _C.lora_kernels_set_decode_kernel_4bit(before)
     names = " ".join(e.name for e in prof.events())
     gemm, other = ("lora_decode_kernel", "qgemv_lora_kernel") if one_launch else ("qgemv_lora_kernel", "lora_decode")
     assert gemm in names and other not in names and "dequant4" not in names, names[:2000]

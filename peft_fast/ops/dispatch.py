@@ -174,8 +174,9 @@ def _switch_setting(name: str) -> Optional[bool]:
 
 
 # Whether inference calls of at most 16 rows run the one-launch decode kernel (csrc/lora_decode.cu, Hopper) instead of
-# cuBLAS's GEMM then the rows kernel: PEFT_FAST_DECODE_KERNEL=on|off (read once, applied when the extension loads);
-# unset, the extension's default (csrc/lora_autograd.cpp `decode_kernel` says which and why).
+# cuBLAS's GEMM (qgemv's for 4-bit weights) then the rows kernel: PEFT_FAST_DECODE_KERNEL=on|off sets it for LoRA and
+# 4-bit QLoRA layers alike (read once, applied when the extension loads); unset, the extension's defaults: on for LoRA
+# layers, off for 4-bit ones (csrc/lora_autograd.cpp `decode_kernel` says why).
 DECODE_KERNEL: Optional[bool] = _switch_setting("PEFT_FAST_DECODE_KERNEL")
 
 # Auto mode's rule: the fused kernels at total rank ≤ FUSED_ANY_SIZE_RANK whatever the size, and above it while

@@ -26,3 +26,4 @@ if _C is not None and hasattr(_C, "lora_kernels_set_decode_kernel"):  # (built w
 
     if DECODE_KERNEL is not None:
         _C.lora_kernels_set_decode_kernel(DECODE_KERNEL)
+        _C.lora_kernels_set_decode_kernel_4bit(DECODE_KERNEL)
