@@ -1066,8 +1066,9 @@ Tensor qgemv_forward(const Quant4& q, const Tensor& x_in, const c10::optional<Te
     const Tensor bias = bias_in.has_value() ? as(*bias_in, dt).contiguous() : Tensor();
     Tensor y = at::empty(with_last(x_in.sizes(), q.n), x.options());
     Tensor y2 = y.view({-1, q.n});
+    // the GEMM and the term in one launch (lora_decode.cu), where lora_kernels_set_decode_kernel_4bit asks for it
     if (kernels && p == 0.0 && decode_kernel_4bit.load(std::memory_order_relaxed) &&
-        fused_takes(x, lora_a, lora_b, p, dt) && lora_decode_supported(m, q.k, q.n, lora_a.size(0))) {  // the GEMM and the term in one launch (lora_decode.cu)
+        fused_takes(x, lora_a, lora_b, p, dt) && lora_decode_supported(m, q.k, q.n, lora_a.size(0))) {
         LoraDecodeArgs d = decode_args(x, bias, lora_a, lora_b, scale, y2);
         d.packed = packed_bytes(q.packed).data_ptr<uint8_t>();
         set_scales(d, q);

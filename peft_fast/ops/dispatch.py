@@ -160,7 +160,6 @@ ONE_GEMM_PRODUCE_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FA
                                                          "PEFT_FAST_ONE_GEMM_PRODUCE")
 
 
-
 def _switch_setting(name: str) -> Optional[bool]:
     """An on/off switch from the environment variable `name`: None when unset or empty (the built-in default), True
     for on/1/true, False for off/0/false (anything else warns and counts as unset)."""
