@@ -195,6 +195,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "the same for bitsandbytes 4-bit weights: the decode kernel instead of qgemv then the rows kernel (default "
           "off)", py::arg("on"));
     m.def("lora_kernels_decode_kernel_4bit", &lora_kernels_decode_kernel_4bit);
+    m.def("lora_kernels_set_decode_spread_loads", &lora_kernels_set_decode_spread_loads,
+          "the decode kernel reads nn.Linear weights, x and A with each quad's loads 64 contiguous bytes (probes and "
+          "tests)", py::arg("on"));
+    m.def("lora_kernels_decode_spread_loads", &lora_kernels_decode_spread_loads);
     m.def("lora_kernels_decode", &lora_kernels_decode, "the decode kernel alone (tests)", py::arg("x"),
           py::arg("weight"), py::arg("bias"), py::arg("lora_a"), py::arg("lora_b"), py::arg("scale"));
     m.def("lora_kernels_register_tma", &lora_kernels_register_tma,

@@ -261,6 +261,10 @@ std::atomic<bool> decode_kernel{true};
 // The same for bitsandbytes 4-bit weights (QLoRA decode: the decode kernel dequantizing in registers, instead of
 // qgemv.cu's GEMM then the rows kernel; lora_kernels_set_decode_kernel_4bit). Off: tested, not yet timed.
 std::atomic<bool> decode_kernel_4bit{false};
+// Whether the decode kernel reads nn.Linear weights, x and A in its spread layout (LoraDecodeArgs::spread_loads:
+// a quad's loads read 64 contiguous bytes, not 16 bytes at a 64-byte stride; lora_kernels_set_decode_spread_loads).
+// Off: built and tested, not yet timed.
+std::atomic<bool> decode_spread_loads{false};
 
 // From how many rows a training forward rounds fp32 adapters first, in one small kernel (lora_kernels_set_preround_rows
 // changes it; INT64_MAX: never). Every row block then reads them in bf16, half the bytes. The forward kernels gain
@@ -683,6 +687,7 @@ LoraDecodeArgs decode_args(const Tensor& x, const Tensor& bias, const Tensor& a,
     args.r = static_cast<int>(a.size(0));
     args.scale = static_cast<float>(s);
     args.dtype = kernel_dtype(x.scalar_type()), args.adapter_dtype = kernel_dtype(a.scalar_type());
+    args.spread_loads = decode_spread_loads.load(std::memory_order_relaxed);
     return args;
 }
 
@@ -1248,6 +1253,10 @@ bool lora_kernels_decode_kernel() { return decode_kernel.load(std::memory_order_
 void lora_kernels_set_decode_kernel_4bit(bool on) { decode_kernel_4bit.store(on, std::memory_order_relaxed); }
 
 bool lora_kernels_decode_kernel_4bit() { return decode_kernel_4bit.load(std::memory_order_relaxed); }
+
+void lora_kernels_set_decode_spread_loads(bool on) { decode_spread_loads.store(on, std::memory_order_relaxed); }
+
+bool lora_kernels_decode_spread_loads() { return decode_spread_loads.load(std::memory_order_relaxed); }
 
 void lora_kernels_set_rows_cluster(int64_t blocks) {
     TORCH_CHECK(blocks >= 1 && blocks <= kLoraRowsMaxCluster, "lora_kernels_set_rows_cluster: blocks must be 1 (off) "

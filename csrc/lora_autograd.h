@@ -72,6 +72,10 @@ bool lora_kernels_decode_kernel();
 // The same for 4-bit QLoRA layers (the decode kernel instead of qgemv then the rows kernel). Default off.
 void lora_kernels_set_decode_kernel_4bit(bool on);
 bool lora_kernels_decode_kernel_4bit();
+// Whether the decode kernel reads nn.Linear weights in its spread layout (a quad's loads 64 contiguous bytes). Default
+// off (not yet timed); probes and tests set it.
+void lora_kernels_set_decode_spread_loads(bool on);
+bool lora_kernels_decode_spread_loads();
 // The decode kernel alone: y = x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ for x of at most 16 rows (tests, probes)
 torch::Tensor lora_kernels_decode(const torch::Tensor& x, const torch::Tensor& weight,
                                   const c10::optional<torch::Tensor>& bias, const torch::Tensor& lora_a,

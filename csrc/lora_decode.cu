@@ -57,6 +57,31 @@ __device__ __forceinline__ void load_pairs(uint32_t (&r)[16], const E* p, bool v
     }
 }
 
+// The spread layout of a thread's 32 elements of a row (from `row`, 16-byte aligned) for the 128-wide step starting at
+// chunk c0, as 16 pairs of T: its v-th 8 elements are k = 32·(c0 + v) + 8q … + 7, so a quad's load reads 64 contiguous
+// bytes. (The default, load_pairs of chunk c0 + q whole, puts each 16-byte load 64 bytes from its neighbours': a load
+// instruction uses half of every 32-byte sector it touches; ncu: 52 % excessive sectors, L1 72 % busy.) x, W and A are
+// read alike, so the mma's k renaming holds. Elements of chunks ≥ c_end, or of an invalid row, are zeros.
+template <typename T, typename E>
+__device__ __forceinline__ void load_spread_pairs(uint32_t (&r)[16], const E* row, int c0, int c_end, int q,
+                                                  bool valid) {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+        const bool ok = valid && c0 + v < c_end;
+        const E* p = row + 32 * (c0 + v) + 8 * q;
+        uint4 u;
+        if constexpr (std::is_same_v<E, float>) {
+            const float4 f0 = ok ? __ldg(reinterpret_cast<const float4*>(p)) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float4 f1 = ok ? __ldg(reinterpret_cast<const float4*>(p) + 1) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float f[8] = {f0.x, f0.y, f0.z, f0.w, f1.x, f1.y, f1.z, f1.w};
+            u = lora_kernels::pack8<T>(f);
+        } else {
+            u = ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+        }
+        r[4 * v] = u.x, r[4 * v + 1] = u.y, r[4 * v + 2] = u.z, r[4 * v + 3] = u.w;
+    }
+}
+
 // 32 consecutive weights of a bitsandbytes 4-bit row (16 packed bytes; element 2i in the high nibble of byte i) as 16
 // pairs of T, value = code · scale rounded once to T, as dequantize_4bit makes it
 template <typename T>
@@ -86,8 +111,9 @@ __device__ __forceinline__ void mma_step(float (&acc)[4], const uint32_t (&xlo)[
     }
 }
 
-// kUpper: M > 8, x rows g + 8 exist; kQuant: W is a 4-bit weight (LoraDecodeArgs::packed)
-template <typename T, typename TA, bool kUpper, bool kQuant>
+// kUpper: M > 8, x rows g + 8 exist; kQuant: W is a 4-bit weight (LoraDecodeArgs::packed); kSpread: load_spread_pairs's
+// layout (nn.Linear weights only: a 4-bit row's 32 elements are one 16-byte load)
+template <typename T, typename TA, bool kUpper, bool kQuant, bool kSpread = false>
 __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDecodeArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     __shared__ float y_part[16][kClusterCols];  // this block's partial sums over its K slice
@@ -111,11 +137,17 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDeco
     const bool has_a = 8 * warp < r;
     float acc[kTilesW][4] = {}, acc_a[4] = {};
     for (int c0 = c_begin; c0 < c_end; c0 += 4) {
-        const int c = c0 + q;  // this thread's chunk: k = 32c … 32c + 31
+        const int c = c0 + q;  // this thread's chunk: k = 32c … 32c + 31 (unless kSpread)
         const bool in_k = c < c_end;
         uint32_t xlo[16], xhi[16] = {};
-        load_pairs<T>(xlo, x + static_cast<int64_t>(g) * K + 32 * c, in_k && g < M);
-        if constexpr (kUpper) load_pairs<T>(xhi, x + static_cast<int64_t>(g + 8) * K + 32 * c, in_k && g + 8 < M);
+        if constexpr (kSpread) {
+            load_spread_pairs<T>(xlo, x + static_cast<int64_t>(g) * K, c0, c_end, q, g < M);
+            if constexpr (kUpper)
+                load_spread_pairs<T>(xhi, x + static_cast<int64_t>(g + 8) * K, c0, c_end, q, g + 8 < M);
+        } else {
+            load_pairs<T>(xlo, x + static_cast<int64_t>(g) * K + 32 * c, in_k && g < M);
+            if constexpr (kUpper) load_pairs<T>(xhi, x + static_cast<int64_t>(g + 8) * K + 32 * c, in_k && g + 8 < M);
+        }
         uint32_t wt[kTilesW][16];
         uint4 packed[kTilesW];  // (4-bit: dequantized a tile at a time, just before its mmas, so fewer are live)
         float scale[kTilesW];
@@ -135,11 +167,17 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDeco
 #pragma unroll
             for (int t = 0; t < kTilesW; ++t) {
                 const int n = n0 + 16 * warp + 8 * t + g;
-                load_pairs<T>(wt[t], w + static_cast<int64_t>(n) * K + 32 * c, in_k && n < N);
+                if constexpr (kSpread)
+                    load_spread_pairs<T>(wt[t], w + static_cast<int64_t>(n) * K, c0, c_end, q, n < N);
+                else
+                    load_pairs<T>(wt[t], w + static_cast<int64_t>(n) * K + 32 * c, in_k && n < N);
             }
         }
         uint32_t at[16];
-        if (has_a) load_pairs<T>(at, a + static_cast<int64_t>(8 * warp + g) * K + 32 * c, in_k && 8 * warp + g < r);
+        if (has_a && kSpread)
+            load_spread_pairs<T>(at, a + static_cast<int64_t>(8 * warp + g) * K, c0, c_end, q, 8 * warp + g < r);
+        else if (has_a)
+            load_pairs<T>(at, a + static_cast<int64_t>(8 * warp + g) * K + 32 * c, in_k && 8 * warp + g < r);
 #pragma unroll
         for (int t = 0; t < kTilesW; ++t) {
             if constexpr (kQuant) dequant_pairs<T>(wt[t], packed[t], scale[t], code);
@@ -182,18 +220,19 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(const LoraDeco
 #endif
 }
 
-template <typename T, typename TA, bool kQuant>
+template <typename T, typename TA, bool kQuant, bool kSpread = false>
 cudaError_t launch_for(const LoraDecodeArgs& args, cudaStream_t stream) {
     const dim3 grid((args.n + kClusterCols - 1) / kClusterCols * kCluster), cluster(kCluster);
     using lora_kernels::launch_in_clusters;
     if (args.m > 8)
-        return launch_in_clusters(lora_decode_kernel<T, TA, true, kQuant>, grid, cluster, 0, stream, args);
-    return launch_in_clusters(lora_decode_kernel<T, TA, false, kQuant>, grid, cluster, 0, stream, args);
+        return launch_in_clusters(lora_decode_kernel<T, TA, true, kQuant, kSpread>, grid, cluster, 0, stream, args);
+    return launch_in_clusters(lora_decode_kernel<T, TA, false, kQuant, kSpread>, grid, cluster, 0, stream, args);
 }
 
 template <typename T, typename TA>
 cudaError_t launch_weight(const LoraDecodeArgs& args, cudaStream_t stream) {
-    return args.packed != nullptr ? launch_for<T, TA, true>(args, stream) : launch_for<T, TA, false>(args, stream);
+    if (args.packed != nullptr) return launch_for<T, TA, true>(args, stream);
+    return args.spread_loads ? launch_for<T, TA, false, true>(args, stream) : launch_for<T, TA, false>(args, stream);
 }
 
 }  // namespace

@@ -121,6 +121,8 @@ struct LoraDecodeArgs {
     const float* code2 = nullptr;
     const float* offset = nullptr;
     int blocksize = 0, blocksize2 = 0;
+    // nn.Linear weights: each quad's loads read 64 contiguous bytes (lora_decode.cu load_step_pairs; not yet timed)
+    bool spread_loads = false;
 };
 
 // Whether the current GPU has what the kernels (and qgemv.cu) are written for: sm_80+, bf16 tensor cores; asked once

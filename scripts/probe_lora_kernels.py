@@ -529,11 +529,12 @@ def decode_table(rows: bool = True):
     every block walking all of phase 1's K against clusters of up to 8 blocks splitting it
     (lora_kernels_set_rows_cluster): the kernels alone (do_bench median µs: the forward with an addend, as decode adds
     onto cuBLAS's output; the backward rows kernel making gs and dx). The one-launch decode kernel against cuBLAS's
-    GEMM then the rows kernel. The decode layer through the
-    module under each (no_grad: wall µs with a sync a call, as the bench times it, and GPU µs), and the node's fwd+bwd
-    at a few hundred rows. rows=False (part decodek): the decode kernel's tables alone, the rows kernel at cluster 8."""
+    GEMM then the rows kernel, and with its spread loads (lora_kernels_set_decode_spread_loads). The decode layer
+    through the module under each (no_grad: wall µs with a sync a call, as the bench times it, and GPU µs), and the
+    node's fwd+bwd at a few hundred rows. rows=False (part decodek): the decode kernel's tables alone, the rows kernel
+    at cluster 8."""
     us = bench_us
-    before = _C.lora_kernels_rows_cluster(), _C.lora_kernels_decode_kernel()
+    before = _C.lora_kernels_rows_cluster(), _C.lora_kernels_decode_kernel(), _C.lora_kernels_decode_spread_loads()
     settings = (1, 4, 8) if rows else (8,)
     if rows:
         print("\n=== rows kernel, clusters splitting phase 1's K (1: none), fp32 adapters, bf16: forward | backward "
@@ -563,6 +564,9 @@ def decode_table(rows: bool = True):
             _C.lora_kernels_set_rows_cluster(8)
             cells["cuBLAS + rows"] = us(lambda: _C.lora_kernels_forward(x, a, b, 2.0, 0.0, None, F.linear(x, w)))
             cells["decode kernel"] = us(lambda: _C.lora_kernels_decode(x, w, None, a, b, 2.0))
+            _C.lora_kernels_set_decode_spread_loads(True)
+            cells["spread loads"] = us(lambda: _C.lora_kernels_decode(x, w, None, a, b, 2.0))
+            _C.lora_kernels_set_decode_spread_loads(before[2])
             floor = n * k * 2 / 3.35e12 * 1e6
             print(f"  M{m} K{k} N{n} r{r}: " + "  ".join(f"{name} {v:.1f}" for name, v in cells.items()) +
                   f"  (W's bytes at 3.35 TB/s: {floor:.1f})", flush=True)
@@ -580,10 +584,12 @@ def decode_table(rows: bool = True):
                     return pf(x)
                 impls[f"pf, cluster {blocks}"] = call
 
-            def one_launch():
+            def one_launch(spread=False):
                 _C.lora_kernels_set_decode_kernel(True)
+                _C.lora_kernels_set_decode_spread_loads(spread)
                 return pf(x)
             impls["pf, decode kernel"] = one_launch
+            impls["pf, decode kernel, spread loads"] = lambda: one_launch(True)
             with torch.no_grad():
                 for _ in range(3):  # interleaved rounds: a host's drift spreads over every row
                     cells = []
@@ -599,6 +605,7 @@ def decode_table(rows: bool = True):
     finally:
         _C.lora_kernels_set_rows_cluster(before[0])
         _C.lora_kernels_set_decode_kernel(before[1])
+        _C.lora_kernels_set_decode_spread_loads(before[2])
 
 
 def two_pass_table():

@@ -334,6 +334,31 @@ def test_decode_kernel_matches_fp32_reference(m, k, n, r, dt, adt, bias):
 
 
 @hopper
+@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m,k,n,r", [(16, 4096, 4096, 16), (5, 1056, 1000, 64), (9, 64, 8, 1), (3, 2048, 304, 33)])
+def test_decode_kernel_spread_loads_match_fp32_reference(m, k, n, r, dt, adt):
+    """lora_kernels_set_decode_spread_loads: the decode kernel reading x, W and A in its spread layout (a quad's loads
+    64 contiguous bytes; steps cut short by the end of a K slice: K = 1056 and 64) gives the fp32 reference's numbers;
+    the setting reads back and is restored."""
+    x, a, b = _inputs(m, k, n, r, dt, adt, seed=6)
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dt)
+    bvec = torch.randn(n, device="cuda").to(dt)
+    base = x.float() @ w.float().t() + bvec.float()
+    y_ref = base + (x.float() @ a.to(dt).float().t() * 0.5).to(dt).float() @ b.to(dt).float().t()
+    before = _C.lora_kernels_decode_spread_loads()
+    assert before is False  # (the default: untimed)
+    try:
+        _C.lora_kernels_set_decode_spread_loads(True)
+        assert _C.lora_kernels_decode_spread_loads() is True
+        y = _C.lora_kernels_decode(x, w, bvec, a, b, 0.5)
+    finally:
+        _C.lora_kernels_set_decode_spread_loads(before)
+    assert _C.lora_kernels_decode_spread_loads() is before
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) < TOL[dt], rel_err(y, y_ref)
+    assert rel_err(base, y_ref) > 10 * TOL[dt]  # (a kernel that dropped the term would fail above)
+
+
+@hopper
 def test_decode_kernel_refuses_what_it_cannot_take():
     x, a, b = _inputs(16, 256, 128, 16, torch.bfloat16, torch.float32)
     w = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
