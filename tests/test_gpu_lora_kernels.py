@@ -315,45 +315,31 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 @pytest.mark.parametrize("m,k,n,r", [(16, 4096, 4096, 16), (1, 4096, 4096, 16), (5, 1056, 1000, 64),
                                      (9, 64, 8, 1), (16, 11008, 4096, 12), (3, 2048, 304, 33)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_decode_kernel_matches_fp32_reference(m, k, n, r, dt, adt, bias):
+@pytest.mark.parametrize("spread", [False, True], ids=["chunk-loads", "spread-loads"])
+def test_decode_kernel_matches_fp32_reference(m, k, n, r, dt, adt, bias, spread):
     """lora_decode.cu: x·Wᵀ (+ bias) + (s·x·Aᵀ)·Bᵀ in one launch, hs rounded to the compute dtype as the rows kernel
     rounds it; K slices of uneven length and slices without a chunk (K = 64 over 8 blocks), column blocks past N,
-    rows 9…15 absent (M = 9), odd ranks."""
+    rows 9…15 absent (M = 9), odd ranks. In both load layouts: each thread a chunk whole (the default) and spread
+    (lora_kernels_set_decode_spread_loads: a quad's loads 64 contiguous bytes; steps cut short by the end of a K
+    slice at K = 1056 and 64), the setting read back and restored."""
     x, a, b = _inputs(m, k, n, r, dt, adt, seed=3)
     w = (torch.randn(n, k, device="cuda") / k**0.5).to(dt)
     bvec = torch.randn(n, device="cuda").to(dt) if bias else None
     s = 2.0 / r**0.5
     poison_allocator()
-    y = _C.lora_kernels_decode(x, w, bvec, a, b, s)
+    before = _C.lora_kernels_decode_spread_loads()
+    assert before is False  # (the default: untimed)
+    try:
+        _C.lora_kernels_set_decode_spread_loads(spread)
+        assert _C.lora_kernels_decode_spread_loads() is spread
+        y = _C.lora_kernels_decode(x, w, bvec, a, b, s)
+    finally:
+        _C.lora_kernels_set_decode_spread_loads(before)
+    assert _C.lora_kernels_decode_spread_loads() is before
     assert y.shape == (m, n) and y.dtype == dt
     base = x.float() @ w.float().t() + (bvec.float() if bias else 0.0)
     hs = (x.float() @ a.to(dt).float().t() * s).to(dt).float()
     y_ref = base + hs @ b.to(dt).float().t()
-    assert torch.isfinite(y).all() and rel_err(y, y_ref) < TOL[dt], rel_err(y, y_ref)
-    assert rel_err(base, y_ref) > 10 * TOL[dt]  # (a kernel that dropped the term would fail above)
-
-
-@hopper
-@pytest.mark.parametrize("dt,adt", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("m,k,n,r", [(16, 4096, 4096, 16), (5, 1056, 1000, 64), (9, 64, 8, 1), (3, 2048, 304, 33)])
-def test_decode_kernel_spread_loads_match_fp32_reference(m, k, n, r, dt, adt):
-    """lora_kernels_set_decode_spread_loads: the decode kernel reading x, W and A in its spread layout (a quad's loads
-    64 contiguous bytes; steps cut short by the end of a K slice: K = 1056 and 64) gives the fp32 reference's numbers;
-    the setting reads back and is restored."""
-    x, a, b = _inputs(m, k, n, r, dt, adt, seed=6)
-    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dt)
-    bvec = torch.randn(n, device="cuda").to(dt)
-    base = x.float() @ w.float().t() + bvec.float()
-    y_ref = base + (x.float() @ a.to(dt).float().t() * 0.5).to(dt).float() @ b.to(dt).float().t()
-    before = _C.lora_kernels_decode_spread_loads()
-    assert before is False  # (the default: untimed)
-    try:
-        _C.lora_kernels_set_decode_spread_loads(True)
-        assert _C.lora_kernels_decode_spread_loads() is True
-        y = _C.lora_kernels_decode(x, w, bvec, a, b, 0.5)
-    finally:
-        _C.lora_kernels_set_decode_spread_loads(before)
-    assert _C.lora_kernels_decode_spread_loads() is before
     assert torch.isfinite(y).all() and rel_err(y, y_ref) < TOL[dt], rel_err(y, y_ref)
     assert rel_err(base, y_ref) > 10 * TOL[dt]  # (a kernel that dropped the term would fail above)
 
