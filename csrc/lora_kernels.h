@@ -121,7 +121,7 @@ struct LoraDecodeArgs {
     const float* code2 = nullptr;
     const float* offset = nullptr;
     int blocksize = 0, blocksize2 = 0;
-    // nn.Linear weights: each quad's loads read 64 contiguous bytes (lora_decode.cu load_step_pairs; not yet timed)
+    // nn.Linear weights: each quad's loads read 64 contiguous bytes (lora_decode.cu load_spread_pairs; not yet timed)
     bool spread_loads = false;
 };
 
