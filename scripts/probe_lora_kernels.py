@@ -26,6 +26,8 @@ against the same node on ATen ops (the route before them), the bare layer and HF
           (lora_kernels_set_decode_kernel) against cuBLAS + the rows kernel: kernels alone, the decode layer (no_grad,
           wall and GPU µs) and the node's fwd+bwd at a few hundred rows
   decodek the decode kernel's tables of decode alone (the rows kernel at cluster 8)
+  ranks   r32 and r64: the layer's fwd+bwd on the ATen route, the fused default route and the one-GEMM route (reading
+          h; producing it) registered at that rank
   tma     kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside, several tile configs) against cuBLAS and
           the default route, forward and dx (with and without dropout bits), at the bench layer's and the models' shapes
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
@@ -524,6 +526,40 @@ def reduce_table():
         _C.lora_kernels_set_reduce_compact(before[1])
 
 
+def ranks_table():
+    """Ranks above 16 (auto mode's size rule sends M·(K+N)·r > FUSED_MAX_WORK to the ATen route, and the one-GEMM
+    route is registered at rank ≤ 16 only): the layer's fwd+bwd through the node on the ATen route, on the fused
+    kernels' default route (rows kernel + cuBLAS), and on the one-GEMM route registered at that rank (reading h; and
+    producing h without dropout), fp32 adapters."""
+    from peft_fast.kernels import lora_gemm_tma as G
+    from peft_fast.ops import dispatch
+
+    before = (dispatch.CUDA_KERNELS, _C.lora_kernels_tma_rows(), _C.lora_kernels_tma_produce_rows())
+    try:
+        shapes = [(8192, 4096, 4096, 32), (8192, 4096, 4096, 64), (2048, 4096, 11008, 64)]
+        if torch.cuda.get_device_capability()[0] >= 9:
+            G.register_for_node(_C, torch.device("cuda"), DT, ranks=sorted({r for *_, r in shapes}),
+                                produce_adapters=(torch.float32,))
+
+        def choose(setting):
+            kernels, tma, produce = setting
+            dispatch.CUDA_KERNELS = kernels
+            _C.lora_kernels_set_tma_rows(0 if tma else 1 << 62)
+            _C.lora_kernels_set_tma_produce_rows(0 if produce else 1 << 62)
+        route_layer_tables(shapes, (0.0, 0.1),
+                           {"pf, ATen route": ("off", False, False), "pf, fused default route": ("on", False, False),
+                            "pf, one GEMM reading h": ("on", True, False),
+                            "pf, one GEMM producing h": ("on", True, True)},
+                           choose, breakdown=("pf, ATen route", "pf, one GEMM reading h", "pf, one GEMM producing h"),
+                           applies=lambda setting, p: p == 0.0 or not setting[2])
+    except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
+        print(f"  the ranks part failed: {type(err).__name__}: {err}", flush=True)
+    finally:
+        dispatch.CUDA_KERNELS = before[0]
+        _C.lora_kernels_set_tma_rows(before[1])
+        _C.lora_kernels_set_tma_produce_rows(before[2])
+
+
 def decode_table(rows: bool = True):
     """Few rows. The rows kernel where its 16-row blocks split their columns (decode, up to ~1000 rows on an H100):
     every block walking all of phase 1's K against clusters of up to 8 blocks splitting it
@@ -1007,6 +1043,6 @@ if __name__ == "__main__":
         {"host": host_table, "split": split_table, "layer": layer_table, "qlayer": qlayer_table,
          "pieces": pieces_table, "shapes": shapes_table, "merged": merged_table, "qgemv": qgemv_table,
          "dequant": dequant_table, "preround": preround_table, "twopass": two_pass_table, "tma": tma_table,
-         "reduce": reduce_table, "decode": decode_table,
+         "reduce": reduce_table, "decode": decode_table, "ranks": ranks_table,
          "decodek": lambda: decode_table(rows=False),
          "once": once, "oncedecode": once_decode, "model": model_table, "consumer": consumer_table}[part]()
