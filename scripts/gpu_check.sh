@@ -6,7 +6,8 @@
 #   throw   scripts/probe_cxx_throw.py (toolchain facts; does a C++ throw in an extension reach Python?)
 #   probe   scripts/probe_lora_paths.py host (host µs per call of each design at tiny sizes: the enqueue cost)
 #   kprobe  scripts/probe_lora_kernels.py $KPROBE (the fused kernels vs the ATen route: host, split, layer, qlayer,
-#           pieces, merged, shapes, qgemv, dequant, preround, twopass, tma, reduce, decode, once, model, consumer)
+#           pieces, merged, shapes, qgemv, dequant, preround, twopass, tma, reduce, decode, decodek, ranks, once,
+#           model, consumer)
 #   ncu     Nsight Compute over the fused kernels, each launched once at M8192 (speed of light, occupancy, stalls;
 #           $NCU_KERNELS narrows them, default regex:lora_; $NCU_ARGS adds options, e.g. --print-details all for
 #           the source lines behind the uncoalesced-access counts; NCU_ONCE=oncedecode: the decode routes at M1, M16)
