@@ -64,6 +64,15 @@ MAX_SPLITS = 8
 HOPPER_SHARED_BYTES = 232448  # a Hopper block's shared memory limit
 
 
+def device_shared_limit(device: torch.device) -> int:
+    """The most shared memory a block may opt in to on this GPU, in bytes, as Triton's driver reports it (232,448 on
+    an H100 or H200; about 99 KiB on a consumer Blackwell, sm_120)."""
+    from triton.runtime import driver
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
 def _fitting_config(config: dict | None, rank_block: int, has_keep: bool = False, produce: bool = False) -> dict:
     """The tile config (None: KEEP_CONFIG with keep bits, else DEFAULT_CONFIG) with its pipeline made shallow enough
     for the term's operands: h (BM×BR) and L (BR×BN) are loaded before the K loop and sit in shared memory beside the
@@ -461,7 +470,7 @@ def _param_kinds(ptx: str, name: str) -> str:
 def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_rmajor: bool, has_lora: bool,
                     has_bias: bool, has_keep: bool, rank_block: int, num_programs: int, produce_h: bool = False,
                     adapter_dtype: torch.dtype | None = None, config: dict | None = None,
-                    max_splits: int = MAX_SPLITS) -> dict:
+                    max_splits: int = MAX_SPLITS, shared_limit: int = HOPPER_SHARED_BYTES) -> dict:
     """_lora_gemm_ptr_kernel compiled for one GPU architecture (capability 90 for sm_90) and one set of flags: the
     cubin and what a launcher needs (entry name, tile BM×BN, dynamic shared memory, threads, Triton's scratch bytes a
     program and their alignment, parameter kinds). Arguments, in order: x, y, h, low, out, bias, keep, src, flags
@@ -469,7 +478,10 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
     keep_scale, h_scale (fp32). produce_h: the kernel makes h from src (SRC_RMAJOR with low_rmajor's opposite: the
     forward's src is A, R×K, dx's is B, K×R) and needs scratch behind the flags pointer (producer_scratch_words for
     producer_splits(…, max_splits) producers a row block: its counters zeroed); low and src are read in adapter_dtype
-    (None: dtype)."""
+    (None: dtype). The compiled kernel's shared memory must fit `shared_limit` bytes (the GPU's opt-in limit a block):
+    _fitting_config's estimate can fall short (a 128×256 pipeline at rank block 64 producing from fp32 adapters asked
+    237,624 bytes against its 229,376), so the pipeline loses stages until the compiled kernel fits, else a
+    RuntimeError says so (a launch would fail, and the node's first call with it)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -488,28 +500,40 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
                   "EARLY_H": cfg.get("EARLY_H", False)}
     signature.update({name: "constexpr" for name in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(9)}  # the pointers: 16-byte aligned, as TMA needs
-    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    try:
-        compiled = triton.compile(ASTSource(fn=_lora_gemm_ptr_kernel, signature=signature, constexprs=constexprs,
+
+    def compile_at(stages: int):
+        options = {"num_warps": cfg["num_warps"], "num_stages": stages}
+        try:
+            return triton.compile(ASTSource(fn=_lora_gemm_ptr_kernel, signature=signature, constexprs=constexprs,
                                             attrs=attrs),
                                   target=GPUTarget("cuda", capability, 32), options=options)
-    except Exception:  # noqa: BLE001 - e.g. another Triton's ASTSource form: the JIT's own path, if there is a GPU
-        # Small tensors of the same dtypes stand for the arguments; the integers are 17 so that the JIT assumes
-        # nothing of them (1 would become a constant, multiples of 16 an alignment) for the sizes the kernel will see.
-        if not torch.cuda.is_available():
-            raise
-        t = torch.empty(64, device="cuda", dtype=dtype)
-        ad = torch.empty(64, device="cuda", dtype=adapter_dtype or dtype)
-        u8 = torch.empty(64, device="cuda", dtype=torch.uint8)
-        i32 = torch.empty(64, device="cuda", dtype=torch.int32)
-        compiled = _lora_gemm_ptr_kernel.warmup(t, t, t, ad, t, t, u8, ad, i32, 17, 17, 17, 17, 17, 1.0, 1.0,
+        except Exception:  # noqa: BLE001 - e.g. another Triton's ASTSource form: the JIT's own path, if there is a GPU
+            # Small tensors of the same dtypes stand for the arguments; the integers are 17 so that the JIT assumes
+            # nothing of them (1 would become a constant, multiples of 16 an alignment) for the sizes it will see.
+            if not torch.cuda.is_available():
+                raise
+            t = torch.empty(64, device="cuda", dtype=dtype)
+            ad = torch.empty(64, device="cuda", dtype=adapter_dtype or dtype)
+            u8 = torch.empty(64, device="cuda", dtype=torch.uint8)
+            i32 = torch.empty(64, device="cuda", dtype=torch.int32)
+            return _lora_gemm_ptr_kernel.warmup(t, t, t, ad, t, t, u8, ad, i32, 17, 17, 17, 17, 17, 1.0, 1.0,
                                                 grid=(1,), **constexprs, **options)
+
+    compiled = compile_at(cfg["num_stages"])
+    while compiled.metadata.shared > shared_limit and cfg["num_stages"] > 2:
+        cfg["num_stages"] -= 1
+        compiled = compile_at(cfg["num_stages"])
     meta = compiled.metadata
+    if meta.shared > shared_limit:
+        raise RuntimeError(f"lora_gemm_tma: a {cfg['BM']}×{cfg['BN']}×{cfg['BK']} tile at rank block {rank_block} "
+                           f"needs {meta.shared} bytes of shared memory even at {cfg['num_stages']} stages; this GPU "
+                           f"allows {shared_limit} a block")
     kinds = _param_kinds(compiled.asm["ptx"], meta.name)
     if kinds[:USER_PARAMS] != "p" * 9 + "i" * 5 + "ff" or set(kinds[USER_PARAMS:]) - {"p"}:
         raise RuntimeError(f"{meta.name}: unexpected parameter layout {kinds!r} for this Triton build")
     return {"cubin": compiled.asm["cubin"], "name": meta.name, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"],
-            "max_splits": max_splits, "shared": meta.shared, "num_warps": meta.num_warps,
+            "max_splits": max_splits, "num_stages": cfg["num_stages"], "shared": meta.shared,
+            "num_warps": meta.num_warps,
             "scratch_bytes": getattr(meta, "global_scratch_size", 0),
             "scratch_align": getattr(meta, "global_scratch_align", 1), "kinds": kinds,
             "ptx": compiled.asm["ptx"]}  # (the tests ask ptxas about its registers)
@@ -536,7 +560,7 @@ class CppLoraGemm:
                           has_keep=has_keep, produce_h=produce_h)
         built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, rank_block=_block_r(rank),
                                 num_programs=self.num_programs, adapter_dtype=adapter_dtype, config=config,
-                                max_splits=max_splits, **self.flags)
+                                max_splits=max_splits, shared_limit=device_shared_limit(device), **self.flags)
         self.tile = built["BM"], built["BN"], built["BK"]
         self.max_splits, self.rank_block = max_splits, _block_r(rank)
         self.ext = ext
@@ -574,6 +598,7 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
     KEEP_CONFIG for dx with keep bits); `max_splits`: the most producers a row block of the producing kernels."""
     major, minor = torch.cuda.get_device_capability(device)
     programs = torch.cuda.get_device_properties(device).multi_processor_count
+    shared_limit = device_shared_limit(device)
     bf16 = dtype == torch.bfloat16
     kinds = [(dx, flag, None) for dx, flag in ((False, False), (False, True), (True, False), (True, True)) if plain]
     kinds += [(dx, flag, adapter) for adapter in produce_adapters for dx, flag in ((False, False), (False, True),
@@ -591,7 +616,8 @@ def register_for_node(ext, device: torch.device, dtype: torch.dtype = torch.bflo
                 built = compile_for_cpp(dtype=dtype, capability=10 * major + minor, y_kmajor=y_kmajor, low_rmajor=dx,
                                         has_lora=True, has_bias=flag and not dx, has_keep=flag and dx,
                                         rank_block=block, num_programs=programs, produce_h=adapter is not None,
-                                        adapter_dtype=adapter, config=config, max_splits=max_splits)
+                                        adapter_dtype=adapter, config=config, max_splits=max_splits,
+                                        shared_limit=shared_limit)
                 kernel = load_for_cpp(ext, built)
                 ext.lora_kernels_register_tma(dx, bf16, layout, flag and not dx, flag and dx, block, kernel, programs,
                                               built["BM"], built["BN"], major, adapter is not None,

@@ -188,6 +188,42 @@ def test_compiles_ahead_of_time_for_hopper_with_the_parameter_layout_the_cpp_lau
     assert built["shared"] > 48 * 1024 and built["num_warps"] == 8
 
 
+_FIT = """
+import json, torch
+from peft_fast.kernels import lora_gemm_tma as G
+# rank block 64, producing from fp32 adapters, 128×128 tiles at 4 stages: _fitting_config's estimate (229,376 bytes)
+# keeps 4 stages, the compiled kernel asks 237,624
+narrow = {**G.DEFAULT_CONFIG, "BN": 128, "num_stages": 4}
+built = G.compile_for_cpp(dtype=torch.bfloat16, capability=90, y_kmajor=True, low_rmajor=False, has_lora=True,
+                          has_bias=False, has_keep=False, rank_block=64, num_programs=132, produce_h=True,
+                          adapter_dtype=torch.float32, config=narrow)
+try:  # a GPU with ~99 KiB a block (consumer Blackwell): the default tiles do not fit at any depth
+    G.compile_for_cpp(dtype=torch.bfloat16, capability=90, y_kmajor=True, low_rmajor=False, has_lora=True,
+                      has_bias=False, has_keep=False, rank_block=16, num_programs=132, shared_limit=101376)
+    error = ""
+except RuntimeError as err:
+    error = str(err)
+print(json.dumps({"stages": built["num_stages"], "shared": built["shared"], "error": error}))
+"""
+
+
+def test_compiled_kernels_fit_the_gpus_shared_memory():
+    """compile_for_cpp checks the compiled kernel's shared memory, not only _fitting_config's estimate: a pipeline the
+    estimate lets through but the compiler makes larger loses a stage until it fits the limit (a kernel over it would
+    fail at its first launch, inside the node's forward); where even two stages do not fit (another GPU's smaller
+    limit) it raises, naming the bytes. In a child process without TRITON_INTERPRET, like the test above."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _FIT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["stages"] < 4 and got["shared"] <= G.HOPPER_SHARED_BYTES, got
+    assert "shared memory" in got["error"] and "101376" in got["error"], got
+
+
 _PTXAS = """
 import subprocess, sys, tempfile, torch
 from triton import knobs

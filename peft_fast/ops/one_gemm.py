@@ -3,8 +3,9 @@ node call of each device, dtype, rank block and weight layout, the route's Trito
 and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node: forward and dx, with and without
 dropout), and the row threshold is set; unless dispatch.ONE_GEMM_PRODUCE_MIN_ROWS is off, also, per adapter dtype,
 the kernels that make the low-rank product themselves (no shrink kernel before them), which the node takes without
-dropout from that many rows. Below Hopper, above rank 16 (not measured), or when compiling fails (one warning), the
-node keeps its default route. Off, nothing here runs."""
+dropout from that many rows. Below Hopper, with less shared memory a block than a Hopper GPU's (a consumer
+Blackwell), above rank 16 (not measured), or when compiling fails (one warning), the node keeps its default route.
+Off, nothing here runs."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype,
     try:
         from ..kernels import lora_gemm_tma
 
+        if lora_gemm_tma.device_shared_limit(x.device) < lora_gemm_tma.HOPPER_SHARED_BYTES:
+            return  # (its 128×256 tiles are sized for a Hopper-class block; a GPU with less keeps the default route)
         lora_gemm_tma.register_for_node(_C, x.device, dtype, ranks=(rank,), kn=(kn,), plain=plain,
                                         produce_adapters=(adapter_dtype,) if produce else ())
         _C.lora_kernels_set_tma_rows(rows)
