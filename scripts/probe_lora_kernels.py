@@ -27,7 +27,7 @@ against the same node on ATen ops (the route before them), the bare layer and HF
           wall and GPU µs) and the node's fwd+bwd at a few hundred rows
   decodek the decode kernel's tables of decode alone (the rows kernel at cluster 8)
   ranks   r32 and r64: the layer's fwd+bwd on the ATen route, the fused default route and the one-GEMM route (reading
-          h; producing it) registered at that rank
+          h at 128×256 and 128×128 tiles; producing it) registered at that rank
   tma     kernels/lora_gemm_tma.py (one TMA GEMM with the LoRA term inside, several tile configs) against cuBLAS and
           the default route, forward and dx (with and without dropout bits), at the bench layer's and the models' shapes
   dequant the 4-bit dequantization kernel (csrc/dequant4.cu, inside the QLoRA node) against bitsandbytes'
@@ -529,28 +529,43 @@ def reduce_table():
 def ranks_table():
     """Ranks above 16 (auto mode's size rule sends M·(K+N)·r > FUSED_MAX_WORK to the ATen route, and the one-GEMM
     route is registered at rank ≤ 16 only): the layer's fwd+bwd through the node on the ATen route, on the fused
-    kernels' default route (rows kernel + cuBLAS), and on the one-GEMM route registered at that rank (reading h; and
-    producing h without dropout), fp32 adapters."""
+    kernels' default route (rows kernel + cuBLAS), and on the one-GEMM route registered at that rank: reading h at the
+    default 128×256 tiles and at 128×128 with 4 stages (ptxas sm_90a: at rank block 64 the 128×256 dx kernels spill
+    80 bytes, 476 with keep bits; the 128×128 ones nothing), and producing h without dropout; fp32 adapters."""
     from peft_fast.kernels import lora_gemm_tma as G
     from peft_fast.ops import dispatch
 
     before = (dispatch.CUDA_KERNELS, _C.lora_kernels_tma_rows(), _C.lora_kernels_tma_produce_rows())
     try:
         shapes = [(8192, 4096, 4096, 32), (8192, 4096, 4096, 64), (2048, 4096, 11008, 64)]
-        if torch.cuda.get_device_capability()[0] >= 9:
-            G.register_for_node(_C, torch.device("cuda"), DT, ranks=sorted({r for *_, r in shapes}),
-                                produce_adapters=(torch.float32,))
+        ranks = sorted({r for *_, r in shapes})
+        major = torch.cuda.get_device_capability()[0]
+        programs = torch.cuda.get_device_properties(0).multi_processor_count
+        narrow = {**G.DEFAULT_CONFIG, "BN": 128, "num_stages": 4}
+        tiles = {}  # the plain kernels' ids by tile width (registered last: the default width)
+        if major >= 9:
+            tiles["128x128"] = G.register_for_node(_C, torch.device("cuda"), DT, ranks=ranks, config=narrow)
+            tiles["128x256"] = G.register_for_node(_C, torch.device("cuda"), DT, ranks=ranks,
+                                                   produce_adapters=(torch.float32,))
 
         def choose(setting):
-            kernels, tma, produce = setting
+            kernels, width, produce = setting
             dispatch.CUDA_KERNELS = kernels
-            _C.lora_kernels_set_tma_rows(0 if tma else 1 << 62)
+            _C.lora_kernels_set_tma_rows(0 if width else 1 << 62)
             _C.lora_kernels_set_tma_produce_rows(0 if produce else 1 << 62)
+            if width:
+                cfg = narrow if width == "128x128" else G.DEFAULT_CONFIG
+                for (block, layout, dx, flag, adapter), kernel in tiles[width].items():
+                    if adapter is None:
+                        _C.lora_kernels_register_tma(dx, DT == torch.bfloat16, layout, flag and not dx, flag and dx,
+                                                     block, kernel, programs, cfg["BM"], cfg["BN"], major)
         route_layer_tables(shapes, (0.0, 0.1),
-                           {"pf, ATen route": ("off", False, False), "pf, fused default route": ("on", False, False),
-                            "pf, one GEMM reading h": ("on", True, False),
-                            "pf, one GEMM producing h": ("on", True, True)},
-                           choose, breakdown=("pf, ATen route", "pf, one GEMM reading h", "pf, one GEMM producing h"),
+                           {"pf, ATen route": ("off", None, False), "pf, fused default route": ("on", None, False),
+                            "pf, one GEMM reading h": ("on", "128x256", False),
+                            "pf, one GEMM reading h, 128x128": ("on", "128x128", False),
+                            "pf, one GEMM producing h": ("on", "128x256", True)},
+                           choose, breakdown=("pf, ATen route", "pf, one GEMM reading h",
+                                              "pf, one GEMM reading h, 128x128", "pf, one GEMM producing h"),
                            applies=lambda setting, p: p == 0.0 or not setting[2])
     except Exception as err:  # noqa: BLE001 - an experiment's failure is a result to print
         print(f"  the ranks part failed: {type(err).__name__}: {err}", flush=True)
