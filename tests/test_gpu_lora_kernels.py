@@ -480,6 +480,34 @@ def one_gemm_route():
     return check
 
 
+def test_one_gemm_route_skips_gpus_with_less_shared_memory_than_hopper(monkeypatch):
+    """The route's 128×256 tiles need a Hopper block's shared memory: where the GPU allows less (a consumer Blackwell,
+    ~99 KiB), ops/one_gemm.ensure compiles nothing, warns nothing and leaves the route unfailed (a kernel over the
+    limit would fail at its first launch and take the fused kernels off for the process). This Hopper GPU itself
+    reports enough."""
+    import warnings
+
+    from peft_fast.kernels import lora_gemm_tma
+    from peft_fast.ops import dispatch, one_gemm
+
+    if dispatch.ONE_GEMM_MIN_ROWS is None or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the route is off here")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    assert lora_gemm_tma.device_shared_limit(x.device) >= lora_gemm_tma.HOPPER_SHARED_BYTES
+    keys = [(x.get_device(), torch.float16, 8, False), (x.get_device(), torch.float16, 8, False, torch.float16)]
+    one_gemm._done.difference_update(keys)
+    compiled = []
+    monkeypatch.setattr(lora_gemm_tma, "device_shared_limit", lambda device: 101376)
+    monkeypatch.setattr(lora_gemm_tma, "register_for_node", lambda *args, **kwargs: compiled.append(args))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            one_gemm.ensure(x, 8, False, torch.float16, torch.float16)
+        assert compiled == [] and not one_gemm._failed and set(keys) <= one_gemm._done
+    finally:
+        one_gemm._done.difference_update(keys)  # (a later call on this GPU registers for real)
+
+
 def test_one_gemm_route_is_not_set_up_inside_a_cuda_graph_capture():
     """ops/one_gemm.ensure compiles and loads nothing while a CUDA graph is being captured (module loading is no
     capturable work): the key stays unregistered for the next call outside the capture."""
