@@ -203,7 +203,13 @@ try:  # a GPU with ~99 KiB a block (consumer Blackwell): the default tiles do no
     error = ""
 except RuntimeError as err:
     error = str(err)
-print(json.dumps({"stages": built["num_stages"], "shared": built["shared"], "error": error}))
+# the route's default producing forward (rank block 16, fp32 adapters: the largest default kernel) keeps the three
+# stages it was measured with
+default = G.compile_for_cpp(dtype=torch.bfloat16, capability=90, y_kmajor=True, low_rmajor=False, has_lora=True,
+                            has_bias=False, has_keep=False, rank_block=16, num_programs=132, produce_h=True,
+                            adapter_dtype=torch.float32)
+print(json.dumps({"stages": built["num_stages"], "shared": built["shared"], "error": error,
+                  "default_stages": default["num_stages"], "default_shared": default["shared"]}))
 """
 
 
@@ -211,7 +217,8 @@ def test_compiled_kernels_fit_the_gpus_shared_memory():
     """compile_for_cpp checks the compiled kernel's shared memory, not only _fitting_config's estimate: a pipeline the
     estimate lets through but the compiler makes larger loses a stage until it fits the limit (a kernel over it would
     fail at its first launch, inside the node's forward); where even two stages do not fit (another GPU's smaller
-    limit) it raises, naming the bytes. In a child process without TRITON_INTERPRET, like the test above."""
+    limit) it raises, naming the bytes; the route's largest default kernel keeps its measured three stages. In a
+    child process without TRITON_INTERPRET, like the test above."""
     import json
     import subprocess
     import sys
@@ -222,6 +229,7 @@ def test_compiled_kernels_fit_the_gpus_shared_memory():
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["stages"] < 4 and got["shared"] <= G.HOPPER_SHARED_BYTES, got
     assert "shared memory" in got["error"] and "101376" in got["error"], got
+    assert got["default_stages"] == 3 and got["default_shared"] <= G.HOPPER_SHARED_BYTES, got  # (as measured)
 
 
 _PTXAS = """
