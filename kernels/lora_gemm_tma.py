@@ -479,9 +479,9 @@ def compile_for_cpp(*, dtype: torch.dtype, capability: int, y_kmajor: bool, low_
     forward's src is A, R×K, dx's is B, K×R) and needs scratch behind the flags pointer (producer_scratch_words for
     producer_splits(…, max_splits) producers a row block: its counters zeroed); low and src are read in adapter_dtype
     (None: dtype). The compiled kernel's shared memory must fit `shared_limit` bytes (the GPU's opt-in limit a block):
-    _fitting_config's estimate can fall short (a 128×256 pipeline at rank block 64 producing from fp32 adapters asked
-    237,624 bytes against its 229,376), so the pipeline loses stages until the compiled kernel fits, else a
-    RuntimeError says so (a launch would fail, and the node's first call with it)."""
+    _fitting_config's estimate can fall short (128×128 tiles at 4 stages, rank block 64, producing from fp32
+    adapters: 237,624 bytes compiled against 229,376 estimated), so the pipeline loses stages until the compiled kernel
+    fits, else a RuntimeError says so (a launch would fail, and the node's first call with it)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
