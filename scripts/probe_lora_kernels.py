@@ -228,6 +228,18 @@ def route_layer_tables(shapes, ps, routes, choose, breakdown=(), applies=lambda 
             print_fwd_bwd_table(impls, xs, dy, breakdown=["bare F.linear", *shown] if shown else ())
 
 
+def reregister_tma(ids, cfg, max_splits: int):
+    """Hand the node again kernels that lora_gemm_tma.register_for_node compiled at tile config `cfg` (its returned
+    ids, by (rank block, kn, dx, bias or keep bits, producing adapter dtype or None)): the ones reading h and the
+    producing ones, each in the key register_for_node gave it, with up to `max_splits` producers a row block."""
+    major = torch.cuda.get_device_capability()[0]
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
+    for (block, layout, dx, flag, adapter), kernel in ids.items():
+        _C.lora_kernels_register_tma(dx, DT == torch.bfloat16, layout, flag and not dx, flag and dx, block, kernel,
+                                     programs, cfg["BM"], cfg["BN"], major, adapter is not None,
+                                     adapter == torch.float32, cfg["BK"], max_splits)
+
+
 def layer_table():
     cases = [(8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (8192, 4096, 14336, 16), (4096, 2048, 2048, 16),
              (2048, 2048, 8192, 16)]
@@ -539,11 +551,9 @@ def ranks_table():
     try:
         shapes = [(8192, 4096, 4096, 32), (8192, 4096, 4096, 64), (2048, 4096, 11008, 64)]
         ranks = sorted({r for *_, r in shapes})
-        major = torch.cuda.get_device_capability()[0]
-        programs = torch.cuda.get_device_properties(0).multi_processor_count
         narrow = {**G.DEFAULT_CONFIG, "BN": 128, "num_stages": 4}
-        tiles = {}  # the plain kernels' ids by tile width (registered last: the default width)
-        if major >= 9:
+        tiles = {}  # the kernels' ids by tile width (registered last: the default width, with the producing ones)
+        if torch.cuda.get_device_capability()[0] >= 9:
             tiles["128x128"] = G.register_for_node(_C, torch.device("cuda"), DT, ranks=ranks, config=narrow)
             tiles["128x256"] = G.register_for_node(_C, torch.device("cuda"), DT, ranks=ranks,
                                                    produce_adapters=(torch.float32,))
@@ -554,11 +564,7 @@ def ranks_table():
             _C.lora_kernels_set_tma_rows(0 if width else 1 << 62)
             _C.lora_kernels_set_tma_produce_rows(0 if produce else 1 << 62)
             if width:
-                cfg = narrow if width == "128x128" else G.DEFAULT_CONFIG
-                for (block, layout, dx, flag, adapter), kernel in tiles[width].items():
-                    if adapter is None:
-                        _C.lora_kernels_register_tma(dx, DT == torch.bfloat16, layout, flag and not dx, flag and dx,
-                                                     block, kernel, programs, cfg["BM"], cfg["BN"], major)
+                reregister_tma(tiles[width], narrow if width == "128x128" else G.DEFAULT_CONFIG, G.MAX_SPLITS)
         route_layer_tables(shapes, (0.0, 0.1),
                            {"pf, ATen route": ("off", None, False), "pf, fused default route": ("on", None, False),
                             "pf, one GEMM reading h": ("on", "128x256", False),
@@ -739,12 +745,6 @@ def tma_table():
         early = G.register_for_node(_C, torch.device("cuda"), DT, ranks=(16,), plain=False,
                                     produce_adapters=(torch.float32,), config={**G.DEFAULT_CONFIG, "EARLY_H": True})
 
-        def producers(ids, max_splits):
-            for (block, layout, dx, flag, adapter), kernel in ids.items():
-                _C.lora_kernels_register_tma(dx, DT == torch.bfloat16, layout, flag and not dx, False, block, kernel,
-                                             programs, G.DEFAULT_CONFIG["BM"], G.DEFAULT_CONFIG["BN"], major, True,
-                                             adapter == torch.float32, G.DEFAULT_CONFIG["BK"], max_splits)
-
         def choose(setting):
             """setting: rows (the route's row threshold), dx_keep (the dx-with-dropout kernel (id, BM, BN), id -1:
             that dx on the default route), produce (producing kernels on), one (one producer a row block), early
@@ -754,9 +754,9 @@ def tma_table():
             _C.lora_kernels_set_tma_produce_rows(0 if setting.get("produce") else 1 << 62)
             _C.lora_kernels_set_preround_rows(0 if setting.get("rounded") else before[2])
             if setting.get("one"):
-                producers(one, 1)
+                reregister_tma(one, G.DEFAULT_CONFIG, 1)
             else:
-                producers(early if setting.get("early") else split, G.MAX_SPLITS)
+                reregister_tma(early if setting.get("early") else split, G.DEFAULT_CONFIG, G.MAX_SPLITS)
             kernel, bm, bn = setting["dx_keep"]
             _C.lora_kernels_register_tma(True, DT == torch.bfloat16, False, False, True, 16, kernel, programs, bm, bn,
                                          major)
