@@ -1,8 +1,8 @@
 """Triton LoRA kernels against the torch reference (DESIGN.md §2), in Triton's interpreter on the CPU.
 
-Small odd shapes (M, K, N not multiples of any block), ranks 1/8/16/64, fp32, fp16 and bf16 (16-bit operands are
-exact 16-bit values; the interpreter multiplies them in fp32, the GPU tests run the real 16-bit dots). GPU-sized runs of
-the same checks live in test_gpu_kernels.py.
+Small odd shapes (M, K, N not multiples of any block), ranks 1 to 128 (padded ones too), fp32, fp16 and bf16 (16-bit
+operands are exact 16-bit values; the interpreter multiplies them in fp32, the GPU tests run the real 16-bit dots).
+GPU-sized runs of the same checks live in test_gpu_kernels.py.
 """
 
 import copy
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter tests (CPU tensors); test_gpu_kernels.py covers the GPU")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+RANKS = [1, 8, 40, 64, 128]  # ranks the kernels pad (to 16, to 64), whole rank blocks, the largest users train with
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def _mask(m, k, p, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("r", [1, 8, 16, 64])
+@pytest.mark.parametrize("r", RANKS)
 def test_shrink_matches_reference(dtype, r):
     x, a = torch.randn(37, 45, dtype=dtype), torch.randn(r, 45, dtype=dtype)
     h = K.shrink(x, a, 0.75, 0.0, 0, out=torch.full((37, r), float("nan"), dtype=dtype))
@@ -45,7 +46,7 @@ def test_shrink_matches_reference(dtype, r):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("r", [1, 16, 64])
+@pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gemm_with_low_rank_epilogue(dtype, r, with_bias):
     m, k, n = 33, 50, 41
@@ -64,7 +65,7 @@ def test_gemm_with_low_rank_epilogue(dtype, r, with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("r", [1, 16, 64])
+@pytest.mark.parametrize("r", RANKS)
 def test_gemm_with_shrink_fused_in_the_k_loop(dtype, r):
     m, k, n = 21, 70, 37
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
@@ -87,7 +88,7 @@ def test_lowrank_term_alone(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("r", [8, 64])
+@pytest.mark.parametrize("r", RANKS)
 def test_grad_a_matches_reference(dtype, r):
     m, k = 300, 37  # several M splits of 128 rows
     dh, x = torch.randn(m, r, dtype=dtype), torch.randn(m, k, dtype=dtype)
@@ -180,6 +181,36 @@ def test_layer_forward_and_grads_match_torch_backend(dtype, kind, gemm_mode, for
     for name in g_t:
         assert g_k[name].dtype == g_t[name].dtype
         assert rel_err(g_k[name], g_t[name]) < 3 * TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [1, 128])
+def test_layer_at_the_smallest_and_largest_ranks(dtype, r, gemm_mode, force_backend):
+    layer = _layer_pair(nn.Linear(150, 70), r, 0.0, dtype=dtype)
+    layer.base_layer.weight.requires_grad_(False)
+    x = torch.randn(2, 9, 150, dtype=dtype)
+    y_t, dx_t, g_t = _forward_backward(layer, x, "torch", force_backend)
+    y_k, dx_k, g_k = _forward_backward(layer, x, "triton", force_backend)
+    assert rel_err(y_k, y_t) < TOL[dtype] and rel_err(dx_k, dx_t) < TOL[dtype]
+    assert g_k.keys() == g_t.keys() and len(g_t) == 2
+    for name in g_t:
+        assert rel_err(g_k[name], g_t[name]) < 3 * TOL[dtype], name
+
+
+def test_active_adapters_over_the_epilogue_s_rank_run_on_torch_with_a_warning(force_backend, monkeypatch):
+    """Two active adapters fold into one term of their summed rank; above K.MAX_RANK the forced Triton backend cannot
+    take the call: it runs on torch (same numbers) and says why."""
+    monkeypatch.setattr(dispatch, "_warned", set())  # the warning is once per process: this test must see its own
+    layer = _layer_pair(nn.Linear(24, 12), K.MAX_RANK // 2 + 1, 0.0, n_adapters=2)  # ranks 129 + 130
+    x = torch.randn(5, 24)
+    terms = [layer._adapter_term(a) for a in layer.active_adapters]
+    force_backend("triton")
+    with pytest.warns(UserWarning, match=f"total rank of the active adapters exceeds {K.MAX_RANK}"):
+        assert dispatch.choose("linear_with_lora", x, layer.base_layer, terms) == "torch"
+    with torch.no_grad():
+        y = layer(x)
+    with ops.use_backend("torch"), torch.no_grad():
+        assert torch.equal(y, layer(x))
 
 
 def test_dropout_forward_and_grads_follow_one_regenerated_mask(triton_backend, gemm_mode):
