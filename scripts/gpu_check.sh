@@ -13,6 +13,7 @@
 #           the source lines behind the uncoalesced-access counts; NCU_ONCE=oncedecode: the decode routes at M1, M16)
 #   timeline  scripts/probe_timeline.py $TIMELINE (one bench layer step under torch.profiler: GPU idle gaps inside it
 #           and the host ops that ran meanwhile, base / PEFT / peft_fast; Chrome traces kept)
+#   compile scripts/probe_compile.py $COMPILE_ARGS (--qlora: the QLoRA model; dynamo's recompiles, graph breaks, tok/s)
 #   dprobe  scripts/probe_decode.py (decode: host µs per LoRA layer call and its pieces; 1B generate, interleaved)
 #   mprof   scripts/profile_model_step.py (which ops the host spends a bench model step issuing, per impl)
 #   phases  scripts/profile_model_step.py --phases (syncs a step makes; host issue vs GPU time per phase)
@@ -86,6 +87,7 @@ for step in "${steps[@]}"; do
            python3 scripts/probe_lora_kernels.py "${NCU_ONCE:-once}" > "$OUT/ncu.log" 2>&1 || rc=1
          grep -E "lora_|Duration|Cluster|Waves|Grid Size|DRAM Through|L2 Cache Through|Compute \(SM\)|Achieved Occ|Registers Per|Block Limit Sh|inst_executed|stalled_(long|short|barrier|mio|lg|wait|math|not_sel|no_inst|branch|dispatch)" "$OUT/ncu.log" | head -200 ;;
     timeline) timeout "$STEP_TIMEOUT" python3 scripts/probe_timeline.py ${TIMELINE:-} 2>&1 | tee "$OUT/timeline.log" | grep -v Warning || rc=1 ;;
+    compile) timeout "$STEP_TIMEOUT" python3 scripts/probe_compile.py ${COMPILE_ARGS:-} 2>&1 | tee "$OUT/compile.log" | grep -v Warning | tail -80 || rc=1 ;;
     dprobe) timeout "$STEP_TIMEOUT" python3 scripts/probe_decode.py 2>&1 | tee "$OUT/dprobe.log" | grep -v Warning || rc=1 ;;
     probe) timeout "$STEP_TIMEOUT" python3 scripts/probe_lora_paths.py host 2>&1 | tee "$OUT/probe.log" | grep -v Warning || rc=1 ;;
     suite) timeout "$STEP_TIMEOUT" python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.log" | tail -5 || rc=1 ;;
