@@ -25,6 +25,9 @@
 #                                   | reading the shrink kernel's (PEFT_FAST_ONE_GEMM_PRODUCE)
 #   STEP@decodek | STEP@nodecodek   decode (≤ 16 rows, inference) on the one-launch decode kernel | off
 #                                   (PEFT_FAST_DECODE_KERNEL)
+#   STEP@rankroute   the one-GEMM route up to rank $ROUTE_MAX_RANK (default 64) with the fused kernels on wherever
+#                    they apply (PEFT_FAST_ONE_GEMM_MAX_RANK, PEFT_FAST_CUDA_KERNELS=on); e.g. BENCH_ARGS="--only r64"
+#                    with layer@rankroute layer: the r64 rows on the route and on auto's ATen route
 # bitsandbytes is not installed on the device machine: carry its wheel in .whl/ (device README) for the QLoRA parts.
 # Each step is cut off after $STEP_TIMEOUT seconds (default 900), so one slow step leaves time for the rest.
 # Default: tests layer. Logs and results go to $OUT (./gpu_out when OUT is unset); a table of the steps (result, wall
@@ -53,7 +56,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests layer)
 summary=()
 rows_given="${PEFT_FAST_ONE_GEMM_ROWS:-}" produce_given="${PEFT_FAST_ONE_GEMM_PRODUCE:-}"
-decodek_given="${PEFT_FAST_DECODE_KERNEL:-}"
+decodek_given="${PEFT_FAST_DECODE_KERNEL:-}" kernels_given="${PEFT_FAST_CUDA_KERNELS:-}"
+max_rank_given="${PEFT_FAST_ONE_GEMM_MAX_RANK:-}"
 for step in "${steps[@]}"; do
   echo "=== $step ($(date +%T))"
   start=$SECONDS prev=$rc rc=0 name=$step
@@ -67,6 +71,13 @@ for step in "${steps[@]}"; do
   elif [[ "$step" == *@nodecodek ]]; then export PEFT_FAST_DECODE_KERNEL=off; step=${step%@nodecodek}
   elif [ -n "$decodek_given" ]; then export PEFT_FAST_DECODE_KERNEL="$decodek_given"
   else unset PEFT_FAST_DECODE_KERNEL; fi
+  if [[ "$step" == *@rankroute ]]; then
+    export PEFT_FAST_ONE_GEMM_MAX_RANK="${ROUTE_MAX_RANK:-64}" PEFT_FAST_CUDA_KERNELS=on; step=${step%@rankroute}
+  else
+    if [ -n "$max_rank_given" ]; then export PEFT_FAST_ONE_GEMM_MAX_RANK="$max_rank_given"
+    else unset PEFT_FAST_ONE_GEMM_MAX_RANK; fi
+    if [ -n "$kernels_given" ]; then export PEFT_FAST_CUDA_KERNELS="$kernels_given"; else unset PEFT_FAST_CUDA_KERNELS; fi
+  fi
   if [[ "$step" == *@route ]]; then export PEFT_FAST_ONE_GEMM_ROWS="${ROUTE_ROWS:-1024}"; step=${step%@route}
   elif [[ "$step" == *@noroute ]]; then export PEFT_FAST_ONE_GEMM_ROWS=off; step=${step%@noroute}
   elif [ -n "$rows_given" ]; then export PEFT_FAST_ONE_GEMM_ROWS="$rows_given"; else unset PEFT_FAST_ONE_GEMM_ROWS; fi

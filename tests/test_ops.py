@@ -304,6 +304,57 @@ def test_one_gemm_rows_setting_and_its_noop_when_off_or_on_the_cpu(monkeypatch):
     assert not one_gemm._done and not one_gemm._failed
 
 
+def test_one_gemm_route_registers_ranks_up_to_its_max_and_producers_at_16_at_most(monkeypatch):
+    """ops/one_gemm.ensure on a Hopper GPU (faked: nothing compiles here): rank ≤ ONE_GEMM_MAX_RANK registers the
+    kernels reading h, and the producing ones too only at rank ≤ 16 (above, they spill registers); a rank above the
+    max registers nothing, and the node keeps its default route. PEFT_FAST_ONE_GEMM_MAX_RANK: unset → 16, off → 0,
+    above 64 → 64."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from peft_fast.kernels import lora_gemm_tma
+    from peft_fast.ops import one_gemm
+
+    calls = []
+    fake_c = SimpleNamespace(lora_kernels_register_tma=None, lora_kernels_set_tma_rows=lambda rows: None,
+                             lora_kernels_set_tma_produce_rows=lambda rows: None)
+    monkeypatch.setattr(one_gemm, "_C", fake_c)
+    monkeypatch.setattr(one_gemm, "_done", set())
+    monkeypatch.setattr(one_gemm, "_failed", False)
+    monkeypatch.setattr(dispatch, "ONE_GEMM_MIN_ROWS", 1024)
+    monkeypatch.setattr(dispatch, "ONE_GEMM_PRODUCE_MIN_ROWS", 4096)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(lora_gemm_tma, "device_shared_limit", lambda device: lora_gemm_tma.HOPPER_SHARED_BYTES)
+    monkeypatch.setattr(lora_gemm_tma, "register_for_node",
+                        lambda ext, device, dtype, ranks, kn, plain, produce_adapters: calls.append(
+                            (ranks, plain, produce_adapters)))
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), get_device=lambda: 0)
+
+    def registered(rank, max_rank):
+        calls.clear()
+        monkeypatch.setattr(dispatch, "ONE_GEMM_MAX_RANK", max_rank)
+        one_gemm.ensure(x, rank, False, torch.bfloat16)
+        return calls[:]
+
+    assert registered(16, 16) == [((16,), True, (torch.float32,))]
+    assert registered(64, 16) == []
+    assert registered(40, 64) == [((40,), True, ())]
+    assert registered(17, 0) == []
+    assert not one_gemm._failed
+    code = "from peft_fast.ops import dispatch; print(dispatch.ONE_GEMM_MAX_RANK)"
+    seen = {}
+    for value in (None, "32", "off", "128"):
+        env = {k: v for k, v in os.environ.items() if k != "PEFT_FAST_ONE_GEMM_MAX_RANK"}
+        if value is not None:
+            env["PEFT_FAST_ONE_GEMM_MAX_RANK"] = value
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        seen[value] = run.stdout.strip().splitlines()[-1]
+    assert seen == {None: "16", "32": "32", "off": "0", "128": "64"}
+
+
 def test_one_gemm_produce_rows_setting():
     """PEFT_FAST_ONE_GEMM_PRODUCE (read once at import): unset → 4096 rows (the measured rule), a count → that count,
     "off" → off (None), a bad value → a warning and the default."""

@@ -167,6 +167,8 @@ def _settings_text(settings: dict) -> str:
     rows = settings.get("one_gemm_min_rows")
     parts = [f"fused kernels {settings.get('cuda_kernels')}",
              f"one-GEMM route from {rows} rows" if rows is not None else "one-GEMM route off"]
+    if rows is not None and "one_gemm_max_rank" in settings:
+        parts.append(f"up to rank {settings['one_gemm_max_rank']}")
     produce = settings.get("one_gemm_produce_min_rows")
     if rows is not None and "one_gemm_produce_min_rows" in settings:
         parts.append(f"its GEMMs make the low-rank product from {produce} rows" if produce is not None else

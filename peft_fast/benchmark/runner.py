@@ -170,7 +170,8 @@ def settings() -> dict:
     from ..ops import dispatch
 
     return {"cuda_kernels": dispatch.CUDA_KERNELS, "one_gemm_min_rows": dispatch.ONE_GEMM_MIN_ROWS,
-            "one_gemm_produce_min_rows": dispatch.ONE_GEMM_PRODUCE_MIN_ROWS, "decode_kernel": dispatch.DECODE_KERNEL,
+            "one_gemm_produce_min_rows": dispatch.ONE_GEMM_PRODUCE_MIN_ROWS,
+            "one_gemm_max_rank": dispatch.ONE_GEMM_MAX_RANK, "decode_kernel": dispatch.DECODE_KERNEL,
             "env": {key: value for key, value in sorted(os.environ.items()) if key.startswith("PEFT_FAST_")}}
 
 

@@ -117,8 +117,8 @@ except ValueError as err:  # a typo in the variable must not break `import peft_
 
 
 def _rows_setting(value, default: Optional[int] = None, name: str = "PEFT_FAST_ONE_GEMM_ROWS") -> Optional[int]:
-    """A row threshold from the environment variable `name`: `default` when unset or empty, None for "off", else a
-    non-negative int (a bad value warns and counts as unset, so that `import peft_fast` never fails on it)."""
+    """A row threshold (or rank) from the environment variable `name`: `default` when unset or empty, None for "off",
+    else a non-negative int (a bad value warns and counts as unset, so that `import peft_fast` never fails on it)."""
     if value is None or not str(value).strip():
         return default
     if str(value).strip().lower() == "off":
@@ -144,6 +144,14 @@ def _rows_setting(value, default: Optional[int] = None, name: str = "PEFT_FAST_O
 # fwd+bwd GPU µs, dx on the default route → on the route: M8192 K=N=4096 984 → 975, M4096 K=N=4096 519 → 506, M2048
 # K4096 N11008 620 → 609, M2048 K=N=2048 110.5 → 105.8; M8192 K4096 N14336 3146 → 3199 (wall 3280 → 3088).
 ONE_GEMM_MIN_ROWS: Optional[int] = _rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_ROWS"), 1024)
+# … at ranks up to ONE_GEMM_MAX_RANK: PEFT_FAST_ONE_GEMM_MAX_RANK=<rank>|off (read once; unset: 16, the ranks
+# measured on the route; at most 64 is taken, the largest rank block its kernels are compiled for). Above rank 16 only
+# the kernels that read h are registered: the producing ones spill registers from rank block 32 on (ptxas sm_90a,
+# 128×256 tiles: 40 and 172 bytes at rank block 32, 340 and 888 at 64). Auto mode sends r32/r64 calls of the largest
+# layers to the ATen route (fused_kernels' size rule), so timing the route there takes PEFT_FAST_CUDA_KERNELS=on too.
+ONE_GEMM_MAX_RANK: int = min(_rows_setting(os.environ.get("PEFT_FAST_ONE_GEMM_MAX_RANK"), 16,
+                                           "PEFT_FAST_ONE_GEMM_MAX_RANK") or 0, 64)
+ONE_GEMM_PRODUCE_MAX_RANK = 16
 # … and on it, from ONE_GEMM_PRODUCE_MIN_ROWS rows without dropout, the GEMMs that make the low-rank product themselves
 # (h = s·x·Aᵀ in the forward, gs = s·dy·B in dx, from the tiles of the first column blocks, which the row block's other
 # tiles wait for at their last MMA step) instead of a shrink kernel reading x or dy once more before each GEMM.

@@ -3,9 +3,9 @@ node call of each device, dtype, rank block and weight layout, the route's Trito
 and registered with peft_fast._C (kernels/lora_gemm_tma.register_for_node: forward and dx, with and without
 dropout), and the row threshold is set; unless dispatch.ONE_GEMM_PRODUCE_MIN_ROWS is off, also, per adapter dtype,
 the kernels that make the low-rank product themselves (no shrink kernel before them), which the node takes without
-dropout from that many rows. Below Hopper, with less shared memory a block than a Hopper GPU's (a consumer
-Blackwell), above rank 16 (not measured), or when compiling fails (one warning), the node keeps its default route.
-Off, nothing here runs."""
+dropout from that many rows (at rank ≤ 16). Below Hopper, with less shared memory a block than a Hopper GPU's (a
+consumer Blackwell), above dispatch.ONE_GEMM_MAX_RANK (16 unless set: the ranks measured), or when compiling fails (one
+warning), the node keeps its default route. Off, nothing here runs."""
 
 from __future__ import annotations
 
@@ -36,10 +36,12 @@ def ensure(x: torch.Tensor, rank: int, kn: bool, dtype: torch.dtype,
     key = produce_key[:4]  # (the kernels that read h: one registration for all adapter dtypes)
     plain = key not in _done
     _done.update((key, produce_key))
-    if dtype not in (torch.bfloat16, torch.float16) or rank > 16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+    if dtype not in (torch.bfloat16, torch.float16) or rank > dispatch.ONE_GEMM_MAX_RANK or \
+            torch.cuda.get_device_capability(x.device)[0] < 9:
         return
     produce_rows = dispatch.ONE_GEMM_PRODUCE_MIN_ROWS
-    produce = produce_rows is not None and adapter_dtype in (torch.float32, dtype)
+    produce = produce_rows is not None and adapter_dtype in (torch.float32, dtype) and \
+        rank <= dispatch.ONE_GEMM_PRODUCE_MAX_RANK
     if not plain and not produce:
         return
     try:
