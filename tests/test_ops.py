@@ -304,13 +304,29 @@ def test_one_gemm_rows_setting_and_its_noop_when_off_or_on_the_cpu(monkeypatch):
     assert not one_gemm._done and not one_gemm._failed
 
 
+def _read_at_import(variable: str, attribute: str, values) -> dict:
+    """dispatch.<attribute> as a fresh `import peft_fast` reads it with the environment variable set to each of
+    `values` (None: unset): {value: (the printed attribute, the child's stderr)}."""
+    import subprocess
+    import sys
+
+    code = f"from peft_fast.ops import dispatch; print(dispatch.{attribute})"
+    seen = {}
+    for value in values:
+        env = {k: v for k, v in os.environ.items() if k != variable}
+        if value is not None:
+            env[variable] = value
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        seen[value] = (run.stdout.strip().splitlines()[-1], run.stderr)
+    return seen
+
+
 def test_one_gemm_route_registers_ranks_up_to_its_max_and_producers_at_16_at_most(monkeypatch):
     """ops/one_gemm.ensure on a Hopper GPU (faked: nothing compiles here): rank ≤ ONE_GEMM_MAX_RANK registers the
     kernels reading h, and the producing ones too only at rank ≤ 16 (above, they spill registers); a rank above the
     max registers nothing, and the node keeps its default route. PEFT_FAST_ONE_GEMM_MAX_RANK: unset → 16, off → 0,
     above 64 → 64."""
-    import subprocess
-    import sys
     from types import SimpleNamespace
 
     from peft_fast.kernels import lora_gemm_tma
@@ -343,36 +359,17 @@ def test_one_gemm_route_registers_ranks_up_to_its_max_and_producers_at_16_at_mos
     assert registered(40, 64) == [((40,), True, ())]
     assert registered(17, 0) == []
     assert not one_gemm._failed
-    code = "from peft_fast.ops import dispatch; print(dispatch.ONE_GEMM_MAX_RANK)"
-    seen = {}
-    for value in (None, "32", "off", "128"):
-        env = {k: v for k, v in os.environ.items() if k != "PEFT_FAST_ONE_GEMM_MAX_RANK"}
-        if value is not None:
-            env["PEFT_FAST_ONE_GEMM_MAX_RANK"] = value
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        seen[value] = run.stdout.strip().splitlines()[-1]
-    assert seen == {None: "16", "32": "32", "off": "0", "128": "64"}
+    seen = _read_at_import("PEFT_FAST_ONE_GEMM_MAX_RANK", "ONE_GEMM_MAX_RANK", (None, "32", "off", "128"))
+    assert {value: printed for value, (printed, _) in seen.items()} == {None: "16", "32": "32", "off": "0", "128": "64"}
 
 
 def test_one_gemm_produce_rows_setting():
     """PEFT_FAST_ONE_GEMM_PRODUCE (read once at import): unset → 4096 rows (the measured rule), a count → that count,
     "off" → off (None), a bad value → a warning and the default."""
-    import subprocess
-    import sys
-
-    code = "from peft_fast.ops import dispatch; print(dispatch.ONE_GEMM_PRODUCE_MIN_ROWS)"
-    seen = {}
-    for value in (None, "8192", "off", "many"):
-        env = {k: v for k, v in os.environ.items() if k != "PEFT_FAST_ONE_GEMM_PRODUCE"}
-        if value is not None:
-            env["PEFT_FAST_ONE_GEMM_PRODUCE"] = value
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        seen[value] = run.stdout.strip().splitlines()[-1]
-        if value == "many":
-            assert "PEFT_FAST_ONE_GEMM_PRODUCE='many' is not a non-negative integer" in run.stderr
-    assert seen == {None: "4096", "8192": "8192", "off": "None", "many": "4096"}
+    seen = _read_at_import("PEFT_FAST_ONE_GEMM_PRODUCE", "ONE_GEMM_PRODUCE_MIN_ROWS", (None, "8192", "off", "many"))
+    assert "PEFT_FAST_ONE_GEMM_PRODUCE='many' is not a non-negative integer" in seen["many"][1]
+    assert {value: printed for value, (printed, _) in seen.items()} == {None: "4096", "8192": "8192", "off": "None",
+                                                                        "many": "4096"}
 
 
 def test_decode_kernel_switch_setting(monkeypatch):
